@@ -1,0 +1,237 @@
+//! The event bus: one subscription per process, dispatched by key digest.
+//!
+//! Events are small: a key digest, an outcome, and the value inline only below
+//! [`INLINE_MAX`] (DESIGN.md I7). A bus delivers what it receives to its [`EventSink`] and tells the
+//! sink to [`EventSink::resync`] whenever it (re)connects after a disconnection, because events may
+//! have been lost while it was away: every live flight then re-checks the store at once.
+//!
+//! The subscription is made before the bus is handed to the engine, so no flight can ACQUIRE before
+//! its process listens.
+
+pub mod memory;
+pub mod nats;
+pub mod redis;
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::key::KeyHash;
+
+/// Values at or above this many bytes never ride inside an event.
+pub const INLINE_MAX: usize = 16 * 1024;
+
+/// How a flight ended, as other processes learn it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A value was committed; small values ride along as their stored envelope.
+    Ready { inline: Option<Bytes> },
+    /// The build failed; everyone waiting gets this message at once.
+    Failed { message: String },
+    /// The answer may not be shared; waiters go to the source on their own.
+    Uncacheable,
+    /// The leader gave up its lease without an answer; waiters re-elect now.
+    Abandoned,
+    /// The key was deleted or purged; L1 copies are dropped and waiters re-elect.
+    Deleted,
+}
+
+/// One event about one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub key: KeyHash,
+    pub kind: EventKind,
+}
+
+/// Why received bytes were not an event.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("event is truncated")]
+    Truncated,
+    #[error("event version or kind {0} is unknown")]
+    Unknown(u8),
+    #[error("event message is not UTF-8")]
+    BadMessage,
+}
+
+const EVENT_VERSION: u8 = 1;
+const READY: u8 = 1;
+const READY_INLINE: u8 = 2;
+const FAILED: u8 = 3;
+const UNCACHEABLE: u8 = 4;
+const ABANDONED: u8 = 5;
+const DELETED: u8 = 6;
+
+/// Failure messages are cut to this many bytes so events stay small.
+const MESSAGE_MAX: usize = 1024;
+
+impl Event {
+    pub fn new(key: KeyHash, kind: EventKind) -> Self {
+        Self { key, kind }
+    }
+
+    /// `version u8 | kind u8 | key [32] | payload (inline envelope or UTF-8 message)`.
+    pub fn encode(&self) -> Bytes {
+        let (tag, payload): (u8, &[u8]) = match &self.kind {
+            EventKind::Ready { inline: None } => (READY, &[]),
+            EventKind::Ready {
+                inline: Some(value),
+            } => (READY_INLINE, value),
+            EventKind::Failed { message } => (FAILED, truncate_utf8(message, MESSAGE_MAX)),
+            EventKind::Uncacheable => (UNCACHEABLE, &[]),
+            EventKind::Abandoned => (ABANDONED, &[]),
+            EventKind::Deleted => (DELETED, &[]),
+        };
+        let mut out = BytesMut::with_capacity(34 + payload.len());
+        out.put_u8(EVENT_VERSION);
+        out.put_u8(tag);
+        out.put_slice(self.key.as_bytes());
+        out.put_slice(payload);
+        out.freeze()
+    }
+
+    pub fn decode(bytes: Bytes) -> Result<Self, EventError> {
+        if bytes.len() < 34 {
+            return Err(EventError::Truncated);
+        }
+        if bytes[0] != EVENT_VERSION {
+            return Err(EventError::Unknown(bytes[0]));
+        }
+        let key = KeyHash::from_bytes(bytes[2..34].try_into().expect("32 bytes"));
+        let payload = bytes.slice(34..);
+        let kind = match bytes[1] {
+            READY if payload.is_empty() => EventKind::Ready { inline: None },
+            READY_INLINE => EventKind::Ready {
+                inline: Some(payload),
+            },
+            FAILED => EventKind::Failed {
+                message: String::from_utf8(payload.to_vec()).map_err(|_| EventError::BadMessage)?,
+            },
+            UNCACHEABLE if payload.is_empty() => EventKind::Uncacheable,
+            ABANDONED if payload.is_empty() => EventKind::Abandoned,
+            DELETED if payload.is_empty() => EventKind::Deleted,
+            other => return Err(EventError::Unknown(other)),
+        };
+        Ok(Self { key, kind })
+    }
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &[u8] {
+    if text.len() <= max {
+        return text.as_bytes();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// Where a bus delivers what it hears. Implemented by the engine's dispatcher.
+pub trait EventSink: Send + Sync + 'static {
+    /// One event, in the order the bus received it.
+    fn deliver(&self, event: Event);
+    /// The bus reconnected (or lagged) and may have missed events: every live flight re-checks.
+    fn resync(&self);
+    /// Bytes arrived that were not an event (counted, then ignored).
+    fn undecodable(&self);
+}
+
+/// A bus call that did not succeed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("bus timed out during {op}")]
+    Timeout { op: &'static str },
+    #[error("bus is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Publishing side of a bus; the subscribing side was set up when it connected.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Short name for logs and metrics (`memory`, `redis`, `nats`).
+    fn kind(&self) -> &'static str;
+
+    /// Publishes one encoded event (from [`Event::encode`]).
+    async fn publish(&self, key: &KeyHash, encoded: Bytes) -> Result<(), BusError>;
+
+    /// Whether the subscription is connected right now.
+    fn connected(&self) -> bool;
+
+    /// Stops listening and publishing; idempotent.
+    async fn close(&self);
+
+    /// Fault injection for tests: drop the current subscription connection (or stop delivering) as a
+    /// network fault would, and recover the way the bus recovers from one.
+    #[doc(hidden)]
+    async fn sever(&self);
+}
+
+/// Redis channel (one per namespace) that carries every event.
+pub fn redis_channel(namespace: &str) -> String {
+    format!("{namespace}:events")
+}
+
+/// NATS subject of one key's events; a process subscribes to [`nats_wildcard`].
+pub fn nats_subject(namespace: &str, key: &KeyHash) -> String {
+    format!("{namespace}.events.{}", key.to_hex())
+}
+
+pub fn nats_wildcard(namespace: &str) -> String {
+    format!("{namespace}.events.*")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyBuilder;
+
+    fn key() -> KeyHash {
+        KeyBuilder::new().part("k").finish().hash
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let kinds = [
+            EventKind::Ready { inline: None },
+            EventKind::Ready {
+                inline: Some(Bytes::from_static(b"v")),
+            },
+            EventKind::Ready {
+                inline: Some(Bytes::new()),
+            },
+            EventKind::Failed {
+                message: "failure".into(),
+            },
+            EventKind::Uncacheable,
+            EventKind::Abandoned,
+            EventKind::Deleted,
+        ];
+        for kind in kinds {
+            let event = Event::new(key(), kind);
+            assert_eq!(Event::decode(event.encode()), Ok(event));
+        }
+    }
+
+    #[test]
+    fn junk_is_an_error_not_a_panic() {
+        assert_eq!(Event::decode(Bytes::new()), Err(EventError::Truncated));
+        let mut bytes = Event::new(key(), EventKind::Deleted).encode().to_vec();
+        bytes[1] = 99;
+        assert_eq!(Event::decode(bytes.into()), Err(EventError::Unknown(99)));
+    }
+
+    #[test]
+    fn long_failure_messages_are_cut_on_a_char_boundary() {
+        let event = Event::new(
+            key(),
+            EventKind::Failed {
+                message: "é".repeat(MESSAGE_MAX),
+            },
+        );
+        let back = Event::decode(event.encode()).unwrap();
+        let EventKind::Failed { message } = back.kind else {
+            panic!("kind changed")
+        };
+        assert!(message.len() <= MESSAGE_MAX && message.chars().all(|c| c == 'é'));
+    }
+}

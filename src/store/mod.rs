@@ -1,0 +1,181 @@
+//! The shared store: values, leases and pass markers, behind one trait.
+//!
+//! Every implementation speaks the same protocol (DESIGN.md, "Store protocol"):
+//!
+//! - [`Store::acquire`] answers HIT / PASS / LEAD / WAIT, [`Store::peek`] the same without ever
+//!   creating a lease (status and only-if-cached reads).
+//! - [`Store::renew`], [`Store::commit`], [`Store::fail`], [`Store::give_up`] and [`Store::abandon`]
+//!   are fenced by the owner token: with another token (or none) they change nothing and answer
+//!   [`Fenced::Lost`].
+//! - [`Store::purge`] removes value, lease and marker, so a build still running under the removed
+//!   lease gets `Lost` on commit and never overwrites the purge.
+//! - [`Store::status`] is read-only and never touches a TTL.
+//!
+//! Acquire and renew are idempotent for their own token: a caller whose call timed out on the client
+//! retries with the same token, and a lease that the timed-out call did create comes back as LEAD (or
+//! `Held`) instead of WAIT.
+//!
+//! Events: a store that [`Store::announces`] publishes the pre-encoded event it is handed in the same
+//! atomic step as the write (one Lua script); otherwise the engine publishes it on the bus after the
+//! store answered, and the safety poll covers an event lost in between.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::key::KeyHash;
+
+/// A lease owner's identity: 128 random bits, fresh for every flight.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Token(pub u128);
+
+impl Token {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// 32 lowercase hex digits, as stored.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+/// What a flight asks for when it may become the leader.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    pub token: Token,
+    /// Which process holds it (for status and debugging; never compared).
+    pub node: Arc<str>,
+    /// How long the lease lives unless renewed.
+    pub ttl: Duration,
+}
+
+/// Sliding expiry: on a hit whose remaining TTL has fallen below `ttl - slack`, set it back to `ttl`.
+/// The value itself is never rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Touch {
+    pub ttl: Duration,
+    /// How far the TTL may fall before a read touches it; throttles the writes a hot key causes.
+    pub slack: Duration,
+}
+
+/// The answer to [`Store::acquire`] or [`Store::peek`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// A value exists; `ttl_left` is the store's remaining TTL of it (after any touch).
+    Hit { value: Bytes, ttl_left: Duration },
+    /// A hit-for-pass marker: the key is uncacheable for `ttl_left` more.
+    Pass { ttl_left: Duration },
+    /// This caller now holds the lease (acquire only).
+    Lead { fence: u64 },
+    /// Another caller holds the lease; it expires in `lease_left` unless renewed.
+    Wait { lease_left: Duration },
+    /// Nothing at all (peek only).
+    Empty,
+}
+
+/// The answer to a fenced write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The token matched; the write happened.
+    Done,
+    /// The token did not match (expired, taken over or purged); nothing was written.
+    Lost,
+}
+
+/// The answer to [`Store::renew`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewed {
+    Held,
+    Lost,
+}
+
+/// Read-only state of one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStatus {
+    Exists { ttl_left: Duration },
+    Pending { lease_left: Duration },
+    Pass { ttl_left: Duration },
+    Empty,
+}
+
+/// A store call that did not get an answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("store timed out during {op}")]
+    Timeout { op: &'static str },
+    #[error("store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    /// A timeout may have happened after the store applied the call.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout { .. })
+    }
+}
+
+/// The store protocol; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs and metrics (`memory`, `redis`, `nats`).
+    fn kind(&self) -> &'static str;
+
+    /// Whether this store publishes the event it is handed as part of the write itself.
+    fn announces(&self) -> bool;
+
+    async fn acquire(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        touch: Option<Touch>,
+    ) -> Result<Acquired, StoreError>;
+
+    /// Like acquire, but never creates a lease: answers HIT, PASS, WAIT or EMPTY.
+    async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError>;
+
+    async fn renew(&self, key: &KeyHash, token: Token, ttl: Duration)
+    -> Result<Renewed, StoreError>;
+
+    /// Stores `value` for `ttl` (freshness plus stale window), releases the lease and announces
+    /// `event`, if the token still holds the lease.
+    async fn commit(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError>;
+
+    /// Releases the lease and announces `event` (FAILED or ABANDONED), if the token holds it.
+    async fn release(&self, key: &KeyHash, token: Token, event: Bytes)
+    -> Result<Fenced, StoreError>;
+
+    /// Releases the lease, sets a pass marker for `pass_ttl` and announces `event` (UNCACHEABLE).
+    async fn give_up(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        pass_ttl: Duration,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError>;
+
+    /// Removes value, lease and pass marker and announces `event` (DELETED). Answers whether
+    /// anything was there.
+    async fn purge(&self, key: &KeyHash, event: Bytes) -> Result<bool, StoreError>;
+
+    /// Removes the value only if it is still exactly `value` (a corrupt or foreign entry that a reader
+    /// found), so that the next acquire can lead. Answers whether it was removed.
+    async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError>;
+
+    /// Read-only state; never changes a TTL.
+    async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError>;
+}
