@@ -7,13 +7,15 @@
 //! | stale_ms u64 | header count u16 | { name_len u16, name, value_len u32, value }* | body_len u64 | body
 //! ```
 //!
+//! `ttl` and `stale` are stored as whole milliseconds (see [`encode`]).
+//!
 //! The body is the tail, so a decoded [`Entry`] serves it as a `Bytes` slice of the stored bytes
 //! without copying. An empty body is a value; "no entry" is the absence of the key in the store.
 //! Decoding never panics: bad bytes are an [`EnvelopeError`], which callers treat as a miss.
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::key::KeyHash;
 
@@ -36,7 +38,10 @@ pub struct Entry {
     pub key: KeyHash,
 }
 
-/// Why stored bytes could not be read as an entry.
+/// Why an entry could not be written, or stored bytes could not be read as an entry.
+///
+/// [`encode`] only ever returns [`EnvelopeError::TooLarge`]; every other variant comes from
+/// [`decode`] or [`decode_for`], whose callers treat it as a miss.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
     #[error("envelope is truncated")]
@@ -51,19 +56,129 @@ pub enum EnvelopeError {
     Trailing(usize),
     #[error("envelope belongs to another key")]
     ForeignKey,
+    /// A header name, header value, header count or body does not fit its length prefix.
+    #[error("entry does not fit the envelope's length prefixes")]
+    TooLarge,
 }
 
 pub const MAGIC: &[u8; 3] = b"CRL";
 pub const VERSION: u8 = 1;
 
-/// Encodes an entry into its stored form.
-pub fn encode(entry: &Entry) -> Bytes {
-    todo!("{entry:?}")
+/// Bytes before the first header: magic, version, key, status, stored_at, ttl, stale, count.
+const FIXED_LEN: usize = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8 + 2;
+/// The least a header can take: its two length prefixes.
+const HEADER_MIN_LEN: usize = 2 + 4;
+/// The body's length prefix.
+const BODY_LEN_LEN: usize = 8;
+
+/// Encodes an entry into its stored form, in one allocation of exactly the encoded size.
+///
+/// Durations are stored in whole milliseconds: sub-millisecond parts are dropped and anything
+/// beyond `u64::MAX` ms saturates, so `ttl` and `stale` round-trip exactly only when they are whole
+/// milliseconds (the only precision HTTP caching needs).
+///
+/// Returns [`EnvelopeError::TooLarge`] rather than truncating when a header name exceeds
+/// `u16::MAX` bytes, a value `u32::MAX` bytes, or there are more than `u16::MAX` headers: HTTP
+/// servers reject such responses long before, and a silently cut header would be a wrong answer
+/// served from the cache, whereas an error only makes that one response uncacheable.
+pub fn encode(entry: &Entry) -> Result<Bytes, EnvelopeError> {
+    let count = u16::try_from(entry.headers.len()).map_err(|_| EnvelopeError::TooLarge)?;
+    let mut len = FIXED_LEN;
+    for (name, value) in &entry.headers {
+        u16::try_from(name.len()).map_err(|_| EnvelopeError::TooLarge)?;
+        u32::try_from(value.len()).map_err(|_| EnvelopeError::TooLarge)?;
+        len = len
+            .checked_add(HEADER_MIN_LEN + name.len())
+            .and_then(|len| len.checked_add(value.len()))
+            .ok_or(EnvelopeError::TooLarge)?;
+    }
+    let body_len = u64::try_from(entry.body.len()).map_err(|_| EnvelopeError::TooLarge)?;
+    len = len
+        .checked_add(BODY_LEN_LEN)
+        .and_then(|len| len.checked_add(entry.body.len()))
+        .ok_or(EnvelopeError::TooLarge)?;
+
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(MAGIC);
+    out.put_u8(VERSION);
+    out.put_slice(entry.key.as_bytes());
+    out.put_u16(entry.status);
+    out.put_u64(entry.stored_at_ms);
+    out.put_u64(millis(entry.ttl));
+    out.put_u64(millis(entry.stale));
+    out.put_u16(count);
+    for (name, value) in &entry.headers {
+        // Both lengths were checked above; the casts cannot truncate.
+        out.put_u16(name.len() as u16);
+        out.put_slice(name.as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value);
+    }
+    out.put_u64(body_len);
+    out.put_slice(&entry.body);
+    debug_assert_eq!(out.len(), len, "size computed before writing must match");
+    Ok(out.freeze())
 }
 
-/// Decodes stored bytes; the body of the result shares `bytes`' allocation.
+/// Whole milliseconds, saturating: a TTL of centuries is as good as forever.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Decodes stored bytes; the body and header values of the result share `bytes`' allocation.
+///
+/// Stored bytes are untrusted (another writer, another version, a corrupted store), so every length
+/// is checked against what remains before it is used to slice or allocate, and any mismatch is an
+/// error, never a panic. Bytes after the body are [`EnvelopeError::Trailing`] rather than ignored,
+/// so that a value written by a later format cannot be half-read as this one.
 pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
-    todo!("{bytes:?}")
+    let mut reader = Reader {
+        bytes: &bytes,
+        pos: 0,
+    };
+    if reader.array::<3>()? != *MAGIC {
+        return Err(EnvelopeError::BadMagic);
+    }
+    let version = reader.u8()?;
+    if version != VERSION {
+        return Err(EnvelopeError::UnsupportedVersion(version));
+    }
+    let key = KeyHash::from_bytes(reader.array::<32>()?);
+    let status = reader.u16()?;
+    let stored_at_ms = reader.u64()?;
+    let ttl = Duration::from_millis(reader.u64()?);
+    let stale = Duration::from_millis(reader.u64()?);
+    let count = usize::from(reader.u16()?);
+    // Reject an impossible count before allocating for it: every header needs its two prefixes,
+    // and the body needs its own.
+    let least = count * HEADER_MIN_LEN + BODY_LEN_LEN;
+    if least > reader.remaining() {
+        return Err(EnvelopeError::Truncated);
+    }
+    let mut headers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name_len = usize::from(reader.u16()?);
+        let name = std::str::from_utf8(reader.take(name_len)?)
+            .map_err(|_| EnvelopeError::BadHeaderName)?
+            .to_owned();
+        let value_len = reader.u32()?;
+        let value = reader.slice(value_len.into())?;
+        headers.push((name, value));
+    }
+    let body_len = reader.u64()?;
+    let body = reader.slice(body_len)?;
+    match reader.remaining() {
+        0 => Ok(Entry {
+            status,
+            headers,
+            body,
+            stored_at_ms,
+            ttl,
+            stale,
+            key,
+        }),
+        extra => Err(EnvelopeError::Trailing(extra)),
+    }
 }
 
 /// Decodes stored bytes and checks that they answer `key`.
@@ -73,4 +188,331 @@ pub fn decode_for(bytes: Bytes, key: &KeyHash) -> Result<Entry, EnvelopeError> {
         return Err(EnvelopeError::ForeignKey);
     }
     Ok(entry)
+}
+
+/// A cursor over untrusted input: every read checks the remaining length first.
+struct Reader<'a> {
+    bytes: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    /// The next `len` bytes, borrowed; used for what is copied or checked anyway.
+    fn take(&mut self, len: usize) -> Result<&[u8], EnvelopeError> {
+        if len > self.remaining() {
+            return Err(EnvelopeError::Truncated);
+        }
+        let start = self.pos;
+        self.pos += len;
+        Ok(&self.bytes[start..self.pos])
+    }
+
+    /// The next `len` bytes as a zero-copy slice of the input; `len` is a wire length, so it is
+    /// checked against the input before any conversion can matter.
+    fn slice(&mut self, len: u64) -> Result<Bytes, EnvelopeError> {
+        let len = usize::try_from(len).map_err(|_| EnvelopeError::Truncated)?;
+        if len > self.remaining() {
+            return Err(EnvelopeError::Truncated);
+        }
+        let start = self.pos;
+        self.pos += len;
+        Ok(self.bytes.slice(start..self.pos))
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], EnvelopeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, EnvelopeError> {
+        Ok(u8::from_be_bytes(self.array()?))
+    }
+
+    fn u16(&mut self) -> Result<u16, EnvelopeError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, EnvelopeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, EnvelopeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(byte: u8) -> KeyHash {
+        KeyHash::from_bytes([byte; 32])
+    }
+
+    fn typical() -> Entry {
+        Entry {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), Bytes::from_static(b"text/html")),
+                ("etag".into(), Bytes::from_static(b"\"abc\"")),
+                ("x-empty".into(), Bytes::new()),
+            ],
+            body: Bytes::from_static(b"<p>hello</p>"),
+            stored_at_ms: 1_700_000_000_000,
+            ttl: Duration::from_secs(60),
+            stale: Duration::from_millis(1500),
+            key: key(7),
+        }
+    }
+
+    fn round_trip(entry: &Entry) -> Entry {
+        decode(encode(entry).unwrap()).unwrap()
+    }
+
+    /// Whether `part` points into `whole`'s memory, i.e. was sliced rather than copied.
+    fn inside(part: &Bytes, whole: &Bytes) -> bool {
+        let range = whole.as_ptr_range();
+        let start = part.as_ptr();
+        range.start <= start && start.wrapping_add(part.len()) <= range.end
+    }
+
+    #[test]
+    fn typical_entry_round_trips() {
+        let entry = typical();
+        assert_eq!(round_trip(&entry), entry);
+    }
+
+    #[test]
+    fn edge_entries_round_trip() {
+        let base = typical();
+        let many_headers = (0..1000)
+            .map(|i| (format!("x-header-{i}"), Bytes::from(vec![i as u8; i % 40])))
+            .collect();
+        let cases = [
+            Entry {
+                body: Bytes::new(),
+                ..base.clone()
+            },
+            Entry {
+                headers: Vec::new(),
+                ..base.clone()
+            },
+            Entry {
+                headers: Vec::new(),
+                body: Bytes::new(),
+                status: 0,
+                ..base.clone()
+            },
+            Entry {
+                headers: many_headers,
+                ..base.clone()
+            },
+            Entry {
+                body: Bytes::from(vec![0xa5; 3 << 20]),
+                ..base.clone()
+            },
+            Entry {
+                ttl: Duration::ZERO,
+                stale: Duration::ZERO,
+                stored_at_ms: 0,
+                ..base.clone()
+            },
+            Entry {
+                ttl: Duration::from_millis(u64::MAX),
+                stale: Duration::from_millis(u64::MAX),
+                stored_at_ms: u64::MAX,
+                status: u16::MAX,
+                ..base.clone()
+            },
+            Entry {
+                headers: vec![("é-ünïcode".into(), Bytes::from_static(b"\0\xff"))],
+                ..base
+            },
+        ];
+        for entry in cases {
+            assert_eq!(round_trip(&entry), entry);
+        }
+    }
+
+    #[test]
+    fn encoding_has_exact_length_and_capacity() {
+        let entry = typical();
+        let bytes = encode(&entry).unwrap();
+        let headers: usize = entry
+            .headers
+            .iter()
+            .map(|(n, v)| HEADER_MIN_LEN + n.len() + v.len())
+            .sum();
+        assert_eq!(
+            bytes.len(),
+            FIXED_LEN + headers + BODY_LEN_LEN + entry.body.len()
+        );
+        // Exact capacity: converting back to a unique `BytesMut` exposes it without copying.
+        let owned = bytes.try_into_mut().unwrap();
+        assert_eq!(owned.capacity(), owned.len());
+    }
+
+    #[test]
+    fn durations_drop_sub_millisecond_parts_and_saturate() {
+        let entry = Entry {
+            ttl: Duration::from_micros(1_999),
+            stale: Duration::MAX,
+            ..typical()
+        };
+        let back = round_trip(&entry);
+        assert_eq!(back.ttl, Duration::from_millis(1));
+        assert_eq!(back.stale, Duration::from_millis(u64::MAX));
+    }
+
+    #[test]
+    fn body_and_values_are_slices_of_the_input() {
+        let bytes = encode(&typical()).unwrap();
+        let entry = decode(bytes.clone()).unwrap();
+        assert!(inside(&entry.body, &bytes));
+        for (_, value) in entry.headers.iter().filter(|(_, v)| !v.is_empty()) {
+            assert!(inside(value, &bytes));
+        }
+        // The body is the tail of the input.
+        assert_eq!(entry.body.as_ptr_range().end, bytes.as_ptr_range().end);
+    }
+
+    #[test]
+    fn too_large_fields_are_refused_not_truncated() {
+        let long_name = Entry {
+            headers: vec![("n".repeat(usize::from(u16::MAX) + 1), Bytes::new())],
+            ..typical()
+        };
+        assert_eq!(encode(&long_name), Err(EnvelopeError::TooLarge));
+        let longest_name = Entry {
+            headers: vec![("n".repeat(usize::from(u16::MAX)), Bytes::new())],
+            ..typical()
+        };
+        assert_eq!(round_trip(&longest_name), longest_name);
+        let too_many = Entry {
+            headers: vec![(String::new(), Bytes::new()); usize::from(u16::MAX) + 1],
+            ..typical()
+        };
+        assert_eq!(encode(&too_many), Err(EnvelopeError::TooLarge));
+    }
+
+    #[test]
+    fn every_error_is_reachable() {
+        let good = encode(&typical()).unwrap().to_vec();
+        let with = |at: usize, byte: u8| {
+            let mut bytes = good.clone();
+            bytes[at] = byte;
+            decode(bytes.into())
+        };
+        assert_eq!(decode(Bytes::new()), Err(EnvelopeError::Truncated));
+        assert_eq!(
+            decode(good[..good.len() - 1].to_vec().into()),
+            Err(EnvelopeError::Truncated)
+        );
+        assert_eq!(with(0, b'X'), Err(EnvelopeError::BadMagic));
+        assert_eq!(with(3, 2), Err(EnvelopeError::UnsupportedVersion(2)));
+        // The first header name starts after the fixed part and its u16 length.
+        assert_eq!(with(FIXED_LEN + 2, 0xff), Err(EnvelopeError::BadHeaderName));
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(b"xyz");
+        assert_eq!(decode(trailing.into()), Err(EnvelopeError::Trailing(3)));
+        // A header count that cannot fit is refused before anything is allocated for it.
+        let count_at = FIXED_LEN - 2;
+        let mut huge_count = good.clone();
+        huge_count[count_at..FIXED_LEN].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert_eq!(decode(huge_count.into()), Err(EnvelopeError::Truncated));
+        // A body length beyond the input (and beyond `usize` on 32-bit) is truncation.
+        let body_len_at = good.len() - typical().body.len() - BODY_LEN_LEN;
+        let mut huge_body = good;
+        huge_body[body_len_at..body_len_at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(decode(huge_body.into()), Err(EnvelopeError::Truncated));
+    }
+
+    #[test]
+    fn decode_for_checks_the_key() {
+        let bytes = encode(&typical()).unwrap();
+        assert_eq!(decode_for(bytes.clone(), &key(7)), Ok(typical()));
+        assert_eq!(decode_for(bytes, &key(8)), Err(EnvelopeError::ForeignKey));
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        let header = (
+            any::<String>(),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from),
+        );
+        (
+            any::<u16>(),
+            prop::collection::vec(header, 0..12),
+            prop::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from),
+            any::<u64>(),
+            any::<u64>().prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_millis),
+            any::<[u8; 32]>().prop_map(KeyHash::from_bytes),
+        )
+            .prop_map(
+                |(status, headers, body, stored_at_ms, ttl, stale, key)| Entry {
+                    status,
+                    headers,
+                    body,
+                    stored_at_ms,
+                    ttl,
+                    stale,
+                    key,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_entries_round_trip(entry in arb_entry()) {
+            let bytes = encode(&entry).unwrap();
+            let back = decode(bytes.clone()).unwrap();
+            if !back.body.is_empty() {
+                prop_assert!(inside(&back.body, &bytes));
+            }
+            prop_assert_eq!(back, entry);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(bytes.into());
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_a_valid_prefix_never_panic(
+            tail in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            // Random bytes rarely get past the magic; this exercises the header and body parsing.
+            let mut bytes = encode(&typical()).unwrap()[..FIXED_LEN - 2].to_vec();
+            bytes.extend_from_slice(&tail);
+            let _ = decode(bytes.into());
+        }
+
+        #[test]
+        fn strict_prefixes_are_errors(entry in arb_entry()) {
+            let bytes = encode(&entry).unwrap();
+            for len in 0..bytes.len() {
+                prop_assert!(decode(bytes.slice(..len)).is_err(), "prefix of {} decoded", len);
+            }
+        }
+
+        #[test]
+        fn a_flipped_fixed_byte_never_decodes_to_the_same_entry(
+            entry in arb_entry(),
+            at in 0..FIXED_LEN,
+            mask in 1..=u8::MAX,
+        ) {
+            let mut bytes = encode(&entry).unwrap().to_vec();
+            bytes[at] ^= mask;
+            if let Ok(other) = decode(bytes.into()) {
+                prop_assert_ne!(other, entry);
+            }
+        }
+    }
 }
