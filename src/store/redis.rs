@@ -1,1 +1,563 @@
-//! (in progress)
+//! The Redis store: the protocol as one Lua script per operation (DESIGN.md, "Store protocol: Redis").
+//!
+//! Each cache key owns three Redis keys that share the hash tag `{<hex digest>}`, so they live in one
+//! Cluster slot and every script can name all of them in KEYS:
+//!
+//! - `<ns>:{<hex>}:v`: the stored value (PX = the ttl handed to commit),
+//! - `<ns>:{<hex>}:l`: the lease, a hash of `token`, `fence`, `node` and `start` (PX = lease ttl),
+//! - `<ns>:{<hex>}:p`: the pass marker (PX = pass ttl).
+//!
+//! Scripts run by EVALSHA; [`redis::Script`] falls back to SCRIPT LOAD and a second EVALSHA when
+//! the server answers NOSCRIPT (after a restart, failover or SCRIPT FLUSH). None of them blocks.
+//!
+//! With [`RedisStoreConfig::announce`] the fenced writes PUBLISH the caller's event on
+//! [`crate::bus::redis_channel`] inside the same script, so an event is published exactly when the
+//! write happened. Fences are the server clock in microseconds; see `redis/acquire.lua`.
+//!
+//! Every call has a deadline: the connection's response timeout answers
+//! [`StoreError::Timeout`], and an outer deadline covers a reconnect in progress as well.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value};
+
+use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
+use crate::bus::redis_channel;
+use crate::key::KeyHash;
+
+/// How the store reaches Redis and whether its scripts announce events.
+#[derive(Clone, Debug)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `redis+unix://`); any password in
+    /// it is never logged or put into an error.
+    pub url: String,
+    /// Prefix of every key and of the event channel, so several deployments can share one server.
+    pub namespace: String,
+    /// Longest wait for one TCP connect plus handshake, at start and on every reconnect
+    /// (default 2 s). An unreachable server fails [`RedisStore::connect`] after about this long.
+    pub connect_timeout: Duration,
+    /// Longest wait for the answer to one command (default 1 s); past it a call answers
+    /// [`StoreError::Timeout`], which the engine retries with the same token.
+    pub response_timeout: Duration,
+    /// Whether the scripts PUBLISH the event they are handed on
+    /// [`crate::bus::redis_channel`]`(namespace)`: true when the bus is Redis pub/sub on this same
+    /// server, so that event and write are one atomic step.
+    pub announce: bool,
+}
+
+impl RedisStoreConfig {
+    /// Default [`RedisStoreConfig::connect_timeout`].
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Default [`RedisStoreConfig::response_timeout`].
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Default timeouts, announcing off.
+    pub fn new(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            namespace: namespace.into(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            announce: false,
+        }
+    }
+}
+
+/// Reconnect attempts the connection manager makes on its own after one failed. None: a call that
+/// finds the connection down fails at once with [`StoreError::Unavailable`] (and starts one new
+/// attempt in the background), so callers learn of an outage within one connect timeout instead of
+/// sleeping through a backoff schedule; the engine decides what to do about it.
+const RECONNECT_RETRIES: usize = 0;
+
+/// A value or pass marker that has no expiry at all (written by something other than corral) is
+/// reported with this much time left: a year, i.e. "no expiry", kept small enough that adding it to
+/// an `Instant` can never overflow.
+pub const NO_EXPIRY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The compiled scripts; [`Script`] keeps the source for the NOSCRIPT fallback and its SHA1.
+struct Scripts {
+    /// ACQUIRE and PEEK: one script, so both read the key in the same precedence.
+    acquire: Script,
+    /// RENEW, fenced by the token.
+    renew: Script,
+    /// COMMIT: value, lease end and event in one atomic step.
+    commit: Script,
+    /// RELEASE (failed or abandoned flights).
+    release: Script,
+    /// GIVEUP (uncacheable answers): lease end plus pass marker.
+    give_up: Script,
+    /// PURGE: all three keys, always announced.
+    purge: Script,
+    /// DISCARD: compare-and-delete of the value.
+    discard: Script,
+    /// STATUS: read-only.
+    status: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            acquire: Script::new(include_str!("redis/acquire.lua")),
+            renew: Script::new(include_str!("redis/renew.lua")),
+            commit: Script::new(include_str!("redis/commit.lua")),
+            release: Script::new(include_str!("redis/release.lua")),
+            give_up: Script::new(include_str!("redis/give_up.lua")),
+            purge: Script::new(include_str!("redis/purge.lua")),
+            discard: Script::new(include_str!("redis/discard.lua")),
+            status: Script::new(include_str!("redis/status.lua")),
+        }
+    }
+}
+
+/// The shared store on Redis; clones share one multiplexed connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    /// One multiplexed connection that reconnects by itself; cloned per call, which is cheap.
+    conn: ConnectionManager,
+    /// Scripts shared by clones (their SHA1s are computed once).
+    scripts: Arc<Scripts>,
+    /// Key prefix, from the config.
+    namespace: Arc<str>,
+    /// [`redis_channel`] of the namespace, passed to the scripts when announcing.
+    channel: Arc<str>,
+    /// Whether the scripts publish events, from the config.
+    announce: bool,
+    /// Outer bound of one call: a reconnect (connect timeout) plus EVALSHA, SCRIPT LOAD and EVALSHA
+    /// again (three response timeouts). The inner timeouts normally fire first; this one guards
+    /// against any wait inside the client that has no timeout of its own.
+    call_deadline: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("namespace", &self.namespace)
+            .field("announce", &self.announce)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects (one attempt, bounded by `connect_timeout`); any failure is
+    /// [`StoreError::Unavailable`].
+    pub async fn connect(config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
+        // Every call is one small request waiting for one small reply; Nagle's algorithm would
+        // hold requests back waiting for an ACK that delayed-ACK on the server holds back in turn.
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let info = info.set_tcp_settings(tcp);
+        let addr = info.addr().to_string();
+        let client = Client::open(info)
+            .map_err(|e| StoreError::Unavailable(format!("redis at {addr}: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(RECONNECT_RETRIES);
+        // The client's connect timeout covers TCP connect and handshake; this outer one also
+        // covers DNS and anything else that has none, so connect never hangs.
+        let outer = config.connect_timeout + config.response_timeout;
+        let conn = match tokio::time::timeout(
+            outer,
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!("redis at {addr}: {e}")));
+            }
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "redis at {addr}: no connection within {outer:?}"
+                )));
+            }
+        };
+        Ok(RedisStore {
+            conn,
+            scripts: Arc::new(Scripts::new()),
+            channel: redis_channel(&config.namespace).into(),
+            namespace: config.namespace.into(),
+            announce: config.announce,
+            call_deadline: config.connect_timeout + 3 * config.response_timeout,
+        })
+    }
+
+    /// The Redis names of `key`'s value, lease and pass marker, in that order.
+    pub fn key_names(&self, key: &KeyHash) -> [String; 3] {
+        let base = format!("{}:{{{}}}", self.namespace, key.to_hex());
+        [
+            format!("{base}:v"),
+            format!("{base}:l"),
+            format!("{base}:p"),
+        ]
+    }
+
+    /// Runs one prepared script invocation under the call deadline.
+    async fn run(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.call_deadline, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(map_error(op, e)),
+            Err(_) => Err(StoreError::Timeout { op }),
+        }
+    }
+
+    /// Announce flag, channel and event as the scripts take them; nothing is sent when not
+    /// announcing.
+    fn announce_args<'a>(&'a self, event: &'a Bytes) -> (&'static str, &'a str, &'a [u8]) {
+        if self.announce {
+            ("1", &self.channel, event)
+        } else {
+            ("0", "", &[])
+        }
+    }
+
+    async fn acquire_or_peek(
+        &self,
+        op: &'static str,
+        key: &KeyHash,
+        lease: Option<&LeaseRequest>,
+        touch: Option<Touch>,
+    ) -> Result<Acquired, StoreError> {
+        let [v, l, p] = self.key_names(key);
+        let (token, node, lease_ms, mode) = match lease {
+            Some(lease) => (
+                lease.token.to_hex(),
+                &*lease.node,
+                millis(lease.ttl),
+                "acquire",
+            ),
+            None => (String::new(), "", 0, "peek"),
+        };
+        // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead.
+        let (touch_ms, slack_ms) = match touch {
+            Some(t) if !t.ttl.is_zero() => (
+                millis(t.ttl),
+                u64::try_from(t.slack.as_millis()).unwrap_or(u64::MAX),
+            ),
+            _ => (0, 0),
+        };
+        let mut invocation = self.scripts.acquire.prepare_invoke();
+        invocation
+            .key(&v)
+            .key(&l)
+            .key(&p)
+            .arg(&token)
+            .arg(node)
+            .arg(lease_ms)
+            .arg(touch_ms)
+            .arg(slack_ms)
+            .arg(mode);
+        let reply = self.run(op, &invocation).await?;
+        parse_acquired(op, reply)
+    }
+
+    async fn fenced(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<bool, StoreError> {
+        let reply = self.run(op, invocation).await?;
+        flag(op, reply)
+    }
+}
+
+/// Milliseconds for PX / PEXPIRE, at least 1 (Redis rejects 0 and would delete on PEXPIRE 0).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Timeouts may have been applied on the server, so they are told apart: the engine retries them
+/// with the same token. Lost or refused connections and a server that cannot serve right now are
+/// unavailability; anything else means the reply was not what the scripts return.
+fn map_error(op: &'static str, e: RedisError) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout { op };
+    }
+    let unavailable = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            ) | ErrorKind::AuthenticationFailed
+        )
+        // Another script is running past lua-time-limit.
+        || e.code() == Some("BUSY");
+    if unavailable {
+        StoreError::Unavailable(format!("{op}: {e}"))
+    } else {
+        StoreError::Protocol(format!("{op}: {e}"))
+    }
+}
+
+fn protocol(op: &'static str, what: impl fmt::Display) -> StoreError {
+    StoreError::Protocol(format!("{op}: {what}"))
+}
+
+/// A script's 0/1 answer.
+fn flag(op: &'static str, reply: Value) -> Result<bool, StoreError> {
+    match reply {
+        Value::Int(0) => Ok(false),
+        Value::Int(1) => Ok(true),
+        other => Err(protocol(op, format_args!("expected 0 or 1, got {other:?}"))),
+    }
+}
+
+/// A `{TAG, ...}` reply, split into its tag and the rest.
+fn tagged(
+    op: &'static str,
+    reply: Value,
+) -> Result<(Vec<u8>, std::vec::IntoIter<Value>), StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(protocol(
+            op,
+            format_args!("expected an array, got {reply:?}"),
+        ));
+    };
+    let mut items = items.into_iter();
+    let tag = match items.next() {
+        Some(Value::BulkString(tag)) => tag,
+        Some(Value::SimpleString(tag)) => tag.into_bytes(),
+        other => return Err(protocol(op, format_args!("expected a tag, got {other:?}"))),
+    };
+    Ok((tag, items))
+}
+
+/// A PTTL in milliseconds; -1 (no expiry) is [`NO_EXPIRY`].
+fn ttl(op: &'static str, item: Option<Value>) -> Result<Duration, StoreError> {
+    match item {
+        Some(Value::Int(-1)) => Ok(NO_EXPIRY),
+        Some(Value::Int(ms)) if ms >= 0 => Ok(Duration::from_millis(ms as u64)),
+        other => Err(protocol(op, format_args!("expected a ttl, got {other:?}"))),
+    }
+}
+
+fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError> {
+    let (tag, mut items) = tagged(op, reply)?;
+    Ok(match tag.as_slice() {
+        b"HIT" => {
+            let value = match items.next() {
+                Some(Value::BulkString(bytes)) => Bytes::from(bytes),
+                other => {
+                    return Err(protocol(
+                        op,
+                        format_args!("expected a value, got {other:?}"),
+                    ));
+                }
+            };
+            Acquired::Hit {
+                value,
+                ttl_left: ttl(op, items.next())?,
+            }
+        }
+        b"PASS" => Acquired::Pass {
+            ttl_left: ttl(op, items.next())?,
+        },
+        b"WAIT" => Acquired::Wait {
+            lease_left: ttl(op, items.next())?,
+        },
+        b"LEAD" => {
+            let fence = match items.next() {
+                Some(Value::BulkString(digits)) => std::str::from_utf8(&digits)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok()),
+                Some(Value::Int(n)) => u64::try_from(n).ok(),
+                _ => None,
+            };
+            Acquired::Lead {
+                fence: fence.ok_or_else(|| protocol(op, "lease has no valid fence"))?,
+            }
+        }
+        b"EMPTY" => Acquired::Empty,
+        other => {
+            return Err(protocol(
+                op,
+                format_args!("unknown answer {:?}", String::from_utf8_lossy(other)),
+            ));
+        }
+    })
+}
+
+fn parse_status(op: &'static str, reply: Value) -> Result<KeyStatus, StoreError> {
+    let (tag, mut items) = tagged(op, reply)?;
+    Ok(match tag.as_slice() {
+        b"EXISTS" => KeyStatus::Exists {
+            ttl_left: ttl(op, items.next())?,
+        },
+        b"PENDING" => KeyStatus::Pending {
+            lease_left: ttl(op, items.next())?,
+        },
+        b"PASS" => KeyStatus::Pass {
+            ttl_left: ttl(op, items.next())?,
+        },
+        b"EMPTY" => KeyStatus::Empty,
+        other => {
+            return Err(protocol(
+                op,
+                format_args!("unknown answer {:?}", String::from_utf8_lossy(other)),
+            ));
+        }
+    })
+}
+
+fn fenced(done: bool) -> Fenced {
+    if done { Fenced::Done } else { Fenced::Lost }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn announces(&self) -> bool {
+        self.announce
+    }
+
+    async fn acquire(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        touch: Option<Touch>,
+    ) -> Result<Acquired, StoreError> {
+        self.acquire_or_peek("acquire", key, Some(lease), touch)
+            .await
+    }
+
+    async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError> {
+        self.acquire_or_peek("peek", key, None, touch).await
+    }
+
+    async fn renew(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        let [_, l, _] = self.key_names(key);
+        let mut invocation = self.scripts.renew.prepare_invoke();
+        invocation.key(&l).arg(token.to_hex()).arg(millis(ttl));
+        Ok(if self.fenced("renew", &invocation).await? {
+            Renewed::Held
+        } else {
+            Renewed::Lost
+        })
+    }
+
+    async fn commit(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        let [v, l, p] = self.key_names(key);
+        let (announce, channel, event) = self.announce_args(&event);
+        let mut invocation = self.scripts.commit.prepare_invoke();
+        invocation
+            .key(&v)
+            .key(&l)
+            .key(&p)
+            .arg(token.to_hex())
+            .arg(value.as_ref())
+            .arg(millis(ttl))
+            .arg(announce)
+            .arg(channel)
+            .arg(event);
+        self.fenced("commit", &invocation).await.map(fenced)
+    }
+
+    async fn release(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        let [_, l, _] = self.key_names(key);
+        let (announce, channel, event) = self.announce_args(&event);
+        let mut invocation = self.scripts.release.prepare_invoke();
+        invocation
+            .key(&l)
+            .arg(token.to_hex())
+            .arg(announce)
+            .arg(channel)
+            .arg(event);
+        self.fenced("release", &invocation).await.map(fenced)
+    }
+
+    async fn give_up(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        pass_ttl: Duration,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        let [_, l, p] = self.key_names(key);
+        let (announce, channel, event) = self.announce_args(&event);
+        let mut invocation = self.scripts.give_up.prepare_invoke();
+        invocation
+            .key(&l)
+            .key(&p)
+            .arg(token.to_hex())
+            .arg(millis(pass_ttl))
+            .arg(announce)
+            .arg(channel)
+            .arg(event);
+        self.fenced("give_up", &invocation).await.map(fenced)
+    }
+
+    async fn purge(&self, key: &KeyHash, event: Bytes) -> Result<bool, StoreError> {
+        let [v, l, p] = self.key_names(key);
+        let (announce, channel, event) = self.announce_args(&event);
+        let mut invocation = self.scripts.purge.prepare_invoke();
+        invocation
+            .key(&v)
+            .key(&l)
+            .key(&p)
+            .arg(announce)
+            .arg(channel)
+            .arg(event);
+        match self.run("purge", &invocation).await? {
+            Value::Int(removed) if removed >= 0 => Ok(removed > 0),
+            other => Err(protocol(
+                "purge",
+                format_args!("expected a count, got {other:?}"),
+            )),
+        }
+    }
+
+    async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError> {
+        let [v, _, _] = self.key_names(key);
+        let mut invocation = self.scripts.discard.prepare_invoke();
+        invocation.key(&v).arg(value.as_ref());
+        self.fenced("discard", &invocation).await
+    }
+
+    async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {
+        let [v, l, p] = self.key_names(key);
+        let mut invocation = self.scripts.status.prepare_invoke();
+        invocation.key(&v).key(&l).key(&p);
+        let reply = self.run("status", &invocation).await?;
+        parse_status("status", reply)
+    }
+}
