@@ -9,7 +9,41 @@ pub mod servers;
 pub use servers::{TestNats, TestRedis};
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use wall_clock::Deadline;
+
+/// Real (wall-clock) deadlines.
+///
+/// The helpers here wait on real processes, so they measure real time, not
+/// tokio's clock (which a test may pause). Do not combine these helpers with
+/// `tokio::time::pause` / `start_paused`: the I/O timeouts inside them run on
+/// tokio's clock and would fire early when paused time auto-advances.
+mod wall_clock {
+    #![allow(clippy::disallowed_types)] // std Instant on purpose: see above
+
+    use std::time::{Duration, Instant};
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Deadline(Instant);
+
+    impl Deadline {
+        /// A deadline `d` from now.
+        pub fn after(d: Duration) -> Self {
+            Deadline(Instant::now() + d)
+        }
+
+        /// Whether the deadline has passed.
+        pub fn expired(&self) -> bool {
+            Instant::now() >= self.0
+        }
+
+        /// Time left until the deadline (zero once it has passed).
+        pub fn remaining(&self) -> Duration {
+            self.0.saturating_duration_since(Instant::now())
+        }
+    }
+}
 
 /// Default patience for [`eventually`], in seconds.
 const DEFAULT_PATIENCE_SECS: u64 = 10;
@@ -34,12 +68,11 @@ where
     Fut: Future<Output = bool>,
 {
     let patience = patience();
-    let deadline = Instant::now() + patience;
+    let deadline = Deadline::after(patience);
     let mut attempts: u64 = 0;
     loop {
         attempts += 1;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, f()).await {
+        match tokio::time::timeout(deadline.remaining(), f()).await {
             Ok(true) => return,
             Ok(false) => {}
             Err(_) => panic!(
@@ -47,7 +80,7 @@ where
                  (the last of {attempts} checks did not finish in time)"
             ),
         }
-        if Instant::now() >= deadline {
+        if deadline.expired() {
             panic!("timed out after {patience:?} ({attempts} checks) waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
