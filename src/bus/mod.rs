@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod nats;
 pub mod redis;
+mod tasks;
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -143,6 +144,10 @@ pub enum BusError {
     Timeout { op: &'static str },
     #[error("bus is unavailable: {0}")]
     Unavailable(String),
+    /// The namespace cannot be used by this bus (NATS: it must be one subject token of letters,
+    /// digits, `-` and `_`).
+    #[error("invalid bus namespace {0:?}")]
+    InvalidNamespace(String),
 }
 
 /// Publishing side of a bus; the subscribing side was set up when it connected.

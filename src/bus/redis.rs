@@ -1,1 +1,439 @@
-//! (in progress)
+//! Redis pub/sub bus: one channel per namespace ([`redis_channel`]), one RESP3 connection per process
+//! for the subscription, and a separate connection for publishing.
+//!
+//! # Subscription and recovery
+//!
+//! The subscription lives on a [`ConnectionManager`] speaking RESP3, so messages arrive as push
+//! frames on a channel read by one task, and the manager re-sends `SUBSCRIBE` on every connection it
+//! makes ([automatic resubscription](ConnectionManagerConfig::set_automatic_resubscription)).
+//!
+//! The manager reconnects on its own after a disconnection, but only with a bounded number of
+//! retries; after that it waits for the next command. So a disconnection (a
+//! [`PushKind::Disconnection`] frame) marks the bus disconnected and wakes a second task that drives
+//! recovery itself: with backoff, until it succeeds or the bus closes, it sends `PING` through the
+//! manager (which makes it reconnect and resubscribe), reads the new connection's `CLIENT ID` (for
+//! [`Bus::sever`]), and subscribes once more explicitly, so that the server's confirmation comes
+//! from the connection the manager uses now (subscribing twice is harmless). Only then is the bus
+//! connected again, and [`EventSink::resync`] is called once for that recovery: events published
+//! while the subscription was gone are covered by every live flight re-checking the store.
+//!
+//! Subscribe confirmations arriving as push frames are deliberately not taken as the sign of
+//! recovery: one may come from a connection that is being replaced and dies right after.
+//!
+//! Should the manager fail in a way it does not recover from by itself (an error other than I/O or
+//! a timeout), the task replaces it with a fresh one.
+//!
+//! [`redis_channel`]: super::redis_channel
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError, Value};
+use tokio::sync::{Notify, mpsc};
+
+use super::tasks::{Shutdown, Tasks, lock};
+use super::{Bus, BusError, Event, EventSink, redis_channel};
+use crate::key::KeyHash;
+
+/// First pause between two recovery attempts; doubled after each failure up to
+/// [`RETRY_MAX_DELAY`].
+const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
+/// Longest pause between two recovery attempts (and between the manager's own reconnect attempts).
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// How to reach Redis and which namespace's events to carry.
+#[derive(Clone, Debug)]
+pub struct RedisBusConfig {
+    /// `redis://` or `rediss://` URL. Both connections speak RESP3 whatever it says: the
+    /// subscription needs push frames, and the publishing connection then notices a disconnection
+    /// at once and reconnects before the next publish needs it.
+    pub url: String,
+    /// Events travel on [`redis_channel`]`(namespace)`.
+    pub namespace: String,
+    /// Bound on establishing one connection.
+    pub connect_timeout: Duration,
+    /// Bound on one command's answer.
+    pub response_timeout: Duration,
+}
+
+impl RedisBusConfig {
+    /// A config with the default timeouts (connect 2 s, response 1 s).
+    pub fn new(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            namespace: namespace.into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// State shared by the bus and its two tasks.
+struct Shared {
+    /// Where events, resyncs and junk are reported.
+    sink: Arc<dyn EventSink>,
+    /// The one channel subscribed to and published on.
+    channel: String,
+    /// Whether the subscription is in place; read by [`Bus::connected`].
+    connected: AtomicBool,
+    /// `CLIENT ID` of the subscription connection (0: unknown), so that [`Bus::sever`] kills exactly
+    /// our connection and not another process's.
+    client_id: AtomicI64,
+    /// Wakes the recovery task after a disconnection (a stored permit is never lost).
+    reconnect: Notify,
+    /// See [`RedisBusConfig::connect_timeout`].
+    connect_timeout: Duration,
+    /// See [`RedisBusConfig::response_timeout`].
+    response_timeout: Duration,
+}
+
+/// A Redis pub/sub bus for one namespace.
+pub struct RedisBus {
+    /// Channel, state flags and timeouts shared with the tasks.
+    shared: Arc<Shared>,
+    /// The publishing connection, separate from the subscription so a publish never queues behind
+    /// (or is lost with) the subscription's reconnection; taken out on close.
+    publisher: Mutex<Option<ConnectionManager>>,
+    /// The push reader and the recovery task.
+    tasks: Tasks,
+}
+
+impl RedisBus {
+    /// Connects, subscribes to the namespace's channel and returns only once the server has
+    /// confirmed the subscription, so nothing this process publishes or waits for can precede it.
+    pub async fn connect(
+        config: RedisBusConfig,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<RedisBus, BusError> {
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| BusError::Unavailable(format!("redis url: {e}")))?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3))
+            .map_err(|e| BusError::Unavailable(format!("redis url: {e}")))?;
+
+        let shared = Arc::new(Shared {
+            sink,
+            channel: redis_channel(&config.namespace),
+            connected: AtomicBool::new(false),
+            client_id: AtomicI64::new(0),
+            reconnect: Notify::new(),
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+        });
+
+        // Unbounded: a bound would have to drop frames, a Disconnection among them; the reader
+        // only hands each frame to the sink, which must not block.
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let mut subscriber = Subscriber {
+            client: client.clone(),
+            push_tx,
+            manager: None,
+        };
+        subscriber.establish(&shared).await?;
+        shared.connected.store(true, Ordering::SeqCst);
+
+        let publisher = within(
+            config.connect_timeout,
+            "connect",
+            ConnectionManager::new_with_config(client, shared.manager_config()),
+        )
+        .await?;
+
+        let tasks = Tasks::new();
+        tasks.spawn(read_pushes(shared.clone(), push_rx, tasks.shutdown()));
+        tasks.spawn(keep_subscribed(
+            shared.clone(),
+            subscriber,
+            tasks.shutdown(),
+        ));
+        Ok(RedisBus {
+            shared,
+            publisher: Mutex::new(Some(publisher)),
+            tasks,
+        })
+    }
+
+    fn publisher(&self) -> Result<ConnectionManager, BusError> {
+        lock(&self.publisher)
+            .clone()
+            .ok_or_else(|| BusError::Unavailable("redis bus is closed".into()))
+    }
+}
+
+impl Shared {
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_max_delay(RETRY_MAX_DELAY)
+    }
+
+    /// Handles one push frame of the subscription connection.
+    fn on_push(&self, push: PushInfo) {
+        let mut data = push.data.into_iter();
+        match push.kind {
+            PushKind::Message => {
+                let (Some(channel), payload) = (data.next(), data.next()) else {
+                    return self.sink.undecodable();
+                };
+                if !is_bulk(&channel, self.channel.as_bytes()) {
+                    return; // not ours (we subscribe to nothing else)
+                }
+                match payload {
+                    Some(Value::BulkString(bytes)) => match Event::decode(Bytes::from(bytes)) {
+                        Ok(event) => self.sink.deliver(event),
+                        Err(_) => self.sink.undecodable(),
+                    },
+                    _ => self.sink.undecodable(),
+                }
+            }
+            PushKind::Disconnection => {
+                tracing::warn!(channel = %self.channel, "redis bus subscription disconnected");
+                self.connected.store(false, Ordering::SeqCst);
+                self.reconnect.notify_one();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn is_bulk(value: &Value, expected: &[u8]) -> bool {
+    matches!(value, Value::BulkString(bytes) if bytes == expected)
+}
+
+/// The subscription connection, owned by the recovery task.
+struct Subscriber {
+    /// Builds a replacement manager when the current one is beyond repair.
+    client: redis::Client,
+    /// Where every manager built here sends its push frames; this clone also keeps the reader's
+    /// channel open while a manager is being replaced.
+    push_tx: mpsc::UnboundedSender<PushInfo>,
+    /// The current manager; `None` while a replacement is due.
+    manager: Option<ConnectionManager>,
+}
+
+impl Subscriber {
+    /// Makes sure a connection is up, subscribed to our channel, and its id known, each step under
+    /// a deadline. An error other than I/O or a timeout (the manager reconnects after those by
+    /// itself) drops the manager, so that the next attempt builds a new one.
+    async fn establish(&mut self, shared: &Shared) -> Result<(), BusError> {
+        match self.try_establish(shared).await {
+            Ok(()) => Ok(()),
+            Err(Failure::Transient(error)) => Err(error),
+            Err(Failure::Broken(error)) => {
+                tracing::debug!(%error, "redis bus: replacing the subscription connection");
+                self.manager = None;
+                Err(error)
+            }
+        }
+    }
+
+    async fn try_establish(&mut self, shared: &Shared) -> Result<(), Failure> {
+        let manager = match &mut self.manager {
+            Some(manager) => manager,
+            None => {
+                let config = shared
+                    .manager_config()
+                    .set_push_sender(self.push_tx.clone())
+                    .set_automatic_resubscription();
+                let manager = within(
+                    shared.connect_timeout,
+                    "connect",
+                    ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await
+                .map_err(Failure::Transient)?;
+                self.manager.insert(manager)
+            }
+        };
+        // PING first: it waits for (or triggers) the manager's reconnection, whose own attempts may
+        // take longer than one response.
+        let _: String = attempt(
+            shared.connect_timeout + shared.response_timeout,
+            "ping",
+            redis::cmd("PING").query_async(manager),
+        )
+        .await?;
+        let id: i64 = attempt(
+            shared.response_timeout,
+            "client id",
+            redis::cmd("CLIENT").arg("ID").query_async(manager),
+        )
+        .await?;
+        shared.client_id.store(id, Ordering::SeqCst);
+        // Confirmed on the connection the manager uses now (the automatic resubscription may have
+        // done it already; subscribing twice is harmless).
+        attempt(
+            shared.response_timeout,
+            "subscribe",
+            manager.subscribe(&shared.channel),
+        )
+        .await
+    }
+}
+
+/// Why an attempt to bring the subscription back failed.
+enum Failure {
+    /// The manager is reconnecting, or will on the next command: try it again.
+    Transient(BusError),
+    /// The manager will not recover by itself: replace it.
+    Broken(BusError),
+}
+
+/// [`within`], telling apart the failures a manager recovers from by itself.
+async fn attempt<T>(
+    limit: Duration,
+    op: &'static str,
+    call: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) if e.is_timeout() => Err(Failure::Transient(BusError::Timeout { op })),
+        Ok(Err(e)) if e.is_io_error() => Err(Failure::Transient(BusError::Unavailable(format!(
+            "redis {op}: {e}"
+        )))),
+        Ok(Err(e)) => Err(Failure::Broken(BusError::Unavailable(format!(
+            "redis {op}: {e}"
+        )))),
+        Err(_) => Err(Failure::Transient(BusError::Timeout { op })),
+    }
+}
+
+/// Reads the subscription's push frames until shutdown.
+async fn read_pushes(
+    shared: Arc<Shared>,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.wait() => return,
+            push = pushes.recv() => match push {
+                Some(push) => shared.on_push(push),
+                None => return,
+            },
+        }
+    }
+}
+
+/// After each disconnection, brings the subscription back (see the module docs).
+async fn keep_subscribed(shared: Arc<Shared>, mut subscriber: Subscriber, mut shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = shared.reconnect.notified() => {}
+        }
+        let mut delay = RETRY_MIN_DELAY;
+        loop {
+            match subscriber.establish(&shared).await {
+                Ok(()) => {
+                    shared.connected.store(true, Ordering::SeqCst);
+                    tracing::info!(channel = %shared.channel, "redis bus resubscribed; resyncing");
+                    shared.sink.resync();
+                    break;
+                }
+                Err(error) => tracing::debug!(%error, "redis bus: resubscription attempt failed"),
+            }
+            tokio::select! {
+                () = shutdown.wait() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX_DELAY);
+        }
+    }
+}
+
+/// Runs a Redis call under a deadline, mapping both kinds of failure to [`BusError`].
+async fn within<T>(
+    limit: Duration,
+    op: &'static str,
+    call: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) if e.is_timeout() => Err(BusError::Timeout { op }),
+        Ok(Err(e)) => Err(BusError::Unavailable(format!("redis {op}: {e}"))),
+        Err(_) => Err(BusError::Timeout { op }),
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// `PUBLISH channel bytes`. A publish that finds its connection dropped is tried once more on
+    /// the reconnected one (a duplicate event is harmless; a lost one costs a poll interval).
+    async fn publish(&self, _key: &KeyHash, encoded: Bytes) -> Result<(), BusError> {
+        let mut publisher = self.publisher()?;
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(&self.shared.channel).arg(encoded.as_ref());
+        let first = tokio::time::timeout(
+            self.shared.response_timeout,
+            command.query_async::<i64>(&mut publisher),
+        )
+        .await;
+        match first {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if e.is_unrecoverable_error() => {}
+            Ok(Err(e)) if e.is_timeout() => return Err(BusError::Timeout { op: "publish" }),
+            Ok(Err(e)) => return Err(BusError::Unavailable(format!("redis publish: {e}"))),
+            Err(_) => return Err(BusError::Timeout { op: "publish" }),
+        }
+        within(
+            self.shared.connect_timeout + self.shared.response_timeout,
+            "publish",
+            command.query_async::<i64>(&mut publisher),
+        )
+        .await
+        .map(drop)
+    }
+
+    fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    async fn close(&self) {
+        self.tasks.close().await;
+        lock(&self.publisher).take();
+        self.shared.connected.store(false, Ordering::SeqCst);
+    }
+
+    /// Kills our subscription connection (by its `CLIENT ID`, from the publishing connection);
+    /// recovery then runs as after any disconnection, ending with one resync.
+    async fn sever(&self) {
+        let id = self.shared.client_id.load(Ordering::SeqCst);
+        let Ok(mut publisher) = self.publisher() else {
+            return;
+        };
+        if id == 0 {
+            return;
+        }
+        let killed: Result<(), BusError> = within(
+            self.shared.response_timeout,
+            "client kill",
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut publisher),
+        )
+        .await;
+        if let Err(error) = killed {
+            tracing::warn!(%error, id, "redis bus: could not sever the subscription");
+        }
+    }
+}
