@@ -22,4 +22,6 @@ pub mod bus;
 pub mod engine;
 pub mod envelope;
 pub mod key;
+pub mod l1;
+pub mod metrics;
 pub mod store;

@@ -1,1 +1,479 @@
-//! (in progress)
+//! The coalescing engine: flights, the leader/follower state machine, the build task, and the typed
+//! dictionary API on top.
+//!
+//! - [`flight`]: the per-process table of flights, one per key.
+//! - `drive`: what a flight does: ACQUIRE, then answer, wait, or lead.
+//! - `build`: the leader's spawned build under a renewed lease, with a guard that abandons it.
+//! - `dispatch`: the bus's events, delivered to the flights they concern and the L1.
+//! - [`backend`]: which store and bus an engine talks to, and connecting to them.
+//! - [`dictionary`]: the typed, serde-based "build once, read many" dictionary.
+//!
+//! The engine speaks bytes ([`Entry`] envelopes); the proxy and the dictionary put their values in
+//! them.
+
+pub mod backend;
+mod build;
+pub mod dictionary;
+mod dispatch;
+mod drive;
+pub mod flight;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+pub use backend::{Backend, BusConfig, ConnectError, StoreConfig};
+pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
+pub use flight::Source;
+
+use crate::bus::{Bus, Event, EventKind};
+use crate::envelope::Entry;
+use crate::key::KeyHash;
+use crate::l1::L1;
+use crate::metrics::Metrics;
+use crate::store::{KeyStatus, Store, StoreError, Touch};
+use flight::{Conclusion, FlightTable, Mode, Ticket};
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub enum Built {
+    /// May be stored and served to everyone for `entry.ttl` (plus `entry.stale`).
+    Shared(Entry),
+    /// Private to the caller whose build produced it; never stored, never handed to anyone else.
+    Private(Entry),
+}
+
+/// A build that failed; its message reaches every caller that waited for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+/// The future a builder returns.
+pub type BuildFuture = Pin<Box<dyn Future<Output = Result<Built, BuildError>> + Send>>;
+
+/// Makes the value of one key; may be called again if a lease is lost or a build abandoned.
+pub type Builder = Arc<dyn Fn() -> BuildFuture + Send + Sync>;
+
+/// How an entry expires in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiryMode {
+    /// Gone its TTL after it was stored, however often it is read.
+    Absolute,
+    /// Gone `window` after it was last read; reads touch the TTL (throttled: only once it has
+    /// fallen by a tenth of the window), never rewrite the value. Builders store entries with a TTL
+    /// of `window`.
+    Sliding { window: Duration },
+}
+
+/// How one key is resolved; the proxy derives one per route, the dictionary one per dictionary.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub expiry: ExpiryMode,
+    /// Lifetime of the store's lease: how long a dead leader can hold up its followers.
+    pub lease_ttl: Duration,
+    /// The build is abandoned after this long.
+    pub max_fetch: Duration,
+    /// Followers re-check the store at least this often (jittered ±20%), in case an event was lost.
+    pub poll_interval: Duration,
+    /// How long an uncacheable answer makes its key pass straight through.
+    pub pass_ttl: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            expiry: ExpiryMode::Absolute,
+            lease_ttl: Duration::from_secs(10),
+            max_fetch: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            pass_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Policy {
+    /// The TTL touch that reads carry, if expiry slides.
+    fn touch(&self) -> Option<Touch> {
+        match self.expiry {
+            ExpiryMode::Absolute => None,
+            ExpiryMode::Sliding { window } => Some(Touch {
+                ttl: window,
+                slack: sliding_slack(window),
+            }),
+        }
+    }
+}
+
+/// A sliding TTL is touched once it has fallen by a tenth (at most once a minute for long TTLs).
+fn sliding_slack(ttl: Duration) -> Duration {
+    (ttl / 10).min(Duration::from_secs(60))
+}
+
+/// Settings of one engine (one process's view of one namespace).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Engines with the same namespace and store coalesce together.
+    pub namespace: String,
+    /// This process's name in leases (for status and debugging).
+    pub node: String,
+    /// L1 size in bytes; 0 turns it off.
+    pub l1_max_bytes: u64,
+    /// Values below this size ride inside READY events.
+    pub inline_max: usize,
+    /// Tries of an ACQUIRE or RENEW that timed out on the client (each retry checks for its own token).
+    pub store_attempts: u32,
+}
+
+impl EngineConfig {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            node: format!("node-{:08x}", rand::random::<u32>()),
+            l1_max_bytes: 64 * 1024 * 1024,
+            inline_max: crate::bus::INLINE_MAX,
+            store_attempts: 2,
+        }
+    }
+}
+
+/// What a caller gets.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub entry: Arc<Entry>,
+    pub source: AnswerSource,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerSource {
+    /// A shared value.
+    Shared(Source),
+    /// The caller's own build, because the key may not be shared (uncacheable or hit-for-pass).
+    Own,
+}
+
+/// Why a caller got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("timed out after {0:?} waiting for the value")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Build(Arc<str>),
+    #[error("nothing is stored under this key")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine is closed")]
+    Closed,
+}
+
+/// Shared state of one engine.
+pub(crate) struct Inner {
+    pub config: EngineConfig,
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub l1: L1,
+    pub flights: Arc<FlightTable>,
+    pub metrics: Metrics,
+    /// Source of caller ids (a flight's owner is the caller that created it).
+    pub next_caller: AtomicU64,
+    /// Set by `close`: new calls are refused and leaders abandon.
+    pub closing: AtomicBool,
+    /// Set by the crash fault: tasks stop without releasing anything, as if the process died.
+    pub crashed: AtomicBool,
+    /// Wakes running builds when the engine closes.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Driver tasks still running (closing waits for them).
+    pub drivers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+}
+
+/// One process's engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Connects to the backend's store and bus (subscribing before anything else happens).
+    pub async fn connect(config: EngineConfig, backend: &Backend) -> Result<Self, ConnectError> {
+        let metrics = Metrics::new();
+        let flights = Arc::new(FlightTable::new());
+        let l1 = L1::new(config.l1_max_bytes, metrics.clone());
+        let sink = Arc::new(dispatch::Dispatcher::new(
+            flights.clone(),
+            l1.clone(),
+            metrics.clone(),
+        ));
+        let (store, bus) = backend.connect(&config.namespace, sink).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                bus,
+                l1,
+                flights,
+                metrics,
+                next_caller: AtomicU64::new(1),
+                closing: AtomicBool::new(false),
+                crashed: AtomicBool::new(false),
+                shutdown: tokio::sync::watch::channel(false).0,
+                drivers: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+            }),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn l1(&self) -> &L1 {
+        &self.inner.l1
+    }
+
+    /// Flights alive in this process.
+    pub fn flights_inflight(&self) -> usize {
+        self.inner.flights.len()
+    }
+
+    /// The value of `key`: from the L1, the store, another process's build, or `builder` run by
+    /// exactly one caller across every engine sharing the store. Waits at most `timeout`.
+    pub async fn fetch(
+        &self,
+        key: &KeyHash,
+        policy: &Policy,
+        builder: Builder,
+        timeout: Duration,
+    ) -> Result<Answer, EngineError> {
+        self.resolve(key, policy, Some(builder), timeout).await
+    }
+
+    /// The value of `key` if one is stored or being built (waiting for that build), without ever
+    /// building; [`EngineError::NotFound`] at once when there is neither.
+    pub async fn read(
+        &self,
+        key: &KeyHash,
+        policy: &Policy,
+        timeout: Duration,
+    ) -> Result<Answer, EngineError> {
+        self.resolve(key, policy, None, timeout).await
+    }
+
+    async fn resolve(
+        &self,
+        key: &KeyHash,
+        policy: &Policy,
+        builder: Option<Builder>,
+        timeout: Duration,
+    ) -> Result<Answer, EngineError> {
+        let inner = &self.inner;
+        if inner.closing.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        if let Some(entry) = inner.l1.get(key) {
+            return Ok(Answer {
+                entry,
+                source: AnswerSource::Shared(Source::L1),
+            });
+        }
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let caller = inner.next_caller.fetch_add(1, Ordering::Relaxed);
+        let mode = if builder.is_some() {
+            Mode::Build
+        } else {
+            Mode::Read
+        };
+        // A build caller that joined a read flight retries once that flight ends empty; bounded
+        // by the deadline and by this count.
+        for _ in 0..8 {
+            let ticket = inner.flights.join(*key, mode, caller);
+            if ticket.created {
+                self.spawn_driver(&ticket, policy.clone(), builder.clone())
+                    .await;
+            }
+            let conclusion = self.wait(ticket, caller, started, deadline).await?;
+            match &*conclusion {
+                Conclusion::Value { entry, source } => {
+                    return Ok(Answer {
+                        entry: entry.clone(),
+                        source: AnswerSource::Shared(*source),
+                    });
+                }
+                Conclusion::Failed(message) => return Err(EngineError::Build(message.clone())),
+                Conclusion::Uncacheable {
+                    owner,
+                    entry: Some(entry),
+                } if *owner == caller => {
+                    return Ok(Answer {
+                        entry: entry.clone(),
+                        source: AnswerSource::Own,
+                    });
+                }
+                Conclusion::Uncacheable { .. } | Conclusion::Pass => {
+                    let Some(builder) = &builder else {
+                        return Err(EngineError::NotFound);
+                    };
+                    return self.build_own(builder, policy, deadline, timeout).await;
+                }
+                Conclusion::Empty | Conclusion::Unattended if builder.is_some() => continue,
+                Conclusion::Empty | Conclusion::Unattended => return Err(EngineError::NotFound),
+                Conclusion::StoreDown(error) => return Err(error.clone().into()),
+                Conclusion::Closed => return Err(EngineError::Closed),
+            }
+        }
+        Err(EngineError::Timeout(timeout))
+    }
+
+    async fn spawn_driver(&self, ticket: &Ticket, policy: Policy, builder: Option<Builder>) {
+        let inner = self.inner.clone();
+        let flight = ticket.flight.clone();
+        inner.metrics.flights_inflight.inc();
+        let task = drive::drive(inner.clone(), flight, policy, builder);
+        let mut drivers = self.inner.drivers.lock().await;
+        // Reap finished drivers so the set holds only live ones.
+        while drivers.try_join_next().is_some() {}
+        drivers.spawn(task);
+    }
+
+    /// Waits for the flight's conclusion until the caller's deadline.
+    async fn wait(
+        &self,
+        mut ticket: Ticket,
+        caller: u64,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Arc<Conclusion>, EngineError> {
+        let metrics = &self.inner.metrics;
+        let following = ticket.flight.owner != caller;
+        if following {
+            metrics.followers_waiting.inc();
+        }
+        let waited = tokio::time::timeout_at(
+            deadline,
+            ticket.receiver.wait_for(|conclusion| conclusion.is_some()),
+        )
+        .await;
+        if following {
+            metrics.followers_waiting.dec();
+            metrics
+                .follower_wait
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match waited {
+            Ok(Ok(conclusion)) => Ok(conclusion.clone().expect("waited for Some")),
+            Ok(Err(_closed)) => Err(EngineError::Closed),
+            Err(_elapsed) => {
+                metrics.wait_timeouts.inc();
+                Err(EngineError::Timeout(deadline - started))
+            }
+        }
+    }
+
+    /// Runs the caller's own builder for a key that may not be shared; nothing is stored.
+    async fn build_own(
+        &self,
+        builder: &Builder,
+        policy: &Policy,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Answer, EngineError> {
+        let limit = deadline.min(Instant::now() + policy.max_fetch);
+        match tokio::time::timeout_at(limit, builder()).await {
+            Ok(Ok(Built::Shared(entry) | Built::Private(entry))) => {
+                self.inner.metrics.build("own");
+                Ok(Answer {
+                    entry: Arc::new(entry),
+                    source: AnswerSource::Own,
+                })
+            }
+            Ok(Err(BuildError(message))) => Err(EngineError::Build(message.into())),
+            Err(_elapsed) => Err(EngineError::Timeout(timeout)),
+        }
+    }
+
+    /// Read-only state of `key`; never takes a lease and never changes a TTL.
+    pub async fn status(&self, key: &KeyHash) -> Result<KeyStatus, EngineError> {
+        Ok(drive::store_call(&self.inner, "status", || self.inner.store.status(key)).await?)
+    }
+
+    /// Removes `key` everywhere: the store (stealing any lease, so a running build cannot commit),
+    /// this process's L1 at once, and every other process's L1 through the bus.
+    pub async fn delete(&self, key: &KeyHash) -> Result<bool, EngineError> {
+        let inner = &self.inner;
+        let event = Event::new(*key, EventKind::Deleted);
+        inner.l1.invalidate(key);
+        if let Some(flight) = inner.flights.get(key) {
+            flight.post(EventKind::Deleted);
+        }
+        let encoded = event.encode();
+        let existed =
+            drive::store_call(inner, "purge", || inner.store.purge(key, encoded.clone())).await?;
+        if !inner.store.announces() {
+            drive::announce(inner, key, encoded).await;
+        }
+        Ok(existed)
+    }
+
+    /// Stops taking calls, makes running builds abandon their leases, waits (up to `grace`) for
+    /// every flight to end, and closes the bus.
+    pub async fn close(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::SeqCst);
+        inner.shutdown.send_replace(true);
+        let mut drivers = std::mem::take(&mut *inner.drivers.lock().await);
+        let drained = tokio::time::timeout(grace, async {
+            while drivers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            drivers.abort_all();
+        }
+        inner.bus.close().await;
+    }
+
+    /// Fault injection: stops this engine as a crash would. Running builds and renewals stop,
+    /// nothing is released, committed or announced; leases stay in the store until they expire.
+    #[doc(hidden)]
+    pub async fn crash(&self) {
+        let inner = &self.inner;
+        inner.crashed.store(true, Ordering::SeqCst);
+        inner.closing.store(true, Ordering::SeqCst);
+        inner.drivers.lock().await.abort_all();
+        inner.bus.close().await;
+    }
+
+    /// Fault injection: drop the bus subscription as a network fault would.
+    #[doc(hidden)]
+    pub async fn sever_bus(&self) {
+        self.inner.bus.sever().await;
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock (only for `stored_at`, shown as `Age`).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Stamps `entry` as answering `key`, stored now, and encodes it; `None` bytes when it cannot be
+/// encoded (too large for the envelope), in which case it must not be shared.
+pub(crate) fn seal(key: &KeyHash, mut entry: Entry) -> (Arc<Entry>, Option<Bytes>) {
+    entry.key = *key;
+    entry.stored_at_ms = unix_ms();
+    let bytes = crate::envelope::encode(&entry).ok();
+    (Arc::new(entry), bytes)
+}

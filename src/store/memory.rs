@@ -1,1 +1,419 @@
-//! (in progress)
+//! The embedded store: the whole protocol in one process, shareable by several engines.
+//!
+//! Several engines handed clones of one [`MemoryStore`] coalesce with each other exactly as replicas
+//! sharing a Redis do, so the demo and the tests run multi-replica scenarios without servers. Expiry
+//! follows tokio's clock. It never announces: the engine publishes events on its bus.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
+use crate::key::KeyHash;
+
+/// Expired slots are swept after this many writes, so a long-lived store does not grow without bound.
+const SWEEP_EVERY: u64 = 1024;
+
+#[derive(Default)]
+struct Slot {
+    value: Option<(Bytes, Instant)>,
+    lease: Option<Lease>,
+    pass: Option<Instant>,
+}
+
+struct Lease {
+    token: Token,
+    fence: u64,
+    expires_at: Instant,
+}
+
+impl Slot {
+    /// Drops whatever has expired by `now`.
+    fn expire(&mut self, now: Instant) {
+        if self.value.as_ref().is_some_and(|(_, at)| *at <= now) {
+            self.value = None;
+        }
+        if self.lease.as_ref().is_some_and(|l| l.expires_at <= now) {
+            self.lease = None;
+        }
+        if self.pass.is_some_and(|at| at <= now) {
+            self.pass = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.value.is_none() && self.lease.is_none() && self.pass.is_none()
+    }
+
+    fn holds(&self, token: Token) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.token == token)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<KeyHash, Slot>,
+    /// Source of fences; only grows.
+    fence: u64,
+    /// Writes since the last sweep.
+    writes: u64,
+}
+
+impl State {
+    /// The live slot for `key`, with expired parts dropped.
+    fn slot(&mut self, key: &KeyHash, now: Instant) -> &mut Slot {
+        let slot = self.slots.entry(*key).or_default();
+        slot.expire(now);
+        slot
+    }
+
+    fn wrote(&mut self, now: Instant) {
+        self.writes += 1;
+        if self.writes.is_multiple_of(SWEEP_EVERY) {
+            self.slots.retain(|_, slot| {
+                slot.expire(now);
+                !slot.is_empty()
+            });
+        }
+    }
+}
+
+/// An in-process store; clones share the same data.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State, Instant) -> R) -> R {
+        let mut state = self.state.lock().expect("memory store lock");
+        f(&mut state, Instant::now())
+    }
+
+    /// The remaining TTL of a stored value, if any (for tests and status pages).
+    pub fn value_ttl(&self, key: &KeyHash) -> Option<Duration> {
+        self.with(|state, now| {
+            let slot = state.slot(key, now);
+            slot.value.as_ref().map(|(_, at)| *at - now)
+        })
+    }
+
+    /// Stores raw bytes under a key's name, as a foreign writer could (for tests of corrupt entries).
+    pub fn put_raw(&self, key: &KeyHash, value: Bytes, ttl: Duration) {
+        self.with(|state, now| state.slot(key, now).value = Some((value, now + ttl)));
+    }
+
+    /// The stored bytes under a key's name, if any.
+    pub fn raw(&self, key: &KeyHash) -> Option<Bytes> {
+        self.with(|state, now| state.slot(key, now).value.as_ref().map(|(v, _)| v.clone()))
+    }
+}
+
+fn read(slot: &mut Slot, now: Instant, touch: Option<Touch>) -> Option<Acquired> {
+    if let Some((value, expires_at)) = &mut slot.value {
+        if let Some(touch) = touch
+            && *expires_at - now < touch.ttl.saturating_sub(touch.slack)
+        {
+            *expires_at = now + touch.ttl;
+        }
+        return Some(Acquired::Hit {
+            value: value.clone(),
+            ttl_left: *expires_at - now,
+        });
+    }
+    if let Some(at) = slot.pass {
+        return Some(Acquired::Pass { ttl_left: at - now });
+    }
+    None
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn announces(&self) -> bool {
+        false
+    }
+
+    async fn acquire(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        touch: Option<Touch>,
+    ) -> Result<Acquired, StoreError> {
+        Ok(self.with(|state, now| {
+            state.fence += 1;
+            let fence = state.fence;
+            let slot = state.slot(key, now);
+            if let Some(found) = read(slot, now, touch) {
+                return found;
+            }
+            match &slot.lease {
+                Some(held) if held.token == lease.token => Acquired::Lead { fence: held.fence },
+                Some(held) => Acquired::Wait {
+                    lease_left: held.expires_at - now,
+                },
+                None => {
+                    slot.lease = Some(Lease {
+                        token: lease.token,
+                        fence,
+                        expires_at: now + lease.ttl,
+                    });
+                    state.wrote(now);
+                    Acquired::Lead { fence }
+                }
+            }
+        }))
+    }
+
+    async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            read(slot, now, touch).unwrap_or_else(|| match &slot.lease {
+                Some(held) => Acquired::Wait {
+                    lease_left: held.expires_at - now,
+                },
+                None => Acquired::Empty,
+            })
+        }))
+    }
+
+    async fn renew(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        Ok(
+            self.with(|state, now| match &mut state.slot(key, now).lease {
+                Some(held) if held.token == token => {
+                    held.expires_at = now + ttl;
+                    Renewed::Held
+                }
+                _ => Renewed::Lost,
+            }),
+        )
+    }
+
+    async fn commit(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+        _event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if !slot.holds(token) {
+                return Fenced::Lost;
+            }
+            slot.lease = None;
+            slot.pass = None;
+            slot.value = Some((value, now + ttl));
+            state.wrote(now);
+            Fenced::Done
+        }))
+    }
+
+    async fn release(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        _event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if !slot.holds(token) {
+                return Fenced::Lost;
+            }
+            slot.lease = None;
+            Fenced::Done
+        }))
+    }
+
+    async fn give_up(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        pass_ttl: Duration,
+        _event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if !slot.holds(token) {
+                return Fenced::Lost;
+            }
+            slot.lease = None;
+            slot.pass = Some(now + pass_ttl);
+            state.wrote(now);
+            Fenced::Done
+        }))
+    }
+
+    async fn purge(&self, key: &KeyHash, _event: Bytes) -> Result<bool, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            let existed = !slot.is_empty();
+            *slot = Slot::default();
+            existed
+        }))
+    }
+
+    async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if slot.value.as_ref().is_some_and(|(v, _)| v == value) {
+                slot.value = None;
+                return true;
+            }
+            false
+        }))
+    }
+
+    async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {
+        Ok(self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if let Some((_, at)) = &slot.value {
+                KeyStatus::Exists {
+                    ttl_left: *at - now,
+                }
+            } else if let Some(at) = slot.pass {
+                KeyStatus::Pass { ttl_left: at - now }
+            } else if let Some(held) = &slot.lease {
+                KeyStatus::Pending {
+                    lease_left: held.expires_at - now,
+                }
+            } else {
+                KeyStatus::Empty
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyBuilder;
+
+    fn key() -> KeyHash {
+        KeyBuilder::new().part("k").finish().hash
+    }
+
+    fn lease(ttl_ms: u64) -> LeaseRequest {
+        LeaseRequest {
+            token: Token::random(),
+            node: "test".into(),
+            ttl: Duration::from_millis(ttl_ms),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lead_wait_commit_hit() {
+        let store = MemoryStore::new();
+        let first = lease(1000);
+        let second = lease(1000);
+        assert!(matches!(
+            store.acquire(&key(), &first, None).await,
+            Ok(Acquired::Lead { .. })
+        ));
+        assert!(matches!(
+            store.acquire(&key(), &first, None).await,
+            Ok(Acquired::Lead { .. })
+        ));
+        assert!(matches!(
+            store.acquire(&key(), &second, None).await,
+            Ok(Acquired::Wait { .. })
+        ));
+        let value = Bytes::from_static(b"v");
+        assert_eq!(
+            store
+                .commit(
+                    &key(),
+                    second.token,
+                    value.clone(),
+                    Duration::from_secs(9),
+                    Bytes::new()
+                )
+                .await,
+            Ok(Fenced::Lost)
+        );
+        assert_eq!(
+            store
+                .commit(
+                    &key(),
+                    first.token,
+                    value.clone(),
+                    Duration::from_secs(9),
+                    Bytes::new()
+                )
+                .await,
+            Ok(Fenced::Done)
+        );
+        assert_eq!(
+            store.acquire(&key(), &second, None).await,
+            Ok(Acquired::Hit {
+                value,
+                ttl_left: Duration::from_secs(9)
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_lets_another_lead() {
+        let store = MemoryStore::new();
+        store.acquire(&key(), &lease(100), None).await.unwrap();
+        tokio::time::advance(Duration::from_millis(101)).await;
+        assert!(matches!(
+            store.acquire(&key(), &lease(100), None).await,
+            Ok(Acquired::Lead { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purge_makes_the_running_commit_lost() {
+        let store = MemoryStore::new();
+        let held = lease(1000);
+        store.acquire(&key(), &held, None).await.unwrap();
+        store.purge(&key(), Bytes::new()).await.unwrap();
+        let commit = store
+            .commit(
+                &key(),
+                held.token,
+                Bytes::new(),
+                Duration::from_secs(1),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(commit, Ok(Fenced::Lost));
+        assert_eq!(store.status(&key()).await, Ok(KeyStatus::Empty));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_touch_only_below_the_slack_and_status_never_touches() {
+        let store = MemoryStore::new();
+        store.put_raw(&key(), Bytes::from_static(b"v"), Duration::from_secs(10));
+        let touch = Touch {
+            ttl: Duration::from_secs(10),
+            slack: Duration::from_secs(2),
+        };
+        tokio::time::advance(Duration::from_secs(1)).await;
+        store.peek(&key(), Some(touch)).await.unwrap();
+        assert_eq!(store.value_ttl(&key()), Some(Duration::from_secs(9)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.status(&key()).await.unwrap();
+        assert_eq!(store.value_ttl(&key()), Some(Duration::from_secs(7)));
+        store.peek(&key(), Some(touch)).await.unwrap();
+        assert_eq!(store.value_ttl(&key()), Some(Duration::from_secs(10)));
+    }
+}

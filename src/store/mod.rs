@@ -141,8 +141,12 @@ pub trait Store: Send + Sync + 'static {
     /// Like acquire, but never creates a lease: answers HIT, PASS, WAIT or EMPTY.
     async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError>;
 
-    async fn renew(&self, key: &KeyHash, token: Token, ttl: Duration)
-    -> Result<Renewed, StoreError>;
+    async fn renew(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError>;
 
     /// Stores `value` for `ttl` (freshness plus stale window), releases the lease and announces
     /// `event`, if the token still holds the lease.
@@ -156,8 +160,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Fenced, StoreError>;
 
     /// Releases the lease and announces `event` (FAILED or ABANDONED), if the token holds it.
-    async fn release(&self, key: &KeyHash, token: Token, event: Bytes)
-    -> Result<Fenced, StoreError>;
+    async fn release(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError>;
 
     /// Releases the lease, sets a pass marker for `pass_ttl` and announces `event` (UNCACHEABLE).
     async fn give_up(

@@ -4,6 +4,7 @@
 //! Include from an integration test with `mod support;`.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod servers;
 
 pub use servers::{TestNats, TestRedis};

@@ -1,0 +1,301 @@
+//! The leader's build: spawned with its flight, bounded by `max_fetch`, under a lease renewed every
+//! `lease_ttl / 3`, ending in exactly one of COMMIT, FAIL, GIVEUP or ABANDON.
+//!
+//! A [`LeaseGuard`] releases the lease with ABANDONED if the build task dies by panic or
+//! cancellation before it ended the lease itself. A build whose lease was lost (expired, taken over,
+//! purged) still answers its own process's callers, but never commits and never announces.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::drive::{announce, retrying, store_call};
+use super::flight::{Conclusion, Flight, Source};
+use super::{BuildError, Builder, Built, Inner, Policy, seal};
+use crate::bus::{Event, EventKind};
+use crate::key::KeyHash;
+use crate::store::{Fenced, Renewed, Token};
+
+/// Releases a lease with ABANDONED unless disarmed: a build that panics or is cancelled must not
+/// leave its followers waiting for the lease to expire.
+struct LeaseGuard {
+    inner: Arc<Inner>,
+    key: KeyHash,
+    token: Token,
+    armed: bool,
+}
+
+impl LeaseGuard {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        // A crash releases nothing: that is the point of the crash fault.
+        if !self.armed || self.inner.crashed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (inner, key, token) = (self.inner.clone(), self.key, self.token);
+        inner.metrics.lease("abandoned");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { release(&inner, &key, token, EventKind::Abandoned).await });
+        }
+    }
+}
+
+/// How the build itself ended.
+enum Ending {
+    Built(Result<Built, BuildError>),
+    Panicked,
+    Overran,
+    ShuttingDown,
+}
+
+/// Leads: runs the build under the lease. `None` means the lease was abandoned (overrun) and the
+/// flight should re-elect at once.
+pub(crate) async fn lead(
+    inner: &Arc<Inner>,
+    flight: &Arc<Flight>,
+    policy: &Policy,
+    builder: &Builder,
+    token: Token,
+) -> Option<Conclusion> {
+    let key = flight.key;
+    let guard = LeaseGuard {
+        inner: inner.clone(),
+        key,
+        token,
+        armed: true,
+    };
+    let mut lost = false;
+    let ending = {
+        let build = AssertUnwindSafe(builder()).catch_unwind();
+        tokio::pin!(build);
+        let deadline = Instant::now() + policy.max_fetch;
+        let every = (policy.lease_ttl / 3).max(std::time::Duration::from_millis(1));
+        let mut renewals = tokio::time::interval_at(Instant::now() + every, every);
+        renewals.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut shutdown = inner.shutdown.subscribe();
+        let closing = async move {
+            let _ = shutdown.wait_for(|closing| *closing).await;
+        };
+        tokio::pin!(closing);
+        loop {
+            tokio::select! {
+                result = &mut build => break match result {
+                    Ok(built) => Ending::Built(built),
+                    Err(_panic) => Ending::Panicked,
+                },
+                _ = tokio::time::sleep_until(deadline) => break Ending::Overran,
+                _ = &mut closing => break Ending::ShuttingDown,
+                _ = renewals.tick(), if !lost => {
+                    let renewed = retrying(inner, "renew", || {
+                        inner.store.renew(&key, token, policy.lease_ttl)
+                    })
+                    .await;
+                    match renewed {
+                        Ok(Renewed::Held) => inner.metrics.lease("renewed"),
+                        Ok(Renewed::Lost) => {
+                            tracing::warn!(%key, "lease lost during the build; its result will not be stored");
+                            inner.metrics.lease("lost");
+                            lost = true;
+                        }
+                        // The next tick tries again; if the lease expires meanwhile, commit says so.
+                        Err(error) => tracing::warn!(%key, %error, "could not renew the lease"),
+                    }
+                }
+            }
+        }
+    };
+    guard.disarm();
+
+    let conclusion = match ending {
+        Ending::Built(Ok(Built::Shared(entry))) => match seal(&key, entry) {
+            (entry, Some(bytes)) => {
+                inner.metrics.build("shared");
+                let ttl = entry.ttl + entry.stale;
+                let committed = !lost && commit(inner, &key, token, bytes, ttl).await;
+                if committed && !flight.is_invalidated() {
+                    inner.l1.insert(key, entry.clone(), ttl);
+                }
+                Conclusion::Value {
+                    entry,
+                    source: Source::Built,
+                }
+            }
+            // Too large to store: nobody else may get it, so it is handled as uncacheable.
+            (entry, None) => {
+                inner.metrics.build("private");
+                if !lost {
+                    give_up(inner, &key, token, policy).await;
+                }
+                Conclusion::Uncacheable {
+                    owner: flight.owner,
+                    entry: Some(entry),
+                }
+            }
+        },
+        Ending::Built(Ok(Built::Private(entry))) => {
+            inner.metrics.build("private");
+            if !lost {
+                give_up(inner, &key, token, policy).await;
+            }
+            Conclusion::Uncacheable {
+                owner: flight.owner,
+                entry: Some(Arc::new(entry)),
+            }
+        }
+        Ending::Built(Err(BuildError(message))) => {
+            inner.metrics.build("failed");
+            if !lost {
+                let event = EventKind::Failed {
+                    message: message.clone(),
+                };
+                release(inner, &key, token, event).await;
+            }
+            Conclusion::Failed(message.into())
+        }
+        Ending::Panicked => {
+            inner.metrics.build("panicked");
+            inner.metrics.lease("abandoned");
+            if !lost {
+                release(inner, &key, token, EventKind::Abandoned).await;
+            }
+            Conclusion::Failed("the build panicked".into())
+        }
+        Ending::Overran => {
+            inner.metrics.build("overrun");
+            inner.metrics.lease("abandoned");
+            tracing::warn!(%key, max_fetch = ?policy.max_fetch, "build overran; abandoning its lease");
+            if !lost {
+                release(inner, &key, token, EventKind::Abandoned).await;
+            }
+            return None;
+        }
+        Ending::ShuttingDown => {
+            inner.metrics.lease("abandoned");
+            if !lost {
+                release(inner, &key, token, EventKind::Abandoned).await;
+            }
+            Conclusion::Closed
+        }
+    };
+    Some(conclusion)
+}
+
+/// COMMIT: answers whether the value is now the stored one.
+async fn commit(
+    inner: &Inner,
+    key: &KeyHash,
+    token: Token,
+    bytes: Bytes,
+    ttl: std::time::Duration,
+) -> bool {
+    let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
+    let event = Event::new(*key, EventKind::Ready { inline }).encode();
+    let stored = store_call(inner, "commit", || {
+        inner
+            .store
+            .commit(key, token, bytes.clone(), ttl, event.clone())
+    })
+    .await;
+    match stored {
+        Ok(Fenced::Done) => {
+            if !inner.store.announces() {
+                announce(inner, key, event).await;
+            }
+            true
+        }
+        Ok(Fenced::Lost) => {
+            tracing::warn!(%key, "commit rejected: the lease was no longer ours");
+            inner.metrics.lease("commit_rejected");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%key, %error, "commit failed; followers will re-elect when the lease expires");
+            false
+        }
+    }
+}
+
+/// GIVEUP: releases the lease and sets the pass marker.
+async fn give_up(inner: &Inner, key: &KeyHash, token: Token, policy: &Policy) {
+    let event = Event::new(*key, EventKind::Uncacheable).encode();
+    let done = store_call(inner, "give_up", || {
+        inner
+            .store
+            .give_up(key, token, policy.pass_ttl, event.clone())
+    })
+    .await;
+    after_release(inner, key, done, event).await;
+}
+
+/// FAIL or ABANDON: releases the lease and announces why.
+async fn release(inner: &Inner, key: &KeyHash, token: Token, kind: EventKind) {
+    let event = Event::new(*key, kind).encode();
+    let done = store_call(inner, "release", || {
+        inner.store.release(key, token, event.clone())
+    })
+    .await;
+    after_release(inner, key, done, event).await;
+}
+
+async fn after_release(
+    inner: &Inner,
+    key: &KeyHash,
+    done: Result<Fenced, crate::store::StoreError>,
+    event: Bytes,
+) {
+    match done {
+        Ok(Fenced::Done) if !inner.store.announces() => announce(inner, key, event).await,
+        Ok(Fenced::Done) => {}
+        Ok(Fenced::Lost) => inner.metrics.lease("lost"),
+        Err(error) => tracing::warn!(%key, %error, "could not release the lease; it will expire"),
+    }
+}
+
+/// The store is unreachable: build for this process's callers only, store and announce nothing.
+pub(crate) async fn degraded(
+    inner: &Arc<Inner>,
+    flight: &Arc<Flight>,
+    policy: &Policy,
+    builder: &Builder,
+) -> Conclusion {
+    let build = AssertUnwindSafe(builder()).catch_unwind();
+    match tokio::time::timeout(policy.max_fetch, build).await {
+        Ok(Ok(Ok(Built::Shared(mut entry)))) => {
+            inner.metrics.build("degraded");
+            entry.key = flight.key;
+            entry.stored_at_ms = super::unix_ms();
+            Conclusion::Value {
+                entry: Arc::new(entry),
+                source: Source::Degraded,
+            }
+        }
+        Ok(Ok(Ok(Built::Private(entry)))) => {
+            inner.metrics.build("private");
+            Conclusion::Uncacheable {
+                owner: flight.owner,
+                entry: Some(Arc::new(entry)),
+            }
+        }
+        Ok(Ok(Err(BuildError(message)))) => {
+            inner.metrics.build("failed");
+            Conclusion::Failed(message.into())
+        }
+        Ok(Err(_panic)) => {
+            inner.metrics.build("panicked");
+            Conclusion::Failed("the build panicked".into())
+        }
+        Err(_elapsed) => {
+            inner.metrics.build("overrun");
+            Conclusion::Failed(format!("the build overran {:?}", policy.max_fetch).into())
+        }
+    }
+}

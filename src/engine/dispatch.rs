@@ -1,0 +1,58 @@
+//! The bus's events, delivered to the flight of their key and to the L1.
+
+use std::sync::Arc;
+
+use crate::bus::{Event, EventKind, EventSink};
+use crate::l1::L1;
+use crate::metrics::Metrics;
+
+use super::flight::FlightTable;
+
+pub(crate) struct Dispatcher {
+    flights: Arc<FlightTable>,
+    l1: L1,
+    metrics: Metrics,
+}
+
+impl Dispatcher {
+    pub fn new(flights: Arc<FlightTable>, l1: L1, metrics: Metrics) -> Self {
+        Self {
+            flights,
+            l1,
+            metrics,
+        }
+    }
+}
+
+impl EventSink for Dispatcher {
+    fn deliver(&self, event: Event) {
+        let kind = match &event.kind {
+            EventKind::Ready { .. } => "ready",
+            EventKind::Failed { .. } => "failed",
+            EventKind::Uncacheable => "uncacheable",
+            EventKind::Abandoned => "abandoned",
+            EventKind::Deleted => "deleted",
+        };
+        self.metrics.bus_events.with_label_values(&[kind]).inc();
+        if event.kind == EventKind::Deleted {
+            self.l1.invalidate(&event.key);
+        }
+        if let Some(flight) = self.flights.get(&event.key) {
+            flight.post(event.kind);
+        }
+    }
+
+    fn resync(&self) {
+        self.metrics.bus_resyncs.inc();
+        for flight in self.flights.all() {
+            flight.post_resync();
+        }
+    }
+
+    fn undecodable(&self) {
+        self.metrics
+            .bus_events
+            .with_label_values(&["undecodable"])
+            .inc();
+    }
+}

@@ -1,0 +1,318 @@
+//! What a flight does, from its creation to its conclusion.
+//!
+//! ```text
+//!            ┌────────────── event / lease expiry / poll / resync ─────────────┐
+//!            v                                                                 │
+//!   ──> ACQUIRE ── HIT ──> Value        PASS ──> Pass        EMPTY ──> Empty   │
+//!            │                                                                 │
+//!            ├── WAIT ──> wait ────────────────────────────────────────────────┘
+//!            │              └── READY(inline) ──> Value, FAILED ──> Failed, UNCACHEABLE ──> Pass
+//!            └── LEAD ──> build (see `build`) ──> Value | Failed | Uncacheable | re-ACQUIRE
+//! ```
+//!
+//! Read flights peek instead of acquiring, so they never lead. A store that cannot be reached
+//! degrades: a build flight builds for its own process's callers without storing anything.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::flight::{Conclusion, Flight, Mode, Source};
+use super::{Builder, Inner, Policy, build};
+use crate::bus::EventKind;
+use crate::envelope::{self, Entry};
+use crate::key::KeyHash;
+use crate::store::{Acquired, LeaseRequest, StoreError, Token};
+
+/// Corrupt values in a row after which a flight stops discarding and reports a miss.
+const CORRUPT_LIMIT: u32 = 3;
+
+/// Margin after a lease's reported expiry before re-checking, so the store has really dropped it.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+
+/// Runs one flight to its conclusion; spawned, owned by no caller.
+pub(crate) async fn drive(
+    inner: Arc<Inner>,
+    flight: Arc<Flight>,
+    policy: Policy,
+    builder: Option<Builder>,
+) {
+    let conclusion = run(&inner, &flight, &policy, builder.as_ref()).await;
+    let outcome = match &conclusion {
+        Conclusion::Value { .. } => "value",
+        Conclusion::Failed(_) => "failed",
+        Conclusion::Uncacheable { .. } => "uncacheable",
+        Conclusion::Pass => "pass",
+        Conclusion::Empty => "empty",
+        Conclusion::StoreDown(_) => "store_error",
+        Conclusion::Unattended => "unattended",
+        Conclusion::Closed => "closed",
+    };
+    inner
+        .metrics
+        .flight_outcomes
+        .with_label_values(&[outcome])
+        .inc();
+    inner.metrics.flights_inflight.dec();
+    if !matches!(conclusion, Conclusion::Unattended) {
+        inner.flights.conclude(&flight, conclusion);
+    }
+}
+
+/// Why a waiting flight looks at the store again.
+enum Wake {
+    /// An outcome event for this key.
+    Event(EventKind),
+    /// The bus reconnected and may have lost events.
+    Resync,
+    /// The lease the store reported has expired, or the safety poll came due.
+    Timer,
+    /// Every caller left; nobody needs the answer.
+    Unattended,
+    /// The engine is closing.
+    Closing,
+}
+
+async fn run(
+    inner: &Arc<Inner>,
+    flight: &Arc<Flight>,
+    policy: &Policy,
+    builder: Option<&Builder>,
+) -> Conclusion {
+    let key = flight.key;
+    let lease = LeaseRequest {
+        token: Token::random(),
+        node: inner.config.node.as_str().into(),
+        ttl: policy.lease_ttl,
+    };
+    let mut waited = false;
+    let mut timer_woke = false;
+    let mut corrupt = 0;
+    loop {
+        // What arrived before this look is superseded by it.
+        flight.take_mail();
+        let answer = match (flight.mode, builder) {
+            (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
+            _ => peek(inner, &key, policy).await,
+        };
+        if timer_woke {
+            let found = !matches!(answer, Ok(Acquired::Wait { .. }));
+            inner
+                .metrics
+                .poll_rechecks
+                .with_label_values(&[if found { "true" } else { "false" }])
+                .inc();
+        }
+        match answer {
+            Err(error) => {
+                tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
+                return match builder {
+                    Some(builder) => build::degraded(inner, flight, policy, builder).await,
+                    None => Conclusion::StoreDown(error),
+                };
+            }
+            Ok(Acquired::Hit { value, ttl_left }) => match decode(inner, &key, value.clone()) {
+                Some(entry) => {
+                    let source = if waited {
+                        Source::Coalesced
+                    } else {
+                        Source::Store
+                    };
+                    return serve(inner, flight, entry, ttl_left, policy, source);
+                }
+                None if corrupt < CORRUPT_LIMIT => {
+                    corrupt += 1;
+                    let _ =
+                        store_call(inner, "discard", || inner.store.discard(&key, &value)).await;
+                    timer_woke = false;
+                    continue;
+                }
+                None => return Conclusion::Empty,
+            },
+            Ok(Acquired::Pass { .. }) => return Conclusion::Pass,
+            Ok(Acquired::Empty) => return Conclusion::Empty,
+            Ok(Acquired::Lead { .. }) => {
+                inner.metrics.lease("acquired");
+                let builder = builder.expect("only build flights acquire");
+                match build::lead(inner, flight, policy, builder, lease.token).await {
+                    Some(conclusion) => return conclusion,
+                    // Abandoned (overran max_fetch): re-elect at once.
+                    None => {
+                        waited = true;
+                        timer_woke = false;
+                        continue;
+                    }
+                }
+            }
+            Ok(Acquired::Wait { lease_left }) => {
+                waited = true;
+                timer_woke = false;
+                match wait(inner, flight, policy, lease_left).await {
+                    Wake::Event(EventKind::Ready {
+                        inline: Some(value),
+                    }) => {
+                        if let Some(entry) = decode(inner, &key, value) {
+                            let ttl = entry.ttl + entry.stale;
+                            return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
+                        }
+                    }
+                    Wake::Event(EventKind::Failed { message }) => {
+                        return Conclusion::Failed(message.into());
+                    }
+                    Wake::Event(EventKind::Uncacheable) => return Conclusion::Pass,
+                    Wake::Event(_) | Wake::Resync => {}
+                    Wake::Timer => timer_woke = true,
+                    Wake::Unattended => return Conclusion::Unattended,
+                    Wake::Closing => return Conclusion::Closed,
+                }
+            }
+        }
+    }
+}
+
+/// Answers a flight with a stored value and keeps a copy in the L1 (unless a delete was seen).
+fn serve(
+    inner: &Inner,
+    flight: &Flight,
+    entry: Entry,
+    ttl_left: Duration,
+    policy: &Policy,
+    source: Source,
+) -> Conclusion {
+    let entry = Arc::new(entry);
+    if !flight.is_invalidated() {
+        let l1_ttl = match policy.touch() {
+            // Sliding: come back to the store once per slack so reads keep touching its TTL.
+            Some(touch) => ttl_left.min(touch.slack),
+            None => ttl_left,
+        };
+        inner.l1.insert(flight.key, entry.clone(), l1_ttl);
+    }
+    Conclusion::Value { entry, source }
+}
+
+fn decode(inner: &Inner, key: &KeyHash, value: Bytes) -> Option<Entry> {
+    match envelope::decode_for(value, key) {
+        Ok(entry) => Some(entry),
+        Err(error) => {
+            tracing::warn!(%key, %error, "stored value is unreadable; treating it as a miss");
+            inner.metrics.corrupt_entries.inc();
+            None
+        }
+    }
+}
+
+/// Waits for whichever comes first: an event, the lease's expiry, the safety poll, a resync, or
+/// the last caller leaving.
+async fn wait(inner: &Inner, flight: &Arc<Flight>, policy: &Policy, lease_left: Duration) -> Wake {
+    let now = Instant::now();
+    let expiry = now + lease_left + EXPIRY_MARGIN;
+    let poll = now + jitter(policy.poll_interval);
+    let until = expiry.min(poll);
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow_and_update() {
+            return Wake::Closing;
+        }
+        let mail = flight.take_mail();
+        if let Some(event) = mail.event {
+            return Wake::Event(event);
+        }
+        if mail.resync {
+            return Wake::Resync;
+        }
+        tokio::select! {
+            _ = flight.wake.notified() => {}
+            _ = shutdown.changed() => {}
+            _ = tokio::time::sleep_until(until) => return Wake::Timer,
+            _ = flight.conclusion.closed() => {
+                if inner.flights.remove_if_unattended(flight) {
+                    return Wake::Unattended;
+                }
+                // Someone joined in the meantime; `closed` would fire at once again, so wait
+                // without it until the next wake.
+                tokio::select! {
+                    _ = flight.wake.notified() => {}
+                    _ = tokio::time::sleep_until(until) => return Wake::Timer,
+                }
+            }
+        }
+    }
+}
+
+/// The poll interval, ±20%, so that followers of many keys do not poll in step.
+fn jitter(interval: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.8..1.2);
+    interval.mul_f64(factor)
+}
+
+async fn acquire(
+    inner: &Inner,
+    key: &KeyHash,
+    lease: &LeaseRequest,
+    policy: &Policy,
+) -> Result<Acquired, StoreError> {
+    let touch = policy.touch();
+    retrying(inner, "acquire", || inner.store.acquire(key, lease, touch)).await
+}
+
+async fn peek(inner: &Inner, key: &KeyHash, policy: &Policy) -> Result<Acquired, StoreError> {
+    let touch = policy.touch();
+    retrying(inner, "peek", || inner.store.peek(key, touch)).await
+}
+
+/// A store call, counted and timed; a client-side timeout is retried (the protocol makes that safe
+/// for acquire, peek and renew: the retry finds its own token).
+pub(crate) async fn retrying<T, F, Fut>(
+    inner: &Inner,
+    op: &'static str,
+    call: F,
+) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match store_call(inner, op, &call).await {
+            Err(error) if error.is_timeout() && attempt < inner.config.store_attempts => {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One store call, counted and timed.
+pub(crate) async fn store_call<T, F, Fut>(
+    inner: &Inner,
+    op: &'static str,
+    call: F,
+) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let result = call().await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(StoreError::Timeout { .. }) => "timeout",
+        Err(StoreError::Unavailable(_)) => "unavailable",
+        Err(StoreError::Protocol(_)) => "protocol",
+    };
+    inner.metrics.store_call(op, label, started.elapsed());
+    result
+}
+
+/// Publishes an event on the bus (for stores that do not announce themselves). A lost event costs
+/// followers at most one poll interval, so a failure is logged, not retried.
+pub(crate) async fn announce(inner: &Inner, key: &KeyHash, encoded: Bytes) {
+    if let Err(error) = inner.bus.publish(key, encoded).await {
+        tracing::warn!(%key, %error, "could not publish an event; followers will poll");
+    }
+}

@@ -1,0 +1,226 @@
+//! Flights: one per key per process, shared by every caller of that key on this process.
+//!
+//! A flight is created by its first caller and driven by a spawned task (`drive`), never by a caller,
+//! so a caller that leaves early cancels nothing. Its conclusion goes to every caller that joined
+//! before it ended: the flight is removed from the table *before* the conclusion is published, so a
+//! caller either joined in time (and sees it) or finds no flight and starts a new one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, watch};
+
+use crate::bus::EventKind;
+use crate::envelope::Entry;
+use crate::key::KeyHash;
+
+/// Shards of the flight table; a power of two well above the core count keeps lock contention low.
+const SHARDS: usize = 64;
+
+/// What a flight is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// May take the lease and build.
+    Build,
+    /// Only reads: peeks, and waits for someone else's build.
+    Read,
+}
+
+/// Where a value came from, as a caller sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// This process's L1.
+    L1,
+    /// The store answered with a value on the first look.
+    Store,
+    /// This process's flight built it.
+    Built,
+    /// Another process built it while this flight waited.
+    Coalesced,
+    /// The store could not be reached; this process built it for its own callers only.
+    Degraded,
+}
+
+/// How a flight ended.
+#[derive(Debug)]
+pub(crate) enum Conclusion {
+    /// A value for everyone.
+    Value { entry: Arc<Entry>, source: Source },
+    /// The build failed; everyone gets this message.
+    Failed(Arc<str>),
+    /// The answer may not be shared. `entry` is the build's own result, for the caller `owner` only.
+    Uncacheable {
+        owner: u64,
+        entry: Option<Arc<Entry>>,
+    },
+    /// A hit-for-pass marker: every caller goes to the source on its own.
+    Pass,
+    /// Nothing stored and nothing pending (read flights only).
+    Empty,
+    /// The store did not answer and the flight could not build (read flights only).
+    StoreDown(crate::store::StoreError),
+    /// Every caller left while the flight was only waiting, so it stopped.
+    Unattended,
+    /// The engine closed while the flight was waiting.
+    Closed,
+}
+
+/// What the bus (or a local delete) told a flight since it last looked.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    /// The latest outcome event for this key.
+    pub event: Option<EventKind>,
+    /// The bus reconnected: re-check even without an event.
+    pub resync: bool,
+}
+
+pub(crate) struct Flight {
+    pub key: KeyHash,
+    pub mode: Mode,
+    /// The caller that created the flight: the only one that may receive a private build result.
+    pub owner: u64,
+    /// `None` until concluded; every joined caller holds a receiver.
+    pub conclusion: watch::Sender<Option<Arc<Conclusion>>>,
+    /// Events for this key, posted by the dispatcher.
+    pub mailbox: Mutex<Mailbox>,
+    /// Wakes the driver when the mailbox changes.
+    pub wake: Notify,
+    /// Set when a delete or purge of this key was seen during the flight: what it read before that
+    /// must not enter the L1.
+    pub invalidated: AtomicBool,
+}
+
+impl Flight {
+    pub fn post(&self, event: EventKind) {
+        if event == EventKind::Deleted {
+            self.invalidated.store(true, Ordering::SeqCst);
+        }
+        self.mailbox.lock().expect("mailbox lock").event = Some(event);
+        self.wake.notify_one();
+    }
+
+    pub fn post_resync(&self) {
+        self.mailbox.lock().expect("mailbox lock").resync = true;
+        self.wake.notify_one();
+    }
+
+    /// Empties the mailbox (before a fresh look at the store, which supersedes it).
+    pub fn take_mail(&self) -> Mailbox {
+        std::mem::take(&mut *self.mailbox.lock().expect("mailbox lock"))
+    }
+
+    pub fn is_invalidated(&self) -> bool {
+        self.invalidated.load(Ordering::SeqCst)
+    }
+}
+
+/// A caller's membership of a flight.
+pub(crate) struct Ticket {
+    pub flight: Arc<Flight>,
+    pub receiver: watch::Receiver<Option<Arc<Conclusion>>>,
+    /// Whether this caller created the flight (and must spawn its driver).
+    pub created: bool,
+}
+
+/// The sharded map from key digest to live flight.
+pub(crate) struct FlightTable {
+    shards: Vec<Mutex<HashMap<KeyHash, Arc<Flight>>>>,
+}
+
+impl FlightTable {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, key: &KeyHash) -> std::sync::MutexGuard<'_, HashMap<KeyHash, Arc<Flight>>> {
+        self.shards[key.shard(SHARDS)]
+            .lock()
+            .expect("flight table lock")
+    }
+
+    /// Joins the live flight for `key`, or creates one of `mode` owned by `caller`.
+    pub fn join(&self, key: KeyHash, mode: Mode, caller: u64) -> Ticket {
+        let mut shard = self.shard(&key);
+        if let Some(flight) = shard.get(&key) {
+            return Ticket {
+                flight: flight.clone(),
+                receiver: flight.conclusion.subscribe(),
+                created: false,
+            };
+        }
+        let (conclusion, receiver) = watch::channel(None);
+        let flight = Arc::new(Flight {
+            key,
+            mode,
+            owner: caller,
+            conclusion,
+            mailbox: Mutex::new(Mailbox::default()),
+            wake: Notify::new(),
+            invalidated: AtomicBool::new(false),
+        });
+        shard.insert(key, flight.clone());
+        Ticket {
+            flight,
+            receiver,
+            created: true,
+        }
+    }
+
+    pub fn get(&self, key: &KeyHash) -> Option<Arc<Flight>> {
+        self.shard(key).get(key).cloned()
+    }
+
+    /// Removes `flight` (if it is still the live one) and then publishes its conclusion.
+    pub fn conclude(&self, flight: &Arc<Flight>, conclusion: Conclusion) {
+        {
+            let mut shard = self.shard(&flight.key);
+            if shard
+                .get(&flight.key)
+                .is_some_and(|live| Arc::ptr_eq(live, flight))
+            {
+                shard.remove(&flight.key);
+            }
+        }
+        flight.conclusion.send_replace(Some(Arc::new(conclusion)));
+    }
+
+    /// Removes `flight` only if no caller is attached to it; answers whether it did.
+    pub fn remove_if_unattended(&self, flight: &Arc<Flight>) -> bool {
+        let mut shard = self.shard(&flight.key);
+        if flight.conclusion.receiver_count() > 0 {
+            return false;
+        }
+        if shard
+            .get(&flight.key)
+            .is_some_and(|live| Arc::ptr_eq(live, flight))
+        {
+            shard.remove(&flight.key);
+        }
+        true
+    }
+
+    /// Every live flight (for a resync after the bus reconnected, and for shutdown).
+    pub fn all(&self) -> Vec<Arc<Flight>> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .expect("flight table lock")
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().expect("flight table lock").len())
+            .sum()
+    }
+}

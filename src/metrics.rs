@@ -1,0 +1,197 @@
+//! Every metric corral exports, registered once.
+//!
+//! Each [`Metrics`] owns its own registry, so several engines in one process (tests, the demo) keep
+//! separate counts. Labels are bounded: operation names and fixed outcome words, never keys.
+
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// The engine's metrics; cheap to clone (every field is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry that `/metrics` renders.
+    pub registry: Registry,
+    /// Store calls by operation and result (`ok`, `timeout`, `unavailable`, `protocol`).
+    pub store_operations: IntCounterVec,
+    /// Store call latency by operation, in seconds.
+    pub store_duration: HistogramVec,
+    /// Lease lifecycle: acquired, renewed, lost, taken_over, abandoned, commit_rejected.
+    pub lease_events: IntCounterVec,
+    /// Events received from the bus, by kind (and `undecodable`).
+    pub bus_events: IntCounterVec,
+    /// Times the bus reconnected (or lagged) and every live flight re-checked.
+    pub bus_resyncs: IntCounter,
+    /// Builds run, by result: shared, private, failed, overrun, panicked, degraded.
+    pub builds: IntCounterVec,
+    /// How flights ended: value, failed, pass, empty, unattended, store_error.
+    pub flight_outcomes: IntCounterVec,
+    /// Flights alive in this process right now.
+    pub flights_inflight: IntGauge,
+    /// Callers waiting on a flight they did not start.
+    pub followers_waiting: IntGauge,
+    /// How long callers waited on a flight after joining it, in seconds.
+    pub follower_wait: Histogram,
+    /// Re-checks made by a timer (safety poll or lease expiry), by whether they found a change: a
+    /// `found="true"` count is an event that was lost or a holder that died.
+    pub poll_rechecks: IntCounterVec,
+    /// Stored bytes that did not decode or answered another key: a miss, never a panic.
+    pub corrupt_entries: IntCounter,
+    /// Answers served from the L1.
+    pub l1_hits: IntCounter,
+    /// Lookups the L1 could not answer.
+    pub l1_misses: IntCounter,
+    /// Callers that gave up at their deadline.
+    pub wait_timeouts: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        let latency_buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "corral_store_duration_seconds",
+                "How long store calls took, by operation.",
+            )
+            .buckets(latency_buckets.clone()),
+            &["op"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_duration.clone()))
+            .expect("registered once");
+        let follower_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "corral_follower_wait_seconds",
+                "How long callers waited for another caller's build after joining its flight.",
+            )
+            .buckets(latency_buckets),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(follower_wait.clone()))
+            .expect("registered once");
+
+        Self {
+            store_operations: counter_vec(
+                "corral_store_operations_total",
+                "Store calls made, by operation and result.",
+                &["op", "result"],
+            ),
+            store_duration,
+            lease_events: counter_vec(
+                "corral_lease_events_total",
+                "Lease lifecycle events: acquired, renewed, lost, taken_over, abandoned, commit_rejected.",
+                &["event"],
+            ),
+            bus_events: counter_vec(
+                "corral_bus_events_total",
+                "Events received from the bus, by kind.",
+                &["kind"],
+            ),
+            bus_resyncs: counter(
+                "corral_bus_reconnects_total",
+                "Times the bus reconnected and every live flight re-checked the store.",
+            ),
+            builds: counter_vec(
+                "corral_builds_total",
+                "Builds this process ran, by result.",
+                &["result"],
+            ),
+            flight_outcomes: counter_vec(
+                "corral_flight_outcomes_total",
+                "Flights that ended, by outcome.",
+                &["outcome"],
+            ),
+            flights_inflight: gauge("corral_flights_inflight", "Flights alive in this process."),
+            followers_waiting: gauge(
+                "corral_followers_waiting",
+                "Callers waiting on a flight they did not start.",
+            ),
+            follower_wait,
+            poll_rechecks: counter_vec(
+                "corral_poll_rechecks_total",
+                "Re-checks made by a timer rather than an event, by whether they found a change.",
+                &["found"],
+            ),
+            corrupt_entries: counter(
+                "corral_corrupt_entries_total",
+                "Stored values that did not decode or belonged to another key; each was a miss.",
+            ),
+            l1_hits: counter("corral_l1_hits_total", "Answers served from the L1."),
+            l1_misses: counter(
+                "corral_l1_misses_total",
+                "Lookups that the L1 could not answer.",
+            ),
+            wait_timeouts: counter(
+                "corral_wait_timeouts_total",
+                "Callers that reached their deadline before an answer.",
+            ),
+            registry,
+        }
+    }
+
+    /// Counts one store call.
+    pub fn store_call(&self, op: &str, result: &str, took: Duration) {
+        self.store_operations.with_label_values(&[op, result]).inc();
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Store calls of one operation so far, whatever their result.
+    pub fn store_calls(&self, op: &str) -> u64 {
+        ["ok", "timeout", "unavailable", "protocol"]
+            .iter()
+            .map(|result| self.store_operations.with_label_values(&[op, result]).get())
+            .sum()
+    }
+
+    pub fn lease(&self, event: &str) {
+        self.lease_events.with_label_values(&[event]).inc();
+    }
+
+    pub fn lease_count(&self, event: &str) -> u64 {
+        self.lease_events.with_label_values(&[event]).get()
+    }
+
+    pub fn build(&self, result: &str) {
+        self.builds.with_label_values(&[result]).inc();
+    }
+
+    pub fn build_count(&self, result: &str) -> u64 {
+        self.builds.with_label_values(&[result]).get()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,167 @@
+//! The byte-level engine across replicas, on every backend: what the proxy will rely on beyond the
+//! dictionary (private answers, panics, callers that leave).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use corral::engine::{AnswerSource, BuildError, Builder, Built, EngineError, Policy};
+use corral::envelope::Entry;
+use corral::key::{KeyBuilder, KeyHash};
+use corral::store::KeyStatus;
+use tokio::time::sleep;
+
+fn entry(body: String) -> Entry {
+    Entry {
+        status: 200,
+        headers: vec![("x-who".into(), Bytes::from(body.clone()))],
+        body: Bytes::from(body),
+        stored_at_ms: 0,
+        ttl: Duration::from_secs(60),
+        stale: Duration::ZERO,
+        key: KeyHash::from_bytes([0; 32]),
+    }
+}
+
+fn key(text: &str) -> KeyHash {
+    KeyBuilder::new().part(text).finish().hash
+}
+
+/// Each call answers a body no other call answers, after `took`.
+fn private_builder(calls: &Arc<AtomicUsize>, took: Duration) -> Builder {
+    let calls = calls.clone();
+    Arc::new(move || {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            sleep(took).await;
+            Ok(Built::Private(entry(format!("private {n}"))))
+        })
+    })
+}
+
+on_every_backend! {
+    async fn a_private_answer_is_never_handed_to_another_caller(cluster) {
+        let replicas = cluster.engines(3, "private").await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let policy = Policy::default();
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let (engine, policy) = (replicas[i % 3].clone(), policy.clone());
+                let builder = private_builder(&calls, Duration::from_millis(200));
+                tokio::spawn(async move {
+                    engine.fetch(&key("k"), &policy, builder, Duration::from_secs(5)).await
+                })
+            })
+            .collect();
+        let mut bodies = Vec::new();
+        for task in tasks {
+            let answer = task.await.unwrap().expect("an answer");
+            assert_eq!(answer.source, AnswerSource::Own);
+            bodies.push(answer.entry.body.clone());
+        }
+        let distinct: std::collections::HashSet<_> = bodies.iter().collect();
+        assert_eq!(distinct.len(), bodies.len(), "two callers got the same private answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 30, "every caller built for itself");
+        // The pass marker lets later callers straight through, still privately.
+        assert!(matches!(replicas[1].status(&key("k")).await, Ok(KeyStatus::Pass { .. })));
+        let later = replicas[2]
+            .fetch(&key("k"), &policy, private_builder(&calls, Duration::ZERO), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(later.source, AnswerSource::Own);
+        assert_eq!(later.entry.body, Bytes::from("private 30"));
+    }
+
+    async fn a_panicking_build_fails_its_callers_and_releases_the_lease_at_once(cluster) {
+        let replicas = cluster.engines(2, "panics").await;
+        let policy = Policy { lease_ttl: Duration::from_secs(30), ..Policy::default() };
+        let builder: Builder = Arc::new(|| {
+            Box::pin(async {
+                sleep(Duration::from_millis(100)).await;
+                panic!("the build blew up")
+            })
+        });
+        let k = key("k");
+        let (a, b) = tokio::join!(
+            replicas[0].fetch(&k, &policy, builder.clone(), Duration::from_secs(5)),
+            async {
+                sleep(Duration::from_millis(30)).await;
+                replicas[1].fetch(&k, &policy, builder.clone(), Duration::from_secs(5)).await
+            },
+        );
+        assert_eq!(a.unwrap_err(), EngineError::Build("the build panicked".into()));
+        // The other replica either saw the abandonment and led (and panicked) itself, or joined late.
+        assert!(b.is_err());
+        assert_eq!(replicas[0].status(&key("k")).await, Ok(KeyStatus::Empty), "no lease left behind");
+    }
+
+    async fn a_caller_that_stops_waiting_does_not_cancel_the_build(cluster) {
+        let replicas = cluster.engines(2, "leaving").await;
+        let policy = Policy::default();
+        let builder: Builder = Arc::new(|| {
+            Box::pin(async {
+                sleep(Duration::from_millis(400)).await;
+                Ok(Built::Shared(entry("kept".into())))
+            })
+        });
+        let gave_up = replicas[0]
+            .fetch(&key("k"), &policy, builder, Duration::from_millis(100))
+            .await;
+        assert!(matches!(gave_up, Err(EngineError::Timeout(_))), "{gave_up:?}");
+        let read = replicas[1].read(&key("k"), &policy, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(read.entry.body, Bytes::from("kept"));
+    }
+
+    async fn a_failed_build_is_not_stored(cluster) {
+        let replicas = cluster.engines(1, "failed").await;
+        let policy = Policy::default();
+        let builder: Builder = Arc::new(|| Box::pin(async { Err(BuildError("upstream said 503".into())) }));
+        let failed = replicas[0].fetch(&key("k"), &policy, builder, Duration::from_secs(1)).await;
+        assert_eq!(failed.unwrap_err(), EngineError::Build("upstream said 503".into()));
+        assert_eq!(replicas[0].status(&key("k")).await, Ok(KeyStatus::Empty));
+    }
+
+    async fn closing_a_leader_abandons_its_lease_so_another_replica_takes_over_at_once(cluster) {
+        let replicas = cluster.engines(2, "closing").await;
+        let policy = Policy { lease_ttl: Duration::from_secs(30), ..Policy::default() };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let builder: Builder = {
+            let calls = calls.clone();
+            Arc::new(move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    if n == 0 {
+                        sleep(Duration::from_secs(60)).await;
+                    }
+                    Ok(Built::Shared(entry(format!("build {n}"))))
+                })
+            })
+        };
+        let leader = {
+            let (engine, policy, builder) = (replicas[0].clone(), policy.clone(), builder.clone());
+            tokio::spawn(async move { engine.fetch(&key("k"), &policy, builder, Duration::from_secs(60)).await })
+        };
+        support::eventually("the lease is held", || async {
+            matches!(replicas[1].status(&key("k")).await, Ok(KeyStatus::Pending { .. }))
+        })
+        .await;
+        let follower = {
+            let (engine, policy, builder) = (replicas[1].clone(), policy.clone(), builder.clone());
+            tokio::spawn(async move { engine.fetch(&key("k"), &policy, builder, Duration::from_secs(20)).await })
+        };
+        support::eventually("the follower waits", || async {
+            replicas[1].metrics().flights_inflight.get() == 1
+        })
+        .await;
+        let closed_at = tokio::time::Instant::now();
+        replicas[0].close(Duration::from_secs(5)).await;
+        assert_eq!(leader.await.unwrap().unwrap_err(), EngineError::Closed);
+        let answer = follower.await.unwrap().expect("the follower's replica built it");
+        assert_eq!(answer.entry.body, Bytes::from("build 1"));
+        let took = closed_at.elapsed();
+        assert!(took < Duration::from_secs(5), "took over {took:?} after the close, not at the lease expiry");
+    }
+}

@@ -1,0 +1,203 @@
+//! Several replicas (separate engines, each with its own connections) on one backend.
+//!
+//! `Cluster::start(Kind::RedisNats)` starts the servers that kind needs; `cluster.dictionaries(3,
+//! config)` opens three replicas of one dictionary on them. The `on_every_backend!` macro turns one
+//! test body into a test per backend kind.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use corral::engine::{
+    Backend, BusConfig, Dictionary, DictionaryConfig, Engine, EngineConfig, StoreConfig,
+};
+use corral::key::KeyHash;
+use corral::store::memory::MemoryStore;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{TestNats, TestRedis};
+
+/// Which store and bus the replicas share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The in-process store and bus.
+    Memory,
+    /// Redis store, Redis pub/sub bus (events published by the store's scripts).
+    Redis,
+    /// Redis store, core NATS bus.
+    RedisNats,
+}
+
+pub struct Cluster {
+    pub kind: Kind,
+    pub redis: Option<TestRedis>,
+    pub nats: Option<TestNats>,
+    pub backend: Backend,
+    /// The memory store, when `kind` is `Memory` (for inspecting TTLs and writing raw bytes).
+    memory: Option<MemoryStore>,
+}
+
+impl Cluster {
+    pub async fn start(kind: Kind) -> Cluster {
+        match kind {
+            Kind::Memory => {
+                let backend = Backend::memory();
+                let StoreConfig::Memory(store) = &backend.store else {
+                    unreachable!("memory backend")
+                };
+                let memory = Some(store.clone());
+                Cluster {
+                    kind,
+                    redis: None,
+                    nats: None,
+                    backend,
+                    memory,
+                }
+            }
+            Kind::Redis => {
+                let redis = TestRedis::start().await;
+                let backend = Backend::redis(redis.url());
+                Cluster {
+                    kind,
+                    redis: Some(redis),
+                    nats: None,
+                    backend,
+                    memory: None,
+                }
+            }
+            Kind::RedisNats => {
+                let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+                let backend = Backend::new(
+                    StoreConfig::Redis { url: redis.url() },
+                    BusConfig::Nats { url: nats.url() },
+                );
+                Cluster {
+                    kind,
+                    redis: Some(redis),
+                    nats: Some(nats),
+                    backend,
+                    memory: None,
+                }
+            }
+        }
+    }
+
+    /// `n` replicas of one dictionary, each with its own engine and connections.
+    pub async fn dictionaries<K, V>(
+        &self,
+        n: usize,
+        config: &DictionaryConfig,
+    ) -> Vec<Dictionary<K, V>>
+    where
+        K: Serialize,
+        V: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let mut replicas = Vec::with_capacity(n);
+        for _ in 0..n {
+            replicas.push(
+                Dictionary::open(config.clone(), &self.backend)
+                    .await
+                    .expect("replica connects"),
+            );
+        }
+        replicas
+    }
+
+    /// `n` engines on namespace `namespace`, each with its own connections.
+    pub async fn engines(&self, n: usize, namespace: &str) -> Vec<Engine> {
+        let mut replicas = Vec::with_capacity(n);
+        for _ in 0..n {
+            replicas.push(
+                Engine::connect(EngineConfig::new(namespace), &self.backend)
+                    .await
+                    .expect("replica connects"),
+            );
+        }
+        replicas
+    }
+
+    fn value_name(namespace: &str, key: &KeyHash) -> String {
+        format!("{namespace}:{{{}}}:v", key.to_hex())
+    }
+
+    /// The store's remaining TTL of a key's value (PTTL on Redis).
+    pub async fn value_ttl(&self, namespace: &str, key: &KeyHash) -> Option<Duration> {
+        if let Some(memory) = &self.memory {
+            return memory.value_ttl(key);
+        }
+        let mut client = self.redis.as_ref().expect("redis").client().await;
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(Self::value_name(namespace, key))
+            .query_async(&mut client)
+            .await
+            .expect("PTTL");
+        (pttl >= 0).then(|| Duration::from_millis(pttl as u64))
+    }
+
+    /// The stored bytes of a key's value.
+    pub async fn raw_value(&self, namespace: &str, key: &KeyHash) -> Option<Bytes> {
+        if let Some(memory) = &self.memory {
+            return memory.raw(key);
+        }
+        let mut client = self.redis.as_ref().expect("redis").client().await;
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(Self::value_name(namespace, key))
+            .query_async(&mut client)
+            .await
+            .expect("GET");
+        value.map(Bytes::from)
+    }
+
+    /// Writes raw bytes under a key's value name, as a foreign or broken writer would.
+    pub async fn put_raw_value(&self, namespace: &str, key: &KeyHash, value: Bytes) {
+        if let Some(memory) = &self.memory {
+            memory.put_raw(key, value, Duration::from_secs(60));
+            return;
+        }
+        let mut client = self.redis.as_ref().expect("redis").client().await;
+        let _: () = redis::cmd("SET")
+            .arg(Self::value_name(namespace, key))
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut client)
+            .await
+            .expect("SET");
+    }
+}
+
+/// Writes one `#[tokio::test]` per backend kind for each test body:
+///
+/// ```ignore
+/// on_every_backend! {
+///     async fn builds_once(cluster) { ... }
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_every_backend {
+    ($(async fn $name:ident($cluster:ident) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn body($cluster: $crate::support::cluster::Cluster) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::Memory).await).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::Redis).await).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis_store_nats_bus() {
+                    body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::RedisNats).await).await
+                }
+            }
+        )*
+    };
+}
