@@ -32,6 +32,7 @@ fn failed(name: &str) -> Event {
         key(name),
         EventKind::Failed {
             message: format!("{name} failed"),
+            response: None,
         },
     )
 }

@@ -118,7 +118,7 @@ on_every_backend! {
     async fn a_failed_build_is_not_stored(cluster) {
         let replicas = cluster.engines(1, "failed").await;
         let policy = Policy::default();
-        let builder: Builder = Arc::new(|| Box::pin(async { Err(BuildError("upstream said 503".into())) }));
+        let builder: Builder = Arc::new(|| Box::pin(async { Err(BuildError::new("upstream said 503")) }));
         let failed = replicas[0].fetch(&key("k"), &policy, builder, Duration::from_secs(1)).await;
         assert_eq!(failed.unwrap_err(), EngineError::Build("upstream said 503".into()));
         assert_eq!(replicas[0].status(&key("k")).await, Ok(KeyStatus::Empty));
@@ -163,5 +163,36 @@ on_every_backend! {
         assert_eq!(answer.entry.body, Bytes::from("build 1"));
         let took = closed_at.elapsed();
         assert!(took < Duration::from_secs(5), "took over {took:?} after the close, not at the lease expiry");
+    }
+
+    async fn a_failure_with_a_response_reaches_followers_on_every_replica_with_that_response(cluster) {
+        let replicas = cluster.engines(3, "failing").await;
+        let policy = Policy::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let builder: Builder = {
+            let calls = calls.clone();
+            Arc::new(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    sleep(Duration::from_millis(300)).await;
+                    Err(BuildError::with_response("upstream answered 503", entry("overloaded".into())))
+                })
+            })
+        };
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let (engine, policy, builder) = (replicas[i % 3].clone(), policy.clone(), builder.clone());
+                tokio::spawn(async move { engine.fetch(&key("k"), &policy, builder, Duration::from_secs(5)).await })
+            })
+            .collect();
+        for task in tasks {
+            let EngineError::Build(failure) = task.await.unwrap().unwrap_err() else {
+                panic!("not a build failure")
+            };
+            assert_eq!(&*failure.message, "upstream answered 503");
+            let response = failure.response.expect("the error response came along");
+            assert_eq!(response.body, Bytes::from("overloaded"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch, and no serial retries");
     }
 }

@@ -26,8 +26,12 @@ pub const INLINE_MAX: usize = 16 * 1024;
 pub enum EventKind {
     /// A value was committed; small values ride along as their stored envelope.
     Ready { inline: Option<Bytes> },
-    /// The build failed; everyone waiting gets this message at once.
-    Failed { message: String },
+    /// The build failed; everyone waiting gets this message at once, and the error response
+    /// (an envelope, as stored) when the build had one and it is small enough to ride along.
+    Failed {
+        message: String,
+        response: Option<Bytes>,
+    },
     /// The answer may not be shared; waiters go to the source on their own.
     Uncacheable,
     /// The leader gave up its lease without an answer; waiters re-elect now.
@@ -70,14 +74,27 @@ impl Event {
         Self { key, kind }
     }
 
-    /// `version u8 | kind u8 | key [32] | payload (inline envelope or UTF-8 message)`.
+    /// `version u8 | kind u8 | key [32] | payload`: the inline envelope for READY; for FAILED a
+    /// u16 message length, the UTF-8 message, then the error response's envelope if any.
     pub fn encode(&self) -> Bytes {
+        if let EventKind::Failed { message, response } = &self.kind {
+            let message = truncate_utf8(message, MESSAGE_MAX);
+            let response = response.as_deref().unwrap_or_default();
+            let mut out = BytesMut::with_capacity(36 + message.len() + response.len());
+            out.put_u8(EVENT_VERSION);
+            out.put_u8(FAILED);
+            out.put_slice(self.key.as_bytes());
+            out.put_u16(message.len() as u16);
+            out.put_slice(message);
+            out.put_slice(response);
+            return out.freeze();
+        }
         let (tag, payload): (u8, &[u8]) = match &self.kind {
             EventKind::Ready { inline: None } => (READY, &[]),
             EventKind::Ready {
                 inline: Some(value),
             } => (READY_INLINE, value),
-            EventKind::Failed { message } => (FAILED, truncate_utf8(message, MESSAGE_MAX)),
+            EventKind::Failed { .. } => unreachable!("encoded above"),
             EventKind::Uncacheable => (UNCACHEABLE, &[]),
             EventKind::Abandoned => (ABANDONED, &[]),
             EventKind::Deleted => (DELETED, &[]),
@@ -104,9 +121,22 @@ impl Event {
             READY_INLINE => EventKind::Ready {
                 inline: Some(payload),
             },
-            FAILED => EventKind::Failed {
-                message: String::from_utf8(payload.to_vec()).map_err(|_| EventError::BadMessage)?,
-            },
+            FAILED => {
+                if payload.len() < 2 {
+                    return Err(EventError::Truncated);
+                }
+                let len = u16::from_be_bytes([payload[0], payload[1]]) as usize;
+                if payload.len() < 2 + len {
+                    return Err(EventError::Truncated);
+                }
+                let message = String::from_utf8(payload[2..2 + len].to_vec())
+                    .map_err(|_| EventError::BadMessage)?;
+                let rest = payload.slice(2 + len..);
+                EventKind::Failed {
+                    message,
+                    response: (!rest.is_empty()).then_some(rest),
+                }
+            }
             UNCACHEABLE if payload.is_empty() => EventKind::Uncacheable,
             ABANDONED if payload.is_empty() => EventKind::Abandoned,
             DELETED if payload.is_empty() => EventKind::Deleted,
@@ -206,6 +236,11 @@ mod tests {
             },
             EventKind::Failed {
                 message: "failure".into(),
+                response: None,
+            },
+            EventKind::Failed {
+                message: String::new(),
+                response: Some(Bytes::from_static(b"envelope")),
             },
             EventKind::Uncacheable,
             EventKind::Abandoned,
@@ -231,10 +266,11 @@ mod tests {
             key(),
             EventKind::Failed {
                 message: "é".repeat(MESSAGE_MAX),
+                response: None,
             },
         );
         let back = Event::decode(event.encode()).unwrap();
-        let EventKind::Failed { message } = back.kind else {
+        let EventKind::Failed { message, .. } = back.kind else {
             panic!("kind changed")
         };
         assert!(message.len() <= MESSAGE_MAX && message.chars().all(|c| c == 'é'));

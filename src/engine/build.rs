@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::drive::{announce, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
-use super::{BuildError, Builder, Built, Inner, Policy, seal};
+use super::{BuildError, Builder, Built, Failure, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 use crate::store::{Fenced, Renewed, Token};
@@ -151,15 +151,26 @@ pub(crate) async fn lead(
                 entry: Some(Arc::new(entry)),
             }
         }
-        Ending::Built(Err(BuildError(message))) => {
+        Ending::Built(Err(BuildError { message, response })) => {
             inner.metrics.build("failed");
+            let (response, inline) = match response.map(|entry| seal(&key, entry)) {
+                Some((entry, bytes)) => (
+                    Some(entry),
+                    bytes.filter(|bytes| bytes.len() < inner.config.inline_max),
+                ),
+                None => (None, None),
+            };
             if !lost {
                 let event = EventKind::Failed {
                     message: message.clone(),
+                    response: inline,
                 };
                 release(inner, &key, token, event).await;
             }
-            Conclusion::Failed(message.into())
+            Conclusion::Failed(Failure {
+                message: message.into(),
+                response,
+            })
         }
         Ending::Panicked => {
             inner.metrics.build("panicked");
@@ -167,7 +178,7 @@ pub(crate) async fn lead(
             if !lost {
                 release(inner, &key, token, EventKind::Abandoned).await;
             }
-            Conclusion::Failed("the build panicked".into())
+            Conclusion::Failed(Failure::message("the build panicked"))
         }
         Ending::Overran => {
             inner.metrics.build("overrun");
@@ -285,17 +296,23 @@ pub(crate) async fn degraded(
                 entry: Some(Arc::new(entry)),
             }
         }
-        Ok(Ok(Err(BuildError(message)))) => {
+        Ok(Ok(Err(BuildError { message, response }))) => {
             inner.metrics.build("failed");
-            Conclusion::Failed(message.into())
+            Conclusion::Failed(Failure {
+                message: message.into(),
+                response: response.map(Arc::new),
+            })
         }
         Ok(Err(_panic)) => {
             inner.metrics.build("panicked");
-            Conclusion::Failed("the build panicked".into())
+            Conclusion::Failed(Failure::message("the build panicked"))
         }
         Err(_elapsed) => {
             inner.metrics.build("overrun");
-            Conclusion::Failed(format!("the build overran {:?}", policy.max_fetch).into())
+            Conclusion::Failed(Failure::message(format!(
+                "the build overran {:?}",
+                policy.max_fetch
+            )))
         }
     }
 }

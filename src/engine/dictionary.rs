@@ -199,8 +199,9 @@ where
         let builder: super::Builder = Arc::new(move || {
             let run = build();
             Box::pin(async move {
-                let value = run.await.map_err(|e| BuildError(e.to_string()))?;
-                let body = serde_json::to_vec(&value).map_err(|e| BuildError(e.to_string()))?;
+                let value = run.await.map_err(|e| BuildError::new(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&value).map_err(|e| BuildError::new(e.to_string()))?;
                 Ok(Built::Shared(Entry {
                     status: 0,
                     headers: Vec::new(),
@@ -288,7 +289,7 @@ where
     fn error(&self, key: &K, error: EngineError) -> DictionaryError {
         match error {
             EngineError::Timeout(after) => DictionaryError::Timeout(after),
-            EngineError::Build(message) => DictionaryError::Build(message.to_string()),
+            EngineError::Build(failure) => DictionaryError::Build(failure.message.to_string()),
             EngineError::NotFound => DictionaryError::DoesNotExist {
                 key: display_key(key),
                 cache: self.config.name.clone(),

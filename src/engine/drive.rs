@@ -22,7 +22,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Inner, Policy, build};
+use super::{Builder, Failure, Inner, Policy, build};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
@@ -160,8 +160,14 @@ async fn run(
                             return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
                         }
                     }
-                    Wake::Event(EventKind::Failed { message }) => {
-                        return Conclusion::Failed(message.into());
+                    Wake::Event(EventKind::Failed { message, response }) => {
+                        let response = response
+                            .and_then(|bytes| decode(inner, &key, bytes))
+                            .map(Arc::new);
+                        return Conclusion::Failed(Failure {
+                            message: message.into(),
+                            response,
+                        });
                     }
                     Wake::Event(EventKind::Uncacheable) => return Conclusion::Pass,
                     Wake::Event(_) | Wake::Resync => {}

@@ -47,8 +47,8 @@ pub enum Source {
 pub(crate) enum Conclusion {
     /// A value for everyone.
     Value { entry: Arc<Entry>, source: Source },
-    /// The build failed; everyone gets this message.
-    Failed(Arc<str>),
+    /// The build failed; everyone gets this failure.
+    Failed(super::Failure),
     /// The answer may not be shared. `entry` is the build's own result, for the caller `owner` only.
     Uncacheable {
         owner: u64,

@@ -48,10 +48,61 @@ pub enum Built {
     Private(Entry),
 }
 
-/// A build that failed; its message reaches every caller that waited for it.
+/// A build that failed; its message (and error response, if it has one) reaches every caller
+/// that waited for it, at once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BuildError(pub String);
+#[error("{message}")]
+pub struct BuildError {
+    pub message: String,
+    /// What the source answered (the proxy's upstream 5xx), given to every waiter as it is.
+    pub response: Option<Entry>,
+}
+
+impl BuildError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            response: None,
+        }
+    }
+
+    pub fn with_response(message: impl Into<String>, response: Entry) -> Self {
+        Self {
+            message: message.into(),
+            response: Some(response),
+        }
+    }
+}
+
+/// A failed build as its callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub message: Arc<str>,
+    /// The error response, when the build had one (on other processes: when it was small enough
+    /// to ride in the event).
+    pub response: Option<Arc<Entry>>,
+}
+
+impl Failure {
+    pub(crate) fn message(message: impl Into<Arc<str>>) -> Self {
+        Self {
+            message: message.into(),
+            response: None,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Self::message(message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
 
 /// The future a builder returns.
 pub type BuildFuture = Pin<Box<dyn Future<Output = Result<Built, BuildError>> + Send>>;
@@ -163,7 +214,7 @@ pub enum EngineError {
     #[error("timed out after {0:?} waiting for the value")]
     Timeout(Duration),
     #[error("{0}")]
-    Build(Arc<str>),
+    Build(Failure),
     #[error("nothing is stored under this key")]
     NotFound,
     #[error(transparent)]
@@ -312,7 +363,7 @@ impl Engine {
                         source: AnswerSource::Shared(*source),
                     });
                 }
-                Conclusion::Failed(message) => return Err(EngineError::Build(message.clone())),
+                Conclusion::Failed(failure) => return Err(EngineError::Build(failure.clone())),
                 Conclusion::Uncacheable {
                     owner,
                     entry: Some(entry),
@@ -399,7 +450,10 @@ impl Engine {
                     source: AnswerSource::Own,
                 })
             }
-            Ok(Err(BuildError(message))) => Err(EngineError::Build(message.into())),
+            Ok(Err(error)) => Err(EngineError::Build(Failure {
+                message: error.message.into(),
+                response: error.response.map(Arc::new),
+            })),
             Err(_elapsed) => Err(EngineError::Timeout(timeout)),
         }
     }
