@@ -135,11 +135,19 @@ on_every_backend! {
         let builds = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
         let (a, b) = (key("a"), key("b"));
-        let (impatient, patient) = tokio::join!(
-            replicas[0].build_or_retrieve(&a, counted(&builds, Duration::from_secs(3), "a"), Duration::from_secs(2)),
-            replicas[1].build_or_retrieve(&b, counted(&builds, Duration::from_secs(3), "b"), Duration::from_secs(4)),
-        );
+        let impatient = async {
+            let got = replicas[0]
+                .build_or_retrieve(&a, counted(&builds, Duration::from_secs(3), "a"), Duration::from_secs(2))
+                .await;
+            (got, start.elapsed())
+        };
+        let patient = replicas[1].build_or_retrieve(&b, counted(&builds, Duration::from_secs(3), "b"), Duration::from_secs(4));
+        let ((impatient, gave_up_after), patient) = tokio::join!(impatient, patient);
         assert!(matches!(impatient, Err(DictionaryError::Timeout(_))), "{impatient:?}");
+        assert!(
+            gave_up_after >= Duration::from_millis(1900) && gave_up_after < Duration::from_millis(2900),
+            "the impatient caller gave up at {gave_up_after:?}, not at its 2 s timeout"
+        );
         assert_eq!(patient, Ok("b".to_string()));
         let took = start.elapsed();
         assert!(took >= Duration::from_secs(3), "the patient caller waited for the build: {took:?}");
