@@ -96,6 +96,28 @@ pub struct Key {
     pub hash: KeyHash,
 }
 
+/// The key of one HTTP request under its route's rules, with the parts that went into it (for
+/// `explain`, in order).
+#[derive(Clone, Debug)]
+pub struct RequestKey {
+    pub key: Key,
+    /// `(what, value)` pairs, e.g. `("route", "reports")`, `("query", "a=1&b=2")`.
+    pub parts: Vec<(&'static str, String)>,
+}
+
+/// Builds the canonical key of a request: route name, method, path, the query parameters the route
+/// keeps (sorted), the headers and cookies it names (absent ones included as absent, so "missing"
+/// and "empty" differ), and the body's BLAKE3 digest when the route keys on the body.
+pub fn request_key(
+    route: &crate::config::Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+) -> RequestKey {
+    todo!("{route:?}{method}{uri}{headers:?}{body:?}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

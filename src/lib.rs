@@ -19,9 +19,12 @@
 //! - [`metrics`]: every metric the engine exports, registered once.
 
 pub mod bus;
+pub mod config;
 pub mod engine;
 pub mod envelope;
 pub mod key;
 pub mod l1;
 pub mod metrics;
+pub mod policy;
+pub mod server;
 pub mod store;
