@@ -18,6 +18,7 @@
 //!   build task, and the typed dictionary API built on them.
 //! - [`metrics`]: every metric the engine exports, registered once.
 
+pub mod admin;
 pub mod bus;
 pub mod config;
 pub mod engine;
@@ -26,5 +27,6 @@ pub mod key;
 pub mod l1;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod server;
 pub mod store;

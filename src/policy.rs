@@ -43,3 +43,14 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     todo!("{headers:?}")
 }
+
+/// The request headers the upstream sees.
+pub fn forward_headers(
+    route: &Route,
+    incoming: &HeaderMap,
+    cacheable: bool,
+    client: Option<std::net::IpAddr>,
+    scheme: &str,
+) -> HeaderMap {
+    todo!("{route:?}{incoming:?}{cacheable}{client:?}{scheme}")
+}
