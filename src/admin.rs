@@ -45,7 +45,10 @@ async fn healthz() -> &'static str {
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
     match proxy.engine.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
             .into_response(),
     }
 }
@@ -70,19 +73,27 @@ async fn purge(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(refused) = authorize(&proxy, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let target: Target = match serde_json::from_slice(&body) {
         Ok(target) => target,
-        Err(error) => return problem(StatusCode::BAD_REQUEST, format!("bad purge request: {error}")),
+        Err(error) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("bad purge request: {error}"),
+            );
+        }
     };
     let key = match key_of(&proxy, &target) {
         Ok(key) => key,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     match proxy.engine.delete(&key.key.hash).await {
         Ok(_) => Json(json!({"purged": true, "key": key.key.hash.to_hex()})).into_response(),
-        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("purge failed: {error}")),
+        Err(error) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("purge failed: {error}"),
+        ),
     }
 }
 
@@ -98,7 +109,7 @@ async fn status(
     Query(query): Query<StatusQuery>,
 ) -> Response {
     if let Err(refused) = authorize(&proxy, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let target = Target {
         url: query.url,
@@ -108,7 +119,7 @@ async fn status(
     };
     let key = match key_of(&proxy, &target) {
         Ok(key) => key,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     match proxy.engine.status(&key.key.hash).await {
         Ok(status) => {
@@ -120,34 +131,40 @@ async fn status(
             };
             Json(json!({"status": word, "key": key.key.hash.to_hex()})).into_response()
         }
-        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("status failed: {error}")),
+        Err(error) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("status failed: {error}"),
+        ),
     }
 }
 
-fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Response> {
+fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
     let uri: Uri = target
         .url
         .parse()
-        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("bad url: {e}")))?;
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad url: {e}")))?;
     let method = match &target.method {
         Some(method) => Method::from_bytes(method.to_ascii_uppercase().as_bytes())
-            .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("bad method: {e}")))?,
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad method: {e}")))?,
         None => Method::GET,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in &target.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("bad header name: {e}")))?;
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header name: {e}")))?;
         let value = HeaderValue::from_str(value)
-            .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("bad header value: {e}")))?;
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header value: {e}")))?;
         headers.append(name, value);
     }
     let Some(index) = proxy.route_for(&method, &uri, &headers) else {
-        return Err(problem(StatusCode::NOT_FOUND, "no route matches this url".into()));
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "no route matches this url".into(),
+        ));
     };
     let route = &proxy.config.routes[index];
     if !route.cache {
-        return Err(problem(
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("route {} does not cache", route.name),
         ));
@@ -157,9 +174,9 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Response> {
 }
 
 /// Checks the bearer token in constant time.
-fn authorize(proxy: &Proxy, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(proxy: &Proxy, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(token) = &proxy.config.admin.token else {
-        return Err(problem(
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "the admin API is off: no admin token is configured".into(),
         ));
@@ -172,12 +189,10 @@ fn authorize(proxy: &Proxy, headers: &HeaderMap) -> Result<(), Response> {
     if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {
-        let mut refused = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is needed".into());
-        refused.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer"),
-        );
-        Err(refused)
+        Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is needed".into(),
+        ))
     }
 }
 
@@ -191,7 +206,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn problem(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({"error": message}))).into_response()
+    Refusal::new(status, message).into_response()
+}
+
+/// An admin request refused: its status and why, answered as `{"error": "..."}`.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: String) -> Self {
+        Self { status, message }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(json!({"error": self.message}))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,10 @@
 pub mod admin;
 pub mod bus;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod envelope;
+pub mod explain;
 pub mod key;
 pub mod l1;
 pub mod metrics;

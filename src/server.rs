@@ -67,8 +67,8 @@ pub async fn run_on(
         crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(until_stopped(stopped.clone()));
-    let admin = axum::serve(admin, crate::admin::app(proxy))
-        .with_graceful_shutdown(until_stopped(stopped));
+    let admin =
+        axum::serve(admin, crate::admin::app(proxy)).with_graceful_shutdown(until_stopped(stopped));
     let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
     engine.close(SHUTDOWN_GRACE).await;
     public?;

@@ -190,3 +190,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     todo!("{text}{origin}")
 }
+
+/// The effective routes, as `corral check` prints them.
+pub fn describe(config: &Config) -> String {
+    todo!("{config:?}")
+}

@@ -508,13 +508,19 @@ impl Engine {
     /// Whether this engine can serve: the bus is subscribed and the store answers.
     pub async fn ready(&self) -> Result<(), String> {
         if !self.inner.bus.connected() {
-            return Err(format!("the {} bus is not connected", self.inner.bus.kind()));
+            return Err(format!(
+                "the {} bus is not connected",
+                self.inner.bus.kind()
+            ));
         }
         let probe = KeyHash::from_bytes([0; 32]);
         match tokio::time::timeout(Duration::from_secs(2), self.inner.store.status(&probe)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("the {} store: {error}", self.inner.store.kind())),
-            Err(_) => Err(format!("the {} store did not answer", self.inner.store.kind())),
+            Err(_) => Err(format!(
+                "the {} store did not answer",
+                self.inner.store.kind()
+            )),
         }
     }
 

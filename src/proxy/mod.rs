@@ -71,14 +71,24 @@ impl Proxy {
         }
     }
 
-    /// The first route that matches, with its index.
+    /// The first route that matches, by index.
     pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
-        let host = request_host(uri, headers);
-        self.config
-            .routes
-            .iter()
-            .position(|route| route_matches(route, method, uri.path(), host.as_deref()))
+        route_for(&self.config, method, uri, headers)
     }
+}
+
+/// The first route of `config` that matches a request, by index.
+pub fn route_for(
+    config: &Config,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<usize> {
+    let host = request_host(uri, headers);
+    config
+        .routes
+        .iter()
+        .position(|route| route_matches(route, method, uri.path(), host.as_deref()))
 }
 
 /// The router of the public listener: every path goes to [`handle`].
@@ -154,7 +164,9 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
             Err(Oversized { prefix, rest }) => {
                 let stream = futures::stream::once(async move { Ok::<_, axum::Error>(prefix) })
                     .chain(rest.into_data_stream());
-                return direct.send(Body::from_stream(stream), "request-too-large").await;
+                return direct
+                    .send(Body::from_stream(stream), "request-too-large")
+                    .await;
             }
         }
     } else {
@@ -213,11 +225,25 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
                 {
                     return overflow.into_response(detail.as_deref(), head);
                 }
-                from_entry(&answer.entry, Outcome::Pass, false, detail.as_deref(), None, head)
+                from_entry(
+                    &answer.entry,
+                    Outcome::Pass,
+                    false,
+                    detail.as_deref(),
+                    None,
+                    head,
+                )
             }
         },
         Err(EngineError::Build(failure)) => match &failure.response {
-            Some(entry) => from_entry(entry, Outcome::Miss, false, Some("upstream-error"), None, head),
+            Some(entry) => from_entry(
+                entry,
+                Outcome::Miss,
+                false,
+                Some("upstream-error"),
+                None,
+                head,
+            ),
             None => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {}\n", failure.message),
@@ -309,7 +335,12 @@ impl Direct<'_> {
         } else {
             body
         };
-        match self.proxy.upstream.send(self.method, uri, headers, body).await {
+        match self
+            .proxy
+            .upstream
+            .send(self.method, uri, headers, body)
+            .await
+        {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 respond::finish(
@@ -363,7 +394,14 @@ impl Overflow {
                 .chain(self.rest.into_data_stream());
             Body::from_stream(stream)
         };
-        respond::finish(self.status, self.headers, body, Outcome::Pass, false, detail)
+        respond::finish(
+            self.status,
+            self.headers,
+            body,
+            Outcome::Pass,
+            false,
+            detail,
+        )
     }
 }
 
@@ -390,7 +428,12 @@ impl Fetch {
         let response = self
             .proxy
             .upstream
-            .send(self.method.clone(), self.uri.clone(), self.headers.clone(), body)
+            .send(
+                self.method.clone(),
+                self.uri.clone(),
+                self.headers.clone(),
+                body,
+            )
             .await
             .map_err(|error| unreachable_error(error.to_string()))?;
         let buffered = upstream::buffer(response, route.policy.max_body)
@@ -432,7 +475,9 @@ impl Fetch {
                 marker
                     .headers
                     .push((DETAIL.into(), Bytes::from_static(b"too-large")));
-                marker.headers.push((OVERFLOW.into(), Bytes::from_static(b"1")));
+                marker
+                    .headers
+                    .push((OVERFLOW.into(), Bytes::from_static(b"1")));
                 *self.overflow.lock().expect("overflow lock") = Some(Overflow {
                     status,
                     headers,

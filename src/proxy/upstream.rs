@@ -119,9 +119,7 @@ pub async fn buffer(response: Response<Incoming>, limit: u64) -> Result<Buffered
 /// appended to the upstream's own path.
 pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
     let base = upstream.path().trim_end_matches('/');
-    let path_and_query = request
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str());
+    let path_and_query = request.path_and_query().map_or("/", |pq| pq.as_str());
     Uri::builder()
         .scheme(upstream.scheme_str().unwrap_or("http"))
         .authority(upstream.authority().map_or("", |a| a.as_str()))
@@ -154,6 +152,9 @@ mod tests {
             "http://127.0.0.1:9000/api/reports/1?x=2"
         );
         let bare: Uri = "http://up:80".parse().unwrap();
-        assert_eq!(target(&bare, &request).unwrap(), "http://up:80/reports/1?x=2");
+        assert_eq!(
+            target(&bare, &request).unwrap(),
+            "http://up:80/reports/1?x=2"
+        );
     }
 }
