@@ -236,6 +236,15 @@ pub fn request_key(
     }
 }
 
+/// The query string to send upstream with a cacheable request: exactly the segments the key kept,
+/// in key order, or `None` when it kept none. A parameter the key ignores must not reach the
+/// upstream, or it could shape an answer shared with clients who sent another value (or none);
+/// and sending the key's own order makes the upstream's answer a function of the key alone.
+pub fn forwarded_query(rule: &QueryRule, uri: &http::Uri) -> Option<String> {
+    let kept = query_segments(rule, uri.query()?);
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
 /// One `name=value` pair of a `Cookie` header, as raw bytes (names are case-sensitive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CookiePair<'a> {
@@ -847,6 +856,26 @@ mod tests {
             .part("GET")
             .finish();
         assert_ne!(request.key.hash, dictionary.hash);
+    }
+
+    #[test]
+    fn the_upstream_gets_only_the_query_the_key_kept() {
+        let fwd = |rule: QueryRule, uri: &str| forwarded_query(&rule, &uri.parse().unwrap());
+        assert_eq!(
+            fwd(QueryRule::Include(names(&["a"])), "/r?utm=x&a=1&debug=1"),
+            Some("a=1".into())
+        );
+        assert_eq!(
+            fwd(QueryRule::Exclude(names(&["utm"])), "/r?utm=x&b=2&a"),
+            Some("a&b=2".into())
+        );
+        assert_eq!(
+            fwd(QueryRule::All, "/r?b=2&a=1&a=0"),
+            Some("a=1&a=0&b=2".into())
+        );
+        assert_eq!(fwd(QueryRule::None, "/r?a=1"), None);
+        assert_eq!(fwd(QueryRule::Include(names(&["a"])), "/r?b=1"), None);
+        assert_eq!(fwd(QueryRule::All, "/r"), None);
     }
 
     // -----------------------------------------------------------------------------------------

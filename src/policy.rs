@@ -19,6 +19,9 @@
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
 //!   every client.
 //!
+//! Its query is cut down the same way, to the parameters the key kept
+//! ([`crate::key::forwarded_query`]).
+//!
 //! Client-supplied `Forwarded` and `X-Forwarded-*` are dropped with everything else, so a client
 //! cannot poison a shared answer with them, and no `X-Forwarded-For` is added: the fetch is made for
 //! every coalesced client, not for the one that happened to arrive first.
