@@ -1141,14 +1141,3 @@ mod tests {
         assert!(!anonymous.contains_key("x-forwarded-for"));
     }
 }
-
-/// The request headers the upstream sees.
-pub fn forward_headers(
-    route: &Route,
-    incoming: &HeaderMap,
-    cacheable: bool,
-    client: Option<std::net::IpAddr>,
-    scheme: &str,
-) -> HeaderMap {
-    todo!("{route:?}{incoming:?}{cacheable}{client:?}{scheme}")
-}

@@ -163,7 +163,7 @@ pub struct Problem {
     pub line: usize,
     /// 1-based; 0 when the problem has no place.
     pub column: usize,
-    /// A short lowercase phrase naming the field, e.g. "routes[1].ttl: invalid duration \"5 parsecs\"".
+    /// A short lowercase phrase naming the field, e.g. `routes[1].ttl: invalid duration "5 parsecs"`.
     pub message: String,
 }
 

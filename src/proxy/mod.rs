@@ -179,7 +179,11 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
         &parts.headers,
         keyed_body.as_deref(),
     );
-    let Ok(upstream_uri) = target(&route.upstream, &parts.uri) else {
+    // Only the query parameters the key kept reach the upstream: an ignored one could otherwise
+    // shape an answer shared with clients who sent another value.
+    let kept = crate::key::forwarded_query(&route.key.query, &parts.uri);
+    let keyed_uri = with_query(&parts.uri, kept.as_deref());
+    let Ok(upstream_uri) = target(&route.upstream, &keyed_uri) else {
         return plain(
             StatusCode::BAD_REQUEST,
             "corral: the request URI cannot be forwarded\n".into(),
@@ -279,6 +283,15 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
             "store-error",
         ),
     }
+}
+
+/// `uri` with its query replaced.
+fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
+    let path_and_query = match query {
+        Some(query) => format!("{}?{query}", uri.path()),
+        None => uri.path().to_owned(),
+    };
+    path_and_query.parse().unwrap_or_else(|_| uri.clone())
 }
 
 /// Seconds since the entry was stored, by the wall clock.
