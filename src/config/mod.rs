@@ -16,6 +16,10 @@ use regex::Regex;
 
 use crate::engine::ExpiryMode;
 
+mod units;
+
+pub use units::{format_duration, format_size, parse_duration, parse_size};
+
 /// A checked configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
