@@ -7,10 +7,11 @@
 //!    an unvalidated config cannot reach it.
 //!
 //! Every error names the file, line and column of the value at fault ([`ConfigError`]), and every
-//! error in the file is reported, not just the first.
+//! error in the file is reported, not just the first. [`describe`] prints the result as
+//! `corral check` shows it.
 //!
 //! Layout: `schema` (the file's shape), `document` (YAML to schema, with places), `interpolate`
-//! (`${VAR}`), `units` (durations and sizes), `validate` (schema to [`Config`]).
+//! (`${VAR}`), `units` (durations and sizes), `validate` (schema to [`Config`]), `describe`.
 //!
 //! Conventions of the file:
 //! - Durations are humantime strings (`10s`, `1m 30s`, `500ms`, `365d`); a bare number is refused.
@@ -31,12 +32,14 @@ use regex::Regex;
 
 use crate::engine::ExpiryMode;
 
+mod describe;
 mod document;
 mod interpolate;
 mod schema;
 mod units;
 mod validate;
 
+pub use describe::describe;
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
 /// A checked configuration.

@@ -807,3 +807,57 @@ fn every_problem_is_reported_in_file_order() {
         ]
     );
 }
+
+// ----- describe
+
+#[test]
+fn describe_shows_every_effective_value() {
+    let env = env_of(&[("CORRAL_ADMIN_TOKEN", "s3cret")]);
+    let text = EXAMPLE.replace(
+        "redis://127.0.0.1:6379",
+        "redis://default:hunter2@127.0.0.1:6379",
+    );
+    let config = parse_with_env(&text, "corral.yaml", &env).unwrap();
+    let expected = "\
+listen                  0.0.0.0:8080
+admin.listen            127.0.0.1:9090
+admin.token             set
+namespace               corral
+store                   redis redis://default:***@127.0.0.1:6379
+bus                     nats nats://127.0.0.1:4222
+l1.max_bytes            256MiB
+
+route reports
+  match                 path_prefix /reports
+  methods               [GET, HEAD]
+  host                  api.example.com
+  upstream              http://127.0.0.1:9000/
+  cache                 true
+  key.query             all
+  key.headers           [accept]
+  key.cookies           []
+  key.body              false
+  ttl                   5m
+  expiry                absolute
+  honor_cache_control   true
+  min_ttl               0s
+  max_ttl               365d
+  lease_ttl             10s
+  max_fetch             30s
+  wait_timeout          10s
+  on_wait_timeout       error
+  poll_interval         1s
+  max_body              8MiB
+  pass_ttl              2m
+  cache_statuses        [200, 203, 204, 300, 301, 404, 405, 410, 414, 501]
+  honor_client_no_store true
+
+route everything-else
+  match                 path_prefix /
+  methods               [GET, HEAD]
+  host                  any
+  upstream              http://127.0.0.1:9000/
+  cache                 false (pass-through)
+";
+    assert_eq!(describe(&config), expected);
+}
