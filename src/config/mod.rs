@@ -1,11 +1,27 @@
 //! Configuration: the YAML file, read in two steps.
 //!
-//! 1. `schema`: serde types mirroring the file, with `deny_unknown_fields`, after `${VAR}` and
-//!    `${VAR:-default}` interpolation from the environment.
+//! 1. `schema`: serde types mirroring the file, with `deny_unknown_fields` at every level, read
+//!    from a YAML tree whose values have had `${VAR}` and `${VAR:-default}` expanded from the
+//!    environment (`interpolate`) and which remembers every value's line and column (`document`).
 //! 2. `validate`: the checked, typed [`Config`] below, which is the only thing the server takes, so
 //!    an unvalidated config cannot reach it.
 //!
-//! Every error names the file, line and column of the value at fault ([`ConfigError`]).
+//! Every error names the file, line and column of the value at fault ([`ConfigError`]), and every
+//! error in the file is reported, not just the first. [`describe`] prints the result as
+//! `corral check` shows it.
+//!
+//! Layout: `schema` (the file's shape), `document` (YAML to schema, with places), `interpolate`
+//! (`${VAR}`), `units` (durations and sizes), `validate` (schema to [`Config`]), `describe`.
+//!
+//! Conventions of the file:
+//! - Durations are humantime strings (`10s`, `1m 30s`, `500ms`, `365d`); a bare number is refused.
+//! - Sizes are bytes, or a whole number with `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024) or
+//!   `KB`/`MB`/`GB`/`TB` (powers of 1000); units are case-insensitive.
+//! - A field left empty (`ttl:`) or null (`ttl: ~`) takes its default; an empty `admin.token`
+//!   means no token. `methods: []` means every method.
+//! - `${NAME}` fails when `NAME` is unset; `${NAME:-default}` falls back when it is unset or
+//!   empty; `$${` writes a literal `${`. Only values are expanded, after parsing, so a variable
+//!   never changes the file's structure nor any position in it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +31,16 @@ use http::{HeaderName, Method, Uri};
 use regex::Regex;
 
 use crate::engine::ExpiryMode;
+
+mod describe;
+mod document;
+mod interpolate;
+mod schema;
+mod units;
+mod validate;
+
+pub use describe::describe;
+pub use units::{format_duration, format_size, parse_duration, parse_size};
 
 /// A checked configuration.
 #[derive(Clone, Debug)]
@@ -148,6 +174,40 @@ pub struct RoutePolicy {
     pub honor_client_no_store: bool,
 }
 
+impl Default for KeyRules {
+    /// The file's default: every query parameter, no headers, no cookies, no body.
+    fn default() -> Self {
+        KeyRules {
+            query: QueryRule::All,
+            headers: Vec::new(),
+            cookies: Vec::new(),
+            body: false,
+        }
+    }
+}
+
+impl Default for RoutePolicy {
+    /// The values a route gets when neither it nor `defaults:` says otherwise.
+    fn default() -> Self {
+        RoutePolicy {
+            ttl: Duration::from_secs(60),
+            expiry: ExpiryMode::Absolute,
+            honor_cache_control: true,
+            min_ttl: Duration::ZERO,
+            max_ttl: Duration::from_secs(365 * 86_400),
+            lease_ttl: Duration::from_secs(10),
+            max_fetch: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(10),
+            on_wait_timeout: OnWaitTimeout::Error,
+            poll_interval: Duration::from_secs(1),
+            max_body: 8 << 20,
+            pass_ttl: Duration::from_secs(120),
+            cache_statuses: vec![200, 203, 204, 300, 301, 404, 405, 410, 414, 501],
+            honor_client_no_store: true,
+        }
+    }
+}
+
 /// Why a configuration was refused: every problem, each with its place in the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -163,7 +223,7 @@ pub struct Problem {
     pub line: usize,
     /// 1-based; 0 when the problem has no place.
     pub column: usize,
-    /// A short lowercase phrase naming the field, e.g. `routes[1].ttl: invalid duration "5 parsecs"`.
+    /// A short lowercase phrase naming the field, e.g. `routes[1].ttl: invalid duration "5 parsecs": ...`.
     pub message: String,
 }
 
@@ -181,17 +241,113 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// Reads, interpolates, parses and validates a config file.
+/// Reads, interpolates, parses and validates a config file, with variables from the process
+/// environment. The file is named in messages as `path` was given.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    todo!("{path:?}")
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut problems = Problems::new(&origin);
+        problems.add(
+            Place::default(),
+            "",
+            format!("cannot read the config file: {e}"),
+        );
+        problems.into_error()
+    })?;
+    let mut config = parse(&text, &origin)?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
 }
 
-/// Parses and validates config text; `origin` names it in messages.
+/// Parses and validates config text; `origin` names it in messages. Variables come from the
+/// process environment.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    todo!("{text}{origin}")
+    parse_with_env(text, origin, &|name| {
+        std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+    })
 }
 
-/// The effective routes, as `corral check` prints them.
-pub fn describe(config: &Config) -> String {
-    todo!("{config:?}")
+/// Like [`parse`], looking `${VAR}` up with `env` instead of the process environment.
+pub fn parse_with_env(
+    text: &str,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Problems::new(origin);
+    let file = document::read(text, env, &mut problems);
+    let config = file.and_then(|file| validate::validate(file, &mut problems));
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems.into_error()),
+    }
 }
+
+// ----- collecting problems
+
+/// Where a value sits in the file: 1-based line and column; zero for nowhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Place {
+    line: usize,
+    column: usize,
+}
+
+/// Every problem found so far in one file.
+struct Problems {
+    file: String,
+    list: Vec<Problem>,
+    /// Field paths already reported: one problem per field is enough, and a second one is
+    /// usually a consequence of the first (a value of the wrong shape is also "missing"; a
+    /// mistyped `path_prefx` leaves its `match` with no path).
+    reported: Vec<String>,
+}
+
+impl Problems {
+    fn new(file: &str) -> Self {
+        Problems {
+            file: file.to_string(),
+            list: Vec::new(),
+            reported: Vec::new(),
+        }
+    }
+
+    /// Records a problem with the field at `path` (empty for the file as a whole), unless that
+    /// field, or one inside it, already has one.
+    fn add(&mut self, place: Place, path: &str, message: impl std::fmt::Display) {
+        if !path.is_empty() {
+            let covered = |reported: &String| {
+                reported
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            };
+            if self.reported.iter().any(covered) {
+                return;
+            }
+            self.reported.push(path.to_string());
+        }
+        let message = match path {
+            "" => message.to_string(),
+            path => format!("{path}: {message}"),
+        };
+        self.list.push(Problem {
+            file: self.file.clone(),
+            line: place.line,
+            column: place.column,
+            message,
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The problems in file order.
+    fn into_error(mut self) -> ConfigError {
+        self.list.sort_by_key(|p| (p.line, p.column));
+        ConfigError {
+            problems: self.list,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
