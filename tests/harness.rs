@@ -324,7 +324,10 @@ async fn upstream_answers_per_prefix_and_records_what_it_received() {
         .distinct_bodies("/each");
     let http = Http::new();
 
-    let echo = http.get(format!("{}/plain?a=1", upstream.url())).send().await;
+    let echo = http
+        .get(format!("{}/plain?a=1", upstream.url()))
+        .send()
+        .await;
     assert_eq!(echo.status, 200);
     assert_eq!(echo.text(), "upstream body for /plain?a=1");
 
@@ -358,7 +361,9 @@ async fn upstream_answers_per_prefix_and_records_what_it_received() {
 
 #[tokio::test]
 async fn upstream_holds_responses_until_released() {
-    let upstream = Upstream::start().await.slow("/slow", Duration::from_millis(50));
+    let upstream = Upstream::start()
+        .await
+        .slow("/slow", Duration::from_millis(50));
     let hold = upstream.hold("/held");
     let http = Http::new();
     let waiting = tokio::spawn(http.get(format!("{}/held", upstream.url())).send());
@@ -377,4 +382,31 @@ async fn a_refusing_upstream_refuses() {
     let url = Upstream::refusing();
     let result = Http::new().get(format!("{url}/x")).try_send().await;
     assert!(result.is_err(), "{result:?}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_travel_between_the_client_and_upstream_without_a_proxy() {
+    // The proxy tests rely on the upstream really sending these, so that stripping them is the
+    // proxy's doing.
+    let upstream = Upstream::start()
+        .await
+        .header("/hop", "connection", "x-hop-secret")
+        .header("/hop", "x-hop-secret", "s3cret")
+        .header("/hop", "keep-alive", "timeout=5");
+    let reply = Http::new()
+        .get(format!("{}/hop", upstream.url()))
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .send()
+        .await;
+    let sent = &upstream.requests_for("/hop")[0];
+    assert_eq!(sent.header("connection"), Some("x-client-hop"));
+    assert_eq!(sent.header("x-client-hop"), Some("1"));
+    assert_eq!(sent.header("keep-alive"), Some("timeout=5"));
+    assert_eq!(sent.header("proxy-connection"), Some("keep-alive"));
+    assert_eq!(reply.header("connection"), Some("x-hop-secret"));
+    assert_eq!(reply.header("x-hop-secret"), Some("s3cret"));
+    assert_eq!(reply.header("keep-alive"), Some("timeout=5"));
 }

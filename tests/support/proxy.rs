@@ -146,7 +146,11 @@ impl ProxyCluster {
             let mut probes = 0u128;
             loop {
                 probes += 1;
-                if self.replicas[i].task.as_ref().is_some_and(|t| t.is_finished()) {
+                if self.replicas[i]
+                    .task
+                    .as_ref()
+                    .is_some_and(|t| t.is_finished())
+                {
                     let task = self.replicas[i].task.take().expect("task");
                     match task.await {
                         Ok(Ok(())) => panic!("replica {i} stopped before it was ready"),

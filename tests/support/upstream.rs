@@ -73,7 +73,10 @@ pub enum BodySpec {
 /// `len` bytes cycling through 0..=250 (so it has NULs and every small byte value, and a shifted or
 /// truncated copy does not compare equal).
 pub fn pattern(len: usize) -> Bytes {
-    (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// One request as the upstream received it.
@@ -329,7 +332,10 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Out of descriptors or similar: stop rather than spin; the tests then fail loudly.
-                eprintln!("test upstream {:?}: accept failed, stopping: {error}", listener.local_addr());
+                eprintln!(
+                    "test upstream {:?}: accept failed, stopping: {error}",
+                    listener.local_addr()
+                );
                 return;
             }
         };
