@@ -850,27 +850,41 @@ async fn the_upstream_learns_who_asked_and_through_what_but_not_a_get_body() {
     let proxy = three_replicas(&upstream).await;
     let url = "/reports/forwarded";
 
+    // A cacheable request: the shared answer must not depend on anything outside the key.
     let reply = proxy
         .get(0, url)
         .header("x-forwarded-host", "evil.example")
+        .send()
+        .await;
+    assert_eq!(reply.status, 200);
+    let sent = &upstream.requests_for(url)[0];
+    assert!(
+        sent.header("via").is_some_and(|via| !via.trim().is_empty()),
+        "Via is set"
+    );
+    assert_eq!(sent.header("x-forwarded-proto"), Some("http"));
+    // Not in the key, so the upstream must not see it (it might echo it into a shared answer);
+    // for the same reason one client's address is not sent with a request whose answer is shared.
+    assert_ne!(sent.header("x-forwarded-host"), Some("evil.example"));
+    assert_eq!(sent.header("x-forwarded-for"), None);
+
+    // A GET with a body is not cacheable here; it goes through on its own, without the body,
+    // and the upstream learns who asked.
+    let with_body = "/reports/forwarded-with-body";
+    let reply = proxy
+        .get(0, with_body)
         .body("a GET body is not forwarded")
         .send()
         .await;
     assert_eq!(reply.status, 200);
-
-    let sent = &upstream.requests_for(url)[0];
+    assert_eq!(reply.x_cache(), "BYPASS");
+    let sent = &upstream.requests_for(with_body)[0];
     let forwarded_for = sent.header("x-forwarded-for").expect("X-Forwarded-For");
     assert!(
         forwarded_for.contains("127.0.0.1"),
         "X-Forwarded-For: {forwarded_for}"
     );
-    assert!(
-        sent.header("via").is_some_and(|via| !via.trim().is_empty()),
-        "Via is set"
-    );
     assert!(sent.body.is_empty(), "GET body forwarded: {:?}", sent.body);
-    // Not in the key, so the upstream must not see it (it might echo it into a shared answer).
-    assert_ne!(sent.header("x-forwarded-host"), Some("evil.example"));
 }
 
 // ---------------------------------------------------------------- admin ----

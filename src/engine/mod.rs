@@ -81,6 +81,19 @@ pub struct Failure {
     /// The error response, when the build had one (on other processes: when it was small enough
     /// to ride in the event).
     pub response: Option<Arc<Entry>>,
+    pub cause: FailureCause,
+}
+
+/// Why a build failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The build answered an error.
+    Build,
+    /// The build ran past `max_fetch` and was abandoned: its callers get this, while other
+    /// processes' waiters re-elect a leader.
+    Overran,
+    /// The build panicked.
+    Panicked,
 }
 
 impl Failure {
@@ -88,6 +101,14 @@ impl Failure {
         Self {
             message: message.into(),
             response: None,
+            cause: FailureCause::Build,
+        }
+    }
+
+    pub(crate) fn because(cause: FailureCause, message: impl Into<Arc<str>>) -> Self {
+        Self {
+            cause,
+            ..Self::message(message)
         }
     }
 }
@@ -460,6 +481,7 @@ impl Engine {
             Ok(Err(error)) => Err(EngineError::Build(Failure {
                 message: error.message.into(),
                 response: error.response.map(Arc::new),
+                cause: FailureCause::Build,
             })),
             Err(_elapsed) => Err(EngineError::Timeout(timeout)),
         }

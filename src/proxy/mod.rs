@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 
 use crate::config::{Config, OnWaitTimeout, PathMatch, Route};
 use crate::engine::{
-    AnswerSource, BuildError, Builder, Built, Engine, EngineError, Policy, Source,
+    AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
 use crate::key::{KeyHash, request_key};
@@ -248,6 +248,15 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
                 None,
                 head,
             ),
+            None if failure.cause == FailureCause::Overran => plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "corral: the upstream did not answer in time: {}\n",
+                    failure.message
+                ),
+                Outcome::Miss,
+                "max-fetch",
+            ),
             None => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {}\n", failure.message),
@@ -342,8 +351,11 @@ impl Direct<'_> {
                 "bad-uri",
             );
         };
-        let headers = forward_headers(self.route, &self.headers, false, self.client, "http");
+        let mut headers = forward_headers(self.route, &self.headers, false, self.client, "http");
+        // A GET's or HEAD's body is never forwarded, so neither is its framing.
         let body = if self.method == Method::GET || self.method == Method::HEAD {
+            headers.remove(http::header::CONTENT_LENGTH);
+            headers.remove(http::header::TRANSFER_ENCODING);
             Body::empty()
         } else {
             body
