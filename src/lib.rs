@@ -7,21 +7,43 @@
 //!
 //! # Layout
 //!
-//! - [`key`]: canonical key bytes and their BLAKE3 digest, the only identity that leaves a process.
-//! - [`envelope`]: the versioned binary format of a stored entry.
+//! The request path, in the order a request meets it:
+//!
+//! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name file:line:column).
+//! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one engine.
+//! - [`proxy`]: route match, key, policy, then the engine; the upstream client; responses with
+//!   `X-Cache` and `Cache-Status`.
+//! - [`key`]: request (or dictionary key) → canonical length-prefixed bytes → BLAKE3 digest, the only
+//!   identity that leaves a process.
+//! - [`policy`]: what may be cached, for how long, and what may be shared; which headers reach the
+//!   upstream.
+//! - [`admin`]: health, readiness, purge and status.
+//!
+//! The engine underneath, which the typed dictionary uses too:
+//!
+//! - [`engine`]: flights (one per key per process), the leader/follower state machine, the spawned
+//!   build task, and the typed dictionary API built on them.
 //! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge, status)
 //!   and its backends: in-process memory and Redis with Lua scripts.
 //! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
 //!   core NATS.
+//! - [`envelope`]: the versioned binary format of a stored entry.
 //! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
-//! - [`engine`]: flights (one per key per process), the leader/follower state machine, the spawned
-//!   build task, and the typed dictionary API built on them.
-//! - [`metrics`]: every metric the engine exports, registered once.
+//! - [`metrics`]: every metric, registered once.
+//!
+//! Around them: [`explain`] and [`demo`], the `corral explain` and `corral demo` commands.
 
+pub mod admin;
 pub mod bus;
+pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod envelope;
+pub mod explain;
 pub mod key;
 pub mod l1;
 pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod server;
 pub mod store;

@@ -1,1 +1,242 @@
-fn main() {}
+//! The `corral` command: a thin front end over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use tokio::net::TcpListener;
+
+use corral::config::{self, Config};
+
+/// Exit code for a configuration that was refused (nothing was started).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A reverse proxy that coalesces identical requests across replicas"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and its admin listener.
+    Serve {
+        #[arg(long, env = "CORRAL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config and print the effective routes.
+    Check {
+        #[arg(long, env = "CORRAL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Show which route a request takes, its key, and whether it would be cached, and why.
+    Explain {
+        #[arg(long, env = "CORRAL_CONFIG")]
+        config: PathBuf,
+        /// The request method.
+        #[arg(short = 'X', long = "request", default_value = "GET")]
+        method: String,
+        /// A request header, `Name: value`; repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The request URL (a path with query, or an absolute URL).
+        url: String,
+    },
+    /// Run a slow upstream, three replicas and a burst of identical requests, and show what happened.
+    Demo {
+        /// Requests in the burst.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// How long the upstream takes to answer.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Use a real Redis store (e.g. redis://127.0.0.1:6379/).
+        #[arg(long)]
+        redis: Option<String>,
+        /// With --redis: carry events on NATS (e.g. nats://127.0.0.1:4222).
+        #[arg(long, requires = "redis")]
+        nats: Option<String>,
+        /// Keep running after the burst and print URLs to try.
+        #[arg(long)]
+        serve: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "corral=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("corral: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Serve { config } => {
+            let Some(config) = load(&config) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            serve(config).await
+        }
+        Command::Check { config: path } => {
+            let Some(config) = load(&path) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            println!("{}: ok", path.display());
+            print!("{}", config::describe(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Explain {
+            config,
+            method,
+            headers,
+            url,
+        } => {
+            let Some(config) = load(&config) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            match request(&method, &headers, &url) {
+                Ok((method, uri, headers)) => {
+                    print!(
+                        "{}",
+                        corral::explain::explain(&config, &method, &uri, &headers)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("corral explain: {message}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Demo {
+            requests,
+            delay,
+            replicas,
+            redis,
+            nats,
+            serve,
+        } => {
+            let options = corral::demo::DemoOptions {
+                requests,
+                delay,
+                replicas,
+                redis,
+                nats,
+                serve,
+            };
+            match corral::demo::run(options).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("corral demo: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Loads and validates a config, printing every problem on failure.
+fn load(path: &std::path::Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(config) => Some(config),
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("corral: the configuration was refused; nothing was started");
+            None
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let public = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("corral: cannot listen on {}: {error}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match TcpListener::bind(config.admin.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("corral: cannot listen on {}: {error}", config.admin.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        public = %public.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+        admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+        "corral is serving"
+    );
+    match corral::server::run(public, admin, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("corral: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// The request `explain` describes.
+fn request(
+    method: &str,
+    headers: &[String],
+    url: &str,
+) -> Result<(Method, Uri, HeaderMap), String> {
+    let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .map_err(|e| format!("bad method {method:?}: {e}"))?;
+    let uri: Uri = url.parse().map_err(|e| format!("bad url {url:?}: {e}"))?;
+    let mut map = HeaderMap::new();
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| format!("bad header {header:?}: expected 'Name: value'"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|e| format!("bad header name in {header:?}: {e}"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|e| format!("bad header value in {header:?}: {e}"))?;
+        map.append(name, value);
+    }
+    if let Some(authority) = uri.authority()
+        && !map.contains_key(http::header::HOST)
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        map.insert(http::header::HOST, host);
+    }
+    Ok((method, uri, map))
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use corral::engine::{AnswerSource, BuildError, Builder, Built, EngineError, Policy};
+use corral::engine::{AnswerSource, BuildError, Builder, Built, EngineError, FailureCause, Policy};
 use corral::envelope::Entry;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::KeyStatus;
@@ -92,7 +92,11 @@ on_every_backend! {
                 replicas[1].fetch(&k, &policy, builder.clone(), Duration::from_secs(5)).await
             },
         );
-        assert_eq!(a.unwrap_err(), EngineError::Build("the build panicked".into()));
+        let EngineError::Build(failure) = a.unwrap_err() else {
+            panic!("not a build failure")
+        };
+        assert_eq!(failure.cause, FailureCause::Panicked);
+        assert_eq!(&*failure.message, "the build panicked");
         // The other replica either saw the abandonment and led (and panicked) itself, or joined late.
         assert!(b.is_err());
         assert_eq!(replicas[0].status(&key("k")).await, Ok(KeyStatus::Empty), "no lease left behind");

@@ -307,3 +307,106 @@ async fn eventually_returns_once_true() {
     .await;
     assert_eq!(calls, 3);
 }
+
+// ------------------------------------------------------------ upstream ----
+
+use support::http::{Http, send_all};
+use support::upstream::{Upstream, pattern};
+
+#[tokio::test]
+async fn upstream_answers_per_prefix_and_records_what_it_received() {
+    let upstream = Upstream::start()
+        .await
+        .status("/gone", 410)
+        .header("/gone", "x-seq", "request {n}")
+        .body("/gone", &b"bye\0"[..])
+        .body_size("/big", 1000)
+        .distinct_bodies("/each");
+    let http = Http::new();
+
+    let echo = http
+        .get(format!("{}/plain?a=1", upstream.url()))
+        .send()
+        .await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(echo.text(), "upstream body for /plain?a=1");
+
+    let gone = http
+        .get(format!("{}/gone/x", upstream.url()))
+        .header("x-probe", "yes")
+        .body("ignored?")
+        .send()
+        .await;
+    assert_eq!(gone.status, 410);
+    assert_eq!(&gone.body[..], b"bye\0");
+    assert_eq!(gone.header("x-seq"), Some("request 2"));
+
+    let big = http.get(format!("{}/big", upstream.url())).send().await;
+    assert_eq!(big.body, pattern(1000));
+    assert_eq!(big.body[0], 0, "the pattern starts with a NUL byte");
+
+    let each = send_all((0..3).map(|_| http.get(format!("{}/each", upstream.url())))).await;
+    let bodies: std::collections::HashSet<_> = each.iter().map(|r| r.text()).collect();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+
+    assert_eq!(upstream.hits("/plain?a=1"), 1);
+    assert_eq!(upstream.hits("/plain"), 0, "hits are per path and query");
+    assert_eq!(upstream.hits_under("/each"), 3);
+    let recorded = upstream.requests_for("/gone/x");
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].header("x-probe"), Some("yes"));
+    assert_eq!(&recorded[0].body[..], b"ignored?");
+    assert_eq!(upstream.requests().len(), 6);
+}
+
+#[tokio::test]
+async fn upstream_holds_responses_until_released() {
+    let upstream = Upstream::start()
+        .await
+        .slow("/slow", Duration::from_millis(50));
+    let hold = upstream.hold("/held");
+    let http = Http::new();
+    let waiting = tokio::spawn(http.get(format!("{}/held", upstream.url())).send());
+    upstream.wait_for_hits("/held", 1).await;
+    assert!(!waiting.is_finished(), "the response waits for the latch");
+    hold.release();
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200);
+
+    let slow = http.get(format!("{}/slow", upstream.url())).send().await;
+    assert!(slow.took >= Duration::from_millis(50), "{:?}", slow.took);
+}
+
+#[tokio::test]
+async fn a_refusing_upstream_refuses() {
+    let url = Upstream::refusing();
+    let result = Http::new().get(format!("{url}/x")).try_send().await;
+    assert!(result.is_err(), "{result:?}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_travel_between_the_client_and_upstream_without_a_proxy() {
+    // The proxy tests rely on the upstream really sending these, so that stripping them is the
+    // proxy's doing.
+    let upstream = Upstream::start()
+        .await
+        .header("/hop", "connection", "x-hop-secret")
+        .header("/hop", "x-hop-secret", "s3cret")
+        .header("/hop", "keep-alive", "timeout=5");
+    let reply = Http::new()
+        .get(format!("{}/hop", upstream.url()))
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .send()
+        .await;
+    let sent = &upstream.requests_for("/hop")[0];
+    assert_eq!(sent.header("connection"), Some("x-client-hop"));
+    assert_eq!(sent.header("x-client-hop"), Some("1"));
+    assert_eq!(sent.header("keep-alive"), Some("timeout=5"));
+    assert_eq!(sent.header("proxy-connection"), Some("keep-alive"));
+    assert_eq!(reply.header("connection"), Some("x-hop-secret"));
+    assert_eq!(reply.header("x-hop-secret"), Some("s3cret"));
+    assert_eq!(reply.header("keep-alive"), Some("timeout=5"));
+}

@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::drive::{announce, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
-use super::{BuildError, Builder, Built, Failure, Inner, Policy, seal};
+use super::{BuildError, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 use crate::store::{Fenced, Renewed, Token};
@@ -57,15 +57,16 @@ enum Ending {
     ShuttingDown,
 }
 
-/// Leads: runs the build under the lease. `None` means the lease was abandoned (overrun) and the
-/// flight should re-elect at once.
+/// Leads: runs the build under the lease. A build past `max_fetch` is abandoned: its lease is
+/// released with ABANDONED so that other processes' waiters re-elect at once, and this flight's
+/// callers get an overrun failure.
 pub(crate) async fn lead(
     inner: &Arc<Inner>,
     flight: &Arc<Flight>,
     policy: &Policy,
     builder: &Builder,
     token: Token,
-) -> Option<Conclusion> {
+) -> Conclusion {
     let key = flight.key;
     let guard = LeaseGuard {
         inner: inner.clone(),
@@ -115,7 +116,7 @@ pub(crate) async fn lead(
     };
     guard.disarm();
 
-    let conclusion = match ending {
+    match ending {
         Ending::Built(Ok(Built::Shared(entry))) => match seal(&key, entry) {
             (entry, Some(bytes)) => {
                 inner.metrics.build("shared");
@@ -170,6 +171,7 @@ pub(crate) async fn lead(
             Conclusion::Failed(Failure {
                 message: message.into(),
                 response,
+                cause: FailureCause::Build,
             })
         }
         Ending::Panicked => {
@@ -178,7 +180,10 @@ pub(crate) async fn lead(
             if !lost {
                 release(inner, &key, token, EventKind::Abandoned).await;
             }
-            Conclusion::Failed(Failure::message("the build panicked"))
+            Conclusion::Failed(Failure::because(
+                FailureCause::Panicked,
+                "the build panicked",
+            ))
         }
         Ending::Overran => {
             inner.metrics.build("overrun");
@@ -187,7 +192,7 @@ pub(crate) async fn lead(
             if !lost {
                 release(inner, &key, token, EventKind::Abandoned).await;
             }
-            return None;
+            Conclusion::Failed(overran(policy))
         }
         Ending::ShuttingDown => {
             inner.metrics.lease("abandoned");
@@ -196,8 +201,17 @@ pub(crate) async fn lead(
             }
             Conclusion::Closed
         }
-    };
-    Some(conclusion)
+    }
+}
+
+fn overran(policy: &Policy) -> Failure {
+    Failure::because(
+        FailureCause::Overran,
+        format!(
+            "the build ran past max_fetch ({})",
+            humantime::format_duration(policy.max_fetch)
+        ),
+    )
 }
 
 /// COMMIT: answers whether the value is now the stored one.
@@ -301,18 +315,19 @@ pub(crate) async fn degraded(
             Conclusion::Failed(Failure {
                 message: message.into(),
                 response: response.map(Arc::new),
+                cause: FailureCause::Build,
             })
         }
         Ok(Err(_panic)) => {
             inner.metrics.build("panicked");
-            Conclusion::Failed(Failure::message("the build panicked"))
+            Conclusion::Failed(Failure::because(
+                FailureCause::Panicked,
+                "the build panicked",
+            ))
         }
         Err(_elapsed) => {
             inner.metrics.build("overrun");
-            Conclusion::Failed(Failure::message(format!(
-                "the build overran {:?}",
-                policy.max_fetch
-            )))
+            Conclusion::Failed(overran(policy))
         }
     }
 }

@@ -22,7 +22,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Failure, Inner, Policy, build};
+use super::{Builder, Failure, FailureCause, Inner, Policy, build};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
@@ -138,15 +138,7 @@ async fn run(
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
                 let builder = builder.expect("only build flights acquire");
-                match build::lead(inner, flight, policy, builder, lease.token).await {
-                    Some(conclusion) => return conclusion,
-                    // Abandoned (overran max_fetch): re-elect at once.
-                    None => {
-                        waited = true;
-                        timer_woke = false;
-                        continue;
-                    }
-                }
+                return build::lead(inner, flight, policy, builder, lease.token).await;
             }
             Ok(Acquired::Wait { lease_left }) => {
                 waited = true;
@@ -167,6 +159,7 @@ async fn run(
                         return Conclusion::Failed(Failure {
                             message: message.into(),
                             response,
+                            cause: FailureCause::Build,
                         });
                     }
                     Wake::Event(EventKind::Uncacheable) => return Conclusion::Pass,

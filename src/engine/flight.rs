@@ -34,9 +34,10 @@ pub enum Source {
     L1,
     /// The store answered with a value on the first look.
     Store,
-    /// This process's flight built it.
+    /// This caller's flight built it (the caller started the flight).
     Built,
-    /// Another process built it while this flight waited.
+    /// Someone else's build answered: another process's, or this process's flight that the caller
+    /// joined.
     Coalesced,
     /// The store could not be reached; this process built it for its own callers only.
     Degraded,

@@ -81,6 +81,19 @@ pub struct Failure {
     /// The error response, when the build had one (on other processes: when it was small enough
     /// to ride in the event).
     pub response: Option<Arc<Entry>>,
+    pub cause: FailureCause,
+}
+
+/// Why a build failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The build answered an error.
+    Build,
+    /// The build ran past `max_fetch` and was abandoned: its callers get this, while other
+    /// processes' waiters re-elect a leader.
+    Overran,
+    /// The build panicked.
+    Panicked,
 }
 
 impl Failure {
@@ -88,6 +101,14 @@ impl Failure {
         Self {
             message: message.into(),
             response: None,
+            cause: FailureCause::Build,
+        }
+    }
+
+    pub(crate) fn because(cause: FailureCause, message: impl Into<Arc<str>>) -> Self {
+        Self {
+            cause,
+            ..Self::message(message)
         }
     }
 }
@@ -355,12 +376,19 @@ impl Engine {
                 self.spawn_driver(&ticket, policy.clone(), builder.clone())
                     .await;
             }
+            let owner = ticket.flight.owner;
             let conclusion = self.wait(ticket, caller, started, deadline).await?;
             match &*conclusion {
                 Conclusion::Value { entry, source } => {
+                    // Only the caller that started the flight saw its own build; everyone who
+                    // joined it waited for someone else's.
+                    let source = match source {
+                        Source::Built if owner != caller => Source::Coalesced,
+                        other => *other,
+                    };
                     return Ok(Answer {
                         entry: entry.clone(),
-                        source: AnswerSource::Shared(*source),
+                        source: AnswerSource::Shared(source),
                     });
                 }
                 Conclusion::Failed(failure) => return Err(EngineError::Build(failure.clone())),
@@ -453,6 +481,7 @@ impl Engine {
             Ok(Err(error)) => Err(EngineError::Build(Failure {
                 message: error.message.into(),
                 response: error.response.map(Arc::new),
+                cause: FailureCause::Build,
             })),
             Err(_elapsed) => Err(EngineError::Timeout(timeout)),
         }
@@ -498,6 +527,25 @@ impl Engine {
         inner.bus.close().await;
     }
 
+    /// Whether this engine can serve: the bus is subscribed and the store answers.
+    pub async fn ready(&self) -> Result<(), String> {
+        if !self.inner.bus.connected() {
+            return Err(format!(
+                "the {} bus is not connected",
+                self.inner.bus.kind()
+            ));
+        }
+        let probe = KeyHash::from_bytes([0; 32]);
+        match tokio::time::timeout(Duration::from_secs(2), self.inner.store.status(&probe)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("the {} store: {error}", self.inner.store.kind())),
+            Err(_) => Err(format!(
+                "the {} store did not answer",
+                self.inner.store.kind()
+            )),
+        }
+    }
+
     /// Fault injection: stops this engine as a crash would. Running builds and renewals stop,
     /// nothing is released, committed or announced; leases stay in the store until they expire.
     #[doc(hidden)]
@@ -517,7 +565,7 @@ impl Engine {
 }
 
 /// Milliseconds since the Unix epoch, by the wall clock (only for `stored_at`, shown as `Age`).
-pub(crate) fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

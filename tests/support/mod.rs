@@ -1,11 +1,18 @@
 //! Shared support for integration tests: real `redis-server` / `nats-server`
-//! children on ephemeral loopback ports, plus a bounded polling helper.
+//! children on ephemeral loopback ports, plus a bounded polling helper; for
+//! the proxy, an in-process HTTP upstream ([`upstream`]), an HTTP client
+//! ([`http`]), in-process replicas ([`proxy`]) and `corral serve` processes
+//! ([`process`]).
 //!
 //! Include from an integration test with `mod support;`.
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod http;
+pub mod process;
+pub mod proxy;
 pub mod servers;
+pub mod upstream;
 
 pub use servers::{TestNats, TestRedis};
 

@@ -42,7 +42,7 @@ fn ready_deadline() -> Duration {
 
 /// A port that was free a moment ago on 127.0.0.1. Another process may take it
 /// before the server binds it; callers retry with a new port on failure.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
     listener
         .local_addr()
@@ -73,13 +73,13 @@ fn output_tail(stdio: &Path, log: &Path, n: usize) -> String {
         .join("\n")
 }
 
-fn last_lines(text: &str, n: usize) -> String {
+pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
 }
 
-fn read_lossy(path: &Path) -> String {
+pub fn read_lossy(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
@@ -98,7 +98,7 @@ type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
 /// leave servers behind. The death signal fires when the *thread* that forked
 /// the child exits, which is why all children are forked from a thread that
 /// lives as long as the process.
-fn spawn_child(mut cmd: Command) -> io::Result<Child> {
+pub fn spawn_child(mut cmd: Command) -> io::Result<Child> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;

@@ -1,0 +1,157 @@
+//! The effective configuration in words, as `corral check` prints it.
+//!
+//! One line per setting, named as in the file and written as the file would write it (durations
+//! and sizes in units, lists in brackets), so a reader can hold it against the YAML; every route
+//! shows every effective value, inherited or not. Secrets are not shown: the admin token only as
+//! set or not, passwords in store and bus urls as `***`.
+
+use std::fmt::Write;
+
+use super::units::{format_duration, format_size};
+use super::{BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings};
+use crate::engine::ExpiryMode;
+
+/// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
+const WIDTH: usize = 24;
+
+/// Describes `config`: the listeners and backends, then one block per route in match order.
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "{label:<WIDTH$}{value}");
+    };
+    line(&mut out, "listen", &config.listen);
+    line(&mut out, "admin.listen", &config.admin.listen);
+    let token = if config.admin.token.is_some() {
+        "set"
+    } else {
+        "unset (/admin/* answers 403)"
+    };
+    line(&mut out, "admin.token", &token);
+    line(&mut out, "namespace", &config.namespace);
+    let store = match &config.store {
+        StoreSettings::Memory => "memory".to_string(),
+        StoreSettings::Redis { url } => format!("redis {}", redact(url)),
+        StoreSettings::Nats { url } => format!("nats {}", redact(url)),
+    };
+    line(&mut out, "store", &store);
+    let bus = match &config.bus {
+        BusSettings::Memory => "memory".to_string(),
+        BusSettings::Redis { url } => format!("redis {}", redact(url)),
+        BusSettings::Nats { url } => format!("nats {}", redact(url)),
+    };
+    line(&mut out, "bus", &bus);
+    let l1 = match config.l1_max_bytes {
+        0 => "0B (off)".to_string(),
+        bytes => format_size(bytes),
+    };
+    line(&mut out, "l1.max_bytes", &l1);
+    for route in &config.routes {
+        out.push('\n');
+        describe_route(&mut out, route);
+    }
+    out
+}
+
+fn describe_route(out: &mut String, route: &Route) {
+    let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "  {label:<w$}{value}", w = WIDTH - 2);
+    };
+    let _ = writeln!(out, "route {}", route.name);
+    let path = match &route.matcher.path {
+        PathMatch::Exact(p) => format!("path {p}"),
+        PathMatch::Prefix(p) => format!("path_prefix {p}"),
+        PathMatch::Regex(r) => format!("path_regex {}", r.as_str()),
+    };
+    line(out, "match", &path);
+    let methods = match route.matcher.methods.as_slice() {
+        [] => "any".to_string(),
+        methods => list(methods.iter().map(|m| m.as_str())),
+    };
+    line(out, "methods", &methods);
+    line(out, "host", &route.matcher.host.as_deref().unwrap_or("any"));
+    line(out, "upstream", &route.upstream);
+    if !route.cache {
+        line(out, "cache", &"false (pass-through)");
+        return;
+    }
+    line(out, "cache", &true);
+
+    let key = &route.key;
+    let query = match &key.query {
+        QueryRule::All => "all".to_string(),
+        QueryRule::None => "none".to_string(),
+        QueryRule::Include(names) => format!("include {}", list(names.iter())),
+        QueryRule::Exclude(names) => format!("exclude {}", list(names.iter())),
+    };
+    line(out, "key.query", &query);
+    line(
+        out,
+        "key.headers",
+        &list(key.headers.iter().map(|h| h.as_str())),
+    );
+    line(out, "key.cookies", &list(key.cookies.iter()));
+    line(out, "key.body", &key.body);
+
+    let p = &route.policy;
+    line(out, "ttl", &format_duration(p.ttl));
+    let expiry = match p.expiry {
+        ExpiryMode::Absolute => "absolute",
+        ExpiryMode::Sliding { .. } => "sliding",
+    };
+    line(out, "expiry", &expiry);
+    line(out, "honor_cache_control", &p.honor_cache_control);
+    line(out, "min_ttl", &format_duration(p.min_ttl));
+    line(out, "max_ttl", &format_duration(p.max_ttl));
+    line(out, "lease_ttl", &format_duration(p.lease_ttl));
+    line(out, "max_fetch", &format_duration(p.max_fetch));
+    line(out, "wait_timeout", &format_duration(p.wait_timeout));
+    let on_wait_timeout = match p.on_wait_timeout {
+        OnWaitTimeout::Error => "error",
+        OnWaitTimeout::Bypass => "bypass",
+    };
+    line(out, "on_wait_timeout", &on_wait_timeout);
+    line(out, "poll_interval", &format_duration(p.poll_interval));
+    line(out, "max_body", &format_size(p.max_body));
+    line(out, "pass_ttl", &format_duration(p.pass_ttl));
+    line(out, "cache_statuses", &list(p.cache_statuses.iter()));
+    line(out, "honor_client_no_store", &p.honor_client_no_store);
+}
+
+/// `[a, b]`, as YAML writes a short list.
+fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let items: Vec<String> = items.map(|i| i.to_string()).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// The url without its password (or token, for a user part with no `:`).
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact("redis://default:hunter2@cache:6379/0"),
+            "redis://default:***@cache:6379/0"
+        );
+        assert_eq!(redact("nats://s3cret@nats:4222"), "nats://***@nats:4222");
+        assert_eq!(redact("nats:4222"), "nats:4222");
+    }
+}

@@ -1,0 +1,353 @@
+//! Configuration: the YAML file, read in two steps.
+//!
+//! 1. `schema`: serde types mirroring the file, with `deny_unknown_fields` at every level, read
+//!    from a YAML tree whose values have had `${VAR}` and `${VAR:-default}` expanded from the
+//!    environment (`interpolate`) and which remembers every value's line and column (`document`).
+//! 2. `validate`: the checked, typed [`Config`] below, which is the only thing the server takes, so
+//!    an unvalidated config cannot reach it.
+//!
+//! Every error names the file, line and column of the value at fault ([`ConfigError`]), and every
+//! error in the file is reported, not just the first. [`describe`] prints the result as
+//! `corral check` shows it.
+//!
+//! Layout: `schema` (the file's shape), `document` (YAML to schema, with places), `interpolate`
+//! (`${VAR}`), `units` (durations and sizes), `validate` (schema to [`Config`]), `describe`.
+//!
+//! Conventions of the file:
+//! - Durations are humantime strings (`10s`, `1m 30s`, `500ms`, `365d`); a bare number is refused.
+//! - Sizes are bytes, or a whole number with `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024) or
+//!   `KB`/`MB`/`GB`/`TB` (powers of 1000); units are case-insensitive.
+//! - A field left empty (`ttl:`) or null (`ttl: ~`) takes its default; an empty `admin.token`
+//!   means no token. `methods: []` means every method.
+//! - `${NAME}` fails when `NAME` is unset; `${NAME:-default}` falls back when it is unset or
+//!   empty; `$${` writes a literal `${`. Only values are expanded, after parsing, so a variable
+//!   never changes the file's structure nor any position in it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method, Uri};
+use regex::Regex;
+
+use crate::engine::ExpiryMode;
+
+mod describe;
+mod document;
+mod interpolate;
+mod schema;
+mod units;
+mod validate;
+
+pub use describe::describe;
+pub use units::{format_duration, format_size, parse_duration, parse_size};
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the file came from (for messages); `None` for built-in configs (the demo).
+    pub source: Option<PathBuf>,
+    /// The public listener.
+    pub listen: SocketAddr,
+    pub admin: AdminSettings,
+    /// Replicas with the same namespace and store coalesce together.
+    pub namespace: String,
+    pub store: StoreSettings,
+    /// Resolved: when the file names no bus, it follows the store.
+    pub bus: BusSettings,
+    /// L1 size in bytes; 0 turns it off.
+    pub l1_max_bytes: u64,
+    /// First match wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminSettings {
+    /// Listener for /healthz, /readyz and /admin/*.
+    pub listen: SocketAddr,
+    /// Bearer token for /admin/*; `None` means /admin/* answers 403.
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSettings {
+    Memory,
+    Redis { url: String },
+    Nats { url: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BusSettings {
+    Memory,
+    Redis { url: String },
+    Nats { url: String },
+}
+
+/// One route: which requests it takes, where they go, and how they are cached.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Unique among routes; used in metrics labels and purge requests.
+    pub name: String,
+    pub matcher: RouteMatch,
+    /// Scheme, authority and optional path prefix the request path is appended to.
+    pub upstream: Uri,
+    /// `false`: plain pass-through (`cache: false`), nothing below applies.
+    pub cache: bool,
+    pub key: KeyRules,
+    pub policy: RoutePolicy,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Empty means every method.
+    pub methods: Vec<Method>,
+    /// Exact host (without port), lowercase; `None` matches any host.
+    pub host: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+/// What goes into a request's key besides route, method and path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRules {
+    pub query: QueryRule,
+    /// Request headers in the key, lowercase, in a fixed (sorted) order.
+    pub headers: Vec<HeaderName>,
+    /// Cookie names in the key, sorted. A request carrying other cookies is bypassed.
+    pub cookies: Vec<String>,
+    /// The request body's digest is part of the key (makes POST cacheable on this route).
+    pub body: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueryRule {
+    /// Every parameter, sorted by name then value.
+    All,
+    None,
+    /// Only these names (sorted).
+    Include(Vec<String>),
+    /// Every parameter except these names.
+    Exclude(Vec<String>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnWaitTimeout {
+    /// 504 with a reason.
+    Error,
+    /// Fetch directly, do not store.
+    Bypass,
+}
+
+/// A route's caching settings (the file's `defaults`, overridden per route).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutePolicy {
+    /// Freshness when the upstream says nothing (or is not honoured).
+    pub ttl: Duration,
+    /// `Sliding` carries `ttl` as its window.
+    pub expiry: ExpiryMode,
+    /// The upstream's `s-maxage` / `max-age` set freshness (clamped by min_ttl/max_ttl); privacy
+    /// directives are obeyed whatever this says.
+    pub honor_cache_control: bool,
+    /// Lower bound of freshness taken from upstream headers.
+    pub min_ttl: Duration,
+    /// Upper bound of freshness taken from upstream headers.
+    pub max_ttl: Duration,
+    pub lease_ttl: Duration,
+    pub max_fetch: Duration,
+    /// The longest any request waits, the leader's client included.
+    pub wait_timeout: Duration,
+    pub on_wait_timeout: OnWaitTimeout,
+    pub poll_interval: Duration,
+    /// Larger responses stream through and are not stored; also the largest request body read
+    /// for a body key.
+    pub max_body: u64,
+    pub pass_ttl: Duration,
+    /// Upstream statuses that may be stored.
+    pub cache_statuses: Vec<u16>,
+    /// A client's `Cache-Control: no-store` sends its request straight through.
+    pub honor_client_no_store: bool,
+}
+
+impl Default for KeyRules {
+    /// The file's default: every query parameter, no headers, no cookies, no body.
+    fn default() -> Self {
+        KeyRules {
+            query: QueryRule::All,
+            headers: Vec::new(),
+            cookies: Vec::new(),
+            body: false,
+        }
+    }
+}
+
+impl Default for RoutePolicy {
+    /// The values a route gets when neither it nor `defaults:` says otherwise.
+    fn default() -> Self {
+        RoutePolicy {
+            ttl: Duration::from_secs(60),
+            expiry: ExpiryMode::Absolute,
+            honor_cache_control: true,
+            min_ttl: Duration::ZERO,
+            max_ttl: Duration::from_secs(365 * 86_400),
+            lease_ttl: Duration::from_secs(10),
+            max_fetch: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(10),
+            on_wait_timeout: OnWaitTimeout::Error,
+            poll_interval: Duration::from_secs(1),
+            max_body: 8 << 20,
+            pass_ttl: Duration::from_secs(120),
+            cache_statuses: vec![200, 203, 204, 300, 301, 404, 405, 410, 414, 501],
+            honor_client_no_store: true,
+        }
+    }
+}
+
+/// Why a configuration was refused: every problem, each with its place in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: `file:line:column: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based; 0 when the problem has no place (e.g. the file cannot be read).
+    pub line: usize,
+    /// 1-based; 0 when the problem has no place.
+    pub column: usize,
+    /// A short lowercase phrase naming the field, e.g. `routes[1].ttl: invalid duration "5 parsecs": ...`.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+/// Reads, interpolates, parses and validates a config file, with variables from the process
+/// environment. The file is named in messages as `path` was given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut problems = Problems::new(&origin);
+        problems.add(
+            Place::default(),
+            "",
+            format!("cannot read the config file: {e}"),
+        );
+        problems.into_error()
+    })?;
+    let mut config = parse(&text, &origin)?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
+}
+
+/// Parses and validates config text; `origin` names it in messages. Variables come from the
+/// process environment.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_with_env(text, origin, &|name| {
+        std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+    })
+}
+
+/// Like [`parse`], looking `${VAR}` up with `env` instead of the process environment.
+pub fn parse_with_env(
+    text: &str,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Problems::new(origin);
+    let file = document::read(text, env, &mut problems);
+    let config = file.and_then(|file| validate::validate(file, &mut problems));
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems.into_error()),
+    }
+}
+
+// ----- collecting problems
+
+/// Where a value sits in the file: 1-based line and column; zero for nowhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Place {
+    line: usize,
+    column: usize,
+}
+
+/// Every problem found so far in one file.
+struct Problems {
+    file: String,
+    list: Vec<Problem>,
+    /// Field paths already reported: one problem per field is enough, and a second one is
+    /// usually a consequence of the first (a value of the wrong shape is also "missing"; a
+    /// mistyped `path_prefx` leaves its `match` with no path).
+    reported: Vec<String>,
+}
+
+impl Problems {
+    fn new(file: &str) -> Self {
+        Problems {
+            file: file.to_string(),
+            list: Vec::new(),
+            reported: Vec::new(),
+        }
+    }
+
+    /// Records a problem with the field at `path` (empty for the file as a whole), unless that
+    /// field, or one inside it, already has one.
+    fn add(&mut self, place: Place, path: &str, message: impl std::fmt::Display) {
+        if !path.is_empty() {
+            let covered = |reported: &String| {
+                reported
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            };
+            if self.reported.iter().any(covered) {
+                return;
+            }
+            self.reported.push(path.to_string());
+        }
+        let message = match path {
+            "" => message.to_string(),
+            path => format!("{path}: {message}"),
+        };
+        self.list.push(Problem {
+            file: self.file.clone(),
+            line: place.line,
+            column: place.column,
+            message,
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The problems in file order.
+    fn into_error(mut self) -> ConfigError {
+        self.list.sort_by_key(|p| (p.line, p.column));
+        ConfigError {
+            problems: self.list,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

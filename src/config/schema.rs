@@ -1,0 +1,188 @@
+//! The file as serde reads it: its shape, not its meaning.
+//!
+//! Every level denies unknown fields. Every scalar is kept as its text with its place in the file
+//! ([`Spanned<String>`]); `validate` gives it meaning. So serde only fails on the file's shape (an
+//! unknown field, a list where a value belongs), and every wrong value is reported, each at its
+//! own place, rather than only the first one serde trips over.
+//!
+//! Absent and empty (`key:`, `key: ~`) are the same: the field's default.
+
+use std::fmt;
+
+use marked_yaml::Spanned;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+pub type Text = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listen: Option<Text>,
+    pub admin: Option<Spanned<AdminFile>>,
+    pub namespace: Option<Text>,
+    pub store: Option<Spanned<BackendFile>>,
+    pub bus: Option<Spanned<BackendFile>>,
+    pub l1: Option<Spanned<L1File>>,
+    pub defaults: Option<Spanned<PolicyFile>>,
+    pub routes: Option<Spanned<Vec<Spanned<RouteFile>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<Text>,
+    pub token: Option<Text>,
+}
+
+/// `store:` and `bus:` share a shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub kind: Option<Text>,
+    pub url: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L1File {
+    pub max_bytes: Option<Text>,
+}
+
+/// The caching settings a route inherits from `defaults:` and may override one by one.
+///
+/// [`RouteFile`] repeats these fields: serde's `flatten` cannot be combined with
+/// `deny_unknown_fields` nor with spans. [`RouteFile::policy`] gathers them back into this type.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub ttl: Option<Text>,
+    pub expiry: Option<Text>,
+    pub honor_cache_control: Option<Text>,
+    pub min_ttl: Option<Text>,
+    pub max_ttl: Option<Text>,
+    pub lease_ttl: Option<Text>,
+    pub max_fetch: Option<Text>,
+    pub wait_timeout: Option<Text>,
+    pub on_wait_timeout: Option<Text>,
+    pub poll_interval: Option<Text>,
+    pub max_body: Option<Text>,
+    pub pass_ttl: Option<Text>,
+    pub cache_statuses: Option<Spanned<Vec<Text>>>,
+    pub honor_client_no_store: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: Option<Text>,
+    #[serde(rename = "match")]
+    pub matcher: Option<Spanned<MatchFile>>,
+    pub upstream: Option<Text>,
+    pub cache: Option<Text>,
+    pub key: Option<Spanned<KeyFile>>,
+    // The policy overrides: keep in step with `PolicyFile`.
+    pub ttl: Option<Text>,
+    pub expiry: Option<Text>,
+    pub honor_cache_control: Option<Text>,
+    pub min_ttl: Option<Text>,
+    pub max_ttl: Option<Text>,
+    pub lease_ttl: Option<Text>,
+    pub max_fetch: Option<Text>,
+    pub wait_timeout: Option<Text>,
+    pub on_wait_timeout: Option<Text>,
+    pub poll_interval: Option<Text>,
+    pub max_body: Option<Text>,
+    pub pass_ttl: Option<Text>,
+    pub cache_statuses: Option<Spanned<Vec<Text>>>,
+    pub honor_client_no_store: Option<Text>,
+}
+
+impl RouteFile {
+    /// This route's overrides of `defaults:`.
+    pub fn policy(&self) -> PolicyFile {
+        PolicyFile {
+            ttl: self.ttl.clone(),
+            expiry: self.expiry.clone(),
+            honor_cache_control: self.honor_cache_control.clone(),
+            min_ttl: self.min_ttl.clone(),
+            max_ttl: self.max_ttl.clone(),
+            lease_ttl: self.lease_ttl.clone(),
+            max_fetch: self.max_fetch.clone(),
+            wait_timeout: self.wait_timeout.clone(),
+            on_wait_timeout: self.on_wait_timeout.clone(),
+            poll_interval: self.poll_interval.clone(),
+            max_body: self.max_body.clone(),
+            pass_ttl: self.pass_ttl.clone(),
+            cache_statuses: self.cache_statuses.clone(),
+            honor_client_no_store: self.honor_client_no_store.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchFile {
+    pub path: Option<Text>,
+    pub path_prefix: Option<Text>,
+    pub path_regex: Option<Text>,
+    pub methods: Option<Spanned<Vec<Text>>>,
+    pub host: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub query: Option<Spanned<QueryFile>>,
+    pub headers: Option<Vec<Text>>,
+    pub cookies: Option<Vec<Text>>,
+    pub body: Option<Text>,
+}
+
+/// `query: all | none | {include: [...]} | {exclude: [...]}`.
+#[derive(Debug)]
+pub enum QueryFile {
+    /// A bare word; `validate` knows which words mean something.
+    Word(String),
+    Include(Vec<Text>),
+    Exclude(Vec<Text>),
+}
+
+// Written by hand: serde's untagged enums buffer their input, which loses the spans.
+impl<'de> Deserialize<'de> for QueryFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct QueryVisitor;
+
+        impl<'de> Visitor<'de> for QueryVisitor {
+            type Value = QueryFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("all, none, {include: [...]} or {exclude: [...]}")
+            }
+
+            fn visit_str<E: de::Error>(self, word: &str) -> Result<QueryFile, E> {
+                Ok(QueryFile::Word(word.to_string()))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<QueryFile, M::Error> {
+                const FIELDS: &[&str] = &["include", "exclude"];
+                let Some(field) = map.next_key::<String>()? else {
+                    return Err(de::Error::invalid_length(0, &self));
+                };
+                let rule = match field.as_str() {
+                    "include" => QueryFile::Include(map.next_value()?),
+                    "exclude" => QueryFile::Exclude(map.next_value()?),
+                    other => return Err(de::Error::unknown_field(other, FIELDS)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format_args!(
+                        "takes one of include or exclude, not also {extra}"
+                    )));
+                }
+                Ok(rule)
+            }
+        }
+
+        deserializer.deserialize_any(QueryVisitor)
+    }
+}

@@ -1,0 +1,863 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::Method;
+
+use super::*;
+
+/// The example from the file format's documentation, word for word.
+const EXAMPLE: &str = r#"listen: 0.0.0.0:8080              # public listener
+admin:
+  listen: 127.0.0.1:9090          # /healthz /readyz /admin/* (and /metrics later)
+  token: ${CORRAL_ADMIN_TOKEN}    # bearer token for /admin/*
+namespace: corral                 # replicas with the same namespace and store coalesce together
+store:
+  kind: redis                     # memory (default) | redis | nats
+  url: redis://127.0.0.1:6379
+bus:
+  kind: nats                      # memory | redis | nats; default: follows the store
+  url: nats://127.0.0.1:4222
+l1:
+  max_bytes: 256MiB               # 0 turns the L1 off
+defaults:                         # every route inherits these and may override any of them
+  ttl: 60s
+  expiry: absolute                # absolute | sliding
+  honor_cache_control: true
+  lease_ttl: 10s
+  max_fetch: 30s                  # the upstream fetch is abandoned after this
+  wait_timeout: 10s               # the longest any request waits (leader's client included)
+  on_wait_timeout: error          # error (504) | bypass (fetch directly, do not store)
+  poll_interval: 1s
+  max_body: 8MiB                  # larger responses stream through and are not stored
+  pass_ttl: 120s                  # hit-for-pass memory for uncacheable keys
+  cache_statuses: [200, 203, 204, 300, 301, 404, 405, 410, 414, 501]
+routes:                           # first match wins
+  - name: reports
+    match:
+      path_prefix: /reports       # one of: path (exact) | path_prefix | path_regex
+      methods: [GET, HEAD]
+      host: api.example.com       # optional
+    upstream: http://127.0.0.1:9000
+    key:
+      query: all                  # all (sorted) | none | {include: [a, b]} | {exclude: [utm_source]}
+      headers: [accept]
+      cookies: []
+      body: false                 # true: the request body's digest is part of the key (POST routes)
+    ttl: 300s
+  - name: everything-else
+    match: { path_prefix: / }
+    upstream: http://127.0.0.1:9000
+    cache: false                  # plain pass-through
+"#;
+
+const MINIMAL: &str =
+    r#"routes: [{name: a, match: {path_prefix: /}, upstream: "http://127.0.0.1:1"}]"#;
+
+fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| vars.get(name).cloned()
+}
+
+fn parse_ok(text: &str) -> Config {
+    parse_with_env(text, "corral.yaml", &env_of(&[]))
+        .unwrap_or_else(|e| panic!("config refused:\n{e}"))
+}
+
+/// Every problem with `text`, as `file:line:column: message`.
+fn problems(text: &str) -> Vec<String> {
+    match parse_with_env(text, "corral.yaml", &env_of(&[])) {
+        Ok(_) => panic!("config accepted:\n{text}"),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The one problem with `text`.
+fn problem(text: &str) -> String {
+    let all = problems(text);
+    assert_eq!(all.len(), 1, "expected one problem, got {all:#?}");
+    all.into_iter().next().unwrap_or_default()
+}
+
+/// A file with one valid route, the given top-level lines before it and route lines inside it.
+/// The route's lines start on line `top.lines().count() + 5`.
+fn with_route(top: &str, route: &str) -> String {
+    format!(
+        "{top}routes:\n  - name: a\n    match: {{path_prefix: /}}\n    upstream: http://127.0.0.1:1\n{route}"
+    )
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+// ----- what a good file becomes
+
+#[test]
+fn the_documented_example_parses_to_what_it_says() {
+    let env = env_of(&[("CORRAL_ADMIN_TOKEN", "s3cret")]);
+    let config = parse_with_env(EXAMPLE, "corral.yaml", &env).unwrap();
+
+    assert_eq!(config.source, None);
+    assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
+    assert_eq!(config.namespace, "corral");
+    assert_eq!(
+        config.store,
+        StoreSettings::Redis {
+            url: "redis://127.0.0.1:6379".into()
+        }
+    );
+    assert_eq!(
+        config.bus,
+        BusSettings::Nats {
+            url: "nats://127.0.0.1:4222".into()
+        }
+    );
+    assert_eq!(config.l1_max_bytes, 256 << 20);
+    assert_eq!(config.routes.len(), 2);
+
+    let reports = &config.routes[0];
+    assert_eq!(reports.name, "reports");
+    assert!(matches!(&reports.matcher.path, PathMatch::Prefix(p) if p == "/reports"));
+    assert_eq!(reports.matcher.methods, [Method::GET, Method::HEAD]);
+    assert_eq!(reports.matcher.host.as_deref(), Some("api.example.com"));
+    assert_eq!(reports.upstream, "http://127.0.0.1:9000/");
+    assert!(reports.cache);
+    assert_eq!(reports.key.query, QueryRule::All);
+    assert_eq!(reports.key.headers, ["accept"]);
+    assert!(reports.key.cookies.is_empty());
+    assert!(!reports.key.body);
+    // The route's own ttl wins; everything else comes from `defaults:`.
+    assert_eq!(reports.policy.ttl, secs(300));
+    assert_eq!(
+        reports.policy,
+        RoutePolicy {
+            ttl: secs(300),
+            ..RoutePolicy::default()
+        }
+    );
+
+    let rest = &config.routes[1];
+    assert_eq!(rest.name, "everything-else");
+    assert!(matches!(&rest.matcher.path, PathMatch::Prefix(p) if p == "/"));
+    assert_eq!(rest.matcher.host, None);
+    assert!(!rest.cache);
+    assert_eq!(rest.policy.ttl, secs(60));
+}
+
+#[test]
+fn a_minimal_file_gets_every_default() {
+    let config = parse_ok(MINIMAL);
+    assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.admin.token, None);
+    assert_eq!(config.namespace, "corral");
+    assert_eq!(config.store, StoreSettings::Memory);
+    assert_eq!(config.bus, BusSettings::Memory);
+    assert_eq!(config.l1_max_bytes, 256 << 20);
+
+    let route = &config.routes[0];
+    assert_eq!(route.upstream, "http://127.0.0.1:1/");
+    assert_eq!(route.matcher.methods, [Method::GET, Method::HEAD]);
+    assert_eq!(route.matcher.host, None);
+    assert!(route.cache);
+    assert_eq!(route.key, KeyRules::default());
+    assert_eq!(route.key.query, QueryRule::All);
+    let policy = &route.policy;
+    assert_eq!(policy.ttl, secs(60));
+    assert_eq!(policy.expiry, crate::engine::ExpiryMode::Absolute);
+    assert!(policy.honor_cache_control);
+    assert_eq!(policy.min_ttl, Duration::ZERO);
+    assert_eq!(policy.max_ttl, secs(365 * 86_400));
+    assert_eq!(policy.lease_ttl, secs(10));
+    assert_eq!(policy.max_fetch, secs(30));
+    assert_eq!(policy.wait_timeout, secs(10));
+    assert_eq!(policy.on_wait_timeout, OnWaitTimeout::Error);
+    assert_eq!(policy.poll_interval, secs(1));
+    assert_eq!(policy.max_body, 8 << 20);
+    assert_eq!(policy.pass_ttl, secs(120));
+    assert_eq!(
+        policy.cache_statuses,
+        [200, 203, 204, 300, 301, 404, 405, 410, 414, 501]
+    );
+    assert!(policy.honor_client_no_store);
+}
+
+#[test]
+fn routes_inherit_defaults_and_override_them_one_by_one() {
+    let config = parse_ok(
+        "defaults:\n  ttl: 5m\n  expiry: sliding\n  on_wait_timeout: bypass\n  max_body: 1MB\n\
+         routes:\n\
+         \x20 - {name: a, match: {path: /a}, upstream: 'http://u', expiry: absolute}\n\
+         \x20 - {name: b, match: {path: /b}, upstream: 'http://u', min_ttl: 1s, max_ttl: 1h}\n",
+    );
+    let (a, b) = (&config.routes[0].policy, &config.routes[1].policy);
+    assert_eq!(a.ttl, secs(300));
+    assert_eq!(a.expiry, crate::engine::ExpiryMode::Absolute);
+    assert_eq!(a.on_wait_timeout, OnWaitTimeout::Bypass);
+    assert_eq!(a.max_body, 1_000_000);
+    assert_eq!(
+        b.expiry,
+        crate::engine::ExpiryMode::Sliding { window: secs(300) }
+    );
+    assert_eq!((b.min_ttl, b.max_ttl), (secs(1), secs(3600)));
+    assert_eq!(b.lease_ttl, secs(10));
+}
+
+#[test]
+fn key_rules_and_methods_are_normalised() {
+    let config = parse_ok(&with_route(
+        "",
+        "    key:\n      query: {exclude: [utm_source, fbclid, utm_source]}\n      headers: [X-Tenant, Accept]\n      cookies: [sid, lang]\n      body: true\n",
+    ));
+    let key = &config.routes[0].key;
+    assert_eq!(
+        key.query,
+        QueryRule::Exclude(vec!["fbclid".into(), "utm_source".into()])
+    );
+    assert_eq!(key.headers, ["accept", "x-tenant"]);
+    assert_eq!(key.cookies, ["lang", "sid"]);
+    assert!(key.body);
+
+    let config = parse_ok(
+        "routes: [{name: q, match: {path_regex: '^/q$', methods: [post, Get, POST], host: API.Example.com}, upstream: 'https://u/base', key: {query: {include: [b, a]}}}]",
+    );
+    let route = &config.routes[0];
+    assert_eq!(route.matcher.methods, [Method::POST, Method::GET]);
+    assert_eq!(route.matcher.host.as_deref(), Some("api.example.com"));
+    assert!(matches!(&route.matcher.path, PathMatch::Regex(r) if r.is_match("/q")));
+    assert_eq!(route.upstream, "https://u/base");
+    assert_eq!(
+        route.key.query,
+        QueryRule::Include(vec!["a".into(), "b".into()])
+    );
+
+    let config = parse_ok(
+        "routes: [{name: q, match: {path: /x, methods: []}, upstream: 'http://u', key: {query: none}}]",
+    );
+    assert!(
+        config.routes[0].matcher.methods.is_empty(),
+        "[] means every method"
+    );
+    assert_eq!(config.routes[0].key.query, QueryRule::None);
+}
+
+#[test]
+fn empty_and_null_values_mean_the_default() {
+    let config = parse_ok(&with_route(
+        "listen:\nnamespace: ~\nadmin: {token: ''}\nstore: {kind: null}\n",
+        "    ttl:\n",
+    ));
+    assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.namespace, "corral");
+    assert_eq!(config.admin.token, None);
+    assert_eq!(config.store, StoreSettings::Memory);
+    assert_eq!(config.routes[0].policy.ttl, secs(60));
+}
+
+#[test]
+fn the_bus_follows_the_store_unless_told() {
+    let bus = |top: &str| parse_ok(&with_route(top, "")).bus;
+    let redis = || "redis://r:6379".to_string();
+    assert_eq!(
+        bus("store: {kind: redis, url: 'redis://r:6379'}\n"),
+        BusSettings::Redis { url: redis() }
+    );
+    assert_eq!(
+        bus("store: {kind: nats, url: 'nats://n:4222'}\n"),
+        BusSettings::Nats {
+            url: "nats://n:4222".into()
+        }
+    );
+    assert_eq!(
+        bus("store: {kind: nats, url: 'nats://n:4222'}\nbus: {kind: nats}\n"),
+        BusSettings::Nats {
+            url: "nats://n:4222".into()
+        }
+    );
+    assert_eq!(
+        bus("store: {kind: redis, url: 'redis://r:6379'}\nbus: {kind: memory}\n"),
+        BusSettings::Memory
+    );
+    assert_eq!(
+        bus("store: {kind: redis, url: 'redis://r:6379'}\nbus: {url: 'redis://other:6379'}\n"),
+        BusSettings::Redis {
+            url: "redis://other:6379".into()
+        }
+    );
+}
+
+// ----- environment variables
+
+#[test]
+fn variables_expand_from_the_given_environment() {
+    let env = env_of(&[
+        ("CORRAL_T_NS", "team-a"),
+        ("CORRAL_T_TTL", "90s"),
+        ("CORRAL_T_UP", "http://up:9000: # not yaml"),
+    ]);
+    let text = with_route(
+        "namespace: ${CORRAL_T_NS}\nadmin:\n  token: ${CORRAL_T_TOKEN:-dev-token}\n  listen: '127.0.0.1:${CORRAL_T_PORT:-9191}'\n",
+        "    ttl: ${CORRAL_T_TTL}\n    max_body: ${CORRAL_T_MAX:-}\n",
+    );
+    let config = parse_with_env(&text, "corral.yaml", &env).unwrap();
+    assert_eq!(config.namespace, "team-a");
+    assert_eq!(config.admin.token.as_deref(), Some("dev-token"));
+    assert_eq!(config.admin.listen, "127.0.0.1:9191".parse().unwrap());
+    assert_eq!(config.routes[0].policy.ttl, secs(90));
+    assert_eq!(
+        config.routes[0].policy.max_body,
+        8 << 20,
+        "empty: the default"
+    );
+
+    // A value never becomes YAML: the variable's text stays one string, and errors keep their
+    // place in the file.
+    let text = with_route("", "    cache: ${CORRAL_T_UP}\n");
+    let err = parse_with_env(&text, "corral.yaml", &env).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "corral.yaml:5:12: routes[0].cache: expected true or false, got \"http://up:9000: # not yaml\""
+    );
+}
+
+#[test]
+fn parse_reads_the_process_environment() {
+    // No variable is set here (edition 2024 makes `set_var` unsafe): the default proves the
+    // lookup ran, and PATH, which every process has, proves it finds variables.
+    let config = parse(
+        &with_route(
+            "admin: {token: '${CORRAL_SURELY_UNSET_7F3A:-fallback}'}\n",
+            "",
+        ),
+        "corral.yaml",
+    )
+    .unwrap();
+    assert_eq!(config.admin.token.as_deref(), Some("fallback"));
+    let config = parse(
+        &with_route("admin: {token: '${PATH}'}\n", ""),
+        "corral.yaml",
+    )
+    .unwrap();
+    assert!(config.admin.token.is_some_and(|t| !t.is_empty()));
+}
+
+// ----- loading a file
+
+#[test]
+fn load_names_the_file_as_given_and_keeps_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corral.yaml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let config = load(&path).unwrap();
+    assert_eq!(config.source.as_deref(), Some(path.as_path()));
+
+    std::fs::write(&path, "listen: nope\nroutes: []\n").unwrap();
+    let err = load(&path).unwrap_err();
+    let shown = path.display().to_string();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{shown}:1:9: listen: invalid address \"nope\" (expected ip:port, e.g. 0.0.0.0:8080)\n\
+             {shown}:2:9: routes: at least one route is required"
+        )
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_one_problem_without_a_place() {
+    let err = load(Path::new("no/such/corral.yaml")).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    let p = &err.problems[0];
+    assert_eq!(
+        (p.file.as_str(), p.line, p.column),
+        ("no/such/corral.yaml", 0, 0)
+    );
+    assert!(
+        p.to_string()
+            .starts_with("no/such/corral.yaml: cannot read the config file: "),
+        "{p}"
+    );
+}
+
+// ----- one test per way a file can be wrong
+
+#[test]
+fn yaml_syntax() {
+    assert_eq!(
+        problem("routes: [\n"),
+        "corral.yaml:2:1: invalid yaml: while parsing a node, did not find expected node content"
+    );
+    assert_eq!(
+        problem("- a\n"),
+        "corral.yaml:1:1: the file must be a mapping of settings"
+    );
+    assert_eq!(
+        problem("listen: &x 1\n"),
+        "corral.yaml:1:12: yaml anchors and aliases are not supported"
+    );
+    assert_eq!(
+        problem("namespace: a\nnamespace: b\n"),
+        "corral.yaml:2:1: duplicate key \"namespace\" (first on line 1)"
+    );
+}
+
+#[test]
+fn unknown_fields_are_all_reported_at_their_keys() {
+    let text = "lisen: 1\n\
+                store: {knd: redis}\n\
+                routes:\n\
+                \x20 - name: a\n\
+                \x20   upstream: http://u\n\
+                \x20   ttll: 5s\n\
+                \x20   match: {path_prefx: /x}\n\
+                \x20   key: {query: {inclde: [a]}}\n";
+    assert_eq!(
+        problems(text),
+        [
+            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes)",
+            "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store)",
+            "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
+            "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
+        ]
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_shape() {
+    assert_eq!(
+        problem("routes: foo\n"),
+        "corral.yaml:1:9: routes: invalid type: string \"foo\", expected a sequence"
+    );
+    assert_eq!(
+        problem(&with_route("", "    ttl: [5s]\n")),
+        "corral.yaml:5:10: routes[0].ttl: invalid type: sequence, expected a string"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_eq!(
+        problem(&with_route("", "    ttl: 5 parsecs\n")),
+        "corral.yaml:5:10: routes[0].ttl: invalid duration \"5 parsecs\": unknown time unit \
+         \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years \
+         (and few variations)"
+    );
+    assert_eq!(
+        problem(
+            "defaults:\n  pass_ttl: 60\nroutes: [{name: a, match: {path: /}, upstream: 'http://u'}]"
+        ),
+        "corral.yaml:2:13: defaults.pass_ttl: invalid duration \"60\": time unit needed, for example 60sec or 60ms"
+    );
+}
+
+#[test]
+fn bad_size() {
+    assert_eq!(
+        problem(&with_route("l1: {max_bytes: 1.5GiB}\n", "")),
+        "corral.yaml:1:17: l1.max_bytes: invalid size \"1.5GiB\": unknown unit \".5gib\", expected B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+    );
+    assert_eq!(
+        problem(&with_route("", "    max_body: lots\n")),
+        "corral.yaml:5:15: routes[0].max_body: invalid size \"lots\": expected a whole number with an optional unit (KiB, MiB, GiB, KB, MB, GB)"
+    );
+}
+
+#[test]
+fn bad_regex() {
+    assert_eq!(
+        problem("routes:\n  - name: a\n    match: {path_regex: '^/(a'}\n    upstream: http://u\n"),
+        "corral.yaml:3:25: routes[0].match.path_regex: invalid regex: unclosed group"
+    );
+}
+
+#[test]
+fn duplicate_route_name() {
+    assert_eq!(
+        problem(&with_route(
+            "",
+            "  - {name: a, match: {path: /b}, upstream: 'http://u'}\n"
+        )),
+        "corral.yaml:5:12: routes[1].name: duplicate route name \"a\" (first on line 2)"
+    );
+}
+
+#[test]
+fn bad_route_name() {
+    assert_eq!(
+        problem("routes: [{name: 'a b', match: {path: /}, upstream: 'http://u'}]"),
+        "corral.yaml:1:17: routes[0].name: invalid route name \"a b\" (1 to 64 of A-Z, a-z, 0-9, ., _ and -)"
+    );
+    assert_eq!(
+        problem("routes: [{match: {path: /}, upstream: 'http://u'}]"),
+        "corral.yaml:1:11: routes[0].name: missing (a route name)"
+    );
+}
+
+#[test]
+fn missing_upstream() {
+    assert_eq!(
+        problem("routes:\n  - name: a\n    match: {path: /}\n"),
+        "corral.yaml:2:5: routes[0].upstream: missing (an absolute http or https url)"
+    );
+}
+
+#[test]
+fn upstream_that_is_not_an_absolute_http_url() {
+    let upstream = |u: &str| {
+        problem(&format!(
+            "routes: [{{name: a, match: {{path: /}}, upstream: '{u}'}}]"
+        ))
+    };
+    assert_eq!(
+        upstream("127.0.0.1:9000"),
+        "corral.yaml:1:48: routes[0].upstream: invalid upstream \"127.0.0.1:9000\": must be an absolute http or https url"
+    );
+    assert_eq!(
+        upstream("ftp://files"),
+        "corral.yaml:1:48: routes[0].upstream: invalid upstream \"ftp://files\": must be an absolute http or https url"
+    );
+    assert_eq!(
+        upstream("/relative"),
+        "corral.yaml:1:48: routes[0].upstream: invalid upstream \"/relative\": must be an absolute http or https url"
+    );
+    assert_eq!(
+        upstream("http://u/?a=1"),
+        "corral.yaml:1:48: routes[0].upstream: invalid upstream \"http://u/?a=1\": must not carry a query"
+    );
+    assert_eq!(
+        upstream("http://exa mple"),
+        "corral.yaml:1:48: routes[0].upstream: invalid upstream \"http://exa mple\": not a url"
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    assert_eq!(
+        problem(&with_route("listen: localhost:8080\n", "")),
+        "corral.yaml:1:9: listen: invalid address \"localhost:8080\" (expected ip:port, e.g. 0.0.0.0:8080)"
+    );
+    assert_eq!(
+        problem(&with_route("admin:\n  listen: 9090\n", "")),
+        "corral.yaml:2:11: admin.listen: invalid address \"9090\" (expected ip:port, e.g. 0.0.0.0:8080)"
+    );
+}
+
+#[test]
+fn unknown_words() {
+    assert_eq!(
+        problem(&with_route("store: {kind: postgres}\n", "")),
+        "corral.yaml:1:15: store.kind: unknown value \"postgres\" (expected memory, redis or nats)"
+    );
+    assert_eq!(
+        problem(&with_route("bus: {kind: kafka}\n", "")),
+        "corral.yaml:1:13: bus.kind: unknown value \"kafka\" (expected memory, redis or nats)"
+    );
+    assert_eq!(
+        problem(&with_route("", "    expiry: eventually\n")),
+        "corral.yaml:5:13: routes[0].expiry: unknown value \"eventually\" (expected absolute or sliding)"
+    );
+    assert_eq!(
+        problem(&with_route("defaults: {on_wait_timeout: retry}\n", "")),
+        "corral.yaml:1:29: defaults.on_wait_timeout: unknown value \"retry\" (expected error or bypass)"
+    );
+    assert_eq!(
+        problem(&with_route("", "    key: {query: some}\n")),
+        "corral.yaml:5:18: routes[0].key.query: unknown value \"some\" (expected all, none, {include: [...]} or {exclude: [...]})"
+    );
+}
+
+#[test]
+fn bad_boolean() {
+    assert_eq!(
+        problem(&with_route("", "    cache: yes\n")),
+        "corral.yaml:5:12: routes[0].cache: expected true or false, got \"yes\""
+    );
+}
+
+#[test]
+fn unknown_http_method() {
+    assert_eq!(
+        problem(
+            "routes: [{name: a, match: {path: /, methods: [GET, FETCH]}, upstream: 'http://u'}]"
+        ),
+        "corral.yaml:1:52: routes[0].match.methods[1]: unknown http method \"FETCH\" (expected GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE or CONNECT)"
+    );
+}
+
+#[test]
+fn zero_or_several_paths() {
+    assert_eq!(
+        problem("routes:\n  - name: a\n    match: {methods: [GET]}\n    upstream: http://u\n"),
+        "corral.yaml:3:13: routes[0].match: needs one of path, path_prefix or path_regex"
+    );
+    assert_eq!(
+        problem("routes:\n  - name: a\n    upstream: http://u\n"),
+        "corral.yaml:2:5: routes[0].match: needs one of path, path_prefix or path_regex"
+    );
+    assert_eq!(
+        problem(
+            "routes:\n  - name: a\n    match:\n      path_prefix: /a\n      path: /b\n    upstream: http://u\n"
+        ),
+        "corral.yaml:5:13: routes[0].match: takes one of path, path_prefix or path_regex, not both path_prefix and path"
+    );
+}
+
+#[test]
+fn paths_must_be_absolute() {
+    assert_eq!(
+        problem("routes: [{name: a, match: {path_prefix: api}, upstream: 'http://u'}]"),
+        "corral.yaml:1:41: routes[0].match.path_prefix: \"api\" does not start with /"
+    );
+}
+
+#[test]
+fn bad_host() {
+    assert_eq!(
+        problem(
+            "routes: [{name: a, match: {path: /, host: 'api.example.com:443'}, upstream: 'http://u'}]"
+        ),
+        "corral.yaml:1:43: routes[0].match.host: invalid host \"api.example.com:443\" (a host name, without scheme, port or path)"
+    );
+}
+
+#[test]
+fn bad_key_names() {
+    assert_eq!(
+        problems(&with_route(
+            "",
+            "    key:\n      headers: [accept, 'x tenant']\n      cookies: ['a;b']\n      query: {include: ['a=b']}\n"
+        )),
+        [
+            "corral.yaml:6:25: routes[0].key.headers[1]: invalid header name \"x tenant\"",
+            "corral.yaml:7:17: routes[0].key.cookies[0]: invalid cookie name \"a;b\"",
+            "corral.yaml:8:25: routes[0].key.query.include[0]: invalid query parameter name \"a=b\"",
+        ]
+    );
+}
+
+#[test]
+fn a_store_or_bus_that_needs_a_url() {
+    assert_eq!(
+        problem(&with_route("store:\n  kind: redis\n", "")),
+        "corral.yaml:2:3: store.url: missing (a redis url, e.g. redis://127.0.0.1:6379)"
+    );
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: redis, url: 'redis://r'}\nbus: {kind: nats}\n",
+            ""
+        )),
+        "corral.yaml:2:7: bus.url: missing (a nats url, e.g. nats://127.0.0.1:4222)"
+    );
+    assert_eq!(
+        problem(&with_route("store: {kind: redis, url: 'nats://r'}\n", "")),
+        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, rediss://, redis+unix:// or unix://)"
+    );
+    assert_eq!(
+        problem(&with_route("store: {url: 'redis://r'}\n", "")),
+        "corral.yaml:1:14: store.url: the memory store takes no url"
+    );
+}
+
+#[test]
+fn bad_namespace() {
+    assert_eq!(
+        problem(&with_route("namespace: 'team a'\n", "")),
+        "corral.yaml:1:12: namespace: invalid namespace \"team a\" (1 to 64 of A-Z, a-z, 0-9, _ and -)"
+    );
+    let long = "n".repeat(65);
+    assert_eq!(
+        problem(&with_route(&format!("namespace: {long}\n"), "")),
+        format!(
+            "corral.yaml:1:12: namespace: invalid namespace \"{long}\" (1 to 64 of A-Z, a-z, 0-9, _ and -)"
+        )
+    );
+}
+
+#[test]
+fn lease_below_a_second_on_nats() {
+    let nats = "store: {kind: nats, url: 'nats://n:4222'}\n";
+    assert_eq!(
+        problem(&with_route(
+            &format!("{nats}defaults:\n  lease_ttl: 500ms\n"),
+            ""
+        )),
+        "corral.yaml:3:14: defaults.lease_ttl: 500ms is below 1s, the unit of the nats key-value store's ttl (store.kind nats)"
+    );
+    assert_eq!(
+        problem(&with_route(nats, "    lease_ttl: 999ms\n")),
+        "corral.yaml:6:16: routes[0].lease_ttl: 999ms is below 1s, the unit of the nats key-value store's ttl (store.kind nats)"
+    );
+    // Elsewhere a short lease is only unusual.
+    parse_ok(&with_route("", "    lease_ttl: 500ms\n"));
+}
+
+#[test]
+fn a_bus_that_contradicts_a_nats_store() {
+    let nats = "store: {kind: nats, url: 'nats://n:4222'}\n";
+    assert_eq!(
+        problem(&with_route(
+            &format!("{nats}bus: {{kind: redis, url: 'redis://r'}}\n"),
+            ""
+        )),
+        "corral.yaml:2:13: bus.kind: a redis bus contradicts store.kind nats, whose key-value store brings its own events (remove bus)"
+    );
+    assert_eq!(
+        problem(&with_route(
+            &format!("{nats}bus: {{kind: nats, url: 'nats://other:4222'}}\n"),
+            ""
+        )),
+        "corral.yaml:2:24: bus.url: a bus on nats://other:4222 contradicts the nats store on nats://n:4222, whose key-value store brings its own events (remove bus)"
+    );
+}
+
+#[test]
+fn min_ttl_above_max_ttl() {
+    assert_eq!(
+        problem(&with_route(
+            "defaults: {min_ttl: 10m}\n",
+            "    max_ttl: 1m\n"
+        )),
+        "corral.yaml:6:14: routes[0].max_ttl: 1m is below defaults.min_ttl 10m"
+    );
+    assert_eq!(
+        problem(&with_route("", "    min_ttl: 400d\n")),
+        "corral.yaml:5:14: routes[0].min_ttl: 400d is above max_ttl (default) 365d"
+    );
+}
+
+#[test]
+fn zero_where_a_wait_needs_time() {
+    for field in ["poll_interval", "lease_ttl", "wait_timeout", "max_fetch"] {
+        let column = field.len() + 7;
+        assert_eq!(
+            problem(&with_route("", &format!("    {field}: 0s\n"))),
+            format!("corral.yaml:5:{column}: routes[0].{field}: must be above zero")
+        );
+    }
+}
+
+#[test]
+fn cache_statuses_outside_what_may_be_stored() {
+    assert_eq!(
+        problems(&with_route(
+            "defaults:\n  cache_statuses: [200, 99, 600, 503, ok]\n",
+            ""
+        )),
+        [
+            "corral.yaml:2:25: defaults.cache_statuses[1]: 99 is not a status code (100 to 599)",
+            "corral.yaml:2:29: defaults.cache_statuses[2]: 600 is not a status code (100 to 599)",
+            "corral.yaml:2:34: defaults.cache_statuses[3]: 503 is an upstream failure and is never stored (of the 5xx, only 501 may be)",
+            "corral.yaml:2:39: defaults.cache_statuses[4]: invalid status \"ok\"",
+        ]
+    );
+    let config = parse_ok(&with_route(
+        "",
+        "    cache_statuses: [404, 200, 501, 200]\n",
+    ));
+    assert_eq!(config.routes[0].policy.cache_statuses, [200, 404, 501]);
+}
+
+#[test]
+fn unset_variable_without_default() {
+    assert_eq!(
+        problem(&with_route("admin:\n  token: ${CORRAL_ADMIN_TOKEN}\n", "")),
+        "corral.yaml:2:10: admin.token: environment variable CORRAL_ADMIN_TOKEN is not set (write ${CORRAL_ADMIN_TOKEN:-default} to give a default)"
+    );
+    assert_eq!(
+        problem(&with_route("", "    ttl: '${CORRAL_TTL'\n")),
+        "corral.yaml:5:10: routes[0].ttl: unterminated ${ (no closing })"
+    );
+}
+
+#[test]
+fn no_routes() {
+    assert_eq!(
+        problem(""),
+        "corral.yaml:1:1: routes: at least one route is required"
+    );
+    assert_eq!(
+        problem("listen: 0.0.0.0:1\nroutes: []\n"),
+        "corral.yaml:2:9: routes: at least one route is required"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_file_order() {
+    let text = "listen: nope\n\
+                defaults:\n  ttl: soon\n\
+                routes:\n\
+                \x20 - name: a\n    match: {path: /, methods: [GETT]}\n\
+                \x20 - name: a\n    match: {path_regex: '('}\n    upstream: ftp://u\n";
+    assert_eq!(
+        problems(text),
+        [
+            "corral.yaml:1:9: listen: invalid address \"nope\" (expected ip:port, e.g. 0.0.0.0:8080)",
+            "corral.yaml:3:8: defaults.ttl: invalid duration \"soon\": expected number at 0",
+            "corral.yaml:5:5: routes[0].upstream: missing (an absolute http or https url)",
+            "corral.yaml:6:32: routes[0].match.methods[0]: unknown http method \"GETT\" (expected GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE or CONNECT)",
+            "corral.yaml:7:11: routes[1].name: duplicate route name \"a\" (first on line 5)",
+            "corral.yaml:8:25: routes[1].match.path_regex: invalid regex: unclosed group",
+            "corral.yaml:9:15: routes[1].upstream: invalid upstream \"ftp://u\": must be an absolute http or https url",
+        ]
+    );
+}
+
+// ----- describe
+
+#[test]
+fn describe_shows_every_effective_value() {
+    let env = env_of(&[("CORRAL_ADMIN_TOKEN", "s3cret")]);
+    let text = EXAMPLE.replace(
+        "redis://127.0.0.1:6379",
+        "redis://default:hunter2@127.0.0.1:6379",
+    );
+    let config = parse_with_env(&text, "corral.yaml", &env).unwrap();
+    let expected = "\
+listen                  0.0.0.0:8080
+admin.listen            127.0.0.1:9090
+admin.token             set
+namespace               corral
+store                   redis redis://default:***@127.0.0.1:6379
+bus                     nats nats://127.0.0.1:4222
+l1.max_bytes            256MiB
+
+route reports
+  match                 path_prefix /reports
+  methods               [GET, HEAD]
+  host                  api.example.com
+  upstream              http://127.0.0.1:9000/
+  cache                 true
+  key.query             all
+  key.headers           [accept]
+  key.cookies           []
+  key.body              false
+  ttl                   5m
+  expiry                absolute
+  honor_cache_control   true
+  min_ttl               0s
+  max_ttl               365d
+  lease_ttl             10s
+  max_fetch             30s
+  wait_timeout          10s
+  on_wait_timeout       error
+  poll_interval         1s
+  max_body              8MiB
+  pass_ttl              2m
+  cache_statuses        [200, 203, 204, 300, 301, 404, 405, 410, 414, 501]
+  honor_client_no_store true
+
+route everything-else
+  match                 path_prefix /
+  methods               [GET, HEAD]
+  host                  any
+  upstream              http://127.0.0.1:9000/
+  cache                 false (pass-through)
+";
+    assert_eq!(describe(&config), expected);
+}

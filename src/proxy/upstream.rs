@@ -1,0 +1,160 @@
+//! The upstream client: hyper-util's pooled client, which forwards exactly what it is given (no
+//! redirects followed, no decompression, no headers added behind our back).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::policy::strip_hop_by_hop;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// A pooled HTTP/1.1 and HTTP/2 client for every upstream.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+}
+
+/// Why the upstream gave no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream response body failed: {0}")]
+    Body(String),
+}
+
+/// A response read up to a limit.
+pub enum Buffered {
+    /// The whole body fitted.
+    Whole {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// The body is larger than the limit: what was read, and the rest still to stream.
+    Overflow {
+        status: StatusCode,
+        headers: HeaderMap,
+        prefix: Bytes,
+        rest: Incoming,
+    },
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Sends one request; the response's hop-by-hop headers are removed.
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri.clone())
+            .body(body)
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        *request.headers_mut() = headers;
+        if let Some(authority) = uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        let mut response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        strip_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+}
+
+/// Reads a response body up to `limit` bytes.
+pub async fn buffer(response: Response<Incoming>, limit: u64) -> Result<Buffered, UpstreamError> {
+    let (parts, mut body) = response.into_parts();
+    let mut read = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Body(error_chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+            if read.len() as u64 > limit {
+                return Ok(Buffered::Overflow {
+                    status: parts.status,
+                    headers: parts.headers,
+                    prefix: read.freeze(),
+                    rest: body,
+                });
+            }
+        }
+    }
+    Ok(Buffered::Whole {
+        status: parts.status,
+        headers: parts.headers,
+        body: read.freeze(),
+    })
+}
+
+/// The upstream URI for a request: the route's upstream, with the request's path and query
+/// appended to the upstream's own path.
+pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
+    let base = upstream.path().trim_end_matches('/');
+    let path_and_query = request.path_and_query().map_or("/", |pq| pq.as_str());
+    Uri::builder()
+        .scheme(upstream.scheme_str().unwrap_or("http"))
+        .authority(upstream.authority().map_or("", |a| a.as_str()))
+        .path_and_query(format!("{base}{path_and_query}"))
+        .build()
+}
+
+/// A hyper error with its causes, for messages.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_appends_path_and_query_to_the_upstream_path() {
+        let upstream: Uri = "http://127.0.0.1:9000/api/".parse().unwrap();
+        let request: Uri = "/reports/1?x=2".parse().unwrap();
+        assert_eq!(
+            target(&upstream, &request).unwrap(),
+            "http://127.0.0.1:9000/api/reports/1?x=2"
+        );
+        let bare: Uri = "http://up:80".parse().unwrap();
+        assert_eq!(
+            target(&bare, &request).unwrap(),
+            "http://up:80/reports/1?x=2"
+        );
+    }
+}

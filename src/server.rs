@@ -1,0 +1,92 @@
+//! Running corral: the public proxy listener and the admin listener over one engine.
+//!
+//! Both take already-bound listeners and a shutdown future, so tests bind port 0 and production
+//! passes ctrl-c.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::bus::memory::MemoryBusHub;
+use crate::config::{BusSettings, Config, StoreSettings};
+use crate::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
+use crate::proxy::Proxy;
+use crate::store::memory::MemoryStore;
+
+/// How long running builds get to abandon their leases at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Connect(#[from] crate::engine::ConnectError),
+    #[error("{0} is not available in this build")]
+    Unsupported(&'static str),
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `config` until `shutdown` completes, with the store and bus the config names.
+pub async fn run(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let backend = backend_for(&config)?;
+    run_on(listener, admin, config, backend, shutdown).await
+}
+
+/// Like [`run`], on a given backend (several in-process replicas sharing one memory store).
+pub async fn run_on(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    backend: Backend,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let mut engine_config = EngineConfig::new(config.namespace.clone());
+    engine_config.l1_max_bytes = config.l1_max_bytes;
+    let engine = Engine::connect(engine_config, &backend).await?;
+    let proxy = Arc::new(Proxy::new(Arc::new(config), engine.clone()));
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        stop.send_replace(true);
+    });
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let public = axum::serve(
+        listener,
+        crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let admin =
+        axum::serve(admin, crate::admin::app(proxy)).with_graceful_shutdown(until_stopped(stopped));
+    let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
+    engine.close(SHUTDOWN_GRACE).await;
+    public?;
+    admin?;
+    Ok(())
+}
+
+/// The backend a config names (a memory store is this process's own).
+pub fn backend_for(config: &Config) -> Result<Backend, ServeError> {
+    let store = match &config.store {
+        StoreSettings::Memory => StoreConfig::Memory(MemoryStore::new()),
+        StoreSettings::Redis { url } => StoreConfig::Redis { url: url.clone() },
+        StoreSettings::Nats { .. } => return Err(ServeError::Unsupported("store kind nats")),
+    };
+    let bus = match &config.bus {
+        BusSettings::Memory => BusConfig::Memory(MemoryBusHub::new()),
+        BusSettings::Redis { url } => BusConfig::Redis { url: url.clone() },
+        BusSettings::Nats { url } => BusConfig::Nats { url: url.clone() },
+    };
+    Ok(Backend::new(store, bus))
+}
