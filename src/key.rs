@@ -418,6 +418,7 @@ pub(crate) mod testing {
                 host: None,
             },
             upstream: Uri::from_static("http://upstream.test"),
+            upstream_http2: false,
             cache: true,
             key: KeyRules {
                 query: QueryRule::All,

@@ -1128,3 +1128,34 @@ async fn three_corral_serve_processes_reach_the_upstream_once() {
         tally(&replies)
     );
 }
+
+// ---------------------------------------------------------------- http/2 ----
+
+/// With `upstream_http2: true` the upstream is spoken to over HTTP/2 with prior knowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_speak_http2_to_its_upstream() {
+    use std::sync::{Arc, Mutex};
+
+    let versions: Arc<Mutex<Vec<http::Version>>> = Arc::default();
+    let seen = versions.clone();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(request.version());
+            "over h2"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nnamespace: h2\n\
+         routes:\n  - name: h2\n    match: {{ path_prefix: / }}\n    upstream: http://{addr}\n    upstream_http2: true\n"
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let reply = proxy.get(0, "/anything").send().await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "over h2");
+    assert_eq!(*versions.lock().unwrap(), vec![http::Version::HTTP_2]);
+    server.abort();
+}

@@ -71,6 +71,9 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "methods", &methods);
     line(out, "host", &route.matcher.host.as_deref().unwrap_or("any"));
     line(out, "upstream", &route.upstream);
+    if route.upstream_http2 {
+        line(out, "upstream_http2", &true);
+    }
     if !route.cache {
         line(out, "cache", &"false (pass-through)");
         return;

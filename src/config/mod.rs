@@ -91,6 +91,8 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// Scheme, authority and optional path prefix the request path is appended to.
     pub upstream: Uri,
+    /// Speak HTTP/2 with prior knowledge (h2c) to the upstream instead of HTTP/1.1.
+    pub upstream_http2: bool,
     /// `false`: plain pass-through (`cache: false`), nothing below applies.
     pub cache: bool,
     pub key: KeyRules,

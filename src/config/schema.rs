@@ -79,6 +79,8 @@ pub struct RouteFile {
     #[serde(rename = "match")]
     pub matcher: Option<Spanned<MatchFile>>,
     pub upstream: Option<Text>,
+    /// HTTP/2 with prior knowledge (h2c) to this upstream.
+    pub upstream_http2: Option<Text>,
     pub cache: Option<Text>,
     pub key: Option<Spanned<KeyFile>>,
     // The policy overrides: keep in step with `PolicyFile`.

@@ -224,13 +224,13 @@ fn key_rules_and_methods_are_normalised() {
     assert!(key.body);
 
     let config = parse_ok(
-        "routes: [{name: q, match: {path_regex: '^/q$', methods: [post, Get, POST], host: API.Example.com}, upstream: 'https://u/base', key: {query: {include: [b, a]}}}]",
+        "routes: [{name: q, match: {path_regex: '^/q$', methods: [post, Get, POST], host: API.Example.com}, upstream: 'http://u/base', key: {query: {include: [b, a]}}}]",
     );
     let route = &config.routes[0];
     assert_eq!(route.matcher.methods, [Method::POST, Method::GET]);
     assert_eq!(route.matcher.host.as_deref(), Some("api.example.com"));
     assert!(matches!(&route.matcher.path, PathMatch::Regex(r) if r.is_match("/q")));
-    assert_eq!(route.upstream, "https://u/base");
+    assert_eq!(route.upstream, "http://u/base");
     assert_eq!(
         route.key.query,
         QueryRule::Include(vec!["a".into(), "b".into()])
@@ -421,7 +421,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -860,4 +860,23 @@ route everything-else
   cache                 false (pass-through)
 ";
     assert_eq!(describe(&config), expected);
+}
+
+#[test]
+fn https_upstreams_are_refused_until_the_client_speaks_tls() {
+    let text = "routes:\n  - name: a\n    match: {path_prefix: /}\n    upstream: https://api.example.com\n";
+    let found = problem(text);
+    assert!(found.starts_with("corral.yaml:4:15: "), "{found}");
+    assert!(
+        found.contains("https upstreams are not supported yet"),
+        "{found}"
+    );
+}
+
+#[test]
+fn upstream_http2_is_off_unless_asked_for() {
+    let off = parse_ok(&with_route("", ""));
+    assert!(!off.routes[0].upstream_http2);
+    let on = parse_ok(&with_route("", "    upstream_http2: true\n"));
+    assert!(on.routes[0].upstream_http2);
 }

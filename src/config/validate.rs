@@ -483,6 +483,12 @@ impl Checker<'_> {
             upstream,
         );
         let cache = self.or_default(&route.cache, &format!("{prefix}.cache"), true, boolean);
+        let upstream_http2 = self.or_default(
+            &route.upstream_http2,
+            &format!("{prefix}.upstream_http2"),
+            false,
+            boolean,
+        );
         let key = match route.key.as_deref() {
             None => Some(KeyRules::default()),
             Some(key) => self.key(key, &format!("{prefix}.key")),
@@ -494,6 +500,7 @@ impl Checker<'_> {
             matcher: matcher?,
             upstream: upstream?,
             cache: cache?,
+            upstream_http2: upstream_http2?,
             key: key?,
             policy: policy?,
         })
@@ -901,6 +908,10 @@ fn upstream(text: &str) -> Result<Uri, Invalid> {
     let uri: Uri = text.parse().map_err(|_| bad("not a url"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
         return Err(bad("must be an absolute http or https url"));
+    }
+    if uri.scheme_str() == Some("https") {
+        // The upstream client speaks plain HTTP only; refusing here beats a 502 on every request.
+        return Err(bad("https upstreams are not supported yet: use http"));
     }
     if uri.query().is_some() {
         return Err(bad("must not carry a query"));

@@ -363,7 +363,7 @@ impl Direct<'_> {
         match self
             .proxy
             .upstream
-            .send(self.method, uri, headers, body)
+            .send(self.route.upstream_http2, self.method, uri, headers, body)
             .await
         {
             Ok(response) => {
@@ -454,6 +454,7 @@ impl Fetch {
             .proxy
             .upstream
             .send(
+                route.upstream_http2,
                 self.method.clone(),
                 self.uri.clone(),
                 self.headers.clone(),

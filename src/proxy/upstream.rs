@@ -17,10 +17,12 @@ use crate::policy::strip_hop_by_hop;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-/// A pooled HTTP/1.1 and HTTP/2 client for every upstream.
+/// Pooled clients for every upstream: HTTP/1.1, and HTTP/2 with prior knowledge for routes that
+/// ask for it (`upstream_http2: true`).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
 }
 
 /// Why the upstream gave no response.
@@ -55,15 +57,20 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
+        let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .http2_only(true)
             .build(connector);
-        Self { client }
+        Self { http1, http2 }
     }
 
     /// Sends one request; the response's hop-by-hop headers are removed.
     pub async fn send(
         &self,
+        http2: bool,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
@@ -80,8 +87,8 @@ impl Upstream {
         {
             request.headers_mut().insert(http::header::HOST, host);
         }
-        let mut response = self
-            .client
+        let client = if http2 { &self.http2 } else { &self.http1 };
+        let mut response = client
             .request(request)
             .await
             .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
