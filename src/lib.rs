@@ -10,7 +10,8 @@
 //! - [`key`]: canonical key bytes and their BLAKE3 digest, the only identity that leaves a process.
 //! - [`envelope`]: the versioned binary format of a stored entry.
 //! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge, status)
-//!   and its backends: in-process memory and Redis with Lua scripts.
+//!   and its backends: in-process memory, Redis with Lua scripts, and NATS JetStream KV (leases and
+//!   values by revision, with its own events from the bucket's stream).
 //! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
 //!   core NATS.
 //! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.

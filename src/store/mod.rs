@@ -24,6 +24,7 @@
 //! engine checks both before it asks, so neither reaches the store as an error.
 
 pub mod memory;
+pub mod nats_kv;
 pub mod redis;
 
 use std::sync::Arc;
