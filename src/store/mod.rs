@@ -4,9 +4,9 @@
 //!
 //! - [`Store::acquire`] answers HIT / PASS / LEAD / WAIT, [`Store::peek`] the same without ever
 //!   creating a lease (status and only-if-cached reads).
-//! - [`Store::renew`], [`Store::commit`], [`Store::fail`], [`Store::give_up`] and [`Store::abandon`]
-//!   are fenced by the owner token: with another token (or none) they change nothing and answer
-//!   [`Fenced::Lost`].
+//! - [`Store::renew`], [`Store::commit`], [`Store::release`] (FAIL and ABANDON) and
+//!   [`Store::give_up`] are fenced by the owner token: with another token (or none) they change
+//!   nothing and answer [`Fenced::Lost`].
 //! - [`Store::purge`] removes value, lease and marker, so a build still running under the removed
 //!   lease gets `Lost` on commit and never overwrites the purge.
 //! - [`Store::status`] is read-only and never touches a TTL.
