@@ -6,10 +6,11 @@
 //! cargo run --example dictionary                                   # in-process memory backend
 //! cargo run --example dictionary -- --redis redis://127.0.0.1:6379/
 //! cargo run --example dictionary -- --redis redis://127.0.0.1:6379/ --nats nats://127.0.0.1:4222
+//! cargo run --example dictionary -- --nats-kv nats://127.0.0.1:4222  # NATS only (2.11+, JetStream)
 //! ```
 //!
-//! With `--redis`, start it several times at once: the processes coalesce with each other too, and
-//! only one of them prints that it built the report.
+//! With `--redis` or `--nats-kv`, start it several times at once: the processes coalesce with each
+//! other too, and only one of them prints that it built the report.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,10 +26,11 @@ async fn main() -> anyhow::Result<()> {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let backend = match (flag("--redis"), flag("--nats")) {
-        (None, _) => Backend::memory(),
-        (Some(redis), None) => Backend::redis(redis),
-        (Some(redis), Some(nats)) => Backend::new(
+    let backend = match (flag("--redis"), flag("--nats"), flag("--nats-kv")) {
+        (None, _, Some(nats)) => Backend::nats_kv(nats),
+        (None, _, None) => Backend::memory(),
+        (Some(redis), None, _) => Backend::redis(redis),
+        (Some(redis), Some(nats), _) => Backend::new(
             StoreConfig::Redis { url: redis },
             BusConfig::Nats { url: nats },
         ),

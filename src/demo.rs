@@ -153,7 +153,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             admin: admin.local_addr()?,
         };
         let backend = if options.redis.is_some() {
-            server::backend_for(&config)?
+            server::backend_for(&config)
         } else {
             shared.clone()
         };

@@ -24,7 +24,8 @@
 //! - [`engine`]: flights (one per key per process), the leader/follower state machine, the spawned
 //!   build task, and the typed dictionary API built on them.
 //! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge, status)
-//!   and its backends: in-process memory and Redis with Lua scripts.
+//!   and its backends: in-process memory, Redis with Lua scripts, and NATS JetStream KV (leases and
+//!   values by revision, with its own events from the bucket's stream).
 //! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
 //!   core NATS.
 //! - [`envelope`]: the versioned binary format of a stored entry.

@@ -24,7 +24,7 @@ pub struct Metrics {
     pub bus_events: IntCounterVec,
     /// Times the bus reconnected (or lagged) and every live flight re-checked.
     pub bus_resyncs: IntCounter,
-    /// Builds run, by result: shared, private, failed, overrun, panicked, degraded.
+    /// Builds run, by result: shared, private, failed, overrun, panicked, degraded, own.
     pub builds: IntCounterVec,
     /// How flights ended: value, failed, pass, empty, unattended, store_error.
     pub flight_outcomes: IntCounterVec,
@@ -39,6 +39,9 @@ pub struct Metrics {
     pub poll_rechecks: IntCounterVec,
     /// Stored bytes that did not decode or answered another key: a miss, never a panic.
     pub corrupt_entries: IntCounter,
+    /// Built values larger than the store takes (NATS KV: its `max_payload`); each was handled as
+    /// uncacheable, so every caller built its own.
+    pub values_too_large: IntCounter,
     /// Answers served from the L1.
     pub l1_hits: IntCounter,
     /// Lookups the L1 could not answer.
@@ -143,6 +146,10 @@ impl Metrics {
             corrupt_entries: counter(
                 "corral_corrupt_entries_total",
                 "Stored values that did not decode or belonged to another key; each was a miss.",
+            ),
+            values_too_large: counter(
+                "corral_values_too_large_total",
+                "Built values larger than the store takes; each was not stored and every caller built its own.",
             ),
             l1_hits: counter("corral_l1_hits_total", "Answers served from the L1."),
             l1_misses: counter(

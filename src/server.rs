@@ -25,8 +25,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub enum ServeError {
     #[error(transparent)]
     Connect(#[from] crate::engine::ConnectError),
-    #[error("{0} is not available in this build")]
-    Unsupported(&'static str),
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -38,7 +36,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let backend = backend_for(&config)?;
+    let backend = backend_for(&config);
     run_on(listener, admin, config, backend, shutdown).await
 }
 
@@ -77,16 +75,18 @@ pub async fn run_on(
 }
 
 /// The backend a config names (a memory store is this process's own).
-pub fn backend_for(config: &Config) -> Result<Backend, ServeError> {
+pub fn backend_for(config: &Config) -> Backend {
     let store = match &config.store {
         StoreSettings::Memory => StoreConfig::Memory(MemoryStore::new()),
         StoreSettings::Redis { url } => StoreConfig::Redis { url: url.clone() },
-        StoreSettings::Nats { .. } => return Err(ServeError::Unsupported("store kind nats")),
+        StoreSettings::Nats { url } => StoreConfig::Nats { url: url.clone() },
     };
-    let bus = match &config.bus {
-        BusSettings::Memory => BusConfig::Memory(MemoryBusHub::new()),
-        BusSettings::Redis { url } => BusConfig::Redis { url: url.clone() },
-        BusSettings::Nats { url } => BusConfig::Nats { url: url.clone() },
+    let bus = match (&config.store, &config.bus) {
+        // The NATS KV store carries its own events; validation refused any other bus for it.
+        (StoreSettings::Nats { .. }, _) => BusConfig::Store,
+        (_, BusSettings::Memory) => BusConfig::Memory(MemoryBusHub::new()),
+        (_, BusSettings::Redis { url }) => BusConfig::Redis { url: url.clone() },
+        (_, BusSettings::Nats { url }) => BusConfig::Nats { url: url.clone() },
     };
-    Ok(Backend::new(store, bus))
+    Backend::new(store, bus)
 }

@@ -180,6 +180,34 @@ async fn three_hundred_requests_over_three_replicas_reach_the_upstream_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_nats_alone_three_replicas_also_fetch_once() {
+    let upstream = Upstream::start().await.slow("/reports", 300 * MS);
+    let nats = TestNats::start().await;
+    // Lease TTLs on the NATS KV store are whole seconds; the defaults here already are.
+    let yaml = fill(
+        CONFIG,
+        &[
+            (
+                "backing",
+                &format!("store: {{ kind: nats, url: \"{}\" }}", nats.url()),
+            ),
+            ("defaults", DEFAULTS),
+            ("upstream", &upstream.url()),
+        ],
+    );
+    let proxy = ProxyCluster::start(3, &yaml, None).await;
+
+    let replies = send_all(proxy.spread(90, "/reports?day=3")).await;
+
+    assert_eq!(upstream.hits("/reports?day=3"), 1);
+    assert_all_status(&replies, 200);
+    let tally = tally(&replies);
+    assert_eq!(tally.get("MISS"), Some(&1), "exactly one MISS: {tally:?}");
+    drop(proxy);
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_one_memory_store_three_replicas_also_fetch_once() {
     let upstream = Upstream::start().await.slow("/reports", 300 * MS);
     let yaml = fill(

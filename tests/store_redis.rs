@@ -194,7 +194,7 @@ async fn commit_stores_the_value_and_ends_the_lease() {
     let value = Bytes::from_static(b"\x00binary\xffvalue");
     assert_eq!(
         store
-            .commit(&k, held.token, value.clone(), secs(60), Bytes::new())
+            .commit(&k, held.token, value.clone(), secs(60), false, Bytes::new())
             .await,
         Ok(Fenced::Done)
     );
@@ -234,7 +234,14 @@ async fn commit_with_a_wrong_or_stale_token_writes_nothing() {
     let value = Bytes::from_static(b"v");
     assert_eq!(
         store
-            .commit(&k, Token::random(), value.clone(), secs(60), Bytes::new())
+            .commit(
+                &k,
+                Token::random(),
+                value.clone(),
+                secs(60),
+                false,
+                Bytes::new()
+            )
             .await,
         Ok(Fenced::Lost)
     );
@@ -249,7 +256,7 @@ async fn commit_with_a_wrong_or_stale_token_writes_nothing() {
     redis.client().await.del::<_, ()>(&l).await.unwrap();
     assert_eq!(
         store
-            .commit(&k, held.token, value, secs(60), Bytes::new())
+            .commit(&k, held.token, value, secs(60), false, Bytes::new())
             .await,
         Ok(Fenced::Lost)
     );
@@ -272,6 +279,7 @@ async fn purge_during_a_lease_makes_the_old_commit_lost() {
                 held.token,
                 Bytes::from_static(b"old"),
                 secs(60),
+                false,
                 Bytes::new()
             )
             .await,
@@ -354,7 +362,14 @@ async fn sliding_touch_only_pexpires_below_the_slack_and_never_rewrites() {
     store.acquire(&k, &held, None).await.unwrap();
     let value = Bytes::from_static(b"sliding value");
     store
-        .commit(&k, held.token, value.clone(), secs(100), Bytes::new())
+        .commit(
+            &k,
+            held.token,
+            value.clone(),
+            secs(100),
+            false,
+            Bytes::new(),
+        )
         .await
         .unwrap();
     let touch = Touch {
@@ -431,6 +446,7 @@ async fn absolute_hits_and_status_never_change_a_ttl() {
             held.token,
             Bytes::from_static(b"v"),
             secs(100),
+            false,
             Bytes::new(),
         )
         .await
@@ -547,12 +563,20 @@ async fn announce_publishes_exactly_the_event_bytes() {
             Token::random(),
             Bytes::from_static(b"x"),
             secs(60),
+            false,
             event(9),
         )
         .await
         .unwrap();
     store
-        .commit(&k, held.token, Bytes::from_static(b"v"), secs(60), event(1))
+        .commit(
+            &k,
+            held.token,
+            Bytes::from_static(b"v"),
+            secs(60),
+            false,
+            event(1),
+        )
         .await
         .unwrap();
     assert_eq!(next_payload(&mut messages).await, event(1));
@@ -601,6 +625,7 @@ async fn without_announce_nothing_is_published() {
             held.token,
             Bytes::from_static(b"v"),
             secs(60),
+            false,
             event.clone(),
         )
         .await

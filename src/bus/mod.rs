@@ -7,11 +7,14 @@
 //!
 //! The subscription is made before the bus is handed to the engine, so no flight can ACQUIRE before
 //! its process listens.
+//!
+//! A NATS KV store brings its own bus, [`crate::store::nats_kv::NatsKvEvents`]: a consumer of the
+//! bucket's stream, where every write of the store is its own event.
 
 pub mod memory;
 pub mod nats;
 pub mod redis;
-mod tasks;
+pub(crate) mod tasks;
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};

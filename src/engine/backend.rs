@@ -1,5 +1,8 @@
 //! Which store and bus an engine talks to, and connecting to them in the right order: the bus
 //! subscription first, so that no flight can ACQUIRE before its process listens.
+//!
+//! A NATS KV store carries its own events (the bucket's stream), so its bus is the store's
+//! consumer; a bus setting that says otherwise is refused rather than half-used.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
+use crate::store::nats_kv::{NatsKvConfig, NatsKvError, NatsKvEvents, NatsKvStore};
 use crate::store::redis::{RedisStore, RedisStoreConfig};
 
 /// Where values and leases live.
@@ -18,6 +22,11 @@ pub enum StoreConfig {
     /// In this process; engines handed clones of one `MemoryStore` coalesce with each other.
     Memory(MemoryStore),
     Redis {
+        url: String,
+    },
+    /// NATS JetStream KV (nats-server 2.11 or newer); its events come from the bucket's stream,
+    /// so the bus is [`BusConfig::Store`] (or core NATS on this same URL, which means the same).
+    Nats {
         url: String,
     },
 }
@@ -32,6 +41,9 @@ pub enum BusConfig {
     Redis { url: String },
     /// Core NATS, one wildcard subscription per process.
     Nats { url: String },
+    /// The store's own events: with a NATS KV store, one consumer of the bucket's stream per
+    /// process. Only a store that carries its events can be asked for this.
+    Store,
 }
 
 /// A store and a bus, with the timeouts used to reach them.
@@ -52,10 +64,21 @@ pub enum ConnectError {
         "namespace {0:?} is invalid: use 1 to 64 letters, digits, '-' or '_' (it names Redis keys and NATS subjects)"
     )]
     InvalidNamespace(String),
+    /// Two settings that cannot both hold; the message names both.
+    #[error("{0}")]
+    Contradiction(String),
+    #[error("lease_ttl {lease_ttl:?} is below {min:?}, the shortest lease the {store} store keeps")]
+    LeaseTtlTooShort {
+        lease_ttl: Duration,
+        min: Duration,
+        store: &'static str,
+    },
     #[error("could not connect the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("could not connect the bus: {0}")]
     Bus(#[from] crate::bus::BusError),
+    #[error("could not start the NATS KV store: {0}")]
+    NatsKv(#[from] NatsKvError),
 }
 
 impl Backend {
@@ -76,6 +99,12 @@ impl Backend {
         )
     }
 
+    /// NATS JetStream KV for the store, and the bucket's stream for events: a NATS-only
+    /// deployment (nats-server 2.11 or newer, with JetStream).
+    pub fn nats_kv(url: impl Into<String>) -> Self {
+        Self::new(StoreConfig::Nats { url: url.into() }, BusConfig::Store)
+    }
+
     pub fn new(store: StoreConfig, bus: BusConfig) -> Self {
         Self {
             store,
@@ -93,13 +122,50 @@ impl Backend {
         )
     }
 
-    /// Subscribes the bus (delivering to `sink`), then connects the store.
+    /// Refuses a bus setting that contradicts the store: a NATS KV store's events come from its
+    /// bucket, and only such a store has events of its own.
+    pub fn check(&self) -> Result<(), ConnectError> {
+        let bus = match &self.bus {
+            BusConfig::Memory(_) => "bus: memory".to_owned(),
+            BusConfig::Redis { url } => format!("bus: redis ({})", redact(url)),
+            BusConfig::Nats { url } => format!("bus: nats ({})", redact(url)),
+            BusConfig::Store => "bus: store".to_owned(),
+        };
+        match (&self.store, &self.bus) {
+            (StoreConfig::Nats { .. }, BusConfig::Store) => Ok(()),
+            (StoreConfig::Nats { url: store }, BusConfig::Nats { url: bus }) if store == bus => {
+                Ok(())
+            }
+            (StoreConfig::Nats { url }, _) => Err(ConnectError::Contradiction(format!(
+                "store: nats ({}) carries its own events on the bucket's stream, so {bus} \
+                 contradicts it: leave the bus unset, or point it at the store's NATS URL",
+                redact(url)
+            ))),
+            (_, BusConfig::Store) => Err(ConnectError::Contradiction(format!(
+                "{bus} asks for the store's own events, but only store: nats has them: \
+                 choose a bus (memory, redis or nats) or store: nats"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Subscribes the bus (delivering to `sink`), then connects the store; a NATS KV store is
+    /// connected first and then its consumer is made, which is its subscription.
     pub(crate) async fn connect(
         &self,
         namespace: &str,
         sink: Arc<dyn EventSink>,
     ) -> Result<(Arc<dyn Store>, Arc<dyn Bus>), ConnectError> {
         validate_namespace(namespace)?;
+        self.check()?;
+        if let StoreConfig::Nats { url } = &self.store {
+            let mut config = NatsKvConfig::new(url, namespace);
+            config.connect_timeout = self.connect_timeout;
+            config.response_timeout = self.response_timeout;
+            let store = NatsKvStore::connect(config).await?;
+            let events = NatsKvEvents::start(&store, sink).await?;
+            return Ok((Arc::new(store), Arc::new(events)));
+        }
         let bus: Arc<dyn Bus> = match &self.bus {
             BusConfig::Memory(hub) => Arc::new(MemoryBus::connect(hub, sink)),
             BusConfig::Redis { url } => {
@@ -113,9 +179,11 @@ impl Backend {
                 config.connect_timeout = self.connect_timeout;
                 Arc::new(NatsBus::connect(config, sink).await?)
             }
+            BusConfig::Store => unreachable!("refused by check()"),
         };
         let store: Arc<dyn Store> = match &self.store {
             StoreConfig::Memory(store) => Arc::new(store.clone()),
+            StoreConfig::Nats { .. } => unreachable!("connected above"),
             StoreConfig::Redis { url } => {
                 let mut config = RedisStoreConfig::new(url, namespace);
                 config.connect_timeout = self.connect_timeout;
@@ -144,5 +212,75 @@ pub fn validate_namespace(namespace: &str) -> Result<(), ConnectError> {
         Ok(())
     } else {
         Err(ConnectError::InvalidNamespace(namespace.to_owned()))
+    }
+}
+
+/// A URL without any `user:password@` part, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nats() -> StoreConfig {
+        StoreConfig::Nats {
+            url: "nats://user:secret@kv:4222".into(),
+        }
+    }
+
+    #[test]
+    fn a_nats_kv_store_takes_its_own_events_or_core_nats_on_the_same_url() {
+        assert!(Backend::nats_kv("nats://kv:4222").check().is_ok());
+        let same = BusConfig::Nats {
+            url: "nats://user:secret@kv:4222".into(),
+        };
+        assert!(Backend::new(nats(), same).check().is_ok());
+    }
+
+    #[test]
+    fn a_bus_that_contradicts_the_nats_kv_store_is_refused_naming_both() {
+        let contradicting = [
+            (
+                BusConfig::Redis {
+                    url: "redis://cache:6379/".into(),
+                },
+                "bus: redis (redis://cache:6379/)",
+            ),
+            (
+                BusConfig::Nats {
+                    url: "nats://other:4222".into(),
+                },
+                "bus: nats (nats://other:4222)",
+            ),
+            (BusConfig::Memory(MemoryBusHub::new()), "bus: memory"),
+        ];
+        for (bus, named) in contradicting {
+            let error = Backend::new(nats(), bus).check().unwrap_err().to_string();
+            assert!(error.contains("store: nats (nats://kv:4222)"), "{error}");
+            assert!(error.contains(named), "{error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_a_store_with_its_own_events_can_be_asked_for_them() {
+        let memory = StoreConfig::Memory(MemoryStore::new());
+        let error = Backend::new(memory, BusConfig::Store)
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("bus: store") && error.contains("store: nats"),
+            "{error}"
+        );
+        assert!(Backend::memory().check().is_ok());
+        assert!(Backend::redis("redis://r:6379/").check().is_ok());
     }
 }

@@ -118,10 +118,11 @@ pub(crate) async fn lead(
 
     match ending {
         Ending::Built(Ok(Built::Shared(entry))) => match seal(&key, entry) {
-            (entry, Some(bytes)) => {
+            (entry, Some(bytes)) if fits_the_store(inner, &key, &bytes) => {
                 inner.metrics.build("shared");
                 let ttl = entry.ttl + entry.stale;
-                let committed = !lost && commit(inner, &key, token, bytes, ttl).await;
+                let sliding = policy.touch().is_some();
+                let committed = !lost && commit(inner, &key, token, bytes, ttl, sliding).await;
                 if committed && !flight.is_invalidated() {
                     inner.l1.insert(key, entry.clone(), ttl);
                 }
@@ -130,8 +131,9 @@ pub(crate) async fn lead(
                     source: Source::Built,
                 }
             }
-            // Too large to store: nobody else may get it, so it is handled as uncacheable.
-            (entry, None) => {
+            // Too large to encode or to store: nobody else may get it, so it is handled as
+            // uncacheable, and every other caller builds its own.
+            (entry, _) => {
                 inner.metrics.build("private");
                 if !lost {
                     give_up(inner, &key, token, policy).await;
@@ -214,6 +216,62 @@ fn overran(policy: &Policy) -> Failure {
     )
 }
 
+/// Whether an encoded value is within the store's size limit. A value over it is counted, and
+/// logged the first time its key is seen over it (a key that is always too large would otherwise
+/// log on every build).
+fn fits_the_store(inner: &Inner, key: &KeyHash, bytes: &Bytes) -> bool {
+    let Some(limit) = inner.store.max_value_len() else {
+        return true;
+    };
+    if bytes.len() <= limit {
+        return true;
+    }
+    inner.metrics.values_too_large.inc();
+    if inner.too_large_logged.first_time(key) {
+        tracing::warn!(
+            %key,
+            len = bytes.len(),
+            limit,
+            store = inner.store.kind(),
+            "value is larger than the store takes; it is not stored and every caller builds its own"
+        );
+    }
+    false
+}
+
+/// Remembers which keys were already logged, up to a bound; once full it starts over, so a key may
+/// be logged again much later but memory stays bounded.
+pub(crate) struct LoggedOnce {
+    /// Keys already logged.
+    seen: std::sync::Mutex<std::collections::HashSet<KeyHash>>,
+    /// How many keys are remembered before the set starts over.
+    capacity: usize,
+}
+
+impl LoggedOnce {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            seen: std::sync::Mutex::new(std::collections::HashSet::new()),
+            capacity,
+        }
+    }
+
+    /// True the first time `key` is seen (since the set last started over).
+    pub(crate) fn first_time(&self, key: &KeyHash) -> bool {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.contains(key) {
+            return false;
+        }
+        if seen.len() >= self.capacity {
+            seen.clear();
+        }
+        seen.insert(*key)
+    }
+}
+
 /// COMMIT: answers whether the value is now the stored one.
 async fn commit(
     inner: &Inner,
@@ -221,13 +279,14 @@ async fn commit(
     token: Token,
     bytes: Bytes,
     ttl: std::time::Duration,
+    sliding: bool,
 ) -> bool {
     let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
     let event = Event::new(*key, EventKind::Ready { inline }).encode();
     let stored = store_call(inner, "commit", || {
         inner
             .store
-            .commit(key, token, bytes.clone(), ttl, event.clone())
+            .commit(key, token, bytes.clone(), ttl, sliding, event.clone())
     })
     .await;
     match stored {

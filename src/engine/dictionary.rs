@@ -140,11 +140,23 @@ where
     K: Serialize,
     V: Serialize + DeserializeOwned + Send + 'static,
 {
-    /// Opens the dictionary `config.name` on `backend` (its own engine and connections).
+    /// Opens the dictionary `config.name` on `backend` (its own engine and connections). A
+    /// `lease_ttl` below what the store can keep ([`crate::store::Store::min_lease_ttl`]) is
+    /// refused.
     pub async fn open(config: DictionaryConfig, backend: &Backend) -> Result<Self, ConnectError> {
         let mut engine_config = EngineConfig::new(config.name.clone());
         engine_config.l1_max_bytes = config.l1_max_bytes;
         let engine = Engine::connect(engine_config, backend).await?;
+        let min = engine.store().min_lease_ttl();
+        if config.lease_ttl < min {
+            let store = engine.store().kind();
+            engine.close(Duration::ZERO).await;
+            return Err(ConnectError::LeaseTtlTooShort {
+                lease_ttl: config.lease_ttl,
+                min,
+                store,
+            });
+        }
         let policy = Policy {
             expiry: match config.expiry {
                 Expiry::Absolute(_) => ExpiryMode::Absolute,

@@ -262,7 +262,13 @@ pub(crate) struct Inner {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Driver tasks still running (closing waits for them).
     pub drivers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Keys already logged as too large for the store (bounded, see [`TOO_LARGE_LOGGED`]).
+    pub too_large_logged: build::LoggedOnce,
 }
+
+/// How many keys the "value too large" log remembers, so that it logs once per key without
+/// growing with the key space.
+const TOO_LARGE_LOGGED: usize = 1024;
 
 /// One process's engine; cheap to clone.
 #[derive(Clone)]
@@ -295,6 +301,7 @@ impl Engine {
                 crashed: AtomicBool::new(false),
                 shutdown: tokio::sync::watch::channel(false).0,
                 drivers: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+                too_large_logged: build::LoggedOnce::new(TOO_LARGE_LOGGED),
             }),
         })
     }

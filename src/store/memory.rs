@@ -211,6 +211,7 @@ impl Store for MemoryStore {
         token: Token,
         value: Bytes,
         ttl: Duration,
+        _sliding: bool,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
         Ok(self.with(|state, now| {
@@ -343,6 +344,7 @@ mod tests {
                     second.token,
                     value.clone(),
                     Duration::from_secs(9),
+                    false,
                     Bytes::new()
                 )
                 .await,
@@ -355,6 +357,7 @@ mod tests {
                     first.token,
                     value.clone(),
                     Duration::from_secs(9),
+                    false,
                     Bytes::new()
                 )
                 .await,
@@ -392,6 +395,7 @@ mod tests {
                 held.token,
                 Bytes::new(),
                 Duration::from_secs(1),
+                false,
                 Bytes::new(),
             )
             .await;

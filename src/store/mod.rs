@@ -4,9 +4,9 @@
 //!
 //! - [`Store::acquire`] answers HIT / PASS / LEAD / WAIT, [`Store::peek`] the same without ever
 //!   creating a lease (status and only-if-cached reads).
-//! - [`Store::renew`], [`Store::commit`], [`Store::release`] and [`Store::give_up`]
-//!   are fenced by the owner token: with another token (or none) they change nothing and answer
-//!   [`Fenced::Lost`].
+//! - [`Store::renew`], [`Store::commit`], [`Store::release`] (FAIL and ABANDON) and
+//!   [`Store::give_up`] are fenced by the owner token: with another token (or none) they change
+//!   nothing and answer [`Fenced::Lost`].
 //! - [`Store::purge`] removes value, lease and marker, so a build still running under the removed
 //!   lease gets `Lost` on commit and never overwrites the purge.
 //! - [`Store::status`] is read-only and never touches a TTL.
@@ -16,10 +16,15 @@
 //! `Held`) instead of WAIT.
 //!
 //! Events: a store that [`Store::announces`] publishes the pre-encoded event it is handed in the same
-//! atomic step as the write (one Lua script); otherwise the engine publishes it on the bus after the
-//! store answered, and the safety poll covers an event lost in between.
+//! atomic step as the write (one Lua script, one JetStream message); otherwise the engine publishes it
+//! on the bus after the store answered, and the safety poll covers an event lost in between.
+//!
+//! Limits: a store may refuse lease TTLs below [`Store::min_lease_ttl`] (NATS KV counts TTLs in whole
+//! seconds) and values above [`Store::max_value_len`] (NATS KV: the server's `max_payload`); the
+//! engine checks both before it asks, so neither reaches the store as an error.
 
 pub mod memory;
+pub mod nats_kv;
 pub mod redis;
 
 use std::sync::Arc;
@@ -125,11 +130,23 @@ impl StoreError {
 /// The store protocol; see the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Short name for logs and metrics (`memory`, `redis`, `nats`).
+    /// Short name for logs and metrics (`memory`, `redis`, `nats_kv`).
     fn kind(&self) -> &'static str;
 
     /// Whether this store publishes the event it is handed as part of the write itself.
     fn announces(&self) -> bool;
+
+    /// The shortest lease TTL this store can keep; a dictionary asking for less is refused when it
+    /// is opened. Zero for stores that count in milliseconds.
+    fn min_lease_ttl(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// The largest value (encoded envelope, in bytes) [`Store::commit`] can store, if there is a
+    /// limit. The engine treats a larger value as uncacheable instead of committing it.
+    fn max_value_len(&self) -> Option<usize> {
+        None
+    }
 
     async fn acquire(
         &self,
@@ -149,13 +166,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Renewed, StoreError>;
 
     /// Stores `value` for `ttl` (freshness plus stale window), releases the lease and announces
-    /// `event`, if the token still holds the lease.
+    /// `event`, if the token still holds the lease. `sliding` says that reads will touch the TTL
+    /// (a store that cannot extend a TTL in place must keep such a value past `ttl`).
     async fn commit(
         &self,
         key: &KeyHash,
         token: Token,
         value: Bytes,
         ttl: Duration,
+        sliding: bool,
         event: Bytes,
     ) -> Result<Fenced, StoreError>;
 

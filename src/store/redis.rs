@@ -469,6 +469,8 @@ impl Store for RedisStore {
         token: Token,
         value: Bytes,
         ttl: Duration,
+        // PEXPIRE extends a TTL in place, so a sliding value needs nothing special here.
+        _sliding: bool,
         event: Bytes,
     ) -> Result<Fenced, StoreError> {
         let [v, l, p] = self.key_names(key);

@@ -12,6 +12,7 @@ use corral::engine::{
 };
 use corral::key::KeyHash;
 use corral::store::memory::MemoryStore;
+use corral::store::nats_kv::{NatsKvConfig, NatsKvStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -26,6 +27,8 @@ pub enum Kind {
     Redis,
     /// Redis store, core NATS bus.
     RedisNats,
+    /// NATS JetStream KV store, with its events from the bucket's stream: NATS only.
+    NatsKv,
 }
 
 pub struct Cluster {
@@ -61,6 +64,17 @@ impl Cluster {
                     kind,
                     redis: Some(redis),
                     nats: None,
+                    backend,
+                    memory: None,
+                }
+            }
+            Kind::NatsKv => {
+                let nats = TestNats::start().await;
+                let backend = Backend::nats_kv(nats.url());
+                Cluster {
+                    kind,
+                    redis: None,
+                    nats: Some(nats),
                     backend,
                     memory: None,
                 }
@@ -116,14 +130,40 @@ impl Cluster {
         replicas
     }
 
+    /// The shortest lease TTL the store keeps (NATS KV: one second); tests that want short
+    /// leases ask for at least this.
+    pub fn min_lease_ttl(&self) -> Duration {
+        match self.kind {
+            Kind::NatsKv => corral::store::nats_kv::MIN_LEASE_TTL,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// A NATS KV store of its own on the namespace's bucket, to look at entries (NATS KV only).
+    pub async fn kv(&self, namespace: &str) -> Option<NatsKvStore> {
+        if self.kind != Kind::NatsKv {
+            return None;
+        }
+        let nats = self.nats.as_ref().expect("nats");
+        Some(
+            NatsKvStore::connect(NatsKvConfig::new(nats.url(), namespace))
+                .await
+                .expect("inspection store connects"),
+        )
+    }
+
     fn value_name(namespace: &str, key: &KeyHash) -> String {
         format!("{namespace}:{{{}}}:v", key.to_hex())
     }
 
-    /// The store's remaining TTL of a key's value (PTTL on Redis).
+    /// The store's remaining TTL of a key's value (PTTL on Redis; from the entry's server
+    /// timestamp and touch record on NATS KV).
     pub async fn value_ttl(&self, namespace: &str, key: &KeyHash) -> Option<Duration> {
         if let Some(memory) = &self.memory {
             return memory.value_ttl(key);
+        }
+        if let Some(kv) = self.kv(namespace).await {
+            return kv.value_ttl(key).await.expect("value ttl");
         }
         let mut client = self.redis.as_ref().expect("redis").client().await;
         let pttl: i64 = redis::cmd("PTTL")
@@ -139,6 +179,9 @@ impl Cluster {
         if let Some(memory) = &self.memory {
             return memory.raw(key);
         }
+        if let Some(kv) = self.kv(namespace).await {
+            return kv.raw(key).await.expect("raw value");
+        }
         let mut client = self.redis.as_ref().expect("redis").client().await;
         let value: Option<Vec<u8>> = redis::cmd("GET")
             .arg(Self::value_name(namespace, key))
@@ -152,6 +195,12 @@ impl Cluster {
     pub async fn put_raw_value(&self, namespace: &str, key: &KeyHash, value: Bytes) {
         if let Some(memory) = &self.memory {
             memory.put_raw(key, value, Duration::from_secs(60));
+            return;
+        }
+        if let Some(kv) = self.kv(namespace).await {
+            kv.put_raw(key, value, Duration::from_secs(60))
+                .await
+                .expect("put raw value");
             return;
         }
         let mut client = self.redis.as_ref().expect("redis").client().await;
@@ -196,6 +245,11 @@ macro_rules! on_every_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis_store_nats_bus() {
                     body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::RedisNats).await).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn nats_kv() {
+                    body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::NatsKv).await).await
                 }
             }
         )*
