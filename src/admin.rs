@@ -169,7 +169,11 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
             format!("route {} does not cache", route.name),
         ));
     }
-    let body = target.body.as_ref().map(|b| b.as_bytes());
+    // A body-keyed route keys a request without a body as an empty one, exactly as the proxy does.
+    let body = route
+        .key
+        .body
+        .then(|| target.body.as_deref().unwrap_or("").as_bytes());
     Ok(request_key(route, &method, &uri, &headers, body))
 }
 

@@ -185,7 +185,7 @@ async fn serve(config: Config) -> ExitCode {
     tracing::info!(
         public = %public.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-        "corral is serving"
+        "corral is starting: connecting to the store and the bus"
     );
     match corral::server::run(public, admin, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -1187,3 +1187,59 @@ async fn a_route_can_speak_http2_to_its_upstream() {
     assert_eq!(*versions.lock().unwrap(), vec![http::Version::HTTP_2]);
     server.abort();
 }
+
+// ------------------------------------------------------- statuses, host ----
+
+/// 501 is in the default `cache_statuses`: an answer to store, not a failure to pass around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_501_listed_in_cache_statuses_is_stored_like_any_answer() {
+    let upstream = Upstream::start()
+        .await
+        .status("/reports/unimplemented", 501);
+    let yaml = fill(
+        CONFIG,
+        &[
+            ("backing", MEMORY),
+            ("defaults", DEFAULTS),
+            ("upstream", &upstream.url()),
+        ],
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let first = proxy.get(0, "/reports/unimplemented").send().await;
+    let second = proxy.get(0, "/reports/unimplemented").send().await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (501, "MISS"));
+    assert_eq!((second.status.as_u16(), second.x_cache()), (501, "HIT"));
+    assert_eq!(upstream.hits("/reports/unimplemented"), 1);
+}
+
+/// A route that keys on Host forwards the client's; any other sends the upstream's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_host_reaches_the_upstream_only_when_it_is_in_the_key() {
+    let upstream = Upstream::start().await;
+    let yaml = fill(
+        "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\nnamespace: host\n\
+         routes:\n  - name: by-host\n    match: { path_prefix: /tenant }\n    upstream: {{upstream}}\n    key: { headers: [host] }\n\
+         \x20 - name: plain\n    match: { path_prefix: / }\n    upstream: {{upstream}}\n",
+        &[("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    proxy
+        .get(0, "/tenant/a")
+        .header("host", "a.example")
+        .send()
+        .await;
+    proxy
+        .get(0, "/plain")
+        .header("host", "b.example")
+        .send()
+        .await;
+    let upstream_host = upstream.url().trim_start_matches("http://").to_owned();
+    assert_eq!(
+        upstream.requests_for("/tenant/a")[0].header("host"),
+        Some("a.example")
+    );
+    assert_eq!(
+        upstream.requests_for("/plain")[0].header("host"),
+        Some(upstream_host.as_str())
+    );
+}

@@ -656,7 +656,7 @@ fn a_store_or_bus_that_needs_a_url() {
     );
     assert_eq!(
         problem(&with_route("store: {kind: redis, url: 'nats://r'}\n", "")),
-        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, rediss://, redis+unix:// or unix://)"
+        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, redis+unix:// or unix://)"
     );
     assert_eq!(
         problem(&with_route("store: {url: 'redis://r'}\n", "")),

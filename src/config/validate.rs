@@ -829,17 +829,16 @@ fn backend_kind(text: &str) -> Result<Kind, Invalid> {
     }
 }
 
-/// A store or bus url: the schemes the redis and nats clients accept.
+/// A store or bus url: the schemes this build's redis and nats clients can connect to (no Redis
+/// TLS and no NATS websockets are compiled in, so `rediss://`, `ws://` and `wss://` are refused
+/// here rather than failing at start).
 fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Invalid> {
     let (schemes, accepted): (&[&str], _) = match kind {
         Kind::Redis => (
-            &["redis", "rediss", "redis+unix", "unix"],
-            "redis://, rediss://, redis+unix:// or unix://",
+            &["redis", "redis+unix", "unix"],
+            "redis://, redis+unix:// or unix://",
         ),
-        _ => (
-            &["nats", "tls", "ws", "wss"],
-            "nats://, tls://, ws:// or wss://",
-        ),
+        _ => (&["nats", "tls"], "nats:// or tls://"),
     };
     match text.split_once("://") {
         Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => {

@@ -472,7 +472,11 @@ impl Fetch {
                 body,
             } => {
                 let mut entry = entry(status, &headers, body, route.policy.ttl);
-                if status.is_server_error() {
+                // A 5xx is a failure for everyone who joined, unless the route lists it as a
+                // storable answer (501 Not Implemented, by default).
+                if status.is_server_error()
+                    && !route.policy.cache_statuses.contains(&status.as_u16())
+                {
                     return Err(BuildError::with_response(
                         format!("upstream answered {status}"),
                         entry,

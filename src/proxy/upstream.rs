@@ -1,4 +1,5 @@
-//! The upstream client: hyper-util's pooled client, which forwards exactly what it is given (no
+//! The upstream client: hyper-util's pooled client (plain HTTP: HTTP/1.1, or HTTP/2 with prior
+//! knowledge per route), which forwards exactly what it is given (no
 //! redirects followed, no decompression, no headers added behind our back).
 
 use std::time::Duration;
@@ -82,7 +83,9 @@ impl Upstream {
             .body(body)
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         *request.headers_mut() = headers;
-        if let Some(authority) = uri.authority()
+        // The upstream's own Host, unless the route keys on the client's (then it was forwarded).
+        if !request.headers().contains_key(http::header::HOST)
+            && let Some(authority) = uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             request.headers_mut().insert(http::header::HOST, host);
