@@ -1243,3 +1243,26 @@ async fn the_client_host_reaches_the_upstream_only_when_it_is_in_the_key() {
         Some(upstream_host.as_str())
     );
 }
+
+/// A bypassed request waits for the upstream's answer no longer than max_fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypassed_request_gets_a_504_when_the_upstream_does_not_answer_within_max_fetch() {
+    let upstream = Upstream::start().await;
+    let hold = upstream.hold("/stuck");
+    let yaml = fill(
+        "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\nnamespace: stuck\n\
+         defaults: { max_fetch: 300ms }\n\
+         routes:\n  - name: plain\n    match: { path_prefix: / }\n    upstream: {{upstream}}\n    cache: false\n",
+        &[("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let reply = proxy.get(0, "/stuck").send().await;
+    assert_eq!(reply.status.as_u16(), 504);
+    assert_eq!(reply.x_cache(), "BYPASS");
+    assert!(
+        reply.took >= 250 * MS && reply.took < 2000 * MS,
+        "answered after {:?}, not at about max_fetch",
+        reply.took
+    );
+    hold.release();
+}

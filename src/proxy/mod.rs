@@ -360,12 +360,27 @@ impl Direct<'_> {
         } else {
             body
         };
-        match self
-            .proxy
-            .upstream
-            .send(self.route.upstream_http2, self.method, uri, headers, body)
-            .await
-        {
+        // The response head must come within max_fetch; the body then streams for as long as it
+        // takes, as it would without a proxy.
+        let sent = tokio::time::timeout(
+            self.route.policy.max_fetch,
+            self.proxy
+                .upstream
+                .send(self.route.upstream_http2, self.method, uri, headers, body),
+        )
+        .await;
+        let Ok(sent) = sent else {
+            return plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "corral: the upstream did not answer within max_fetch ({})\n",
+                    humantime::format_duration(self.route.policy.max_fetch)
+                ),
+                Outcome::Bypass,
+                "max-fetch",
+            );
+        };
+        match sent {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 respond::finish(
