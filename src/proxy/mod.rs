@@ -159,9 +159,31 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
 
     // The body is part of the key only on body-keyed routes; a GET's body is never forwarded.
     let keyed_body = if route.key.body {
-        match read_limited(body, route.policy.max_body).await {
-            Ok(bytes) => Some(bytes),
-            Err(Oversized { prefix, rest }) => {
+        // A client that sends its body slower than the wait timeout allows is not waited for.
+        let read = tokio::time::timeout(
+            route.policy.wait_timeout,
+            read_limited(body, route.policy.max_body),
+        )
+        .await;
+        match read {
+            Err(_elapsed) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "corral: the request body did not arrive within the wait timeout\n".into(),
+                    Outcome::Bypass,
+                    "request-timeout",
+                );
+            }
+            Ok(Err(BodyRead::Broken)) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "corral: the request body broke off\n".into(),
+                    Outcome::Bypass,
+                    "request-body",
+                );
+            }
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(BodyRead::Oversized { prefix, rest })) => {
                 let stream = futures::stream::once(async move { Ok::<_, axum::Error>(prefix) })
                     .chain(rest.into_data_stream());
                 return direct
@@ -308,20 +330,22 @@ fn age(entry: &Entry) -> u64 {
     crate::engine::unix_ms().saturating_sub(entry.stored_at_ms) / 1000
 }
 
-/// A request body larger than allowed: what was read, and the rest.
-struct Oversized {
-    prefix: Bytes,
-    rest: Body,
+/// Why a request body was not read whole.
+enum BodyRead {
+    /// Larger than allowed: what was read, and the rest.
+    Oversized { prefix: Bytes, rest: Body },
+    /// The client's body failed mid-way; a partial body must never become a key.
+    Broken,
 }
 
-async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, Oversized> {
+async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, BodyRead> {
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+        let frame = frame.map_err(|_| BodyRead::Broken)?;
         if let Ok(data) = frame.into_data() {
             read.extend_from_slice(&data);
             if read.len() as u64 > limit {
-                return Err(Oversized {
+                return Err(BodyRead::Oversized {
                     prefix: read.freeze(),
                     rest: body,
                 });
@@ -576,5 +600,45 @@ fn entry(status: StatusCode, headers: &HeaderMap, body: Bytes, ttl: Duration) ->
         ttl,
         stale: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(chunks: Vec<Result<&'static [u8], std::io::Error>>) -> Body {
+        Body::from_stream(futures::stream::iter(
+            chunks.into_iter().map(|c| c.map(Bytes::from_static)),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_never_a_key() {
+        let broken = body(vec![Ok(b"{\"q\":"), Err(std::io::Error::other("reset"))]);
+        assert!(matches!(
+            read_limited(broken, 1024).await,
+            Err(BodyRead::Broken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_keeps_what_was_read_and_the_rest() {
+        let big = body(vec![Ok(b"abc"), Ok(b"def"), Ok(b"ghi")]);
+        let Err(BodyRead::Oversized { prefix, rest }) = read_limited(big, 4).await else {
+            panic!("not oversized")
+        };
+        assert_eq!(prefix, Bytes::from_static(b"abcdef"));
+        let rest = rest.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, Bytes::from_static(b"ghi"));
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_read_whole() {
+        let whole = body(vec![Ok(b"ab"), Ok(b"cd")]);
+        assert_eq!(
+            read_limited(whole, 4).await.ok(),
+            Some(Bytes::from_static(b"abcd"))
+        );
     }
 }
