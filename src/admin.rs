@@ -33,6 +33,7 @@ pub fn app(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/admin/purge", post(purge))
         .route("/admin/status", get(status))
         .with_state(proxy)
@@ -40,6 +41,19 @@ pub fn app(proxy: Arc<Proxy>) -> Router {
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Prometheus scrapes this; it needs no token (keep the admin listener off the public network).
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    let text = proxy.engine.render_metrics().await;
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {

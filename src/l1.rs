@@ -133,6 +133,14 @@ impl L1 {
         })
     }
 
+    /// Entries held, after pending maintenance.
+    pub fn entry_count(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |cache| {
+            cache.run_pending_tasks();
+            cache.entry_count()
+        })
+    }
+
     /// Bytes held, after pending maintenance.
     pub fn weighted_size(&self) -> u64 {
         self.cache.as_ref().map_or(0, |cache| {

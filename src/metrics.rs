@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The engine's metrics; cheap to clone (every field is an `Arc` inside).
@@ -32,8 +33,9 @@ pub struct Metrics {
     pub flights_inflight: IntGauge,
     /// Callers waiting on a flight they did not start.
     pub followers_waiting: IntGauge,
-    /// How long callers waited on a flight after joining it, in seconds.
-    pub follower_wait: Histogram,
+    /// How long callers waited for someone else's build after joining its flight, in seconds, by
+    /// route.
+    pub follower_wait: HistogramVec,
     /// Re-checks made by a timer (safety poll or lease expiry), by whether they found a change: a
     /// `found="true"` count is an event that was lost or a holder that died.
     pub poll_rechecks: IntCounterVec,
@@ -46,8 +48,26 @@ pub struct Metrics {
     pub l1_hits: IntCounter,
     /// Lookups the L1 could not answer.
     pub l1_misses: IntCounter,
-    /// Callers that gave up at their deadline.
-    pub wait_timeouts: IntCounter,
+    /// Callers that reached their deadline before an answer, by route.
+    pub wait_timeouts: IntCounterVec,
+    /// Proxy requests answered, by route and outcome (hit, miss, coalesced, pass, bypass, error).
+    pub requests: IntCounterVec,
+    /// Proxy request latency, by route and outcome, in seconds.
+    pub request_duration: HistogramVec,
+    /// Upstream fetches, by route and status class (2xx .. 5xx, or `error` without an answer).
+    pub upstream_requests: IntCounterVec,
+    /// Upstream latency to the response head, by route, in seconds.
+    pub upstream_duration: HistogramVec,
+    /// 1 while the bus subscription is connected (refreshed at scrape).
+    pub bus_connected: IntGauge,
+    /// 1 while the store answered its last probe (refreshed at scrape).
+    pub store_connected: IntGauge,
+    /// Bytes held in the L1 (refreshed at scrape).
+    pub l1_bytes: IntGauge,
+    /// Entries held in the L1 (refreshed at scrape).
+    pub l1_entries: IntGauge,
+    /// Config reloads, by result.
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -89,16 +109,51 @@ impl Metrics {
         registry
             .register(Box::new(store_duration.clone()))
             .expect("registered once");
-        let follower_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "corral_follower_wait_seconds",
-                "How long callers waited for another caller's build after joining its flight.",
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(latency_buckets.clone()),
+                labels,
             )
-            .buckets(latency_buckets),
+            .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        let follower_wait = histogram_vec(
+            "corral_follower_wait_seconds",
+            "How long requests waited for another request's fetch after joining its flight.",
+            &["route"],
+        );
+        let request_duration = histogram_vec(
+            "corral_request_duration_seconds",
+            "How long requests took to answer, by route and outcome.",
+            &["route", "outcome"],
+        );
+        let upstream_duration = histogram_vec(
+            "corral_upstream_duration_seconds",
+            "How long the upstream took to send its response head, by route.",
+            &["route"],
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "corral_build_info",
+                "The version of corral that is running.",
+            ),
+            &["version"],
         )
         .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         registry
-            .register(Box::new(follower_wait.clone()))
+            .register(Box::new(build_info))
+            .expect("registered once");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("registered once");
 
         Self {
@@ -156,9 +211,37 @@ impl Metrics {
                 "corral_l1_misses_total",
                 "Lookups that the L1 could not answer.",
             ),
-            wait_timeouts: counter(
+            wait_timeouts: counter_vec(
                 "corral_wait_timeouts_total",
-                "Callers that reached their deadline before an answer.",
+                "Requests that reached their wait timeout before an answer, by route.",
+                &["route"],
+            ),
+            requests: counter_vec(
+                "corral_requests_total",
+                "Requests answered, by route and outcome.",
+                &["route", "outcome"],
+            ),
+            request_duration,
+            upstream_requests: counter_vec(
+                "corral_upstream_requests_total",
+                "Requests sent to the upstream, by route and status class of the answer.",
+                &["route", "status_class"],
+            ),
+            upstream_duration,
+            bus_connected: gauge(
+                "corral_bus_connected",
+                "Whether the bus subscription is connected (1) or not (0).",
+            ),
+            store_connected: gauge(
+                "corral_store_connected",
+                "Whether the store answered its last probe (1) or not (0).",
+            ),
+            l1_bytes: gauge("corral_l1_bytes", "Bytes held in the L1."),
+            l1_entries: gauge("corral_l1_entries", "Entries held in the L1."),
+            config_reloads: counter_vec(
+                "corral_config_reloads_total",
+                "Configuration reloads, by result.",
+                &["result"],
             ),
             registry,
         }
@@ -178,6 +261,16 @@ impl Metrics {
             .iter()
             .map(|result| self.store_operations.with_label_values(&[op, result]).get())
             .sum()
+    }
+
+    /// Everything registered, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut out).is_err() {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
     }
 
     pub fn lease(&self, event: &str) {

@@ -1266,3 +1266,86 @@ async fn a_bypassed_request_gets_a_504_when_the_upstream_does_not_answer_within_
     );
     hold.release();
 }
+
+// --------------------------------------------------------------- metrics ----
+
+/// The value of the first sample of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            let (series, _) = line.rsplit_once(' ').unwrap_or((line, ""));
+            let bare = series.split('{').next() == Some(name);
+            bare && labels.iter().all(|label| series.contains(label))
+        })
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// `/metrics` on the admin listener counts requests by route and outcome and upstream fetches by
+/// status class, and reports health, the L1 and the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_outcome_and_upstream_fetches_by_class() {
+    let upstream = Upstream::start().await.slow("/reports", 200 * MS);
+    let yaml = fill(
+        CONFIG,
+        &[
+            ("backing", MEMORY),
+            ("defaults", DEFAULTS),
+            ("upstream", &upstream.url()),
+        ],
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let replies = send_all((0..5).map(|_| proxy.get(0, "/reports?m=1"))).await;
+    assert_all_status(&replies, 200);
+    proxy.get(0, "/reports?m=1").send().await;
+    proxy
+        .get(0, "/reports?m=2")
+        .header("authorization", "Bearer x")
+        .send()
+        .await;
+
+    let scraped = proxy.admin(0, Method::GET, "/metrics").send().await;
+    assert_eq!(scraped.status, 200);
+    let text = scraped.text();
+    let count = |outcome: &str| {
+        sample(
+            &text,
+            "corral_requests_total",
+            &[&format!("outcome=\"{outcome}\""), "route=\"reports\""],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(count("miss"), 1.0, "{text}");
+    assert_eq!(count("coalesced") + count("hit"), 5.0, "{text}");
+    assert_eq!(count("bypass"), 1.0, "{text}");
+    let fetched = sample(
+        &text,
+        "corral_upstream_requests_total",
+        &["route=\"reports\"", "status_class=\"2xx\""],
+    );
+    assert_eq!(
+        fetched,
+        Some(2.0),
+        "one fetch for the key, one bypass: {text}"
+    );
+    assert_eq!(sample(&text, "corral_bus_connected", &[]), Some(1.0));
+    assert_eq!(sample(&text, "corral_store_connected", &[]), Some(1.0));
+    assert_eq!(sample(&text, "corral_l1_entries", &[]), Some(1.0));
+    assert_eq!(
+        sample(&text, "corral_build_info", &["version=\"0.1.0\""]),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "corral_request_duration_seconds_count",
+            &["outcome=\"miss\""]
+        ) == Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("process_cpu_seconds_total"),
+        "process metrics"
+    );
+}

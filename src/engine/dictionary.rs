@@ -165,6 +165,7 @@ where
             lease_ttl: config.lease_ttl,
             max_fetch: config.max_fetch,
             poll_interval: config.poll_interval,
+            label: config.name.as_str().into(),
             ..Policy::default()
         };
         Ok(Self {

@@ -154,11 +154,14 @@ pub struct Policy {
     pub poll_interval: Duration,
     /// How long an uncacheable answer makes its key pass straight through.
     pub pass_ttl: Duration,
+    /// The `route` label of this policy's metrics (a route name, or the dictionary's name).
+    pub label: Arc<str>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Self {
+            label: "default".into(),
             expiry: ExpiryMode::Absolute,
             lease_ttl: Duration::from_secs(10),
             max_fetch: Duration::from_secs(30),
@@ -384,7 +387,9 @@ impl Engine {
                     .await;
             }
             let owner = ticket.flight.owner;
-            let conclusion = self.wait(ticket, caller, started, deadline).await?;
+            let conclusion = self
+                .wait(ticket, caller, started, deadline, &policy.label)
+                .await?;
             match &*conclusion {
                 Conclusion::Value { entry, source } => {
                     // Only the caller that started the flight saw its own build; everyone who
@@ -441,6 +446,7 @@ impl Engine {
         caller: u64,
         started: Instant,
         deadline: Instant,
+        route: &str,
     ) -> Result<Arc<Conclusion>, EngineError> {
         let metrics = &self.inner.metrics;
         let following = ticket.flight.owner != caller;
@@ -456,13 +462,14 @@ impl Engine {
             metrics.followers_waiting.dec();
             metrics
                 .follower_wait
+                .with_label_values(&[route])
                 .observe(started.elapsed().as_secs_f64());
         }
         match waited {
             Ok(Ok(conclusion)) => Ok(conclusion.clone().expect("waited for Some")),
             Ok(Err(_closed)) => Err(EngineError::Closed),
             Err(_elapsed) => {
-                metrics.wait_timeouts.inc();
+                metrics.wait_timeouts.with_label_values(&[route]).inc();
                 Err(EngineError::Timeout(deadline - started))
             }
         }
@@ -532,6 +539,28 @@ impl Engine {
             drivers.abort_all();
         }
         inner.bus.close().await;
+    }
+
+    /// Refreshes the gauges that are read rather than counted (bus and store health, L1 size) and
+    /// renders every metric in the Prometheus text format.
+    pub async fn render_metrics(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics
+            .bus_connected
+            .set(i64::from(self.inner.bus.connected()));
+        let probe = KeyHash::from_bytes([0; 32]);
+        let store_up = matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.inner.store.status(&probe)).await,
+            Ok(Ok(_))
+        );
+        metrics.store_connected.set(i64::from(store_up));
+        metrics
+            .l1_bytes
+            .set(i64::try_from(self.inner.l1.weighted_size()).unwrap_or(i64::MAX));
+        metrics
+            .l1_entries
+            .set(i64::try_from(self.inner.l1.entry_count()).unwrap_or(i64::MAX));
+        metrics.render()
     }
 
     /// Whether this engine can serve: the bus is subscribed and the store answers.

@@ -61,6 +61,7 @@ impl Proxy {
                 max_fetch: route.policy.max_fetch,
                 poll_interval: route.policy.poll_interval,
                 pass_ttl: route.policy.pass_ttl,
+                label: route.name.as_str().into(),
             })
             .collect();
         Self {
@@ -126,6 +127,36 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 
 /// One request through the proxy.
 pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response<Body> {
+    let started = tokio::time::Instant::now();
+    let route = proxy.route_for(request.method(), request.uri(), request.headers());
+    let response = answer(&proxy, request).await;
+    let label = route.map_or("none", |i| proxy.config.routes[i].name.as_str());
+    let outcome = if response.status().is_server_error() {
+        "error"
+    } else {
+        match response
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some("HIT") => "hit",
+            Some("MISS") => "miss",
+            Some("COALESCED") => "coalesced",
+            Some("PASS") => "pass",
+            _ => "bypass",
+        }
+    };
+    let metrics = proxy.engine.metrics();
+    metrics.requests.with_label_values(&[label, outcome]).inc();
+    metrics
+        .request_duration
+        .with_label_values(&[label, outcome])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Answers one request (everything but its metrics).
+async fn answer(proxy: &Arc<Proxy>, request: Request) -> Response<Body> {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -146,7 +177,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
         RequestVerdict::Bypass("route-not-cached")
     };
     let direct = Direct {
-        proxy: &proxy,
+        proxy,
         route,
         method: parts.method.clone(),
         uri: parts.uri.clone(),
@@ -386,6 +417,7 @@ impl Direct<'_> {
         };
         // The response head must come within max_fetch; the body then streams for as long as it
         // takes, as it would without a proxy.
+        let asked = tokio::time::Instant::now();
         let sent = tokio::time::timeout(
             self.route.policy.max_fetch,
             self.proxy
@@ -393,6 +425,11 @@ impl Direct<'_> {
                 .send(self.route.upstream_http2, self.method, uri, headers, body),
         )
         .await;
+        let status = match &sent {
+            Ok(Ok(response)) => Some(response.status()),
+            _ => None,
+        };
+        observe_upstream(self.proxy, &self.route.name, status, asked);
         let Ok(sent) = sent else {
             return plain(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -489,7 +526,8 @@ impl Fetch {
         } else {
             Body::from(self.body.clone())
         };
-        let response = self
+        let asked = tokio::time::Instant::now();
+        let sent = self
             .proxy
             .upstream
             .send(
@@ -499,8 +537,10 @@ impl Fetch {
                 self.headers.clone(),
                 body,
             )
-            .await
-            .map_err(|error| unreachable_error(error.to_string()))?;
+            .await;
+        let status = sent.as_ref().ok().map(|response| response.status());
+        observe_upstream(&self.proxy, &route.name, status, asked);
+        let response = sent.map_err(|error| unreachable_error(error.to_string()))?;
         let buffered = upstream::buffer(response, route.policy.max_body)
             .await
             .map_err(|error| unreachable_error(error.to_string()))?;
@@ -557,6 +597,32 @@ impl Fetch {
             }
         }
     }
+}
+
+/// Counts one upstream request by route and status class (`error` when nothing came back).
+fn observe_upstream(
+    proxy: &Proxy,
+    route: &str,
+    status: Option<StatusCode>,
+    asked: tokio::time::Instant,
+) {
+    let class = match status.map(|s| s.as_u16() / 100) {
+        Some(1) => "1xx",
+        Some(2) => "2xx",
+        Some(3) => "3xx",
+        Some(4) => "4xx",
+        Some(5) => "5xx",
+        _ => "error",
+    };
+    let metrics = proxy.engine.metrics();
+    metrics
+        .upstream_requests
+        .with_label_values(&[route, class])
+        .inc();
+    metrics
+        .upstream_duration
+        .with_label_values(&[route])
+        .observe(asked.elapsed().as_secs_f64());
 }
 
 /// The failure every waiter gets when the upstream cannot be reached.
