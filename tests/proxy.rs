@@ -1349,3 +1349,34 @@ async fn metrics_count_requests_by_outcome_and_upstream_fetches_by_class() {
         "process metrics"
     );
 }
+
+/// A client's `X-Request-Id` reaches the upstream and comes back; without one, corral makes one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_propagated_upstream_and_returned() {
+    let upstream = Upstream::start().await;
+    let yaml = fill(
+        CONFIG,
+        &[
+            ("backing", MEMORY),
+            ("defaults", DEFAULTS),
+            ("upstream", &upstream.url()),
+        ],
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let first = proxy
+        .get(0, "/reports?id=1")
+        .header("x-request-id", "abc-123")
+        .send()
+        .await;
+    assert_eq!(first.header("x-request-id"), Some("abc-123"));
+    assert_eq!(
+        upstream.requests_for("/reports?id=1")[0].header("x-request-id"),
+        Some("abc-123")
+    );
+    // A hit answers with its own request's id, never the one that filled the cache.
+    let second = proxy.get(0, "/reports?id=1").send().await;
+    assert_eq!(second.x_cache(), "HIT");
+    let generated = second.header("x-request-id").expect("an id is generated");
+    assert_eq!(generated.len(), 32);
+    assert_ne!(generated, "abc-123");
+}

@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -126,10 +126,14 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 }
 
 /// One request through the proxy.
-pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response<Body> {
+pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Response<Body> {
     let started = tokio::time::Instant::now();
+    let id = request_id(request.headers());
+    request.headers_mut().insert(REQUEST_ID, id.clone());
     let route = proxy.route_for(request.method(), request.uri(), request.headers());
-    let response = answer(&proxy, request).await;
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let mut response = answer(&proxy, request).await;
+    response.headers_mut().insert(REQUEST_ID, id.clone());
     let label = route.map_or("none", |i| proxy.config.routes[i].name.as_str());
     let outcome = if response.status().is_server_error() {
         "error"
@@ -152,7 +156,46 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Respon
         .request_duration
         .with_label_values(&[label, outcome])
         .observe(started.elapsed().as_secs_f64());
+    let key = response
+        .extensions()
+        .get::<KeyPrefix>()
+        .map_or("-", |k| k.0.as_str());
+    tracing::info!(
+        target: "corral::access",
+        request_id = id.to_str().unwrap_or("-"),
+        %method,
+        path,
+        route = label,
+        outcome,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        key,
+        "request"
+    );
     response
+}
+
+/// The request id header: accepted from the client when sane, else generated; sent upstream and
+/// back to the client.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The first 16 hex digits of a request's key digest, for the access log.
+#[derive(Clone)]
+struct KeyPrefix(String);
+
+/// The client's request id if it is short visible ASCII, else a fresh random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
+                .expect("hex is a valid header value")
+        })
 }
 
 /// Answers one request (everything but its metrics).
@@ -249,7 +292,13 @@ async fn answer(proxy: &Arc<Proxy>, request: Request) -> Response<Body> {
         route: index,
         method: parts.method.clone(),
         uri: upstream_uri,
-        headers: forward_headers(route, &parts.headers, true, client, "http"),
+        headers: {
+            let mut headers = forward_headers(route, &parts.headers, true, client, "http");
+            if let Some(id) = parts.headers.get(REQUEST_ID) {
+                headers.insert(REQUEST_ID, id.clone());
+            }
+            headers
+        },
         body: keyed_body.unwrap_or_default(),
         overflow: Mutex::new(None),
     });
@@ -263,7 +312,7 @@ async fn answer(proxy: &Arc<Proxy>, request: Request) -> Response<Body> {
             route.policy.wait_timeout,
         )
         .await;
-    match answer {
+    let mut response = match answer {
         Ok(answer) => match answer.source {
             AnswerSource::Shared(source) => {
                 let (outcome, stored, age) = match source {
@@ -344,7 +393,12 @@ async fn answer(proxy: &Arc<Proxy>, request: Request) -> Response<Body> {
             Outcome::Miss,
             "store-error",
         ),
-    }
+    };
+    let digest = key.key.hash.to_hex();
+    response
+        .extensions_mut()
+        .insert(KeyPrefix(digest[..16].to_owned()));
+    response
 }
 
 /// `uri` with its query replaced.
