@@ -132,7 +132,15 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     request.headers_mut().insert(REQUEST_ID, id.clone());
     let route = proxy.route_for(request.method(), request.uri(), request.headers());
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let mut response = answer(&proxy, request).await;
+    let mut response = match route {
+        Some(index) => answer(&proxy, index, request).await,
+        None => plain(
+            StatusCode::NOT_FOUND,
+            "corral: no route matches this request\n".into(),
+            Outcome::Bypass,
+            "no-route",
+        ),
+    };
     response.headers_mut().insert(REQUEST_ID, id.clone());
     let label = route.map_or("none", |i| proxy.config.routes[i].name.as_str());
     let outcome = if response.status().is_server_error() {
@@ -198,21 +206,13 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
 }
 
-/// Answers one request (everything but its metrics).
-async fn answer(proxy: &Arc<Proxy>, request: Request) -> Response<Body> {
+/// Answers one request on the route it matched (everything but its metrics and access log).
+async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<Body> {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let (parts, body) = request.into_parts();
-    let Some(index) = proxy.route_for(&parts.method, &parts.uri, &parts.headers) else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "corral: no route matches this request\n".into(),
-            Outcome::Bypass,
-            "no-route",
-        );
-    };
     let route = &proxy.config.routes[index];
     let verdict = if route.cache {
         request_verdict(route, &parts.method, &parts.headers)
