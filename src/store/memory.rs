@@ -98,6 +98,25 @@ impl MemoryStore {
         f(&mut state, Instant::now())
     }
 
+    /// Applies `write` and drops the lease, only if `token` holds it (COMMIT, RELEASE, GIVEUP).
+    fn fenced(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        write: impl FnOnce(&mut Slot, Instant),
+    ) -> Fenced {
+        self.with(|state, now| {
+            let slot = state.slot(key, now);
+            if !slot.holds(token) {
+                return Fenced::Lost;
+            }
+            write(slot, now);
+            slot.lease = None;
+            state.wrote(now);
+            Fenced::Done
+        })
+    }
+
     /// The remaining TTL of a stored value, if any (for tests and status pages).
     pub fn value_ttl(&self, key: &KeyHash) -> Option<Duration> {
         self.with(|state, now| {
@@ -214,16 +233,9 @@ impl Store for MemoryStore {
         _sliding: bool,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
-        Ok(self.with(|state, now| {
-            let slot = state.slot(key, now);
-            if !slot.holds(token) {
-                return Fenced::Lost;
-            }
-            slot.lease = None;
+        Ok(self.fenced(key, token, move |slot, now| {
             slot.pass = None;
             slot.value = Some((value, now + ttl));
-            state.wrote(now);
-            Fenced::Done
         }))
     }
 
@@ -233,14 +245,7 @@ impl Store for MemoryStore {
         token: Token,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
-        Ok(self.with(|state, now| {
-            let slot = state.slot(key, now);
-            if !slot.holds(token) {
-                return Fenced::Lost;
-            }
-            slot.lease = None;
-            Fenced::Done
-        }))
+        Ok(self.fenced(key, token, |_, _| {}))
     }
 
     async fn give_up(
@@ -250,15 +255,8 @@ impl Store for MemoryStore {
         pass_ttl: Duration,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
-        Ok(self.with(|state, now| {
-            let slot = state.slot(key, now);
-            if !slot.holds(token) {
-                return Fenced::Lost;
-            }
-            slot.lease = None;
-            slot.pass = Some(now + pass_ttl);
-            state.wrote(now);
-            Fenced::Done
+        Ok(self.fenced(key, token, move |slot, now| {
+            slot.pass = Some(now + pass_ttl)
         }))
     }
 
