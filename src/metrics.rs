@@ -2,13 +2,54 @@
 //!
 //! Each [`Metrics`] owns its own registry, so several engines in one process (tests, the demo) keep
 //! separate counts. Labels are bounded: operation names and fixed outcome words, never keys.
+//!
+//! Counters whose label values are a fixed list are created at zero for every value (per route,
+//! once the proxy names its routes with [`Metrics::route`]): a rare event then shows as a series
+//! at 0 from the first scrape, so dashboards and alerts see "none yet" rather than "no data".
 
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// How a proxy request ended, the `outcome` label of `corral_requests_total`.
+pub const OUTCOMES: [&str; 7] = [
+    "hit",
+    "miss",
+    "coalesced",
+    "stale",
+    "pass",
+    "bypass",
+    "error",
+];
+
+/// The `event` label of `corral_lease_events_total`.
+pub const LEASE_EVENTS: [&str; 6] = [
+    "acquired",
+    "renewed",
+    "lost",
+    "taken_over",
+    "abandoned",
+    "commit_rejected",
+];
+
+/// The `status_class` label of `corral_upstream_requests_total` (`error`: no answer came back).
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// The `kind` label of `corral_bus_events_total`.
+pub const BUS_EVENT_KINDS: [&str; 6] = [
+    "ready",
+    "failed",
+    "uncacheable",
+    "abandoned",
+    "deleted",
+    "undecodable",
+];
+
+/// The `result` label of `corral_config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
 
 /// The engine's metrics; cheap to clone (every field is an `Arc` inside).
 #[derive(Clone)]
@@ -19,12 +60,16 @@ pub struct Metrics {
     pub store_operations: IntCounterVec,
     /// Store call latency by operation, in seconds.
     pub store_duration: HistogramVec,
-    /// Lease lifecycle: acquired, renewed, lost, taken_over, abandoned, commit_rejected.
+    /// Lease lifecycle: acquired, renewed, lost, taken_over (acquired after waiting on another
+    /// holder's lease that ended without a value), abandoned, commit_rejected.
     pub lease_events: IntCounterVec,
     /// Events received from the bus, by kind (and `undecodable`).
     pub bus_events: IntCounterVec,
     /// Times the bus reconnected (or lagged) and every live flight re-checked.
     pub bus_resyncs: IntCounter,
+    /// How long publishing one event on the bus took, in seconds (only for stores that do not
+    /// carry their own events).
+    pub bus_publish_duration: Histogram,
     /// Builds run, by result: shared, private, failed, overrun, panicked, degraded, own.
     pub builds: IntCounterVec,
     /// How flights ended: value, failed, pass, empty, unattended, store_error.
@@ -50,7 +95,7 @@ pub struct Metrics {
     pub l1_misses: IntCounter,
     /// Callers that reached their deadline before an answer, by route.
     pub wait_timeouts: IntCounterVec,
-    /// Proxy requests answered, by route and outcome (hit, miss, coalesced, pass, bypass, error).
+    /// Proxy requests answered, by route and outcome (see [`OUTCOMES`]).
     pub requests: IntCounterVec,
     /// Proxy request latency, by route and outcome, in seconds.
     pub request_duration: HistogramVec,
@@ -149,6 +194,17 @@ impl Metrics {
         registry
             .register(Box::new(build_info))
             .expect("registered once");
+        let bus_publish_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "corral_bus_publish_duration_seconds",
+                "How long publishing one event on the bus took.",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bus_publish_duration.clone()))
+            .expect("registered once");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -156,46 +212,50 @@ impl Metrics {
             ))
             .expect("registered once");
 
-        Self {
+        let metrics = Self {
             store_operations: counter_vec(
                 "corral_store_operations_total",
-                "Store calls made, by operation and result.",
+                "Store calls made, by operation and result (ok, timeout, unavailable, protocol).",
                 &["op", "result"],
             ),
             store_duration,
             lease_events: counter_vec(
                 "corral_lease_events_total",
-                "Lease lifecycle events: acquired, renewed, lost, taken_over, abandoned, commit_rejected.",
+                "Lease events: acquired, renewed, lost, taken_over (acquired after another holder's lease ended without a value), abandoned, commit_rejected.",
                 &["event"],
             ),
             bus_events: counter_vec(
                 "corral_bus_events_total",
-                "Events received from the bus, by kind.",
+                "Outcome events received from the bus, by kind.",
                 &["kind"],
             ),
+            bus_publish_duration,
             bus_resyncs: counter(
                 "corral_bus_reconnects_total",
                 "Times the bus reconnected and every live flight re-checked the store.",
             ),
             builds: counter_vec(
                 "corral_builds_total",
-                "Builds this process ran, by result.",
+                "Builds (upstream fetches for the cache) this process ran, by result.",
                 &["result"],
             ),
             flight_outcomes: counter_vec(
                 "corral_flight_outcomes_total",
-                "Flights that ended, by outcome.",
+                "Flights (one per key per process) that ended, by outcome.",
                 &["outcome"],
             ),
-            flights_inflight: gauge("corral_flights_inflight", "Flights alive in this process."),
+            flights_inflight: gauge(
+                "corral_flights_inflight",
+                "Flights (one per key being resolved) alive in this process right now.",
+            ),
             followers_waiting: gauge(
                 "corral_followers_waiting",
-                "Callers waiting on a flight they did not start.",
+                "Requests waiting right now on a flight they did not start.",
             ),
             follower_wait,
             poll_rechecks: counter_vec(
                 "corral_poll_rechecks_total",
-                "Re-checks made by a timer rather than an event, by whether they found a change.",
+                "Store re-checks made by a timer rather than an event, by whether they found a change (found=\"true\" is an event that was lost or a holder that died).",
                 &["found"],
             ),
             corrupt_entries: counter(
@@ -206,10 +266,13 @@ impl Metrics {
                 "corral_values_too_large_total",
                 "Built values larger than the store takes; each was not stored and every caller built its own.",
             ),
-            l1_hits: counter("corral_l1_hits_total", "Answers served from the L1."),
+            l1_hits: counter(
+                "corral_l1_hits_total",
+                "Answers served from this process's in-memory L1.",
+            ),
             l1_misses: counter(
                 "corral_l1_misses_total",
-                "Lookups that the L1 could not answer.",
+                "Lookups that the in-memory L1 could not answer.",
             ),
             wait_timeouts: counter_vec(
                 "corral_wait_timeouts_total",
@@ -218,7 +281,7 @@ impl Metrics {
             ),
             requests: counter_vec(
                 "corral_requests_total",
-                "Requests answered, by route and outcome.",
+                "Requests answered, by route and outcome (hit, miss, coalesced, stale, pass, bypass, error).",
                 &["route", "outcome"],
             ),
             request_duration,
@@ -230,21 +293,57 @@ impl Metrics {
             upstream_duration,
             bus_connected: gauge(
                 "corral_bus_connected",
-                "Whether the bus subscription is connected (1) or not (0).",
+                "Whether the bus subscription is connected (1) or not (0), as of this scrape.",
             ),
             store_connected: gauge(
                 "corral_store_connected",
-                "Whether the store answered its last probe (1) or not (0).",
+                "Whether the store answered a probe at this scrape (1) or not (0).",
             ),
-            l1_bytes: gauge("corral_l1_bytes", "Bytes held in the L1."),
-            l1_entries: gauge("corral_l1_entries", "Entries held in the L1."),
+            l1_bytes: gauge(
+                "corral_l1_bytes",
+                "Bytes held in this process's in-memory L1.",
+            ),
+            l1_entries: gauge(
+                "corral_l1_entries",
+                "Entries held in this process's in-memory L1.",
+            ),
             config_reloads: counter_vec(
                 "corral_config_reloads_total",
-                "Configuration reloads, by result.",
+                "Configuration reloads, by result (ok, error).",
                 &["result"],
             ),
             registry,
+        };
+        for event in LEASE_EVENTS {
+            metrics.lease_events.with_label_values(&[event]);
         }
+        for kind in BUS_EVENT_KINDS {
+            metrics.bus_events.with_label_values(&[kind]);
+        }
+        for found in ["true", "false"] {
+            metrics.poll_rechecks.with_label_values(&[found]);
+        }
+        for result in RELOAD_RESULTS {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
+        metrics
+    }
+
+    /// Creates a route's series at zero: every outcome and status class, its wait timeouts and
+    /// its latencies. A rare outcome is then a series at 0 from the first scrape, and a rate sees
+    /// a route's first requests (Prometheus cannot tell how a series that appears mid-burst
+    /// started).
+    pub fn route(&self, route: &str) {
+        for outcome in OUTCOMES {
+            self.requests.with_label_values(&[route, outcome]);
+            self.request_duration.with_label_values(&[route, outcome]);
+        }
+        for class in STATUS_CLASSES {
+            self.upstream_requests.with_label_values(&[route, class]);
+        }
+        self.wait_timeouts.with_label_values(&[route]);
+        self.upstream_duration.with_label_values(&[route]);
+        self.follower_wait.with_label_values(&[route]);
     }
 
     /// Counts one store call.

@@ -1340,7 +1340,7 @@ async fn metrics_count_requests_by_outcome_and_upstream_fetches_by_class() {
         sample(
             &text,
             "corral_request_duration_seconds_count",
-            &["outcome=\"miss\""]
+            &["outcome=\"miss\"", "route=\"reports\""]
         ) == Some(1.0),
         "{text}"
     );

@@ -137,6 +137,11 @@ async fn run(
             Ok(Acquired::Empty) => return Conclusion::Empty,
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
+                if waited {
+                    // The lease this flight waited on ended without a value: its holder died,
+                    // overran, was shut down or purged, and this process takes over the fetch.
+                    inner.metrics.lease("taken_over");
+                }
                 let builder = builder.expect("only build flights acquire");
                 return build::lead(inner, flight, policy, builder, lease.token).await;
             }
@@ -311,7 +316,13 @@ where
 /// Publishes an event on the bus (for stores that do not announce themselves). A lost event costs
 /// followers at most one poll interval, so a failure is logged, not retried.
 pub(crate) async fn announce(inner: &Inner, key: &KeyHash, encoded: Bytes) {
-    if let Err(error) = inner.bus.publish(key, encoded).await {
+    let started = Instant::now();
+    let published = inner.bus.publish(key, encoded).await;
+    inner
+        .metrics
+        .bus_publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(error) = published {
         tracing::warn!(%key, %error, "could not publish an event; followers will poll");
     }
 }

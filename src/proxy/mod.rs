@@ -52,6 +52,9 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Arc<Config>, engine: Engine) -> Self {
+        for route in &config.routes {
+            engine.metrics().route(route.name.as_str());
+        }
         let policies = config
             .routes
             .iter()
@@ -154,6 +157,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
             Some("HIT") => "hit",
             Some("MISS") => "miss",
             Some("COALESCED") => "coalesced",
+            Some("STALE") => "stale",
             Some("PASS") => "pass",
             _ => "bypass",
         }

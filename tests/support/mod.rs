@@ -2,7 +2,7 @@
 //! children on ephemeral loopback ports, plus a bounded polling helper; for
 //! the proxy, an in-process HTTP upstream ([`upstream`]), an HTTP client
 //! ([`http`]), in-process replicas ([`proxy`]) and `corral serve` processes
-//! ([`process`]).
+//! ([`process`]); for the metrics, a run that produces every outcome ([`workload`]).
 //!
 //! Include from an integration test with `mod support;`.
 #![allow(dead_code)]
@@ -13,6 +13,7 @@ pub mod process;
 pub mod proxy;
 pub mod servers;
 pub mod upstream;
+pub mod workload;
 
 pub use servers::{TestNats, TestRedis};
 
