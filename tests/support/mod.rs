@@ -2,7 +2,8 @@
 //! children on ephemeral loopback ports, plus a bounded polling helper; for
 //! the proxy, an in-process HTTP upstream ([`upstream`]), an HTTP client
 //! ([`http`]), in-process replicas ([`proxy`]) and `corral serve` processes
-//! ([`process`]); for the metrics, a run that produces every outcome ([`workload`]).
+//! ([`process`]); for the metrics and dashboards, a run that produces every outcome
+//! ([`workload`]) and a real Prometheus ([`prometheus`]).
 //!
 //! Include from an integration test with `mod support;`.
 #![allow(dead_code)]
@@ -10,6 +11,7 @@
 pub mod cluster;
 pub mod http;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod servers;
 pub mod upstream;
