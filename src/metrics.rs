@@ -3,9 +3,9 @@
 //! Each [`Metrics`] owns its own registry, so several engines in one process (tests, the demo) keep
 //! separate counts. Labels are bounded: operation names and fixed outcome words, never keys.
 //!
-//! Counters whose label values are a fixed list are created at zero for every value (per route,
-//! once the proxy names its routes with [`Metrics::route`]): a rare event then shows as a series
-//! at 0 from the first scrape, so dashboards and alerts see "none yet" rather than "no data".
+//! Series whose label values are a fixed list are created at zero for every value (per route, once
+//! the proxy names its routes with [`Metrics::add_route`]): a rare event then shows as a series at
+//! 0 from the first scrape, so dashboards and alerts see "none yet" rather than "no data".
 
 use std::time::Duration;
 
@@ -333,7 +333,7 @@ impl Metrics {
     /// its latencies. A rare outcome is then a series at 0 from the first scrape, and a rate sees
     /// a route's first requests (Prometheus cannot tell how a series that appears mid-burst
     /// started).
-    pub fn route(&self, route: &str) {
+    pub fn add_route(&self, route: &str) {
         for outcome in OUTCOMES {
             self.requests.with_label_values(&[route, outcome]);
             self.request_duration.with_label_values(&[route, outcome]);

@@ -53,7 +53,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: Arc<Config>, engine: Engine) -> Self {
         for route in &config.routes {
-            engine.metrics().route(route.name.as_str());
+            engine.metrics().add_route(route.name.as_str());
         }
         let policies = config
             .routes

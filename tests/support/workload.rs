@@ -76,7 +76,7 @@ routes:
   - name: takeover
     match: { path_prefix: /takeover }
     upstream: {{upstream}}
-    max_fetch: 2s
+    max_fetch: 3s
     lease_ttl: 3s
     poll_interval: 200ms
   - name: purged
