@@ -368,3 +368,60 @@ fn every_alert_fires_in_its_promtool_unit_test() {
         .collect();
     assert_eq!(tested, alert_names(&read("dashboards/alerts.yaml")));
 }
+
+/// The dashboard is one Grafana can import as it is: a current schema, distinct panel ids, panels
+/// that do not overlap on the 24-column grid, a Prometheus datasource variable, and route and
+/// replica variables that offer "All".
+#[test]
+fn the_dashboard_is_laid_out_for_grafana() {
+    let dashboard: Value = serde_json::from_str(&read("dashboards/corral.json"))
+        .expect("dashboards/corral.json is JSON");
+    assert!(dashboard["schemaVersion"].as_u64() >= Some(39));
+    assert_eq!(dashboard["uid"], "corral");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let ids: BTreeSet<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
+    assert_eq!(ids.len(), panels.len(), "every panel has its own id");
+    let boxes: Vec<(&str, [u64; 4])> = panels
+        .iter()
+        .map(|p| {
+            let at = &p["gridPos"];
+            let field = |name: &str| at[name].as_u64().expect("gridPos numbers");
+            let title = p["title"].as_str().expect("title");
+            (title, [field("x"), field("y"), field("w"), field("h")])
+        })
+        .collect();
+    for (i, (title, [x, y, w, h])) in boxes.iter().enumerate() {
+        assert!(x + w <= 24, "{title:?} runs off the grid");
+        for (other, [ox, oy, ow, oh]) in &boxes[i + 1..] {
+            let apart = x + w <= *ox || ox + ow <= *x || y + h <= *oy || oy + oh <= *y;
+            assert!(apart, "{title:?} overlaps {other:?}");
+        }
+    }
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    assert_eq!(variable("datasource")["type"], "datasource");
+    assert_eq!(variable("datasource")["query"], "prometheus");
+    for name in ["route", "instance"] {
+        let v = variable(name);
+        assert_eq!(v["type"], "query", "${name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "${name}");
+        assert!(
+            v["definition"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("label_values(")),
+            "${name}"
+        );
+        assert_eq!(
+            (&v["includeAll"], &v["allValue"]),
+            (&Value::Bool(true), &Value::from(".*")),
+            "${name}"
+        );
+    }
+}
