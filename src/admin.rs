@@ -105,6 +105,7 @@ async fn purge(
             format!("purge failed: {error}"),
         )
     };
+    let form = purge.form();
     let purged = match purge {
         Purge::Url {
             url,
@@ -186,6 +187,11 @@ async fn purge(
             }
         }
     };
+    let metrics = proxy.engine.metrics();
+    metrics.purges.with_label_values(&[form]).inc();
+    if let Some(count) = purged.get("count").and_then(|count| count.as_u64()) {
+        metrics.purged_keys.with_label_values(&[form]).inc_by(count);
+    }
     Json(purged).into_response()
 }
 

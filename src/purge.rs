@@ -121,6 +121,16 @@ impl Purge {
         Ok(purge)
     }
 
+    /// The form's name, for metrics and logs.
+    pub fn form(&self) -> &'static str {
+        match self {
+            Purge::Url { .. } => "url",
+            Purge::Prefix { .. } => "prefix",
+            Purge::Route { .. } => "route",
+            Purge::Tag { .. } => "tag",
+        }
+    }
+
     /// The JSON body of this purge.
     pub fn to_json(&self) -> String {
         let body = match self.clone() {

@@ -374,6 +374,12 @@ async fn a_successful_post_invalidates_its_url_on_every_replica_and_a_failed_one
     upstream.set_status("/reports/broken", 200);
     assert_kept(&proxy, "/reports/broken", &kept).await;
     assert_ne!(new, old);
+    let metrics = proxy.admin(1, Method::GET, "/metrics").send().await.text();
+    let line = r#"corral_purges_total{form="unsafe_method"} 2"#;
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "the POST purged GET and HEAD: {line} in:\n{metrics}"
+    );
 }
 
 // ------------------------------------------------------------------------------ the CLI ----

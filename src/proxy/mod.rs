@@ -117,9 +117,15 @@ impl Proxy {
             }
             let body = route.key.body.then_some(&[][..]);
             let key = self.key(index, &method, uri, headers, body);
-            if let Err(error) = self.engine.delete(&key.key.hash).await {
-                tracing::warn!(route = %route.name, path = uri.path(), %error,
-                    "could not purge a URL after an unsafe request to it");
+            let metrics = self.engine.metrics();
+            metrics.purges.with_label_values(&["unsafe_method"]).inc();
+            match self.engine.delete(&key.key.hash).await {
+                Ok(existed) => metrics
+                    .purged_keys
+                    .with_label_values(&["unsafe_method"])
+                    .inc_by(u64::from(existed)),
+                Err(error) => tracing::warn!(route = %route.name, path = uri.path(), %error,
+                    "could not purge a URL after an unsafe request to it"),
             }
         }
     }
