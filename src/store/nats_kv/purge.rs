@@ -11,7 +11,7 @@
 //! the server's delete marker on expiry is skipped when reading. Reading an index is one ordered,
 //! headers-only consumer over its subjects (last message per subject), so a prefix read costs
 //! O(keys of the route) messages and a tag read O(keys of the tag), both bounded by the caller's
-//! limit. A generation bump is a compare-and-set on its record, so two concurrent bumps both
+//! limit; the server removes that consumer 30 s after the read (the client's inactive threshold). A generation bump is a compare-and-set on its record, so two concurrent bumps both
 //! count; every process's events consumer hears it.
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
