@@ -495,3 +495,59 @@ async fn corral_purge_sends_each_form_and_fails_clearly() {
         .await
         .assert_refused("cannot reach the admin API");
 }
+
+// ---------------------------------------------------------------------------- generations ----
+
+/// An engine on `store`, with a bus of its own unless `hub` is shared.
+async fn engine(
+    store: &corral::store::memory::MemoryStore,
+    hub: &corral::bus::memory::MemoryBusHub,
+) -> corral::engine::Engine {
+    use corral::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
+    let backend = Backend::new(
+        StoreConfig::Memory(store.clone()),
+        BusConfig::Memory(hub.clone()),
+    );
+    Engine::connect(EngineConfig::new("generations"), &backend)
+        .await
+        .expect("engine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_learn_a_generation_from_the_bus_and_after_a_resync_from_the_store() {
+    use corral::bus::memory::MemoryBusHub;
+    let store = corral::store::memory::MemoryStore::new();
+    let hub = MemoryBusHub::new();
+    let purger = engine(&store, &hub).await;
+    let listening = engine(&store, &hub).await;
+    // A bus that never carries the purger's events: as if they were lost while it was away.
+    let deaf = engine(&store, &MemoryBusHub::new()).await;
+    for replica in [&purger, &listening, &deaf] {
+        replica.track_generations(["reports", "other"]).await;
+        assert_eq!(replica.generation("reports"), 0);
+    }
+
+    assert_eq!(purger.purge_route("reports").await, Ok(1));
+    assert_eq!(purger.generation("reports"), 1);
+    eventually("the listening replica hears generation 1", || async {
+        listening.generation("reports") == 1
+    })
+    .await;
+    assert_eq!(listening.generation("other"), 0, "one route only");
+    assert_eq!(deaf.generation("reports"), 0, "its bus never carried it");
+
+    deaf.sever_bus().await;
+    eventually(
+        "the deaf replica re-reads generations after its resync",
+        || async { deaf.generation("reports") == 1 },
+    )
+    .await;
+
+    let started_later = engine(&store, &MemoryBusHub::new()).await;
+    started_later.track_generations(["reports"]).await;
+    assert_eq!(
+        started_later.generation("reports"),
+        1,
+        "read from the store at start"
+    );
+}
