@@ -284,6 +284,42 @@ async fn purges_that_are_not_a_form_or_name_no_route_are_refused() {
     assert_eq!(no_token.status, 401);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_form_works_on_the_nats_kv_store() {
+    let upstream = Upstream::start()
+        .await
+        .distinct_bodies("/")
+        .header("/reports/tagged", "surrogate-key", "user-42")
+        .distinct_bodies("/reports/tagged");
+    let nats = TestNats::start().await;
+    let backing =
+        "store: { kind: redis, url: \"{{redis}}\" }\nbus: { kind: nats, url: \"{{nats}}\" }";
+    assert!(CONFIG.contains(backing));
+    let nats_kv = format!("store: {{ kind: nats, url: \"{}\" }}", nats.url());
+    let yaml = fill(
+        &CONFIG.replace(backing, &nats_kv),
+        &[("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(3, &yaml, None).await;
+
+    let forms = [
+        (
+            "/reports/2024/1",
+            json!({"route": "reports", "prefix": "/reports/2024/"}),
+        ),
+        ("/reports/tagged/1", json!({"tag": "user-42"})),
+        ("/reports/whole", json!({"route": "reports"})),
+    ];
+    for (url, body) in forms {
+        let old = warm(&proxy, url).await;
+        let answer = purged(&proxy, 1, body.clone()).await;
+        if let Some(count) = answer.get("count") {
+            assert_eq!(count, &json!(1), "{body}: {answer}");
+        }
+        assert_purged(&proxy, url, &old).await;
+    }
+}
+
 // ----------------------------------------------------------------------- in-flight fills ----
 
 /// Holds a fill of `url` on replica 0, runs `body` as a purge on replica 2 while it is held, then
