@@ -2,9 +2,18 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when the store answers and the bus is subscribed, else 503 with the reason.
-//! - `POST /admin/purge` `{"url": "/reports?x=1", "method": "GET", "headers": {...}, "body": "..."}`:
-//!   the request is keyed by its route's rules and removed everywhere (store, every replica's L1);
-//!   answers `{"purged": true, "key": "<digest>"}`.
+//! - `POST /admin/purge`, in one of the forms of [`crate::purge::Purge`]; each removes its keys
+//!   everywhere (store, in-flight leases, every replica's L1):
+//!   - `{"url": "/reports?x=1", "method": "GET", "headers": {...}, "body": "..."}`: the request is
+//!     keyed by its route's rules; answers `{"purged": true, "key": "<digest>", "count": 0|1}`.
+//!   - `{"route": "reports", "prefix": "/reports/2024/"}` and `{"tag": "user-42"}`: the keys the
+//!     store's indexes name; answers `{"purged": true, "count": <keys that existed>, "covered":
+//!     <keys indexed>}`.
+//!   - `{"route": "reports"}`: bumps the route's generation (O(1), so no count); answers
+//!     `{"purged": true, "route": "reports", "generation": <new generation>}`.
+//!
+//!   An unknown route is 404; a body that is none of the forms, or a route that does not cache,
+//!   is 400.
 //! - `GET /admin/status?url=<url-encoded path and query>[&method=GET]`: read-only
 //!   `{"status": "EMPTY|PENDING|EXISTS|PASS", "key": "<digest>"}`.
 //!
@@ -24,9 +33,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::key::{RequestKey, request_key};
+use crate::config::Route;
+use crate::key::RequestKey;
 use crate::proxy::Proxy;
-use crate::store::KeyStatus;
+use crate::purge::Purge;
+use crate::store::{KeyStatus, Selector, valid_tag};
 
 /// The router of the admin listener.
 pub fn app(proxy: Arc<Proxy>) -> Router {
@@ -68,16 +79,11 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 /// A request named by the admin API, keyed as the proxy would key it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Target {
     url: String,
-    #[serde(default)]
     method: Option<String>,
-    #[serde(default)]
     headers: BTreeMap<String, String>,
     /// For routes that key on the request body.
-    #[serde(default)]
     body: Option<String>,
 }
 
@@ -89,26 +95,121 @@ async fn purge(
     if let Err(refused) = authorize(&proxy, &headers) {
         return refused.into_response();
     }
-    let target: Target = match serde_json::from_slice(&body) {
-        Ok(target) => target,
-        Err(error) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!("bad purge request: {error}"),
-            );
-        }
+    let purge = match Purge::parse(&body) {
+        Ok(purge) => purge,
+        Err(message) => return problem(StatusCode::BAD_REQUEST, message),
     };
-    let key = match key_of(&proxy, &target) {
-        Ok(key) => key,
-        Err(refused) => return refused.into_response(),
-    };
-    match proxy.engine.delete(&key.key.hash).await {
-        Ok(_) => Json(json!({"purged": true, "key": key.key.hash.to_hex()})).into_response(),
-        Err(error) => problem(
+    let failed = |error: crate::engine::EngineError| {
+        problem(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("purge failed: {error}"),
-        ),
+        )
+    };
+    let form = purge.form();
+    let purged = match purge {
+        Purge::Url {
+            url,
+            method,
+            headers,
+            body,
+        } => {
+            let target = Target {
+                url,
+                method,
+                headers,
+                body,
+            };
+            let key = match key_of(&proxy, &target) {
+                Ok(key) => key,
+                Err(refused) => return refused.into_response(),
+            };
+            match proxy.engine.delete(&key.key.hash).await {
+                Ok(existed) => json!({
+                    "purged": true,
+                    "key": key.key.hash.to_hex(),
+                    "count": usize::from(existed),
+                }),
+                Err(error) => return failed(error),
+            }
+        }
+        Purge::Route { route } => {
+            if let Err(refused) = cached_route(&proxy, &route) {
+                return refused.into_response();
+            }
+            match proxy.engine.purge_route(&route).await {
+                Ok(generation) => {
+                    json!({"purged": true, "route": route, "generation": generation})
+                }
+                Err(error) => return failed(error),
+            }
+        }
+        Purge::Prefix { route, prefix } => {
+            if let Err(refused) = cached_route(&proxy, &route) {
+                return refused.into_response();
+            }
+            let selector = Selector::Prefix {
+                route: route.clone(),
+                prefix: prefix.clone(),
+            };
+            match proxy.engine.purge_selected(&selector).await {
+                Ok(done) => json!({
+                    "purged": true,
+                    "route": route,
+                    "prefix": prefix,
+                    "count": done.existed,
+                    "covered": done.covered,
+                }),
+                Err(error) => return failed(error),
+            }
+        }
+        Purge::Tag { tag } => {
+            if !valid_tag(&tag) {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "bad tag {tag:?}: 1 to {} visible ASCII characters, no braces or commas",
+                        crate::store::MAX_TAG_LEN
+                    ),
+                );
+            }
+            match proxy
+                .engine
+                .purge_selected(&Selector::Tag(tag.clone()))
+                .await
+            {
+                Ok(done) => json!({
+                    "purged": true,
+                    "tag": tag,
+                    "count": done.existed,
+                    "covered": done.covered,
+                }),
+                Err(error) => return failed(error),
+            }
+        }
+    };
+    let metrics = proxy.engine.metrics();
+    metrics.purges.with_label_values(&[form]).inc();
+    if let Some(count) = purged.get("count").and_then(|count| count.as_u64()) {
+        metrics.purged_keys.with_label_values(&[form]).inc_by(count);
     }
+    Json(purged).into_response()
+}
+
+/// The route named `name`, if it exists (else 404) and caches (else 400).
+fn cached_route<'a>(proxy: &'a Proxy, name: &str) -> Result<&'a Route, Refusal> {
+    let Some(route) = proxy.config.routes.iter().find(|r| r.name == name) else {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("no route is named {name:?}"),
+        ));
+    };
+    if !route.cache {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("route {name} does not cache"),
+        ));
+    }
+    Ok(route)
 }
 
 #[derive(Deserialize)]
@@ -188,7 +289,7 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
         .key
         .body
         .then(|| target.body.as_deref().unwrap_or("").as_bytes());
-    Ok(request_key(route, &method, &uri, &headers, body))
+    Ok(proxy.key(index, &method, &uri, &headers, body))
 }
 
 /// Checks the bearer token in constant time.

@@ -116,6 +116,26 @@ pub struct RequestKey {
 /// request key can never equal a dictionary key (whose first part is "dictionary").
 const REQUEST_KEY_VERSION: &str = "corral/request/1";
 
+/// `key` as keyed under generation `generation` of its route (see `engine::generations`).
+/// Generation 0 is the key itself, so entries stored before a route's first whole-route purge stay
+/// readable; any other generation appends itself as one more part and rehashes.
+pub fn with_generation(key: RequestKey, generation: u64) -> RequestKey {
+    if generation == 0 {
+        return key;
+    }
+    let RequestKey { key, mut parts } = key;
+    let mut builder = KeyBuilder {
+        canonical: key.canonical,
+    };
+    builder.push(b"generation");
+    builder.push(generation.to_string().as_bytes());
+    parts.push(("generation".into(), generation.to_string()));
+    RequestKey {
+        key: builder.finish(),
+        parts,
+    }
+}
+
 /// What `explain` shows for an absent header, cookie or body.
 const ABSENT: &str = "<absent>";
 

@@ -18,6 +18,8 @@
 //! - [`policy`]: what may be cached, for how long, and what may be shared; which headers reach the
 //!   upstream.
 //! - [`admin`]: health, readiness, purge and status.
+//! - [`purge`]: the forms of a purge (URL, path prefix, route, surrogate tag) and the client
+//!   `corral purge` sends them with.
 //!
 //! The engine underneath, which the typed dictionary uses too:
 //!
@@ -46,5 +48,6 @@ pub mod l1;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod purge;
 pub mod server;
 pub mod store;

@@ -12,6 +12,8 @@ use corral::config::{self, Config};
 
 /// Exit code for a configuration that was refused (nothing was started).
 const EXIT_CONFIG: u8 = 2;
+/// Exit code for a command line that names nothing to do (`corral purge` without a form or token).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +64,30 @@ enum Command {
         headers: Vec<String>,
         /// The request URL (a path with query, or an absolute URL).
         url: String,
+    },
+    /// Purge cached answers through a running proxy's admin API, by URL, path prefix, route or tag.
+    Purge {
+        /// The admin listener's URL.
+        #[arg(long, env = "CORRAL_ADMIN", default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// The environment variable that holds the admin token.
+        #[arg(long, default_value = "CORRAL_ADMIN_TOKEN")]
+        token_env: String,
+        /// One request's key: a path with query, e.g. /reports?x=1.
+        #[arg(long, conflicts_with_all = ["route", "tag"])]
+        url: Option<String>,
+        /// With --url: the request method (default GET).
+        #[arg(short = 'X', long = "request", requires = "url")]
+        method: Option<String>,
+        /// A whole route by name, or with --prefix only its paths under the prefix.
+        #[arg(long, conflicts_with = "tag")]
+        route: Option<String>,
+        /// With --route: a path prefix, e.g. /reports/2024/.
+        #[arg(long, requires = "route")]
+        prefix: Option<String>,
+        /// Every key whose response carried this Surrogate-Key or Cache-Tag.
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// Run a slow upstream, three replicas and a burst of identical requests, and show what happened.
     Demo {
@@ -145,6 +171,15 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Purge {
+            admin,
+            token_env,
+            url,
+            method,
+            route,
+            prefix,
+            tag,
+        } => purge(&admin, &token_env, url, method, route, prefix, tag).await,
         Command::Demo {
             requests,
             delay,
@@ -168,6 +203,51 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `corral purge`: one purge through the admin API; prints its answer.
+async fn purge(
+    admin: &str,
+    token_env: &str,
+    url: Option<String>,
+    method: Option<String>,
+    route: Option<String>,
+    prefix: Option<String>,
+    tag: Option<String>,
+) -> ExitCode {
+    use corral::purge::Purge;
+    let purge = match (url, route, prefix, tag) {
+        (Some(url), None, None, None) => Purge::Url {
+            url,
+            method,
+            headers: Default::default(),
+            body: None,
+        },
+        (None, Some(route), Some(prefix), None) => Purge::Prefix { route, prefix },
+        (None, Some(route), None, None) => Purge::Route { route },
+        (None, None, None, Some(tag)) => Purge::Tag { tag },
+        _ => {
+            eprintln!("corral purge: name one of --url, --route (with or without --prefix), --tag");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let token = match std::env::var(token_env) {
+        Ok(token) if !token.is_empty() => token,
+        _ => {
+            eprintln!("corral purge: the admin token is not set: put it in ${token_env}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match corral::purge::send(admin, &token, &purge).await {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("corral purge: {error}");
+            ExitCode::FAILURE
         }
     }
 }

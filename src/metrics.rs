@@ -113,6 +113,11 @@ pub struct Metrics {
     pub l1_entries: IntGauge,
     /// Config reloads, by result.
     pub config_reloads: IntCounterVec,
+    /// Purges done, by form: url, prefix, route, tag, unsafe_method.
+    pub purges: IntCounterVec,
+    /// Keys a purge found stored (a value, lease or pass marker), by form (a route purge counts
+    /// none: it is one generation bump).
+    pub purged_keys: IntCounterVec,
 }
 
 impl Metrics {
@@ -311,6 +316,16 @@ impl Metrics {
                 "corral_config_reloads_total",
                 "Configuration reloads, by result (ok, error).",
                 &["result"],
+            ),
+            purges: counter_vec(
+                "corral_purges_total",
+                "Purges done, by form (url, prefix, route, tag, unsafe_method).",
+                &["form"],
+            ),
+            purged_keys: counter_vec(
+                "corral_purged_keys_total",
+                "Keys purges found stored, by form.",
+                &["form"],
             ),
             registry,
         };

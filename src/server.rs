@@ -52,6 +52,10 @@ pub async fn run_on(
     engine_config.l1_max_bytes = config.l1_max_bytes;
     let engine = Engine::connect(engine_config, &backend).await?;
     let proxy = Arc::new(Proxy::new(Arc::new(config), engine.clone()));
+    // Before the first request: a route purged as a whole is keyed by its current generation.
+    engine
+        .track_generations(proxy.config.routes.iter().map(|route| route.name.as_str()))
+        .await;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

@@ -41,6 +41,9 @@ pub enum EventKind {
     Abandoned,
     /// The key was deleted or purged; L1 copies are dropped and waiters re-elect.
     Deleted,
+    /// A whole route was purged: its generation (part of every key of the route) is now
+    /// `generation`. The event's key is the route's [`crate::engine::generation_key`].
+    Generation { generation: u64 },
 }
 
 /// One event about one key.
@@ -68,6 +71,8 @@ const FAILED: u8 = 3;
 const UNCACHEABLE: u8 = 4;
 const ABANDONED: u8 = 5;
 const DELETED: u8 = 6;
+/// Payload: the generation in ASCII decimal digits, so a Lua script can append it.
+const GENERATION: u8 = 7;
 
 /// Failure messages are cut to this many bytes so events stay small.
 const MESSAGE_MAX: usize = 1024;
@@ -78,8 +83,14 @@ impl Event {
     }
 
     /// `version u8 | kind u8 | key [32] | payload`: the inline envelope for READY; for FAILED a
-    /// u16 message length, the UTF-8 message, then the error response's envelope if any.
+    /// u16 message length, the UTF-8 message, then the error response's envelope if any; for
+    /// GENERATION the number in decimal digits.
     pub fn encode(&self) -> Bytes {
+        if let EventKind::Generation { generation } = &self.kind {
+            let mut out = Self::generation_head(&self.key).to_vec();
+            out.extend_from_slice(generation.to_string().as_bytes());
+            return out.into();
+        }
         if let EventKind::Failed { message, response } = &self.kind {
             let message = truncate_utf8(message, MESSAGE_MAX);
             let response = response.as_deref().unwrap_or_default();
@@ -97,7 +108,9 @@ impl Event {
             EventKind::Ready {
                 inline: Some(value),
             } => (READY_INLINE, value),
-            EventKind::Failed { .. } => unreachable!("encoded above"),
+            EventKind::Failed { .. } | EventKind::Generation { .. } => {
+                unreachable!("encoded above")
+            }
             EventKind::Uncacheable => (UNCACHEABLE, &[]),
             EventKind::Abandoned => (ABANDONED, &[]),
             EventKind::Deleted => (DELETED, &[]),
@@ -108,6 +121,15 @@ impl Event {
         out.put_slice(self.key.as_bytes());
         out.put_slice(payload);
         out.freeze()
+    }
+
+    /// The first bytes of a GENERATION event about `key`; the decimal generation follows them.
+    pub fn generation_head(key: &KeyHash) -> [u8; 34] {
+        let mut head = [0; 34];
+        head[0] = EVENT_VERSION;
+        head[1] = GENERATION;
+        head[2..].copy_from_slice(key.as_bytes());
+        head
     }
 
     pub fn decode(bytes: Bytes) -> Result<Self, EventError> {
@@ -143,6 +165,12 @@ impl Event {
             UNCACHEABLE if payload.is_empty() => EventKind::Uncacheable,
             ABANDONED if payload.is_empty() => EventKind::Abandoned,
             DELETED if payload.is_empty() => EventKind::Deleted,
+            GENERATION => EventKind::Generation {
+                generation: std::str::from_utf8(&payload)
+                    .ok()
+                    .and_then(|digits| digits.parse().ok())
+                    .ok_or(EventError::Truncated)?,
+            },
             other => return Err(EventError::Unknown(other)),
         };
         Ok(Self { key, kind })
@@ -248,6 +276,10 @@ mod tests {
             EventKind::Uncacheable,
             EventKind::Abandoned,
             EventKind::Deleted,
+            EventKind::Generation { generation: 0 },
+            EventKind::Generation {
+                generation: u64::MAX,
+            },
         ];
         for kind in kinds {
             let event = Event::new(key(), kind);

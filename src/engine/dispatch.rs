@@ -7,19 +7,28 @@ use crate::l1::L1;
 use crate::metrics::Metrics;
 
 use super::flight::FlightTable;
+use super::generations::Generations;
 
 pub(crate) struct Dispatcher {
     flights: Arc<FlightTable>,
     l1: L1,
     metrics: Metrics,
+    /// Route generations, raised by GENERATION events and re-read after a resync.
+    generations: Arc<Generations>,
 }
 
 impl Dispatcher {
-    pub fn new(flights: Arc<FlightTable>, l1: L1, metrics: Metrics) -> Self {
+    pub fn new(
+        flights: Arc<FlightTable>,
+        l1: L1,
+        metrics: Metrics,
+        generations: Arc<Generations>,
+    ) -> Self {
         Self {
             flights,
             l1,
             metrics,
+            generations,
         }
     }
 }
@@ -32,8 +41,13 @@ impl EventSink for Dispatcher {
             EventKind::Uncacheable => "uncacheable",
             EventKind::Abandoned => "abandoned",
             EventKind::Deleted => "deleted",
+            EventKind::Generation { .. } => "generation",
         };
         self.metrics.bus_events.with_label_values(&[kind]).inc();
+        if let EventKind::Generation { generation } = event.kind {
+            self.generations.heard(&event.key, generation);
+            return;
+        }
         if event.kind == EventKind::Deleted {
             self.l1.invalidate(&event.key);
         }
@@ -44,6 +58,7 @@ impl EventSink for Dispatcher {
 
     fn resync(&self) {
         self.metrics.bus_resyncs.inc();
+        self.generations.resynced();
         for flight in self.flights.all() {
             flight.post_resync();
         }

@@ -5,6 +5,8 @@
 //! - `drive`: what a flight does: ACQUIRE, then answer, wait, or lead.
 //! - `build`: the leader's spawned build under a renewed lease, with a guard that abandons it.
 //! - `dispatch`: the bus's events, delivered to the flights they concern and the L1.
+//! - `generations`: per-route generations, the O(1) purge of a whole route.
+//! - `invalidate`: purges beyond one key (a route, a path prefix, a surrogate tag).
 //! - [`backend`]: which store and bus an engine talks to, and connecting to them.
 //! - [`dictionary`]: the typed, serde-based "build once, read many" dictionary.
 //!
@@ -17,6 +19,8 @@ pub mod dictionary;
 mod dispatch;
 mod drive;
 pub mod flight;
+mod generations;
+mod invalidate;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +34,8 @@ use tokio::time::Instant;
 pub use backend::{Backend, BusConfig, ConnectError, StoreConfig};
 pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
 pub use flight::Source;
+pub use generations::generation_key;
+pub use invalidate::Purged;
 
 use crate::bus::{Bus, Event, EventKind};
 use crate::envelope::Entry;
@@ -267,6 +273,10 @@ pub(crate) struct Inner {
     pub drivers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Keys already logged as too large for the store (bounded, see [`TOO_LARGE_LOGGED`]).
     pub too_large_logged: build::LoggedOnce,
+    /// Generations of the routes this process keys (see `generations`).
+    pub generations: Arc<generations::Generations>,
+    /// Whether the task that re-reads generations after a bus resync is running.
+    pub generations_followed: AtomicBool,
 }
 
 /// How many keys the "value too large" log remembers, so that it logs once per key without
@@ -285,10 +295,12 @@ impl Engine {
         let metrics = Metrics::new();
         let flights = Arc::new(FlightTable::new());
         let l1 = L1::new(config.l1_max_bytes, metrics.clone());
+        let generations = Arc::new(generations::Generations::new());
         let sink = Arc::new(dispatch::Dispatcher::new(
             flights.clone(),
             l1.clone(),
             metrics.clone(),
+            generations.clone(),
         ));
         let (store, bus) = backend.connect(&config.namespace, sink).await?;
         Ok(Self {
@@ -305,6 +317,8 @@ impl Engine {
                 shutdown: tokio::sync::watch::channel(false).0,
                 drivers: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
                 too_large_logged: build::LoggedOnce::new(TOO_LARGE_LOGGED),
+                generations,
+                generations_followed: AtomicBool::new(false),
             }),
         })
     }

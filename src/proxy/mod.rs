@@ -8,6 +8,12 @@
 //! `no-store`, a `Vary` outside the key, a body over `max_body`) goes back to its own client only,
 //! and every other waiting request fetches for itself; a 5xx or an unreachable upstream fails the
 //! flight, and everyone who joined gets the same answer at once.
+//!
+//! Keys carry their route's generation (bumped by a whole-route purge), and the leader records
+//! each key in the store's purge indexes (its route's path index when the fetch starts, so a
+//! prefix purge during the fetch steals its lease; its surrogate tags once the answer is known).
+//! A successful unsafe request (POST, PUT, PATCH, DELETE) that passed through a cached route
+//! purges the GET and HEAD keys of its URL (RFC 9111 section 4.4).
 
 mod respond;
 mod upstream;
@@ -30,16 +36,22 @@ use crate::engine::{
     AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{KeyHash, request_key};
+use crate::key::{KeyHash, RequestKey, request_key, with_generation};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, request_verdict, response_verdict,
 };
+use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
+pub(crate) use upstream::error_chain;
 use upstream::{Buffered, Upstream, target};
 
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
+/// must not hold every miss for its whole call deadline).
+const INDEX_BUDGET: Duration = Duration::from_millis(250);
 
 /// Everything a request needs; shared by every request of one replica.
 pub struct Proxy {
@@ -79,6 +91,52 @@ impl Proxy {
     pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
         route_for(&self.config, method, uri, headers)
     }
+
+    /// The key of a request on route `index`, under the route's current generation.
+    pub fn key(
+        &self,
+        index: usize,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> RequestKey {
+        let route = &self.config.routes[index];
+        let key = request_key(route, method, uri, headers, body);
+        with_generation(key, self.engine.generation(&route.name))
+    }
+
+    /// Purges the GET and HEAD keys of `uri` (as this client would key them) on every replica,
+    /// after a successful unsafe request to it. Only what the URL and these headers determine is
+    /// purged: variants keyed on other header or cookie values stay until they expire.
+    async fn invalidate_url(&self, uri: &Uri, headers: &HeaderMap) {
+        for method in [Method::GET, Method::HEAD] {
+            let Some(index) = self.route_for(&method, uri, headers) else {
+                continue;
+            };
+            let route = &self.config.routes[index];
+            if !route.cache {
+                continue;
+            }
+            let body = route.key.body.then_some(&[][..]);
+            let key = self.key(index, &method, uri, headers, body);
+            let metrics = self.engine.metrics();
+            metrics.purges.with_label_values(&["unsafe_method"]).inc();
+            match self.engine.delete(&key.key.hash).await {
+                Ok(existed) => metrics
+                    .purged_keys
+                    .with_label_values(&["unsafe_method"])
+                    .inc_by(u64::from(existed)),
+                Err(error) => tracing::warn!(route = %route.name, path = uri.path(), %error,
+                    "could not purge a URL after an unsafe request to it"),
+            }
+        }
+    }
+}
+
+/// Methods whose success makes the stored answers of their URL stale (RFC 9111 section 4.4).
+fn is_unsafe(method: &Method) -> bool {
+    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method)
 }
 
 /// The first route of `config` that matches a request, by index.
@@ -232,7 +290,14 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
         client,
     };
     if let RequestVerdict::Bypass(reason) = verdict {
-        return direct.send(body, reason).await;
+        let invalidates = route.cache && is_unsafe(&parts.method);
+        let response = direct.send(body, reason).await;
+        // Only the upstream's own success counts: corral's answers (bad URI, timeouts) are errors.
+        let status = response.status();
+        if invalidates && (status.is_success() || status.is_redirection()) {
+            proxy.invalidate_url(&parts.uri, &parts.headers).await;
+        }
+        return response;
     }
 
     // The body is part of the key only on body-keyed routes; a GET's body is never forwarded.
@@ -272,8 +337,8 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
     } else {
         None
     };
-    let key = request_key(
-        route,
+    let key = proxy.key(
+        index,
         &parts.method,
         &parts.uri,
         &parts.headers,
@@ -305,6 +370,8 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
         },
         body: keyed_body.unwrap_or_default(),
         overflow: Mutex::new(None),
+        key: key.key.hash,
+        path: parts.uri.path().to_owned(),
     });
     let head = parts.method == Method::HEAD;
     let answer = proxy
@@ -533,6 +600,9 @@ struct Fetch {
     body: Bytes,
     /// A response too large to buffer, handed to this fetch's own client to stream.
     overflow: Mutex<Option<Overflow>>,
+    /// The key being fetched and the request path, for the purge indexes.
+    key: KeyHash,
+    path: String,
 }
 
 /// A response over `max_body`: its head, what was read, and the rest still coming.
@@ -573,6 +643,27 @@ impl Fetch {
         })
     }
 
+    /// Records this fetch's key in the purge indexes, waiting at most [`INDEX_BUDGET`]. A failure
+    /// only costs purges by prefix or tag this key, so it is logged, not fatal.
+    async fn index(&self, tags: Vec<String>, ttl: Duration) {
+        let route = &self.proxy.config.routes[self.route];
+        let entry = IndexEntry {
+            route: route.name.clone(),
+            path: self.path.clone(),
+            key: self.key,
+            tags,
+            ttl,
+        };
+        let indexed = tokio::time::timeout(INDEX_BUDGET, self.proxy.engine.index(&entry)).await;
+        let error = match indexed {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {INDEX_BUDGET:?}"),
+        };
+        tracing::warn!(route = %route.name, key = %self.key, %error,
+            "could not index a key for purges by prefix and tag");
+    }
+
     fn take_overflow(&self) -> Option<Overflow> {
         self.overflow.lock().expect("overflow lock").take()
     }
@@ -584,6 +675,11 @@ impl Fetch {
         } else {
             Body::from(self.body.clone())
         };
+        // Indexed before the fetch starts, so that a prefix purge from the moment the upstream
+        // could have answered finds the key and steals its lease (one store call per fill); kept
+        // as long as the lease can live.
+        self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
+            .await;
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -622,6 +718,9 @@ impl Fetch {
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
                         entry.ttl = ttl;
+                        // Before the commit: a tag purge from now on steals the lease.
+                        self.index(surrogate_tags(&headers), entry.ttl + entry.stale)
+                            .await;
                         Ok(Built::Shared(entry))
                     }
                     ResponseVerdict::Pass(reason) => {
@@ -655,6 +754,28 @@ impl Fetch {
             }
         }
     }
+}
+
+/// The surrogate tags of a response: `Surrogate-Key` and `Cache-Tag`, space- or comma-separated,
+/// without duplicates; at most [`MAX_TAGS`], and tags that [`valid_tag`] refuses are skipped.
+fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    let values = headers
+        .get_all("surrogate-key")
+        .iter()
+        .chain(headers.get_all("cache-tag").iter());
+    for value in values {
+        let Ok(text) = value.to_str() else { continue };
+        for tag in text.split([' ', ',', '\t']).filter(|t| valid_tag(t)) {
+            if tags.len() >= MAX_TAGS {
+                return tags;
+            }
+            if !tags.iter().any(|known| known == tag) {
+                tags.push(tag.to_owned());
+            }
+        }
+    }
+    tags
 }
 
 /// Counts one upstream request by route and status class (`error` when nothing came back).
@@ -755,6 +876,25 @@ mod tests {
         assert_eq!(prefix, Bytes::from_static(b"abcdef"));
         let rest = rest.collect().await.unwrap().to_bytes();
         assert_eq!(rest, Bytes::from_static(b"ghi"));
+    }
+
+    #[test]
+    fn surrogate_tags_split_on_spaces_and_commas_and_are_bounded() {
+        let mut headers = HeaderMap::new();
+        headers.append("surrogate-key", "user-42  reports,day-1".parse().unwrap());
+        headers.append("cache-tag", "user-42,{bad},ok".parse().unwrap());
+        assert_eq!(
+            surrogate_tags(&headers),
+            ["user-42", "reports", "day-1", "ok"]
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        let mut headers = HeaderMap::new();
+        headers.insert("surrogate-key", many.join(" ").parse().unwrap());
+        headers.append(
+            "cache-tag",
+            "x".repeat(crate::store::MAX_TAG_LEN + 1).parse().unwrap(),
+        );
+        assert_eq!(surrogate_tags(&headers), many[..MAX_TAGS]);
     }
 
     #[tokio::test]

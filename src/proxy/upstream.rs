@@ -138,7 +138,7 @@ pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
 }
 
 /// A hyper error with its causes, for messages.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -4,7 +4,7 @@
 //! sharing a Redis do, so the demo and the tests run multi-replica scenarios without servers. Expiry
 //! follows tokio's clock. It never announces: the engine publishes events on its bus.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
+use super::{
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
+    MAX_INDEXED_PER_TAG, Renewed, Selector, Store, StoreError, Token, Touch,
+};
 use crate::key::KeyHash;
 
 /// Expired slots are swept after this many writes, so a long-lived store does not grow without bound.
@@ -61,6 +64,12 @@ struct State {
     fence: u64,
     /// Writes since the last sweep.
     writes: u64,
+    /// Route generations; absent is 0.
+    generations: HashMap<String, u64>,
+    /// Per route: (path, key) → when the entry expires.
+    paths: HashMap<String, BTreeMap<(String, KeyHash), Instant>>,
+    /// Per tag: key → when the entry expires.
+    tags: HashMap<String, BTreeMap<KeyHash, Instant>>,
 }
 
 impl State {
@@ -79,6 +88,31 @@ impl State {
                 !slot.is_empty()
             });
         }
+    }
+}
+
+/// Adds `member` to an index until `expires` (never shortening it), drops what lapsed, and forgets
+/// the members that expire soonest while it holds more than `cap` (a linear scan: the memory store
+/// serves the demo and tests, not large indexes).
+fn index_into<K: Ord + Clone>(
+    index: &mut BTreeMap<K, Instant>,
+    member: K,
+    expires: Instant,
+    now: Instant,
+    cap: usize,
+) {
+    index.retain(|_, at| *at > now);
+    let at = index.entry(member).or_insert(expires);
+    *at = (*at).max(expires);
+    while index.len() > cap {
+        let soonest = index
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(k, _)| k.clone());
+        match soonest {
+            Some(soonest) => index.remove(&soonest),
+            None => break,
+        };
     }
 }
 
@@ -266,6 +300,57 @@ impl Store for MemoryStore {
             let existed = !slot.is_empty();
             *slot = Slot::default();
             existed
+        }))
+    }
+
+    async fn route_generation(&self, route: &str) -> Result<u64, StoreError> {
+        Ok(self.with(|state, _| state.generations.get(route).copied().unwrap_or(0)))
+    }
+
+    async fn bump_generation(&self, route: &str, _key: &KeyHash) -> Result<u64, StoreError> {
+        Ok(self.with(|state, _| {
+            let generation = state.generations.entry(route.to_owned()).or_insert(0);
+            *generation += 1;
+            *generation
+        }))
+    }
+
+    async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
+        self.with(|state, now| {
+            let expires = now + entry.ttl;
+            let paths = state.paths.entry(entry.route.clone()).or_default();
+            let member = (entry.path.clone(), entry.key);
+            index_into(paths, member, expires, now, MAX_INDEXED_PER_ROUTE);
+            for tag in &entry.tags {
+                let keys = state.tags.entry(tag.clone()).or_default();
+                index_into(keys, entry.key, expires, now, MAX_INDEXED_PER_TAG);
+            }
+            state.paths.retain(|_, paths| !paths.is_empty());
+            state.tags.retain(|_, keys| !keys.is_empty());
+        });
+        Ok(())
+    }
+
+    async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        Ok(self.with(|state, now| match selector {
+            Selector::Prefix { route, prefix } => {
+                state.paths.get(route).map_or(Vec::new(), |paths| {
+                    paths
+                        .range((prefix.clone(), KeyHash::from_bytes([0; 32]))..)
+                        .take_while(|((path, _), _)| path.starts_with(prefix.as_str()))
+                        .filter(|(_, at)| **at > now)
+                        .map(|((_, key), _)| *key)
+                        .take(limit)
+                        .collect()
+                })
+            }
+            Selector::Tag(tag) => state.tags.get(tag).map_or(Vec::new(), |keys| {
+                keys.iter()
+                    .filter(|(_, at)| **at > now)
+                    .map(|(key, _)| *key)
+                    .take(limit)
+                    .collect()
+            }),
         }))
     }
 

@@ -10,6 +10,10 @@
 //! - [`Store::purge`] removes value, lease and marker, so a build still running under the removed
 //!   lease gets `Lost` on commit and never overwrites the purge.
 //! - [`Store::status`] is read-only and never touches a TTL.
+//! - Invalidation beyond one key: [`Store::route_generation`] and [`Store::bump_generation`] (a
+//!   per-route number that is part of every key of the route, so bumping it drops the whole route
+//!   at once), and [`Store::index`] / [`Store::indexed`] (which keys a route holds under a path,
+//!   and which keys carry a surrogate tag), so a purge by prefix or tag can find its keys.
 //!
 //! Acquire and renew are idempotent for their own token: a caller whose call timed out on the client
 //! retries with the same token, and a lease that the timed-out call did create comes back as LEAD (or
@@ -127,6 +131,49 @@ impl StoreError {
     }
 }
 
+/// One stored (or being stored) key, as the purge indexes know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The route whose path index gets the key.
+    pub route: String,
+    /// The request path (no query), matched by a prefix purge.
+    pub path: String,
+    pub key: KeyHash,
+    /// Surrogate tags of the response (already checked against [`MAX_TAGS`] and [`MAX_TAG_LEN`]).
+    pub tags: Vec<String>,
+    /// How long the entry may live in the store; each index lives as long as its longest entry.
+    pub ttl: Duration,
+}
+
+/// Which indexed keys a purge covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// Keys of `route` whose path starts with `prefix`.
+    Prefix { route: String, prefix: String },
+    /// Keys whose response carried `tag`.
+    Tag(String),
+}
+
+/// Most keys one route's path index keeps; past it the entries that expire soonest are forgotten
+/// (a prefix purge then misses them; they still expire on their own TTL).
+pub const MAX_INDEXED_PER_ROUTE: usize = 100_000;
+/// Most keys one tag's index keeps; past it the entries that expire soonest are forgotten.
+pub const MAX_INDEXED_PER_TAG: usize = 10_000;
+/// Most surrogate tags indexed per response; the rest are ignored.
+pub const MAX_TAGS: usize = 16;
+/// Longest surrogate tag, in bytes; longer ones are ignored.
+pub const MAX_TAG_LEN: usize = 128;
+
+/// Whether a surrogate tag can be indexed: 1 to [`MAX_TAG_LEN`] visible ASCII characters other
+/// than `{`, `}` and `,` (braces would break a Redis hash tag; commas separate tags).
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b','))
+}
+
 /// The store protocol; see the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -205,4 +252,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Read-only state; never changes a TTL.
     async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError>;
+
+    /// The current generation of `route` (0 until it was first bumped).
+    async fn route_generation(&self, route: &str) -> Result<u64, StoreError>;
+
+    /// Adds one to the generation of `route` and answers the new one. A store that
+    /// [`Store::announces`] also announces it (a [`crate::bus::EventKind::Generation`] event about
+    /// `key`, the route's [`crate::engine::generation_key`]).
+    async fn bump_generation(&self, route: &str, key: &KeyHash) -> Result<u64, StoreError>;
+
+    /// Records `entry` in its route's path index and in the index of each of its tags, each
+    /// extended to live at least `entry.ttl`.
+    async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError>;
+
+    /// The keys `selector` covers, at most `limit` of them (entries already gone may be among
+    /// them: purging those is a no-op).
+    async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError>;
 }

@@ -7,6 +7,14 @@
 //! - `<ns>:{<hex>}:l`: the lease, a hash of `token`, `fence`, `node` and `start` (PX = lease ttl),
 //! - `<ns>:{<hex>}:p`: the pass marker (PX = pass ttl).
 //!
+//! Each route owns, under the hash tag `{route:<name>}`, its generation counter
+//! `<ns>:{route:<name>}:g` (no expiry) and its path index: `<ns>:{route:<name>}:pe` (member
+//! `<path>\0<hex>`, scored by expiry) and `<ns>:{route:<name>}:px` (the same members scored 0, read
+//! by prefix). Each surrogate tag owns `<ns>:t:{<tag>}` (member `<hex>`, scored by expiry). An index
+//! write prunes up to 64 lapsed members, forgets the soonest-expiring past its cap, and extends the
+//! set's PX to its longest entry; a prefix read is O(log N + M), a tag read O(log N + M). Each
+//! index is its own script call (its own slot), never part of a key's scripts.
+//!
 //! Scripts run by EVALSHA; [`redis::Script`] falls back to SCRIPT LOAD and a second EVALSHA when
 //! the server answers NOSCRIPT (after a restart, failover or SCRIPT FLUSH). None of them blocks.
 //!
@@ -26,8 +34,11 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value};
 
-use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
-use crate::bus::redis_channel;
+use super::{
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
+    MAX_INDEXED_PER_TAG, Renewed, Selector, Store, StoreError, Token, Touch,
+};
+use crate::bus::{Event, redis_channel};
 use crate::key::KeyHash;
 
 /// How the store reaches Redis and whether its scripts announce events.
@@ -97,6 +108,16 @@ struct Scripts {
     discard: Script,
     /// STATUS: read-only.
     status: Script,
+    /// ROUTE GENERATION: read-only.
+    route_generation: Script,
+    /// BUMP GENERATION: a whole route's purge, announced.
+    bump_generation: Script,
+    /// INDEX: one member of a route's path index or a tag's index.
+    index: Script,
+    /// INDEXED PREFIX: a route's keys under a path prefix.
+    indexed_prefix: Script,
+    /// INDEXED TAG: a tag's live keys.
+    indexed_tag: Script,
 }
 
 impl Scripts {
@@ -110,6 +131,11 @@ impl Scripts {
             purge: Script::new(include_str!("redis/purge.lua")),
             discard: Script::new(include_str!("redis/discard.lua")),
             status: Script::new(include_str!("redis/status.lua")),
+            route_generation: Script::new(include_str!("redis/route_generation.lua")),
+            bump_generation: Script::new(include_str!("redis/bump_generation.lua")),
+            index: Script::new(include_str!("redis/index.lua")),
+            indexed_prefix: Script::new(include_str!("redis/indexed_prefix.lua")),
+            indexed_tag: Script::new(include_str!("redis/indexed_tag.lua")),
         }
     }
 }
@@ -199,6 +225,16 @@ impl RedisStore {
             format!("{base}:l"),
             format!("{base}:p"),
         ]
+    }
+
+    /// The Redis name of one of a route's keys (`g`, `pe` or `px`); all share the route's hash tag.
+    pub fn route_key_name(&self, route: &str, suffix: &str) -> String {
+        format!("{}:{{route:{route}}}:{suffix}", self.namespace)
+    }
+
+    /// The Redis name of a surrogate tag's index.
+    pub fn tag_key_name(&self, tag: &str) -> String {
+        format!("{}:t:{{{tag}}}", self.namespace)
     }
 
     /// Runs one prepared script invocation under the call deadline.
@@ -419,6 +455,17 @@ fn parse_status(op: &'static str, reply: Value) -> Result<KeyStatus, StoreError>
     })
 }
 
+/// A script's non-negative integer answer.
+fn count(op: &'static str, reply: Value) -> Result<u64, StoreError> {
+    match reply {
+        Value::Int(n) if n >= 0 => Ok(n as u64),
+        other => Err(protocol(
+            op,
+            format_args!("expected a count, got {other:?}"),
+        )),
+    }
+}
+
 fn fenced(done: bool) -> Fenced {
     if done { Fenced::Done } else { Fenced::Lost }
 }
@@ -553,6 +600,90 @@ impl Store for RedisStore {
         let mut invocation = self.scripts.discard.prepare_invoke();
         invocation.key(&v).arg(value.as_ref());
         self.fenced("discard", &invocation).await
+    }
+
+    async fn route_generation(&self, route: &str) -> Result<u64, StoreError> {
+        let mut invocation = self.scripts.route_generation.prepare_invoke();
+        invocation.key(self.route_key_name(route, "g"));
+        let reply = self.run("route_generation", &invocation).await?;
+        count("route_generation", reply)
+    }
+
+    async fn bump_generation(&self, route: &str, key: &KeyHash) -> Result<u64, StoreError> {
+        let head = Bytes::copy_from_slice(&Event::generation_head(key));
+        let (announce, channel, head) = self.announce_args(&head);
+        let mut invocation = self.scripts.bump_generation.prepare_invoke();
+        invocation
+            .key(self.route_key_name(route, "g"))
+            .arg(announce)
+            .arg(channel)
+            .arg(head);
+        let reply = self.run("bump_generation", &invocation).await?;
+        count("bump_generation", reply)
+    }
+
+    async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
+        let ttl = millis(entry.ttl);
+        let mut member = entry.path.as_bytes().to_vec();
+        member.push(0);
+        member.extend_from_slice(entry.key.to_hex().as_bytes());
+        let mut invocation = self.scripts.index.prepare_invoke();
+        invocation
+            .key(self.route_key_name(&entry.route, "pe"))
+            .key(self.route_key_name(&entry.route, "px"))
+            .arg(member)
+            .arg(ttl)
+            .arg(MAX_INDEXED_PER_ROUTE);
+        self.run("index", &invocation).await?;
+        // One call per tag: each tag's index is in its own slot.
+        for tag in &entry.tags {
+            let mut invocation = self.scripts.index.prepare_invoke();
+            invocation
+                .key(self.tag_key_name(tag))
+                .arg(entry.key.to_hex())
+                .arg(ttl)
+                .arg(MAX_INDEXED_PER_TAG);
+            self.run("index", &invocation).await?;
+        }
+        Ok(())
+    }
+
+    async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        let mut invocation;
+        match selector {
+            Selector::Prefix { route, prefix } => {
+                invocation = self.scripts.indexed_prefix.prepare_invoke();
+                invocation
+                    .key(self.route_key_name(route, "px"))
+                    .arg(prefix.as_str())
+                    .arg(limit);
+            }
+            Selector::Tag(tag) => {
+                invocation = self.scripts.indexed_tag.prepare_invoke();
+                invocation.key(self.tag_key_name(tag)).arg(limit);
+            }
+        }
+        let reply = self.run("indexed", &invocation).await?;
+        let Value::Array(members) = reply else {
+            return Err(protocol(
+                "indexed",
+                format_args!("expected an array, got {reply:?}"),
+            ));
+        };
+        // A member that is not ours (written by something else) is skipped, not an error.
+        Ok(members
+            .into_iter()
+            .filter_map(|member| match member {
+                Value::BulkString(bytes) => {
+                    let hex = match bytes.iter().rposition(|b| *b == 0) {
+                        Some(at) => &bytes[at + 1..],
+                        None => &bytes[..],
+                    };
+                    std::str::from_utf8(hex).ok().and_then(KeyHash::from_hex)
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {

@@ -13,7 +13,9 @@
 //! | marker expired on the server)                  |                                          |
 //! | `PURGE`, or a delete corral did not write      | DELETED (L1 copies drop)                 |
 //!
-//! A `MaxAge` marker on a touch record `t.<hex>` sweeps the sliding value it kept alive.
+//! A `MaxAge` marker on a touch record `t.<hex>` sweeps the sliding value it kept alive. A
+//! generation record `g.<hex>` is a GENERATION event; purge index records (`ip.`, `it.`) are
+//! nothing anyone waits for.
 //!
 //! # Recovery
 //!
@@ -88,6 +90,9 @@ pub(crate) fn hear(prefix: &str, subject: &str, headers: &HeaderMap, sequence: u
         Some(parts) => parts,
         None => return Heard::Junk,
     };
+    if matches!(kind, "ip" | "it") {
+        return Heard::Nothing;
+    }
     let Some(key) = KeyHash::from_hex(hex) else {
         return Heard::Junk;
     };
@@ -132,6 +137,10 @@ pub(crate) fn hear(prefix: &str, subject: &str, headers: &HeaderMap, sequence: u
                 (None, Some(_)) => Heard::Junk,
             }
         }
+        "g" => match header(super::purge::GENERATION).and_then(|n| n.parse::<u64>().ok()) {
+            Some(generation) => event(EventKind::Generation { generation }),
+            None => Heard::Junk,
+        },
         "t" if header(MARKER_REASON) == Some("MaxAge") => Heard::Sweep(key),
         "t" => Heard::Nothing,
         _ => Heard::Junk,
@@ -644,6 +653,20 @@ mod tests {
             event(EventKind::Deleted)
         );
         assert_eq!(heard("e", &[]), event(EventKind::Ready { inline: None }));
+    }
+
+    #[test]
+    fn generation_records_are_events_and_index_records_are_nothing() {
+        assert_eq!(
+            heard("g", &[("Corral-Generation", "7")]),
+            event(EventKind::Generation { generation: 7 })
+        );
+        assert_eq!(heard("g", &[]), Heard::Junk);
+        let empty = HeaderMap::new();
+        for index in ["ip", "it"] {
+            let subject = format!("{PREFIX}{index}.7265706f727473.{}", key().to_hex());
+            assert_eq!(hear(PREFIX, &subject, &empty, 1), Heard::Nothing);
+        }
     }
 
     #[test]

@@ -53,6 +53,7 @@
 mod bucket;
 mod entry;
 mod events;
+mod purge;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -71,7 +72,10 @@ use tokio::sync::mpsc;
 pub use self::bucket::{MIN_SERVER_VERSION, bucket_name, check_server_version};
 use self::entry::{Record, Slot};
 pub use self::events::NatsKvEvents;
-use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
+use super::{
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Renewed, Selector, Store, StoreError,
+    Token, Touch,
+};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 
@@ -983,6 +987,25 @@ impl Store for NatsKvStore {
             }
         })
         .await
+    }
+
+    /// The route's record is named by its generation key; see `purge.rs`.
+    async fn route_generation(&self, route: &str) -> Result<u64, StoreError> {
+        self.read_generation(&crate::engine::generation_key(route))
+            .await
+    }
+
+    /// The write is the announcement: every process's events consumer hears the record.
+    async fn bump_generation(&self, _route: &str, key: &KeyHash) -> Result<u64, StoreError> {
+        self.raise_generation(key).await
+    }
+
+    async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
+        self.write_index(entry).await
+    }
+
+    async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        self.read_index(selector, limit).await
     }
 
     async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {

@@ -1,0 +1,139 @@
+//! Purges beyond one key: a whole route (by generation), a path prefix within a route and a
+//! surrogate tag (by the store's indexes), and the index writes that make the last two possible.
+//!
+//! A prefix or tag purge is a loop of single-key purges ([`Engine::delete`]), each of which steals
+//! the key's lease (so a fill still running cannot commit) and drops every process's L1 copy
+//! through the bus; it runs [`PURGE_CONCURRENCY`] of them at once.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::generations::generation_key;
+use super::{Engine, EngineError, Inner, drive};
+use crate::bus::{Event, EventKind};
+use crate::key::KeyHash;
+use crate::store::{IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector};
+
+/// Single-key purges of one prefix or tag purge in flight at once.
+const PURGE_CONCURRENCY: usize = 16;
+
+/// Pause before reading generations again after a read failed (store down at start or after a
+/// resync).
+const GENERATION_RETRY: Duration = Duration::from_secs(1);
+
+/// What a purge of many keys did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Purged {
+    /// Keys that had a value, lease or pass marker in the store.
+    pub existed: usize,
+    /// Keys the index named (all of them were purged, whether or not anything was there).
+    pub covered: usize,
+}
+
+impl Engine {
+    /// The generation `route`'s keys carry now (0 until the route is first purged as a whole).
+    pub fn generation(&self, route: &str) -> u64 {
+        self.inner.generations.get(route)
+    }
+
+    /// Keys `routes` by their generations: reads each from the store now, and again whenever the
+    /// bus resyncs (events may have been lost) or a read failed. A route not tracked here is keyed
+    /// at generation 0 whatever the store says. A store that does not answer now is logged and
+    /// retried in the background.
+    pub async fn track_generations<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
+        for route in routes {
+            self.inner.generations.track(route);
+        }
+        let complete = load_generations(&self.inner).await;
+        if !self
+            .inner
+            .generations_followed
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(follow_generations(Arc::downgrade(&self.inner), complete));
+        }
+    }
+
+    /// Purges a whole route in O(1): bumps its generation in the store, so every key of the old
+    /// generation is unreachable on every process (those entries expire on their own TTL).
+    /// Answers the new generation.
+    pub async fn purge_route(&self, route: &str) -> Result<u64, EngineError> {
+        let inner = &self.inner;
+        let key = generation_key(route);
+        let generation = drive::store_call(inner, "bump_generation", || {
+            inner.store.bump_generation(route, &key)
+        })
+        .await?;
+        inner.generations.raise(route, generation);
+        if !inner.store.announces() {
+            let event = Event::new(key, EventKind::Generation { generation });
+            drive::announce(inner, &key, event.encode()).await;
+        }
+        Ok(generation)
+    }
+
+    /// Purges every key `selector` covers in the store's index (each one as [`Engine::delete`]
+    /// does); a store error stops it and is answered.
+    pub async fn purge_selected(&self, selector: &Selector) -> Result<Purged, EngineError> {
+        let inner = &self.inner;
+        let limit = match selector {
+            Selector::Prefix { .. } => MAX_INDEXED_PER_ROUTE,
+            Selector::Tag(_) => MAX_INDEXED_PER_TAG,
+        };
+        let keys =
+            drive::store_call(inner, "indexed", || inner.store.indexed(selector, limit)).await?;
+        let covered = keys.len();
+        let mut results = futures::stream::iter(keys)
+            .map(|key: KeyHash| async move { self.delete(&key).await })
+            .buffer_unordered(PURGE_CONCURRENCY);
+        let mut existed = 0;
+        while let Some(result) = results.next().await {
+            existed += usize::from(result?);
+        }
+        Ok(Purged { existed, covered })
+    }
+
+    /// Records a key in the purge indexes (its route's paths, its tags).
+    pub async fn index(&self, entry: &IndexEntry) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        Ok(drive::store_call(inner, "index", || inner.store.index(entry)).await?)
+    }
+}
+
+/// Reads every tracked generation from the store; false when some read failed.
+async fn load_generations(inner: &Inner) -> bool {
+    let mut complete = true;
+    for route in inner.generations.routes() {
+        match drive::store_call(inner, "route_generation", || {
+            inner.store.route_generation(&route)
+        })
+        .await
+        {
+            Ok(generation) => inner.generations.raise(&route, generation),
+            Err(error) => {
+                complete = false;
+                tracing::warn!(%route, %error, "could not read the route's generation; retrying");
+            }
+        }
+    }
+    complete
+}
+
+/// Re-reads generations after each bus resync, and after a failed read; ends with the engine.
+async fn follow_generations(inner: Weak<Inner>, mut complete: bool) {
+    let (mut resyncs, mut shutdown) = match inner.upgrade() {
+        Some(inner) => (inner.generations.subscribe(), inner.shutdown.subscribe()),
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            changed = resyncs.changed() => if changed.is_err() { return },
+            changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return },
+            () = tokio::time::sleep(GENERATION_RETRY), if !complete => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        complete = load_generations(&inner).await;
+    }
+}
