@@ -23,6 +23,22 @@
 //! Should the manager fail in a way it does not recover from by itself (an error other than I/O or
 //! a timeout), the task replaces it with a fresh one.
 //!
+//! # Sentinel and Cluster
+//!
+//! The URL may be any form of [`Target`]. With Sentinel, the subscription is made on the primary
+//! the sentinels name at the time, and a new manager (so a new lookup) replaces one that lost its
+//! connection; when the publishing connection follows a failover (`+switch-master` or a lost
+//! primary), the subscription moves too, followed by a resync.
+//!
+//! With Cluster, events stay on classic pub/sub (`PUBLISH`, `SUBSCRIBE`), not sharded pub/sub:
+//! a classic message reaches every node over the cluster bus, so one subscription on any node
+//! hears every event, whichever slot the scripts that published it ran on. Sharded pub/sub keeps
+//! a message inside its channel's shard, and a script may only `SPUBLISH` to a channel of its own
+//! slot; with no pattern subscriptions for shard channels, one subscription per process could
+//! then not hear every key. Classic pub/sub costs each event one trip to every node, which the
+//! events' size (ids and outcome, values inline only below 16 KiB) keeps cheap. The subscription
+//! goes to the seed nodes in turn, moving to the next when its node is lost.
+//!
 //! [`redis_channel`]: super::redis_channel
 
 use std::sync::Arc;
@@ -52,7 +68,8 @@ const MANAGER_RETRIES: usize = 6;
 /// How to reach Redis and which namespace's events to carry.
 #[derive(Clone, Debug)]
 pub struct RedisBusConfig {
-    /// `redis://` or `rediss://` URL. Both connections speak RESP3 whatever it says: the
+    /// Any form of [`Target`] (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
+    /// connections speak RESP3 whatever it says: the
     /// subscription needs push frames, and the publishing connection then notices a disconnection
     /// at once and reconnects before the next publish needs it.
     pub url: String,

@@ -5,14 +5,14 @@
 //! confirm with `ROLE` that it is a primary), and again:
 //!
 //! - when a call meets a lost or refused connection, a timeout, or a server that is no longer a
-//!   primary (`READONLY`, `MASTERDOWN`): the call waits, up to [`follow_window`], for the sentinels
+//!   primary (`READONLY`, `MASTERDOWN`): the call waits, up to one connect and three response timeouts, for the sentinels
 //!   to name a primary that answers, then runs once more on it; the same address answering again
 //!   means the connection only blinked, and the call's error stands;
 //! - when a sentinel announces `+switch-master` for our master (one task per connection keeps a
 //!   subscription on one sentinel, moving to the next when that one is lost), so that a failover
 //!   in which the old primary stays reachable is followed too.
 //!
-//! Every lookup and connect is bounded ([`Resolver::primary`]). Calls on different clones share
+//! Every lookup and connect is bounded by one connect and one response timeout. Calls on different clones share
 //! one connection and one lookup at a time: a failover costs one lookup, not one per call.
 //!
 //! What a failover costs: writes the old primary acknowledged but had not yet sent to the replica
