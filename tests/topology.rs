@@ -152,6 +152,47 @@ async fn a_failover_during_a_burst_costs_at_most_one_extra_fetch_per_key_and_no_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_that_leaves_the_old_primary_up_is_followed_on_the_sentinels_notice() {
+    // Nothing breaks the connections at first: the old primary keeps answering, and keeps taking
+    // writes, until the sentinels reconfigure it as a replica (up to 10 s later). Only the
+    // sentinels' +switch-master notice can move the replicas to the new primary before that.
+    let sentinels = TestSentinels::start().await;
+    let upstream = Upstream::start().await.slow("/reports", 200 * MS);
+    let proxy = three_replicas(&sentinels.url(), &upstream, "8s").await;
+    let before = paths("before", 3);
+    assert_right_bodies(&send_burst(burst(&proxy, &before, 6)).await);
+
+    sentinels.fail_over().await;
+    sentinels.wait_for_failover().await;
+    // Each replica's store connection, bus publisher and bus subscription.
+    sentinels
+        .wait_for_clients_on_new_primary(3 * proxy.len())
+        .await;
+
+    let after = paths("after", 5);
+    let replies = send_burst(burst(&proxy, &after, 6)).await;
+    assert_right_bodies(&replies);
+    for path in &after {
+        assert_eq!(upstream.hits(path), 1, "{path} after the failover");
+    }
+    let mut promoted = sentinels.replica_client().await;
+    let stored: Vec<String> = redis::cmd("KEYS")
+        .arg("topo:*:v")
+        .query_async(&mut promoted)
+        .await
+        .expect("KEYS on the promoted replica");
+    assert_eq!(
+        stored.len(),
+        before.len() + after.len(),
+        "every value is on the new primary, none on the old one: {stored:?}"
+    );
+    // And once the old primary is a replica, nothing has to change.
+    sentinels.wait_for_old_primary_to_replicate().await;
+    let last = paths("last", 2);
+    assert_right_bodies(&send_burst(burst(&proxy, &last, 3)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_followers_wake_on_the_primary_s_events() {
     // The bus subscribes on the primary the sentinels name; a burst over three replicas is
     // answered by the event, well before the 5 s poll would have.

@@ -369,6 +369,74 @@ impl TestSentinels {
         pid
     }
 
+    /// Asks a sentinel for a failover while the primary stays up: the replica is promoted and
+    /// the old primary is made its replica.
+    pub async fn fail_over(&self) {
+        let mut conn = self.sentinels[0].client().await;
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(MASTER)
+            .query_async(&mut conn)
+            .await
+            .expect("SENTINEL FAILOVER");
+    }
+
+    /// Waits (bounded) until the former replica, now the primary, has at least `n` client
+    /// connections other than sentinels, replication links and the one asking.
+    pub async fn wait_for_clients_on_new_primary(&self, n: usize) {
+        let conn = self.replica.client().await;
+        poll(
+            "the clients to move to the new primary",
+            Duration::ZERO,
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let own: i64 = redis::cmd("CLIENT")
+                        .arg("ID")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    let list: String = redis::cmd("CLIENT")
+                        .arg("LIST")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    let clients = (list.lines())
+                        .filter(|line| !line.contains(&format!("id={own} ")))
+                        .filter(|line| !line.contains(" name=sentinel-"))
+                        .filter(|line| !line.contains(" flags=S") && !line.contains(" flags=M"))
+                        .count();
+                    (clients >= n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits (bounded) until the old primary, still running, has become a replica. Sentinels
+    /// find it within 10 s (their INFO period) and close its clients' connections when they
+    /// reconfigure it, so each look uses a new connection.
+    pub async fn wait_for_old_primary_to_replicate(&self) {
+        let url = self.primary.as_ref().expect("primary was killed").url();
+        poll(
+            "the old primary to become a replica",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let mut old = connect(&url).await.ok()?;
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut old)
+                        .await
+                        .ok()?;
+                    (field(&info, "role") == Some("slave")).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits (bounded) until every sentinel names the former replica as the primary and the
     /// former replica says it is one.
     pub async fn wait_for_failover(&self) {
