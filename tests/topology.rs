@@ -298,3 +298,24 @@ async fn keys_spread_over_every_primary_and_each_is_built_once() {
         "the values landed on every primary: {per_node:?}"
     );
 }
+
+// --------------------------------------------------------------- credentials ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passwords_and_acl_users_work_through_sentinel_and_cluster() {
+    // Sentinels and data nodes with passwords of their own; a cluster whose default user is off.
+    let (sentinels, cluster) = tokio::join!(
+        TestSentinels::with_passwords("data-secret", "watch-secret"),
+        TestRedisCluster::with_acl_user("corral", "acl-secret"),
+    );
+    let upstream = Upstream::start().await.slow("/reports", 200 * MS);
+    for (form, url) in [("sentinel", sentinels.url()), ("cluster", cluster.url())] {
+        let proxy = three_replicas(&url, &upstream, "8s").await;
+        let keys = paths(form, 3);
+        let replies = send_burst(burst(&proxy, &keys, 6)).await;
+        assert_right_bodies(&replies);
+        for path in &keys {
+            assert_eq!(upstream.hits(path), 1, "{form}: {path}");
+        }
+    }
+}

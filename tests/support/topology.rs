@@ -96,6 +96,8 @@ enum Role {
 pub struct Node {
     role: Role,
     port: u16,
+    /// `user:password@` (or empty) for connections to it.
+    userinfo: String,
     child: Option<Child>,
     pid: u32,
     dir: TempDir,
@@ -104,6 +106,11 @@ pub struct Node {
 impl Node {
     /// Starts a process of `role` whose config file is `lines` plus port, bind, dir and log.
     async fn start(role: Role, lines: &[String]) -> Node {
+        Node::start_as(role, lines, "").await
+    }
+
+    /// [`Node::start`], for a process whose clients must log in with `userinfo` (`user:pass@`).
+    async fn start_as(role: Role, lines: &[String], userinfo: &str) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("corral-topology-")
             .tempdir()
@@ -111,11 +118,12 @@ impl Node {
         let mut errors = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match Node::spawn(role, port, dir.path(), lines).await {
+            match Node::spawn(role, port, dir.path(), lines, userinfo).await {
                 Ok(child) => {
                     return Node {
                         role,
                         port,
+                        userinfo: userinfo.to_string(),
                         pid: child.id(),
                         child: Some(child),
                         dir,
@@ -127,7 +135,13 @@ impl Node {
         panic!("could not start a {role:?} process:\n{}", errors.join("\n"));
     }
 
-    async fn spawn(role: Role, port: u16, dir: &Path, lines: &[String]) -> Result<Child, String> {
+    async fn spawn(
+        role: Role,
+        port: u16,
+        dir: &Path,
+        lines: &[String],
+        userinfo: &str,
+    ) -> Result<Child, String> {
         let config = dir.join("node.conf");
         let log = dir.join("node.log");
         let mut text = format!(
@@ -156,7 +170,7 @@ impl Node {
             .stderr(Stdio::null());
         let mut child = spawn_child(cmd).map_err(|e| format!("spawn on port {port}: {e}"))?;
         let deadline = Deadline::after(Duration::from_secs(5).max(patience() / 2));
-        let url = format!("redis://127.0.0.1:{port}/");
+        let url = format!("redis://{userinfo}127.0.0.1:{port}/");
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!(
@@ -192,9 +206,9 @@ impl Node {
         self.pid
     }
 
-    /// `redis://127.0.0.1:PORT/`
+    /// `redis://[user:password@]127.0.0.1:PORT/`
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}127.0.0.1:{}/", self.userinfo, self.port)
     }
 
     /// A fresh connection with 5 s timeouts.
@@ -252,6 +266,8 @@ fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 
 /// A primary, its replica, and three sentinels monitoring the primary as [`MASTER`] with quorum 2.
 pub struct TestSentinels {
+    /// Password of the data nodes and of the sentinels, when they have one.
+    passwords: Option<(String, String)>,
     /// `None` once killed.
     primary: Option<Node>,
     replica: Node,
@@ -264,24 +280,48 @@ impl TestSentinels {
     /// Starts them all and returns once the replica is in sync and every sentinel knows the
     /// replica and the two other sentinels (so a failover can reach its quorum).
     pub async fn start() -> TestSentinels {
-        let primary = Node::start(Role::Server, &[]).await;
-        let replica = Node::start(
-            Role::Server,
-            &[format!("replicaof 127.0.0.1 {}", primary.port())],
-        )
-        .await;
-        let monitor = [
+        TestSentinels::start_with(None).await
+    }
+
+    /// Like [`TestSentinels::start`], with `node` as the data nodes' password and `sentinel` as
+    /// the sentinels' own (`requirepass` in both).
+    pub async fn with_passwords(node: &str, sentinel: &str) -> TestSentinels {
+        TestSentinels::start_with(Some((node.to_string(), sentinel.to_string()))).await
+    }
+
+    async fn start_with(passwords: Option<(String, String)>) -> TestSentinels {
+        let (mut data, mut watch) = (Vec::new(), Vec::new());
+        let (mut data_login, mut watch_login) = (String::new(), String::new());
+        if let Some((node, sentinel)) = &passwords {
+            data = vec![format!("requirepass {node}"), format!("masterauth {node}")];
+            watch = vec![
+                format!("requirepass {sentinel}"),
+                format!("sentinel sentinel-pass {sentinel}"),
+            ];
+            data_login = format!(":{node}@");
+            watch_login = format!(":{sentinel}@");
+        }
+        let primary = Node::start_as(Role::Server, &data, &data_login).await;
+        let mut replica_lines = data.clone();
+        replica_lines.push(format!("replicaof 127.0.0.1 {}", primary.port()));
+        let replica = Node::start_as(Role::Server, &replica_lines, &data_login).await;
+        let mut monitor = vec![
             format!("sentinel monitor {MASTER} 127.0.0.1 {} 2", primary.port()),
             format!("sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}"),
             format!("sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}"),
             format!("sentinel parallel-syncs {MASTER} 1"),
         ];
+        if let Some((node, _)) = &passwords {
+            monitor.push(format!("sentinel auth-pass {MASTER} {node}"));
+        }
+        monitor.extend(watch);
         let (a, b, c) = tokio::join!(
-            Node::start(Role::Sentinel, &monitor),
-            Node::start(Role::Sentinel, &monitor),
-            Node::start(Role::Sentinel, &monitor),
+            Node::start_as(Role::Sentinel, &monitor, &watch_login),
+            Node::start_as(Role::Sentinel, &monitor, &watch_login),
+            Node::start_as(Role::Sentinel, &monitor, &watch_login),
         );
         let this = TestSentinels {
+            passwords,
             primary_port: primary.port(),
             primary: Some(primary),
             replica,
@@ -334,7 +374,13 @@ impl TestSentinels {
         let hosts: Vec<String> = (self.sentinels.iter())
             .map(|s| format!("127.0.0.1:{}", s.port()))
             .collect();
-        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+        match &self.passwords {
+            None => format!("redis+sentinel://{}/{MASTER}", hosts.join(",")),
+            Some((node, sentinel)) => format!(
+                "redis+sentinel://:{node}@{}/{MASTER}?sentinel_password={sentinel}",
+                hosts.join(",")
+            ),
+        }
     }
 
     /// Port of the primary the topology started with.
@@ -487,6 +533,8 @@ impl TestSentinels {
 /// Three primaries, no replicas, the 16384 slots split in three ranges.
 pub struct TestRedisCluster {
     nodes: Vec<Node>,
+    /// `user:password@` of the ACL user every client logs in as, or empty.
+    userinfo: String,
 }
 
 /// Slots of a Redis Cluster.
@@ -496,15 +544,31 @@ impl TestRedisCluster {
     /// Starts three cluster-enabled servers, gives each a third of the slots, introduces them,
     /// and returns once every node reports `cluster_state:ok` and knows the other two.
     pub async fn start() -> TestRedisCluster {
-        let config = [
+        TestRedisCluster::start_as(None).await
+    }
+
+    /// Like [`TestRedisCluster::start`], where the default user is off and every client must
+    /// log in as the ACL user `user` with `password`.
+    pub async fn with_acl_user(user: &str, password: &str) -> TestRedisCluster {
+        TestRedisCluster::start_as(Some((user, password))).await
+    }
+
+    async fn start_as(user: Option<(&str, &str)>) -> TestRedisCluster {
+        let mut config = vec![
             "cluster-enabled yes".to_string(),
             "cluster-config-file nodes.conf".to_string(),
             "cluster-node-timeout 5000".to_string(),
         ];
+        let mut userinfo = String::new();
+        if let Some((user, password)) = user {
+            config.push(format!("user {user} on >{password} ~* &* +@all"));
+            config.push("user default off".to_string());
+            userinfo = format!("{user}:{password}@");
+        }
         let (a, b, c) = tokio::join!(
-            Node::start(Role::Server, &config),
-            Node::start(Role::Server, &config),
-            Node::start(Role::Server, &config),
+            Node::start_as(Role::Server, &config, &userinfo),
+            Node::start_as(Role::Server, &config, &userinfo),
+            Node::start_as(Role::Server, &config, &userinfo),
         );
         let nodes = vec![a, b, c];
         let third = SLOTS / 3;
@@ -552,7 +616,7 @@ impl TestRedisCluster {
             )
             .await;
         }
-        TestRedisCluster { nodes }
+        TestRedisCluster { nodes, userinfo }
     }
 
     /// `redis+cluster://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`
@@ -560,7 +624,7 @@ impl TestRedisCluster {
         let hosts: Vec<String> = (self.nodes.iter())
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        format!("redis+cluster://{}{}", self.userinfo, hosts.join(","))
     }
 
     /// A cluster connection (follows MOVED/ASK), for inspecting keys.
