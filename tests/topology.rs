@@ -192,27 +192,25 @@ async fn a_failover_that_leaves_the_old_primary_up_is_followed_on_the_sentinels_
     assert_right_bodies(&send_burst(burst(&proxy, &last, 3)).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sentinel_followers_wake_on_the_primary_s_events() {
-    // The bus subscribes on the primary the sentinels name; a burst over three replicas is
-    // answered by the event, well before the 5 s poll would have.
-    let sentinels = TestSentinels::start().await;
+/// A burst over three replicas on `url`, for six keys (so, on a cluster, scripts on every
+/// primary publish): every follower is answered by the event, well before the 5 s poll would
+/// have answered it.
+async fn followers_wake_on_events(url: &str) {
     let upstream = Upstream::start().await.slow("/reports", 300 * MS);
     let yaml = fill(
         CONFIG,
-        &[
-            ("url", &sentinels.url()),
-            ("upstream", &upstream.url()),
-            ("wait", "8s"),
-        ],
+        &[("url", url), ("upstream", &upstream.url()), ("wait", "8s")],
     )
     .replace("poll_interval: 1s", "poll_interval: 5s");
     let proxy = ProxyCluster::start(3, &yaml, None).await;
+    let keys = paths("wake", 6);
 
-    let replies = send_burst(burst(&proxy, &paths("wake", 1), 30)).await;
+    let replies = send_burst(burst(&proxy, &keys, 10)).await;
 
     assert_right_bodies(&replies);
-    assert_eq!(upstream.hits("/reports/wake-0"), 1);
+    for path in &keys {
+        assert_eq!(upstream.hits(path), 1, "{path}");
+    }
     let slowest = replies
         .iter()
         .map(|(_, r)| r.took)
@@ -222,6 +220,19 @@ async fn sentinel_followers_wake_on_the_primary_s_events() {
         slowest < 3000 * MS,
         "the slowest follower took {slowest:?}: woken by the poll, not the event"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_followers_wake_on_the_primary_s_events() {
+    let sentinels = TestSentinels::start().await;
+    followers_wake_on_events(&sentinels.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_followers_wake_on_events_published_on_any_primary() {
+    // Each replica subscribes on one node; classic pub/sub carries events from every node.
+    let cluster = TestRedisCluster::start().await;
+    followers_wake_on_events(&cluster.url()).await;
 }
 
 // ------------------------------------------------------------------- Cluster ----
