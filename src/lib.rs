@@ -30,6 +30,8 @@
 //!   values by revision, with its own events from the bucket's stream).
 //! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
 //!   core NATS.
+//! - [`redis_conn`]: how the Redis store and bus reach Redis: one server, a primary found through
+//!   Sentinel and followed across failovers, or a Redis Cluster (the three URL forms).
 //! - [`envelope`]: the versioned binary format of a stored entry.
 //! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
 //! - [`metrics`]: every metric, registered once.
@@ -49,5 +51,6 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod purge;
+pub mod redis_conn;
 pub mod server;
 pub mod store;

@@ -23,6 +23,22 @@
 //! Should the manager fail in a way it does not recover from by itself (an error other than I/O or
 //! a timeout), the task replaces it with a fresh one.
 //!
+//! # Sentinel and Cluster
+//!
+//! The URL may be any form of [`Target`]. With Sentinel, the subscription is made on the primary
+//! the sentinels name at the time, and a new manager (so a new lookup) replaces one that lost its
+//! connection; when the publishing connection follows a failover (`+switch-master` or a lost
+//! primary), the subscription moves too, followed by a resync.
+//!
+//! With Cluster, events stay on classic pub/sub (`PUBLISH`, `SUBSCRIBE`), not sharded pub/sub:
+//! a classic message reaches every node over the cluster bus, so one subscription on any node
+//! hears every event, whichever slot the scripts that published it ran on. Sharded pub/sub keeps
+//! a message inside its channel's shard, and a script may only `SPUBLISH` to a channel of its own
+//! slot; with no pattern subscriptions for shard channels, one subscription per process could
+//! then not hear every key. Classic pub/sub costs each event one trip to every node, which the
+//! events' size (ids and outcome, values inline only below 16 KiB) keeps cheap. The subscription
+//! goes to the seed nodes in turn, moving to the next when its node is lost.
+//!
 //! [`redis_channel`]: super::redis_channel
 
 use std::sync::Arc;
@@ -33,23 +49,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError, Value};
-use tokio::sync::{Notify, mpsc};
+use redis::{ProtocolVersion, PushInfo, PushKind, RedisError, Value};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::tasks::{Shutdown, Tasks, lock};
 use super::{Bus, BusError, Event, EventSink, redis_channel};
 use crate::key::KeyHash;
+use crate::redis_conn::{RedisConn, Settings, SubscriptionSource, Target};
 
 /// First pause between two recovery attempts; doubled after each failure up to
 /// [`RETRY_MAX_DELAY`].
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
 /// Longest pause between two recovery attempts (and between the manager's own reconnect attempts).
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+/// Reconnect attempts the publishing connection makes on its own before a publish gives up.
+const MANAGER_RETRIES: usize = 6;
 
 /// How to reach Redis and which namespace's events to carry.
 #[derive(Clone, Debug)]
 pub struct RedisBusConfig {
-    /// `redis://` or `rediss://` URL. Both connections speak RESP3 whatever it says: the
+    /// Any form of [`Target`] (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
+    /// connections speak RESP3 whatever it says: the
     /// subscription needs push frames, and the publishing connection then notices a disconnection
     /// at once and reconnects before the next publish needs it.
     pub url: String,
@@ -84,6 +104,8 @@ struct Shared {
     /// `CLIENT ID` of the subscription connection (0: unknown), so that [`Bus::sever`] kills exactly
     /// our connection and not another process's.
     client_id: AtomicI64,
+    /// The server the subscription connection was made to (the ids above are per server).
+    subscribed_on: Mutex<Option<redis::Client>>,
     /// Wakes the recovery task after a disconnection (a stored permit is never lost).
     reconnect: Notify,
     /// See [`RedisBusConfig::connect_timeout`].
@@ -98,7 +120,7 @@ pub struct RedisBus {
     shared: Arc<Shared>,
     /// The publishing connection, separate from the subscription so a publish never queues behind
     /// (or is lost with) the subscription's reconnection; taken out on close.
-    publisher: Mutex<Option<ConnectionManager>>,
+    publisher: Mutex<Option<RedisConn>>,
     /// The push reader and the recovery task.
     tasks: Tasks,
 }
@@ -110,23 +132,24 @@ impl RedisBus {
         config: RedisBusConfig,
         sink: Arc<dyn EventSink>,
     ) -> Result<RedisBus, BusError> {
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()
+        let target = Target::parse(&config.url)
             .map_err(|e| BusError::Unavailable(format!("redis url: {e}")))?;
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3))
-            .map_err(|e| BusError::Unavailable(format!("redis url: {e}")))?;
+        let settings = Settings {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            protocol: ProtocolVersion::RESP3,
+            retries: MANAGER_RETRIES,
+            max_retry_delay: RETRY_MAX_DELAY,
+        };
+        let source = SubscriptionSource::new(&target, &settings)
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
 
         let shared = Arc::new(Shared {
             sink,
             channel: redis_channel(&config.namespace),
             connected: AtomicBool::new(false),
             client_id: AtomicI64::new(0),
+            subscribed_on: Mutex::new(None),
             reconnect: Notify::new(),
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
@@ -136,25 +159,26 @@ impl RedisBus {
         // only hands each frame to the sink, which must not block.
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let mut subscriber = Subscriber {
-            client: client.clone(),
+            source,
+            settings: settings.clone(),
             push_tx,
             manager: None,
         };
         subscriber.establish(&shared).await?;
         shared.connected.store(true, Ordering::SeqCst);
 
-        let publisher = within(
-            config.connect_timeout,
-            "connect",
-            ConnectionManager::new_with_config(client, shared.manager_config()),
-        )
-        .await?;
+        let publisher = RedisConn::connect(&target, &settings)
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        // With Sentinel, a failover the publishing connection followed moves the subscription too.
+        let moves = publisher.primary_changes();
 
         let tasks = Tasks::new();
         tasks.spawn(read_pushes(shared.clone(), push_rx, tasks.shutdown()));
         tasks.spawn(keep_subscribed(
             shared.clone(),
             subscriber,
+            moves,
             tasks.shutdown(),
         ));
         Ok(RedisBus {
@@ -164,7 +188,7 @@ impl RedisBus {
         })
     }
 
-    fn publisher(&self) -> Result<ConnectionManager, BusError> {
+    fn publisher(&self) -> Result<RedisConn, BusError> {
         lock(&self.publisher)
             .clone()
             .ok_or_else(|| BusError::Unavailable("redis bus is closed".into()))
@@ -172,13 +196,6 @@ impl RedisBus {
 }
 
 impl Shared {
-    fn manager_config(&self) -> ConnectionManagerConfig {
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout))
-            .set_max_delay(RETRY_MAX_DELAY)
-    }
-
     /// Handles one push frame of the subscription connection.
     fn on_push(&self, push: PushInfo) {
         let mut data = push.data.into_iter();
@@ -214,8 +231,11 @@ fn is_bulk(value: &Value, expected: &[u8]) -> bool {
 
 /// The subscription connection, owned by the recovery task.
 struct Subscriber {
-    /// Builds a replacement manager when the current one is beyond repair.
-    client: redis::Client,
+    /// Names the server for a new manager: the one server, the primary the sentinels name now,
+    /// or the next cluster node.
+    source: SubscriptionSource,
+    /// Timeouts and protocol of every manager built here.
+    settings: Settings,
     /// Where every manager built here sends its push frames; this clone also keeps the reader's
     /// channel open while a manager is being replaced.
     push_tx: mpsc::UnboundedSender<PushInfo>,
@@ -230,8 +250,10 @@ impl Subscriber {
     async fn establish(&mut self, shared: &Shared) -> Result<(), BusError> {
         match self.try_establish(shared).await {
             Ok(()) => Ok(()),
-            Err(Failure::Transient(error)) => Err(error),
-            Err(Failure::Broken(error)) => {
+            // A manager reconnects by itself only to the address it was made for; with Sentinel
+            // or Cluster that server may be gone for good, so the next attempt asks again.
+            Err(Failure::Transient(error)) if self.source.is_fixed() => Err(error),
+            Err(Failure::Transient(error) | Failure::Broken(error)) => {
                 tracing::debug!(%error, "redis bus: replacing the subscription connection");
                 self.manager = None;
                 Err(error)
@@ -243,17 +265,19 @@ impl Subscriber {
         let manager = match &mut self.manager {
             Some(manager) => manager,
             None => {
-                let config = shared
-                    .manager_config()
+                let client = (self.source.client(&self.settings).await)
+                    .map_err(|e| Failure::Transient(BusError::Unavailable(e.to_string())))?;
+                let config = manager_config(&self.settings)
                     .set_push_sender(self.push_tx.clone())
                     .set_automatic_resubscription();
                 let manager = within(
                     shared.connect_timeout,
                     "connect",
-                    ConnectionManager::new_with_config(self.client.clone(), config),
+                    ConnectionManager::new_with_config(client.clone(), config),
                 )
                 .await
                 .map_err(Failure::Transient)?;
+                *lock(&shared.subscribed_on) = Some(client);
                 self.manager.insert(manager)
             }
         };
@@ -281,6 +305,15 @@ impl Subscriber {
         )
         .await
     }
+}
+
+/// The subscription manager's settings: it keeps reconnecting on its own, with backoff, until the
+/// recovery task replaces it.
+fn manager_config(settings: &Settings) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.connect_timeout))
+        .set_response_timeout(Some(settings.response_timeout))
+        .set_max_delay(RETRY_MAX_DELAY)
 }
 
 /// Why an attempt to bring the subscription back failed.
@@ -328,12 +361,32 @@ async fn read_pushes(
     }
 }
 
-/// After each disconnection, brings the subscription back (see the module docs).
-async fn keep_subscribed(shared: Arc<Shared>, mut subscriber: Subscriber, mut shutdown: Shutdown) {
+/// After each disconnection, brings the subscription back (see the module docs). With Sentinel,
+/// `moves` changes when the publishing connection followed a failover: the subscription is then
+/// moved to the new primary the same way, even if its old connection still stands.
+async fn keep_subscribed(
+    shared: Arc<Shared>,
+    mut subscriber: Subscriber,
+    mut moves: Option<watch::Receiver<u64>>,
+    mut shutdown: Shutdown,
+) {
+    let moved = async |moves: &mut Option<watch::Receiver<u64>>| match moves {
+        Some(moves) => {
+            if moves.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    };
     loop {
         tokio::select! {
             () = shutdown.wait() => return,
             () = shared.reconnect.notified() => {}
+            () = moved(&mut moves) => {
+                tracing::info!(channel = %shared.channel, "redis bus: the primary moved; moving the subscription");
+                shared.connected.store(false, Ordering::SeqCst);
+                subscriber.manager = None;
+            }
         }
         let mut delay = RETRY_MIN_DELAY;
         loop {
@@ -412,25 +465,24 @@ impl Bus for RedisBus {
         self.shared.connected.store(false, Ordering::SeqCst);
     }
 
-    /// Kills our subscription connection (by its `CLIENT ID`, from the publishing connection);
+    /// Kills our subscription connection (by its `CLIENT ID`, on the server it is connected to);
     /// recovery then runs as after any disconnection, ending with one resync.
     async fn sever(&self) {
         let id = self.shared.client_id.load(Ordering::SeqCst);
-        let Ok(mut publisher) = self.publisher() else {
+        let server = lock(&self.shared.subscribed_on).clone();
+        let (Some(server), true) = (server, id != 0) else {
             return;
         };
-        if id == 0 {
-            return;
-        }
-        let killed: Result<(), BusError> = within(
-            self.shared.response_timeout,
-            "client kill",
+        let limit = self.shared.connect_timeout + self.shared.response_timeout;
+        let killed: Result<(), BusError> = within(limit, "client kill", async {
+            let mut conn = server.get_multiplexed_async_connection().await?;
             redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("ID")
                 .arg(id)
-                .query_async(&mut publisher),
-        )
+                .query_async(&mut conn)
+                .await
+        })
         .await;
         if let Err(error) = killed {
             tracing::warn!(%error, id, "redis bus: could not sever the subscription");

@@ -129,18 +129,7 @@ fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
 
 /// The url without its password (or token, for a user part with no `:`).
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    let user = match rest[..at].split_once(':') {
-        Some((user, _password)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{scheme}://{user}{}", &rest[at..])
+    crate::redis_conn::redact(url)
 }
 
 #[cfg(test)]

@@ -656,7 +656,7 @@ fn a_store_or_bus_that_needs_a_url() {
     );
     assert_eq!(
         problem(&with_route("store: {kind: redis, url: 'nats://r'}\n", "")),
-        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, redis+unix:// or unix://)"
+        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://)"
     );
     assert_eq!(
         problem(&with_route("store: {url: 'redis://r'}\n", "")),
@@ -879,4 +879,96 @@ fn upstream_http2_is_off_unless_asked_for() {
     assert!(!off.routes[0].upstream_http2);
     let on = parse_ok(&with_route("", "    upstream_http2: true\n"));
     assert!(on.routes[0].upstream_http2);
+}
+
+// ----- redis topologies
+
+#[test]
+fn sentinel_and_cluster_urls_are_store_and_bus_urls() {
+    let sentinel = "redis+sentinel://app:pw@s1:26379,s2:26380/main/1?sentinel_password=watch";
+    let config = parse_ok(&with_route(
+        &format!("store: {{kind: redis, url: '{sentinel}'}}\n"),
+        "",
+    ));
+    assert_eq!(
+        config.store,
+        StoreSettings::Redis {
+            url: sentinel.into()
+        }
+    );
+    assert_eq!(
+        config.bus,
+        BusSettings::Redis {
+            url: sentinel.into()
+        }
+    );
+    let described = describe(&config);
+    assert!(
+        described.contains(
+            "redis redis+sentinel://app:***@s1:26379,s2:26380/main/1?sentinel_password=***"
+        ),
+        "{described}"
+    );
+
+    let cluster = "redis+cluster://10.0.0.1:7000,10.0.0.2:7000";
+    let config = parse_ok(&with_route(
+        &format!(
+            "store: {{kind: redis, url: '{sentinel}'}}\nbus: {{kind: redis, url: '{cluster}'}}\n"
+        ),
+        "",
+    ));
+    assert_eq!(
+        config.bus,
+        BusSettings::Redis {
+            url: cluster.into()
+        }
+    );
+}
+
+#[test]
+fn bad_sentinel_and_cluster_urls_are_refused_at_their_place() {
+    assert_eq!(
+        problem(&with_route(
+            "store:\n  kind: redis\n  url: redis+sentinel://s1:26379,s2:26379\n",
+            ""
+        )),
+        "corral.yaml:3:8: store.url: invalid redis url \"redis+sentinel://s1:26379,s2:26379\": no master name (expected redis+sentinel://host:26379,.../<master name>)"
+    );
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: redis, url: 'redis://r:6379'}\nbus:\n  kind: redis\n  url: redis+cluster://a:7000,b:x\n",
+            ""
+        )),
+        "corral.yaml:4:8: bus.url: invalid redis url \"redis+cluster://a:7000,b:x\": invalid port in \"b:x\""
+    );
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: redis, url: 'redis+sentinel://u:secret@s/m?sentinel_pass=x'}\n",
+            ""
+        )),
+        "corral.yaml:1:27: store.url: invalid redis url \"redis+sentinel://u:***@s/m?sentinel_pass=x\": unknown query parameter \"sentinel_pass\" (expected sentinel_username or sentinel_password)"
+    );
+}
+
+#[test]
+fn tls_forms_of_every_topology_are_refused_with_the_reason() {
+    for (url, plain) in [
+        ("rediss://r:6379", "redis"),
+        ("rediss+sentinel://s1/main", "redis+sentinel"),
+        ("rediss+cluster://a:7000", "redis+cluster"),
+    ] {
+        let problem = problem(&with_route(
+            &format!("store: {{kind: redis, url: '{url}'}}\n"),
+            "",
+        ));
+        assert!(
+            problem.starts_with("corral.yaml:1:27: store.url: invalid redis url"),
+            "{problem}"
+        );
+        assert!(
+            problem.contains("no TLS client is compiled in")
+                && problem.contains(&format!("use {plain}://")),
+            "{problem}"
+        );
+    }
 }

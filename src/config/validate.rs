@@ -48,6 +48,8 @@ enum Invalid {
         role: &'static str,
         schemes: &'static str,
     },
+    #[error("invalid redis url {text:?}: {reason}")]
+    RedisUrl { text: String, reason: String },
     #[error("the memory {0} takes no url")]
     UrlUnused(&'static str),
     #[error(
@@ -830,16 +832,36 @@ fn backend_kind(text: &str) -> Result<Kind, Invalid> {
 }
 
 /// A store or bus url: the schemes this build's redis and nats clients can connect to (no Redis
-/// TLS and no NATS websockets are compiled in, so `rediss://`, `ws://` and `wss://` are refused
-/// here rather than failing at start).
+/// TLS and no NATS websockets are compiled in, so `rediss://` in every form, `ws://` and `wss://`
+/// are refused here rather than failing at start). A Redis url is parsed whole, in the same way
+/// the store will read it, so a bad Sentinel or Cluster url is refused here too.
 fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Invalid> {
     let (schemes, accepted): (&[&str], _) = match kind {
         Kind::Redis => (
-            &["redis", "redis+unix", "unix"],
-            "redis://, redis+unix:// or unix://",
+            &[
+                "redis",
+                "redis+unix",
+                "unix",
+                "redis+sentinel",
+                "redis+cluster",
+                "rediss",
+                "rediss+sentinel",
+                "rediss+cluster",
+            ],
+            "redis://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://",
         ),
         _ => (&["nats", "tls"], "nats:// or tls://"),
     };
+    if let (Kind::Redis, Some((scheme, _))) = (kind, text.split_once("://"))
+        && schemes.contains(&scheme)
+    {
+        return crate::redis_conn::Target::parse(text)
+            .map(|_| text.to_string())
+            .map_err(|e| Invalid::RedisUrl {
+                text: crate::redis_conn::redact(text),
+                reason: e.to_string(),
+            });
+    }
     match text.split_once("://") {
         Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => {
             Ok(text.to_string())

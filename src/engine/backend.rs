@@ -90,7 +90,8 @@ impl Backend {
         )
     }
 
-    /// Redis for both store and bus.
+    /// Redis for both store and bus: one server, Sentinel or Cluster, by the URL's form
+    /// ([`crate::redis_conn::Target`]).
     pub fn redis(url: impl Into<String>) -> Self {
         let url = url.into();
         Self::new(

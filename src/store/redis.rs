@@ -31,8 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value};
+use redis::{ErrorKind, ProtocolVersion, RedisError, Script, ServerErrorKind, Value};
 
 use super::{
     Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
@@ -40,12 +39,14 @@ use super::{
 };
 use crate::bus::{Event, redis_channel};
 use crate::key::KeyHash;
+use crate::redis_conn::{RedisConn, Settings, Target};
 
 /// How the store reaches Redis and whether its scripts announce events.
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `redis+unix://`); any password in
-    /// it is never logged or put into an error.
+    /// Any form of [`Target`]: `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
+    /// `redis+sentinel://...` or `redis+cluster://...`; any password in it is never logged or put
+    /// into an error.
     pub url: String,
     /// Prefix of every key and of the event channel, so several deployments can share one server.
     pub namespace: String,
@@ -143,8 +144,9 @@ impl Scripts {
 /// The shared store on Redis; clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    /// One multiplexed connection that reconnects by itself; cloned per call, which is cheap.
-    conn: ConnectionManager,
+    /// One multiplexed connection of the URL's form (one server, Sentinel or Cluster) that
+    /// reconnects by itself; cloned per call, which is cheap.
+    conn: RedisConn,
     /// Scripts shared by clones (their SHA1s are computed once).
     scripts: Arc<Scripts>,
     /// Key prefix, from the config.
@@ -153,9 +155,7 @@ pub struct RedisStore {
     channel: Arc<str>,
     /// Whether the scripts publish events, from the config.
     announce: bool,
-    /// Outer bound of one call: a reconnect (connect timeout) plus EVALSHA, SCRIPT LOAD and EVALSHA
-    /// again (three response timeouts). The inner timeouts normally fire first; this one guards
-    /// against any wait inside the client that has no timeout of its own.
+    /// Outer bound of one call ([`Settings::call_deadline`]).
     call_deadline: Duration,
 }
 
@@ -172,48 +172,25 @@ impl RedisStore {
     /// Connects (one attempt, bounded by `connect_timeout`); any failure is
     /// [`StoreError::Unavailable`].
     pub async fn connect(config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()
+        let target = Target::parse(&config.url)
             .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
-        // Every call is one small request waiting for one small reply; Nagle's algorithm would
-        // hold requests back waiting for an ACK that delayed-ACK on the server holds back in turn.
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let info = info.set_tcp_settings(tcp);
-        let addr = info.addr().to_string();
-        let client = Client::open(info)
-            .map_err(|e| StoreError::Unavailable(format!("redis at {addr}: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(RECONNECT_RETRIES);
-        // The client's connect timeout covers TCP connect and handshake; this outer one also
-        // covers DNS and anything else that has none, so connect never hangs.
-        let outer = config.connect_timeout + config.response_timeout;
-        let conn = match tokio::time::timeout(
-            outer,
-            ConnectionManager::new_with_config(client, manager_config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(StoreError::Unavailable(format!("redis at {addr}: {e}")));
-            }
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "redis at {addr}: no connection within {outer:?}"
-                )));
-            }
+        let settings = Settings {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            protocol: ProtocolVersion::RESP2,
+            retries: RECONNECT_RETRIES,
+            max_retry_delay: config.connect_timeout,
         };
+        let conn = RedisConn::connect(&target, &settings)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
             conn,
             scripts: Arc::new(Scripts::new()),
             channel: redis_channel(&config.namespace).into(),
             namespace: config.namespace.into(),
             announce: config.announce,
-            call_deadline: config.connect_timeout + 3 * config.response_timeout,
+            call_deadline: settings.call_deadline(&target),
         })
     }
 

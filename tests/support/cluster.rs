@@ -16,6 +16,7 @@ use corral::store::nats_kv::{NatsKvConfig, NatsKvStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::topology::TestRedisCluster;
 use super::{TestNats, TestRedis};
 
 /// Which store and bus the replicas share.
@@ -29,12 +30,16 @@ pub enum Kind {
     RedisNats,
     /// NATS JetStream KV store, with its events from the bucket's stream: NATS only.
     NatsKv,
+    /// A three-primary Redis Cluster for store and bus (events by classic pub/sub, cluster-wide).
+    RedisCluster,
 }
 
 pub struct Cluster {
     pub kind: Kind,
     pub redis: Option<TestRedis>,
     pub nats: Option<TestNats>,
+    /// The Redis Cluster, when `kind` is `RedisCluster`.
+    pub redis_cluster: Option<TestRedisCluster>,
     pub backend: Backend,
     /// The memory store, when `kind` is `Memory` (for inspecting TTLs and writing raw bytes).
     memory: Option<MemoryStore>,
@@ -53,6 +58,7 @@ impl Cluster {
                     kind,
                     redis: None,
                     nats: None,
+                    redis_cluster: None,
                     backend,
                     memory,
                 }
@@ -64,6 +70,7 @@ impl Cluster {
                     kind,
                     redis: Some(redis),
                     nats: None,
+                    redis_cluster: None,
                     backend,
                     memory: None,
                 }
@@ -75,6 +82,7 @@ impl Cluster {
                     kind,
                     redis: None,
                     nats: Some(nats),
+                    redis_cluster: None,
                     backend,
                     memory: None,
                 }
@@ -89,6 +97,19 @@ impl Cluster {
                     kind,
                     redis: Some(redis),
                     nats: Some(nats),
+                    redis_cluster: None,
+                    backend,
+                    memory: None,
+                }
+            }
+            Kind::RedisCluster => {
+                let redis_cluster = TestRedisCluster::start().await;
+                let backend = Backend::redis(redis_cluster.url());
+                Cluster {
+                    kind,
+                    redis: None,
+                    nats: None,
+                    redis_cluster: Some(redis_cluster),
                     backend,
                     memory: None,
                 }
@@ -165,10 +186,8 @@ impl Cluster {
         if let Some(kv) = self.kv(namespace).await {
             return kv.value_ttl(key).await.expect("value ttl");
         }
-        let mut client = self.redis.as_ref().expect("redis").client().await;
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(Self::value_name(namespace, key))
-            .query_async(&mut client)
+        let pttl: i64 = self
+            .redis_query(redis::cmd("PTTL").arg(Self::value_name(namespace, key)))
             .await
             .expect("PTTL");
         (pttl >= 0).then(|| Duration::from_millis(pttl as u64))
@@ -182,10 +201,8 @@ impl Cluster {
         if let Some(kv) = self.kv(namespace).await {
             return kv.raw(key).await.expect("raw value");
         }
-        let mut client = self.redis.as_ref().expect("redis").client().await;
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(Self::value_name(namespace, key))
-            .query_async(&mut client)
+        let value: Option<Vec<u8>> = self
+            .redis_query(redis::cmd("GET").arg(Self::value_name(namespace, key)))
             .await
             .expect("GET");
         value.map(Bytes::from)
@@ -203,15 +220,28 @@ impl Cluster {
                 .expect("put raw value");
             return;
         }
-        let mut client = self.redis.as_ref().expect("redis").client().await;
-        let _: () = redis::cmd("SET")
-            .arg(Self::value_name(namespace, key))
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(60_000)
-            .query_async(&mut client)
+        let _: () = self
+            .redis_query(
+                redis::cmd("SET")
+                    .arg(Self::value_name(namespace, key))
+                    .arg(value.as_ref())
+                    .arg("PX")
+                    .arg(60_000),
+            )
             .await
             .expect("SET");
+    }
+
+    /// One command on the Redis server, or on the Redis Cluster (routed by its key).
+    async fn redis_query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        if let Some(cluster) = &self.redis_cluster {
+            return cmd.query_async(&mut cluster.client().await).await;
+        }
+        let mut client = self.redis.as_ref().expect("redis").client().await;
+        cmd.query_async(&mut client).await
     }
 }
 
@@ -250,6 +280,11 @@ macro_rules! on_every_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn nats_kv() {
                     body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::NatsKv).await).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis_cluster() {
+                    body($crate::support::cluster::Cluster::start($crate::support::cluster::Kind::RedisCluster).await).await
                 }
             }
         )*
