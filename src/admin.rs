@@ -10,6 +10,9 @@
 //! - `GET /admin/status?url=<url-encoded path and query>[&method=GET]`: read-only
 //!   `{"status": "EMPTY|PENDING|EXISTS|PASS", "key": "<digest>"}`.
 //!
+//! [`healthcheck`] is the client side of `/healthz`, for `corral healthcheck` (container images
+//! have no curl).
+//!
 //! `/admin/*` needs `Authorization: Bearer <token>` (401 without or with a wrong one; compared in
 //! constant time); with no token configured it answers 403, so an open admin API is never the
 //! default.
@@ -17,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -24,6 +28,9 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -120,6 +127,75 @@ impl Default for Lifecycle {
     fn default() -> Self {
         Self::new()
     }
+}
+
+// ------------------------------------------------------------------ health check client ----
+
+/// Why [`healthcheck`] found the process unhealthy.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthcheckError {
+    #[error("bad url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// GETs `url` (an admin listener's `/healthz`, plain HTTP) and answers whether it said 200 within
+/// `timeout`, connecting included.
+pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: "expected an absolute http:// url".into(),
+        });
+    }
+    let client: Client<HttpConnector, axum::body::Body> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::get(uri)
+        .body(axum::body::Body::empty())
+        .map_err(|e| HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        Err(_elapsed) => Err(HealthcheckError::Timeout {
+            url: url.to_owned(),
+            timeout,
+        }),
+        Ok(Err(error)) => Err(HealthcheckError::Unreachable {
+            url: url.to_owned(),
+            reason: with_causes(&error),
+        }),
+        Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(()),
+        Ok(Ok(response)) => Err(HealthcheckError::Status {
+            url: url.to_owned(),
+            status: response.status(),
+        }),
+    }
+}
+
+/// An error and its causes on one line (the client's own message alone says little).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    // Bounded: error chains are short, but a cyclic one must not loop forever.
+    for _ in 0..8 {
+        let Some(next) = cause else { break };
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 // ------------------------------------------------------------------ admin API ----
