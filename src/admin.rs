@@ -1,7 +1,9 @@
 //! The admin listener: liveness, readiness, and the bearer-token-protected `/admin/*` API.
 //!
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 when the store answers and the bus is subscribed, else 503 with the reason.
+//! - `GET /readyz`: 200 once the server is serving its loaded config, the store answers (within a
+//!   bounded probe) and the bus is subscribed; else 503 with the reason. It turns 503 again as soon
+//!   as shutdown begins, so a load balancer stops sending before the listeners close.
 //! - `POST /admin/purge`, in one of the forms of [`crate::purge::Purge`]; each removes its keys
 //!   everywhere (store, in-flight leases, every replica's L1):
 //!   - `{"url": "/reports?x=1", "method": "GET", "headers": {...}, "body": "..."}`: the request is
@@ -17,12 +19,17 @@
 //! - `GET /admin/status?url=<url-encoded path and query>[&method=GET]`: read-only
 //!   `{"status": "EMPTY|PENDING|EXISTS|PASS", "key": "<digest>"}`.
 //!
+//! [`healthcheck`] is the client side of `/healthz`, for `corral healthcheck` (container images
+//! have no curl).
+//!
 //! `/admin/*` needs `Authorization: Bearer <token>` (401 without or with a wrong one; compared in
 //! constant time); with no token configured it answers 403, so an open admin API is never the
 //! default.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -30,6 +37,9 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -68,7 +78,12 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
-    match proxy.engine.ready().await {
+    let ready = match proxy.lifecycle.phase() {
+        Phase::Starting => Err("starting: the configuration is not in service yet".to_owned()),
+        Phase::Stopping => Err("shutting down".to_owned()),
+        Phase::Serving => proxy.engine.ready().await,
+    };
+    match ready {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -77,6 +92,124 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
             .into_response(),
     }
 }
+
+// ------------------------------------------------------------------ lifecycle ----
+
+/// Where a server is in its life, as `/readyz` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The config is loaded and checked, but the server has not started serving it yet.
+    Starting,
+    /// Both listeners serve the loaded config.
+    Serving,
+    /// Shutdown began: requests in flight finish, a load balancer should send no more.
+    Stopping,
+}
+
+/// A server's [`Phase`], shared by its listeners; one atomic, so `/readyz` stays cheap.
+#[derive(Debug)]
+pub struct Lifecycle(AtomicU8);
+
+impl Lifecycle {
+    /// A lifecycle in [`Phase::Starting`].
+    pub fn new() -> Self {
+        Self(AtomicU8::new(Phase::Starting as u8))
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.0.load(Ordering::SeqCst) {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            _ => Phase::Stopping,
+        }
+    }
+
+    /// Moves to `phase`; a server that began stopping never goes back to serving.
+    pub fn enter(&self, phase: Phase) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                (now != Phase::Stopping as u8).then_some(phase as u8)
+            });
+    }
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ------------------------------------------------------------------ health check client ----
+
+/// Why [`healthcheck`] found the process unhealthy.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthcheckError {
+    #[error("bad url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// GETs `url` (an admin listener's `/healthz`, plain HTTP) and answers whether it said 200 within
+/// `timeout`, connecting included.
+pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: "expected an absolute http:// url".into(),
+        });
+    }
+    let client: Client<HttpConnector, axum::body::Body> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::get(uri)
+        .body(axum::body::Body::empty())
+        .map_err(|e| HealthcheckError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        Err(_elapsed) => Err(HealthcheckError::Timeout {
+            url: url.to_owned(),
+            timeout,
+        }),
+        Ok(Err(error)) => Err(HealthcheckError::Unreachable {
+            url: url.to_owned(),
+            reason: with_causes(&error),
+        }),
+        Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(()),
+        Ok(Ok(response)) => Err(HealthcheckError::Status {
+            url: url.to_owned(),
+            status: response.status(),
+        }),
+    }
+}
+
+/// An error and its causes on one line (the client's own message alone says little).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    // Bounded: error chains are short, but a cyclic one must not loop forever.
+    for _ in 0..8 {
+        let Some(next) = cause else { break };
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}
+
+// ------------------------------------------------------------------ admin API ----
 
 /// A request named by the admin API, keyed as the proxy would key it.
 struct Target {
@@ -355,7 +488,51 @@ impl IntoResponse for Refusal {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use std::sync::Arc;
+
+    use axum::extract::State;
+    use http::StatusCode;
+
+    use super::{Phase, constant_time_eq, readyz};
+    use crate::engine::{Backend, Engine, EngineConfig};
+    use crate::proxy::Proxy;
+
+    const CONFIG: &str = "store: { kind: memory }\n\
+        routes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: http://127.0.0.1:9\n";
+
+    async fn readiness(proxy: &Arc<Proxy>) -> (StatusCode, String) {
+        let response = readyz(State(proxy.clone())).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("a short body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_lifecycle() {
+        let config = crate::config::parse(CONFIG, "test.yaml").expect("a valid config");
+        let engine = Engine::connect(EngineConfig::new("t"), &Backend::memory())
+            .await
+            .expect("the memory backend connects");
+        let proxy = Arc::new(Proxy::new(Arc::new(config), engine));
+
+        let (status, body) = readiness(&proxy).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("starting"), "{body}");
+
+        proxy.lifecycle.enter(Phase::Serving);
+        assert_eq!(readiness(&proxy).await, (StatusCode::OK, "ready\n".into()));
+
+        proxy.lifecycle.enter(Phase::Stopping);
+        let (status, body) = readiness(&proxy).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("shutting down"), "{body}");
+
+        // Stopping is final.
+        proxy.lifecycle.enter(Phase::Serving);
+        assert_eq!(proxy.lifecycle.phase(), Phase::Stopping);
+    }
 
     #[test]
     fn constant_time_eq_is_equality() {

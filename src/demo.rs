@@ -4,6 +4,9 @@
 //!
 //! Embedded by default (the memory store, no servers needed); `--redis URL [--nats URL]` runs the
 //! same replicas against real servers.
+//!
+//! `corral demo-upstream` serves the same slow upstream on its own ([`serve_upstream`]), for a
+//! deployment (the compose file) to put corral in front of.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,7 +17,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::routing::get;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -79,25 +81,35 @@ struct SlowUpstream {
     answered_at_ms: Arc<AtomicU64>,
 }
 
+/// The slow upstream's app: every request waits `delay`, then answers JSON naming its path and
+/// carrying its fetch number (1 for the first request this upstream answered), so each fetch that
+/// reached it is visible to whoever reads the answer.
+fn slow_upstream(
+    delay: Duration,
+    started: Instant,
+    fetches: Arc<AtomicU64>,
+    answered_at_ms: Arc<AtomicU64>,
+) -> Router {
+    Router::new().fallback(move |uri: http::Uri| {
+        let (fetches, answered) = (fetches.clone(), answered_at_ms.clone());
+        async move {
+            let fetch = fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            answered.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+            tracing::info!(fetch, path = uri.path(), "the demo upstream answered");
+            let body = serde_json::json!({"report": uri.path(), "fetch": fetch, "rows": [1, 2, 3]});
+            (
+                [(http::header::CONTENT_TYPE, "application/json")],
+                format!("{body}\n"),
+            )
+        }
+    })
+}
+
 async fn start_upstream(delay: Duration, started: Instant) -> anyhow::Result<SlowUpstream> {
     let fetches = Arc::new(AtomicU64::new(0));
     let answered_at_ms = Arc::new(AtomicU64::new(0));
-    let (count, answered) = (fetches.clone(), answered_at_ms.clone());
-    let app = Router::new().route(
-        "/{*path}",
-        get(move |uri: http::Uri| {
-            let (count, answered) = (count.clone(), answered.clone());
-            async move {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                answered.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
-                (
-                    [(http::header::CONTENT_TYPE, "application/json")],
-                    format!("{{\"report\": \"{}\", \"rows\": [1, 2, 3]}}\n", uri.path()),
-                )
-            }
-        }),
-    );
+    let app = slow_upstream(delay, started, fetches.clone(), answered_at_ms.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -106,6 +118,24 @@ async fn start_upstream(delay: Duration, started: Instant) -> anyhow::Result<Slo
         fetches,
         answered_at_ms,
     })
+}
+
+/// `corral demo-upstream`: the demo's slow upstream on its own, for a deployment to sit in front
+/// of (the compose file runs it). Serves on `listener` until `shutdown` completes.
+pub async fn serve_upstream(
+    listener: TcpListener,
+    delay: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = slow_upstream(
+        delay,
+        Instant::now(),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 fn config_text(options: &DemoOptions, upstream: SocketAddr) -> String {

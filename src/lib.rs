@@ -17,7 +17,8 @@
 //!   identity that leaves a process.
 //! - [`policy`]: what may be cached, for how long, and what may be shared; which headers reach the
 //!   upstream.
-//! - [`admin`]: health, readiness, purge and status.
+//! - [`admin`]: health, readiness, purge and status; the health check client behind
+//!   `corral healthcheck`.
 //! - [`purge`]: the forms of a purge (URL, path prefix, route, surrogate tag) and the client
 //!   `corral purge` sends them with.
 //!
@@ -36,7 +37,8 @@
 //! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
 //! - [`metrics`]: every metric, registered once.
 //!
-//! Around them: [`explain`] and [`demo`], the `corral explain` and `corral demo` commands.
+//! Around them: [`explain`] and [`demo`], the `corral explain`, `corral demo` and
+//! `corral demo-upstream` commands.
 
 pub mod admin;
 pub mod bus;

@@ -109,6 +109,28 @@ enum Command {
         #[arg(long)]
         serve: bool,
     },
+    /// Exit 0 when the admin listener's /healthz answers 200, else 1 (for container health checks).
+    Healthcheck {
+        /// The URL to check.
+        #[arg(
+            long,
+            env = "CORRAL_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8081/healthz"
+        )]
+        url: String,
+        /// How long the check may take, connecting included.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Run the demo's slow upstream on its own: JSON answers carrying a fetch counter.
+    DemoUpstream {
+        /// Where to listen, ip:port (port 0 picks one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// How long each answer takes.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -203,6 +225,40 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Healthcheck { url, timeout } => {
+            match corral::admin::healthcheck(&url, timeout).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("corral healthcheck: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DemoUpstream { listen, delay } => demo_upstream(listen, delay).await,
+    }
+}
+
+async fn demo_upstream(listen: std::net::SocketAddr, delay: Duration) -> ExitCode {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("corral demo-upstream: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| listen.to_string(), |a| a.to_string());
+    println!(
+        "corral demo-upstream: listening on {bound}, answering after {}",
+        humantime::format_duration(delay)
+    );
+    match corral::demo::serve_upstream(listener, delay, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("corral demo-upstream: {error}");
+            ExitCode::FAILURE
         }
     }
 }

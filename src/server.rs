@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::Phase;
 use crate::bus::memory::MemoryBusHub;
 use crate::config::{BusSettings, Config, StoreSettings};
 use crate::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
@@ -57,8 +58,13 @@ pub async fn run_on(
         .track_generations(proxy.config.routes.iter().map(|route| route.name.as_str()))
         .await;
     let (stop, stopped) = watch::channel(false);
+    // Weak: a server that stopped on its own must not be kept alive by a shutdown never sent.
+    let serving = Arc::downgrade(&proxy);
     tokio::spawn(async move {
         shutdown.await;
+        if let Some(proxy) = serving.upgrade() {
+            proxy.lifecycle.enter(Phase::Stopping);
+        }
         stop.send_replace(true);
     });
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -69,6 +75,8 @@ pub async fn run_on(
         crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(until_stopped(stopped.clone()));
+    // The config is loaded and both listeners are bound: from here `/readyz` asks the store and bus.
+    proxy.lifecycle.enter(Phase::Serving);
     let admin =
         axum::serve(admin, crate::admin::app(proxy)).with_graceful_shutdown(until_stopped(stopped));
     let (public, admin) = tokio::join!(public.into_future(), admin.into_future());

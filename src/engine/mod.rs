@@ -283,6 +283,10 @@ pub(crate) struct Inner {
 /// growing with the key space.
 const TOO_LARGE_LOGGED: usize = 1024;
 
+/// The longest [`Engine::ready`] waits for the store to answer its probe, so a readiness check
+/// stays cheap and bounded when the store hangs (a frozen server answers nothing).
+pub const READINESS_PROBE: Duration = Duration::from_secs(2);
+
 /// One process's engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -586,7 +590,7 @@ impl Engine {
             ));
         }
         let probe = KeyHash::from_bytes([0; 32]);
-        match tokio::time::timeout(Duration::from_secs(2), self.inner.store.status(&probe)).await {
+        match tokio::time::timeout(READINESS_PROBE, self.inner.store.status(&probe)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("the {} store: {error}", self.inner.store.kind())),
             Err(_) => Err(format!(

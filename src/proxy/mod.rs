@@ -60,6 +60,8 @@ pub struct Proxy {
     upstream: Upstream,
     /// The engine policy of each route, in route order.
     policies: Vec<Policy>,
+    /// Whether the server serves this config yet (or is shutting down), for `/readyz`.
+    pub lifecycle: crate::admin::Lifecycle,
 }
 
 impl Proxy {
@@ -84,6 +86,7 @@ impl Proxy {
             engine,
             upstream: Upstream::new(CONNECT_TIMEOUT),
             policies,
+            lifecycle: crate::admin::Lifecycle::new(),
         }
     }
 

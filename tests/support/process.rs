@@ -52,6 +52,18 @@ impl CorralServe {
         admin: SocketAddr,
         from: ConfigFrom,
     ) -> CorralServe {
+        Self::start_with_env(config, public, admin, from, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with these environment variables set for the process (e.g.
+    /// `CORRAL_LOG_FORMAT=json`).
+    pub async fn start_with_env(
+        config: &Path,
+        public: SocketAddr,
+        admin: SocketAddr,
+        from: ConfigFrom,
+        env: &[(&str, &str)],
+    ) -> CorralServe {
         let output = config.with_extension("output.log");
         let out = std::fs::File::create(&output).expect("create the process output file");
         let err = out.try_clone().expect("clone the output file handle");
@@ -65,6 +77,7 @@ impl CorralServe {
                 cmd.env("CORRAL_CONFIG", config);
             }
         }
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = spawn_child(cmd).unwrap_or_else(|e| panic!("run {}: {e}", corral_bin()));
         let mut this = CorralServe {

@@ -551,7 +551,7 @@ pub struct TestNats {
     dir: TempDir,
 }
 
-fn nats_bin() -> PathBuf {
+pub fn nats_bin() -> PathBuf {
     if let Some(v) = std::env::var_os("CORRAL_NATS_SERVER").filter(|v| !v.is_empty()) {
         return PathBuf::from(v);
     }
