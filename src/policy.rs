@@ -145,6 +145,9 @@ fn in_key(route: &Route, name: &HeaderName) -> bool {
 /// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
 /// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
 ///
+/// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
+/// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
+///
 /// Freshness when the route honours `Cache-Control`: `s-maxage`, else `max-age`, else `Expires`
 /// minus `Date`; less the upstream's `Age`; clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should
 /// they cross). Without any of those, or when the route does not honour them, the route's `ttl`.
@@ -165,6 +168,9 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
         Vary::Star => return Pass("vary-star"),
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
+    }
+    if let Some(ttl) = route.policy.error_ttl.get(&status.as_u16()) {
+        return Store { ttl: *ttl };
     }
     if !route.policy.cache_statuses.contains(&status.as_u16()) {
         return Pass("status");
@@ -187,6 +193,16 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
         return Pass("zero-ttl");
     }
     Store { ttl }
+}
+
+/// `ttl` cut by a random 0 to `percent` percent (`ttl_jitter`), so entries filled together do not
+/// expire together; never below one millisecond, since a store cannot keep an entry for zero.
+pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duration {
+    if percent == 0 || ttl.is_zero() {
+        return ttl;
+    }
+    let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
+    ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
 }
 
 enum Vary {
@@ -474,6 +490,7 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::net::{IpAddr, Ipv4Addr};
 
     use http::header::{ACCEPT, AUTHORIZATION};
@@ -889,6 +906,59 @@ mod tests {
             response(&r, 200, &[("cache-control", "max-age=70")]),
             stored(50)
         );
+    }
+
+    #[test]
+    fn an_error_ttl_stores_its_status_for_that_long() {
+        let r = route_with(|r| {
+            r.policy.error_ttl = [(404, secs(30)), (503, secs(2)), (429, secs(5))].into();
+        });
+        assert_eq!(response(&r, 404, &[]), stored(30));
+        assert_eq!(
+            response(&r, 404, &[("cache-control", "max-age=600")]),
+            stored(30)
+        );
+        assert_eq!(response(&r, 503, &[]), stored(2));
+        assert_eq!(response(&r, 429, &[]), stored(5), "not in cache_statuses");
+        assert_eq!(response(&r, 410, &[]), stored(60), "not listed: as before");
+        assert_eq!(
+            response(&r, 404, &[("set-cookie", "a=1")]),
+            Pass("set-cookie")
+        );
+        assert_eq!(
+            response(&r, 503, &[("cache-control", "private")]),
+            Pass("private")
+        );
+        assert_eq!(
+            response(&r, 404, &[("cache-control", "no-store")]),
+            Pass("no-store")
+        );
+        assert_eq!(response(&r, 404, &[("vary", "*")]), Pass("vary-star"));
+    }
+
+    #[test]
+    fn jitter_cuts_the_ttl_by_at_most_its_percentage() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let ttl = secs(100);
+        let draws: Vec<Duration> = (0..1000).map(|_| jittered(ttl, 10, &mut rng)).collect();
+        for d in &draws {
+            assert!(*d <= ttl && *d >= secs(90), "{d:?} outside [90s, 100s]");
+        }
+        let distinct: HashSet<Duration> = draws.iter().copied().collect();
+        assert!(
+            distinct.len() > 100,
+            "only {} distinct TTLs",
+            distinct.len()
+        );
+        assert!(draws.iter().any(|d| *d < secs(92)), "never near the bottom");
+        assert!(draws.iter().any(|d| *d > secs(98)), "never near the top");
+
+        assert_eq!(jittered(ttl, 0, &mut rng), ttl, "0% leaves it alone");
+        for _ in 0..100 {
+            let d = jittered(secs(1), 100, &mut rng);
+            assert!(d >= Duration::from_millis(1) && d <= secs(1), "{d:?}");
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ use crate::engine::{
 use crate::envelope::Entry;
 use crate::key::{KeyHash, request_key};
 use crate::policy::{
-    RequestVerdict, ResponseVerdict, forward_headers, request_verdict, response_verdict,
+    RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
 };
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
@@ -606,9 +606,11 @@ impl Fetch {
             } => {
                 let mut entry = entry(status, &headers, body, route.policy.ttl);
                 // A 5xx is a failure for everyone who joined, unless the route lists it as a
-                // storable answer (501 Not Implemented, by default).
+                // storable answer (501 Not Implemented, by default) or gives it an error TTL.
+                let code = status.as_u16();
                 if status.is_server_error()
-                    && !route.policy.cache_statuses.contains(&status.as_u16())
+                    && !route.policy.cache_statuses.contains(&code)
+                    && !route.policy.error_ttl.contains_key(&code)
                 {
                     return Err(BuildError::with_response(
                         format!("upstream answered {status}"),
@@ -617,7 +619,7 @@ impl Fetch {
                 }
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
-                        entry.ttl = ttl;
+                        entry.ttl = jittered(ttl, route.policy.ttl_jitter, &mut rand::rng());
                         Ok(Built::Shared(entry))
                     }
                     ResponseVerdict::Pass(reason) => {
