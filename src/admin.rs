@@ -170,13 +170,14 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header value: {e}")))?;
         headers.append(name, value);
     }
-    let Some(index) = proxy.route_for(&method, &uri, &headers) else {
+    let config = proxy.config();
+    let Some(index) = crate::proxy::route_for(&config, &method, &uri, &headers) else {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
             "no route matches this url".into(),
         ));
     };
-    let route = &proxy.config.routes[index];
+    let route = &config.routes[index];
     if !route.cache {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -193,7 +194,8 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
 
 /// Checks the bearer token in constant time.
 fn authorize(proxy: &Proxy, headers: &HeaderMap) -> Result<(), Refusal> {
-    let Some(token) = &proxy.config.admin.token else {
+    let config = proxy.config();
+    let Some(token) = &config.admin.token else {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "the admin API is off: no admin token is configured".into(),

@@ -18,6 +18,7 @@
 //! - [`policy`]: what may be cached, for how long, and what may be shared; which headers reach the
 //!   upstream.
 //! - [`admin`]: health, readiness, purge and status.
+//! - [`reload`]: SIGHUP and `--watch` re-read the config and switch new requests to it at once.
 //!
 //! The engine underneath, which the typed dictionary uses too:
 //!
@@ -46,5 +47,6 @@ pub mod l1;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod store;

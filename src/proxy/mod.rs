@@ -13,7 +13,7 @@ mod respond;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -43,15 +43,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a request needs; shared by every request of one replica.
 pub struct Proxy {
-    pub config: Arc<Config>,
     pub engine: Engine,
     upstream: Upstream,
+    /// The config requests start under. A reload swaps in a whole new snapshot at once; a request
+    /// holds the one it started with until it ends, so it never sees half of each.
+    ///
+    /// A lock around an `Arc` rather than a lock-free swap: readers hold it only to clone the
+    /// `Arc` (one uncontended read lock per request), and writers come once per reload.
+    live: RwLock<Arc<Snapshot>>,
+}
+
+/// One config as requests use it: the routes, and each route's engine policy.
+pub struct Snapshot {
+    pub config: Arc<Config>,
     /// The engine policy of each route, in route order.
     policies: Vec<Policy>,
 }
 
-impl Proxy {
-    pub fn new(config: Arc<Config>, engine: Engine) -> Self {
+impl Snapshot {
+    fn new(config: Arc<Config>) -> Self {
         let policies = config
             .routes
             .iter()
@@ -64,17 +74,43 @@ impl Proxy {
                 label: route.name.as_str().into(),
             })
             .collect();
+        Self { config, policies }
+    }
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, engine: Engine) -> Self {
         Self {
-            config,
             engine,
             upstream: Upstream::new(CONNECT_TIMEOUT),
-            policies,
+            live: RwLock::new(Arc::new(Snapshot::new(config))),
         }
     }
 
-    /// The first route that matches, by index.
+    /// The config new requests start under.
+    pub fn config(&self) -> Arc<Config> {
+        self.snapshot().config.clone()
+    }
+
+    /// The snapshot new requests start under.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        // A poisoned lock still holds a whole snapshot: the swap is one assignment.
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Switches new requests to `config`; requests in flight finish under the one they started
+    /// with. The caller has decided what of `config` may change without a restart.
+    pub fn replace(&self, config: Config) {
+        let snapshot = Arc::new(Snapshot::new(Arc::new(config)));
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
+    }
+
+    /// The first route that matches, by index, in the current config.
     pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
-        route_for(&self.config, method, uri, headers)
+        route_for(&self.config(), method, uri, headers)
     }
 }
 
@@ -130,10 +166,16 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     let started = tokio::time::Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
-    let route = proxy.route_for(request.method(), request.uri(), request.headers());
+    let snapshot = proxy.snapshot();
+    let route = route_for(
+        &snapshot.config,
+        request.method(),
+        request.uri(),
+        request.headers(),
+    );
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let mut response = match route {
-        Some(index) => answer(&proxy, index, request).await,
+        Some(index) => answer(&proxy, &snapshot, index, request).await,
         None => plain(
             StatusCode::NOT_FOUND,
             "corral: no route matches this request\n".into(),
@@ -142,7 +184,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         ),
     };
     response.headers_mut().insert(REQUEST_ID, id.clone());
-    let label = route.map_or("none", |i| proxy.config.routes[i].name.as_str());
+    let label = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
     let outcome = if response.status().is_server_error() {
         "error"
     } else {
@@ -207,13 +249,18 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// Answers one request on the route it matched (everything but its metrics and access log).
-async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<Body> {
+async fn answer(
+    proxy: &Arc<Proxy>,
+    snapshot: &Arc<Snapshot>,
+    index: usize,
+    request: Request,
+) -> Response<Body> {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let (parts, body) = request.into_parts();
-    let route = &proxy.config.routes[index];
+    let route = &snapshot.config.routes[index];
     let verdict = if route.cache {
         request_verdict(route, &parts.method, &parts.headers)
     } else {
@@ -289,6 +336,7 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
     };
     let fetch = Arc::new(Fetch {
         proxy: proxy.clone(),
+        snapshot: snapshot.clone(),
         route: index,
         method: parts.method.clone(),
         uri: upstream_uri,
@@ -307,7 +355,7 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
         .engine
         .fetch(
             &key.key.hash,
-            &proxy.policies[index],
+            &snapshot.policies[index],
             fetch.builder(),
             route.policy.wait_timeout,
         )
@@ -520,6 +568,8 @@ impl Direct<'_> {
 /// The leader's upstream fetch for one key (and each caller's own, for keys that may not be shared).
 struct Fetch {
     proxy: Arc<Proxy>,
+    /// The config the request started under (a reload does not change a fetch under way).
+    snapshot: Arc<Snapshot>,
     route: usize,
     method: Method,
     uri: Uri,
@@ -574,7 +624,7 @@ impl Fetch {
     }
 
     async fn run(&self) -> Result<Built, BuildError> {
-        let route = &self.proxy.config.routes[self.route];
+        let route = &self.snapshot.config.routes[self.route];
         let body = if self.body.is_empty() {
             Body::empty()
         } else {
