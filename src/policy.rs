@@ -19,6 +19,11 @@
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
 //!   every client.
 //!
+//! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
+//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via` nor the body
+//! headers): an upstream can only vary on what it is sent, and each answer it says varies on a
+//! header is stored under a variant key holding that header's value.
+//!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::key::forwarded_query`]).
 //!
@@ -41,7 +46,7 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::config::Route;
+use crate::config::{Route, VaryMode};
 use crate::key::{BODY_HEADERS, request_cookies};
 
 /// Whether a request may use the cache at all.
@@ -145,6 +150,9 @@ fn in_key(route: &Route, name: &HeaderName) -> bool {
 /// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
 /// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
 ///
+/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
+/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
 ///
@@ -166,6 +174,10 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
+        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
+        Vary::OutsideKey
+            if route.policy.vary == VaryMode::Honor
+                && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
     }
@@ -203,6 +215,36 @@ pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duratio
     }
     let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
     ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
+}
+
+/// The request headers a response's `Vary` names outside the route's key, sorted and without
+/// repeats (empty when it names none); `None` for `Vary: *` or a name that is not a header name,
+/// which no key can stand for.
+pub fn vary_outside_key(route: &Route, headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for name in comma_list(headers, &header::VARY) {
+        let name = HeaderName::from_bytes(&name).ok()?;
+        if !in_key(route, &name) {
+            names.push(name);
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+/// Whether a cacheable request on a `vary: honor` route forwards this header although the key
+/// does not name it: an upstream's `Vary` can only name headers it was sent. Never the ones a
+/// client could poison a shared answer with (`Forwarded`, `X-Forwarded-*`, `Via`), nor
+/// credentials or body framing, which have their own rules.
+fn variant_header(name: &HeaderName) -> bool {
+    !(*name == header::FORWARDED
+        || *name == header::VIA
+        || *name == header::AUTHORIZATION
+        || *name == header::COOKIE
+        || *name == header::CONTENT_LENGTH
+        || BODY_HEADERS.contains(name)
+        || name.as_str().starts_with("x-forwarded-"))
 }
 
 enum Vary {
@@ -441,7 +483,9 @@ pub fn forward_headers(
         let keep = if *name == header::HOST {
             keys_header(route, name)
         } else if cacheable {
-            in_key(route, name) || (route.key.body && *name == header::CONTENT_LENGTH)
+            in_key(route, name)
+                || (route.key.body && *name == header::CONTENT_LENGTH)
+                || (route.policy.vary == VaryMode::Honor && variant_header(name))
         } else {
             true
         };
@@ -959,6 +1003,49 @@ mod tests {
             let d = jittered(secs(1), 100, &mut rng);
             assert!(d >= Duration::from_millis(1) && d <= secs(1), "{d:?}");
         }
+    }
+
+    #[test]
+    fn vary_honor_stores_what_varies_outside_the_key_as_variants() {
+        use crate::config::VaryMode;
+        let r = route_with(|r| {
+            r.key.headers = vec![ACCEPT];
+            r.policy.vary = VaryMode::Honor;
+        });
+        let lines = [("vary", "Accept, Accept-Language, x-a, accept-language")];
+        assert_eq!(response(&r, 200, &lines), stored(60));
+        let names = vary_outside_key(&r, &headers(&lines)).expect("readable names");
+        assert_eq!(names, ["accept-language", "x-a"]);
+        assert_eq!(response(&r, 200, &[("vary", "*")]), Pass("vary-star"));
+        assert_eq!(response(&r, 200, &[("vary", "a b")]), Pass("vary"));
+        assert_eq!(
+            vary_outside_key(&r, &headers(&[("vary", "accept")])),
+            Some(vec![])
+        );
+        assert_eq!(
+            response(&r, 200, &[("vary", "x-a"), ("set-cookie", "s=1")]),
+            Pass("set-cookie")
+        );
+    }
+
+    #[test]
+    fn vary_honor_forwards_what_an_upstream_may_vary_on_but_nothing_that_poisons() {
+        use crate::config::VaryMode;
+        let r = route_with(|r| r.policy.vary = VaryMode::Honor);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            [
+                "accept",
+                "accept-encoding",
+                "if-none-match",
+                "user-agent",
+                "via",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["via"], "1.1 corral");
     }
 
     // -----------------------------------------------------------------------------------------

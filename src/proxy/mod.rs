@@ -8,6 +8,11 @@
 //! `no-store`, a `Vary` outside the key, a body over `max_body`) goes back to its own client only,
 //! and every other waiting request fetches for itself; a 5xx or an unreachable upstream fails the
 //! flight, and everyone who joined gets the same answer at once.
+//!
+//! On a `vary: honor` route, an answer that varies on request headers outside the key is stored
+//! under its variant key ([`crate::key::variant_key`]) by the fetch that brought it, and the
+//! primary key gets a marker naming those headers; a request that finds a marker resolves its own
+//! variant as a second flight.
 
 mod respond;
 mod upstream;
@@ -30,12 +35,13 @@ use crate::engine::{
     AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{KeyHash, request_key};
+use crate::key::{KeyHash, request_key, variant_key};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
+    vary_outside_key,
 };
 pub use respond::Outcome;
-use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
+use respond::{DETAIL, OVERFLOW, VARY_MARKER, VARY_MARKER_ID, from_entry, internal, plain};
 use upstream::{Buffered, Upstream, target};
 
 /// How long connecting to an upstream may take.
@@ -349,17 +355,40 @@ async fn answer(
         },
         body: keyed_body.unwrap_or_default(),
         overflow: Mutex::new(None),
+        key: key.key.hash,
+        stage: Stage::Primary,
     });
     let head = parts.method == Method::HEAD;
-    let answer = proxy
+    let asked = tokio::time::Instant::now();
+    let policy = &snapshot.policies[index];
+    let mut answer = proxy
         .engine
         .fetch(
             &key.key.hash,
-            &snapshot.policies[index],
+            policy,
             fetch.builder(),
             route.policy.wait_timeout,
         )
         .await;
+    // The primary key holds a vary marker: this request's answer is its own variant, one more
+    // flight (one fetch per variant cluster-wide), within what is left of the wait.
+    let mut fetch = fetch;
+    if let Ok(primary) = &answer
+        && let AnswerSource::Shared(through) = primary.source
+        && let Some(marker) = vary_marker(&primary.entry)
+    {
+        let variant = variant_key(&key.key.hash, &marker.id, &marker.names, &parts.headers);
+        fetch = Arc::new(fetch.variant(marker.names, &parts.headers));
+        let left = route.policy.wait_timeout.saturating_sub(asked.elapsed());
+        answer = proxy
+            .engine
+            .fetch(&variant.hash, policy, fetch.builder(), left)
+            .await
+            .map(|mut answer| {
+                answer.source = variant_source(through, answer.source);
+                answer
+            });
+    }
     let mut response = match answer {
         Ok(answer) => match answer.source {
             AnswerSource::Shared(source) => {
@@ -579,6 +608,51 @@ struct Fetch {
     body: Bytes,
     /// A response too large to buffer, handed to this fetch's own client to stream.
     overflow: Mutex<Option<Overflow>>,
+    /// The request's (primary) key.
+    key: KeyHash,
+    stage: Stage,
+}
+
+/// Which key a fetch fills.
+#[derive(Clone, Debug)]
+enum Stage {
+    /// The request's own key. On a `vary: honor` route, a response that varies on headers outside
+    /// the key is committed under its variant key, and the primary key gets a marker naming them.
+    Primary,
+    /// One variant of a primary key whose marker names these headers; a response that varies on
+    /// anything else is not stored.
+    Variant(Vec<HeaderName>),
+}
+
+/// What a vary marker says.
+struct VaryMarker {
+    /// Part of every variant key of this marker.
+    id: String,
+    /// The request headers the response varies on, outside the route's key.
+    names: Vec<HeaderName>,
+}
+
+/// The marker an entry is, or `None` when it is an answer.
+fn vary_marker(entry: &Entry) -> Option<VaryMarker> {
+    let names = internal(entry, VARY_MARKER)?;
+    Some(VaryMarker {
+        id: internal(entry, VARY_MARKER_ID).unwrap_or_default(),
+        names: names
+            .split(',')
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect(),
+    })
+}
+
+/// How a variant's answer is reported, given how the marker before it came: the request that
+/// fetched the marker also stored its own variant (a MISS, not a HIT of what it just stored).
+fn variant_source(marker: Source, variant: AnswerSource) -> AnswerSource {
+    match (marker, variant) {
+        (Source::Built | Source::Coalesced, AnswerSource::Shared(Source::L1 | Source::Store)) => {
+            AnswerSource::Shared(marker)
+        }
+        _ => variant,
+    }
 }
 
 /// A response over `max_body`: its head, what was read, and the rest still coming.
@@ -617,6 +691,65 @@ impl Fetch {
             let fetch = fetch.clone();
             Box::pin(async move { fetch.run().await })
         })
+    }
+
+    /// The fetch of this request's variant of a marker naming `names`: the same request, with
+    /// the client's values of those headers forwarded whatever the route's forwarding rules, since
+    /// the variant key holds them.
+    fn variant(&self, names: Vec<HeaderName>, client: &HeaderMap) -> Fetch {
+        let hop_by_hop = crate::policy::connection_named(client);
+        let mut headers = self.headers.clone();
+        for name in &names {
+            headers.remove(name);
+            if !crate::policy::is_hop_by_hop(name, &hop_by_hop) {
+                for value in client.get_all(name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        Fetch {
+            proxy: self.proxy.clone(),
+            snapshot: self.snapshot.clone(),
+            route: self.route,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            headers,
+            body: self.body.clone(),
+            overflow: Mutex::new(None),
+            key: self.key,
+            stage: Stage::Variant(names),
+        }
+    }
+
+    /// Commits `entry` under its variant key (the headers this fetch sent, for `names`), in a
+    /// flight of its own under that key's lease, and returns the marker the primary key stores.
+    /// The client that fetched it then finds its variant already there.
+    async fn store_variant(&self, entry: Entry, names: Vec<HeaderName>) -> Built {
+        let route = &self.snapshot.config.routes[self.route];
+        let id = format!("{:032x}", rand::random::<u128>());
+        let variant = variant_key(&self.key, &id, &names, &self.headers);
+        let ttl = entry.ttl;
+        let stored: Builder = Arc::new(move || {
+            let entry = entry.clone();
+            Box::pin(async move { Ok(Built::Shared(entry)) })
+        });
+        let policy = &self.snapshot.policies[self.route];
+        if let Err(error) = (self.proxy.engine)
+            .fetch(&variant.hash, policy, stored, route.policy.wait_timeout)
+            .await
+        {
+            // The marker still goes in: each variant's first request then fetches it.
+            tracing::debug!(%error, route = %route.name, "a variant could not be stored");
+        }
+        let mut marker = self::entry(StatusCode::OK, &HeaderMap::new(), Bytes::new(), ttl);
+        let names: Vec<&str> = names.iter().map(HeaderName::as_str).collect();
+        marker
+            .headers
+            .push((VARY_MARKER.into(), Bytes::from(names.join(","))));
+        marker
+            .headers
+            .push((VARY_MARKER_ID.into(), Bytes::from(id)));
+        Built::Shared(marker)
     }
 
     fn take_overflow(&self) -> Option<Overflow> {
@@ -670,7 +803,21 @@ impl Fetch {
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
                         entry.ttl = jittered(ttl, route.policy.ttl_jitter, &mut rand::rng());
-                        Ok(Built::Shared(entry))
+                        // Only a `vary: honor` route stores a response that varies outside its key.
+                        let outside = vary_outside_key(route, &headers).unwrap_or_default();
+                        match &self.stage {
+                            _ if outside.is_empty() => Ok(Built::Shared(entry)),
+                            Stage::Primary => Ok(self.store_variant(entry, outside).await),
+                            Stage::Variant(names) if outside.iter().all(|n| names.contains(n)) => {
+                                Ok(Built::Shared(entry))
+                            }
+                            Stage::Variant(_) => {
+                                entry
+                                    .headers
+                                    .push((DETAIL.into(), Bytes::from_static(b"vary")));
+                                Ok(Built::Private(entry))
+                            }
+                        }
                     }
                     ResponseVerdict::Pass(reason) => {
                         entry
