@@ -329,7 +329,7 @@ async fn reloads(http: &Http, process: &CorralServe, result: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_running_process_and_names_what_needs_a_restart() {
-    let setup = Setup::memory().await;
+    let setup = Setup::redis_nats().await;
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let listen = (loopback(free_port()), loopback(free_port()));
     let file = setup.file.clone();

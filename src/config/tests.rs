@@ -947,3 +947,22 @@ fn vary_is_key_or_honor() {
         "corral.yaml:5:11: routes[0].vary: unknown value \"always\" (expected key or honor)"
     );
 }
+
+#[test]
+fn check_shows_jitter_error_ttl_and_vary_only_when_set() {
+    let set = parse_ok(&with_route(
+        "",
+        "    ttl_jitter: 10%\n    error_ttl: {503: 2s, 404: 30s}\n    vary: honor\n",
+    ));
+    let shown = super::describe(&set);
+    assert!(shown.contains("  ttl_jitter            10%\n"), "{shown}");
+    assert!(
+        shown.contains("  error_ttl             {404: 30s, 503: 2s}\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("  vary                  honor\n"), "{shown}");
+    let unset = super::describe(&parse_ok(&with_route("", "")));
+    for label in ["ttl_jitter", "error_ttl", "vary"] {
+        assert!(!unset.contains(label), "{unset}");
+    }
+}
