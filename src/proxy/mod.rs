@@ -2,6 +2,7 @@
 //!
 //! - `upstream`: the pooled client and reading a response up to `max_body`.
 //! - `respond`: client responses with `Age`, `X-Cache` and `Cache-Status`.
+//! - `variant`: answers that vary outside the key, stored as variants on `vary: honor` routes.
 //!
 //! A cacheable request becomes a flight in the engine. The leader's upstream fetch is the flight's
 //! build: a storable answer is committed and shared; a private one (Set-Cookie, `private`,
@@ -10,12 +11,11 @@
 //! flight, and everyone who joined gets the same answer at once.
 //!
 //! On a `vary: honor` route, an answer that varies on request headers outside the key is stored
-//! under its variant key ([`crate::key::variant_key`]) by the fetch that brought it, and the
-//! primary key gets a marker naming those headers; a request that finds a marker resolves its own
-//! variant as a second flight.
+//! as a variant, and a request that finds a marker at its key resolves its own variant next.
 
 mod respond;
 mod upstream;
+mod variant;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -35,14 +35,15 @@ use crate::engine::{
     AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{KeyHash, request_key, variant_key};
+use crate::key::{KeyHash, request_key};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
     vary_outside_key,
 };
 pub use respond::Outcome;
-use respond::{DETAIL, OVERFLOW, VARY_MARKER, VARY_MARKER_ID, from_entry, internal, plain};
+use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
 use upstream::{Buffered, Upstream, target};
+use variant::Stage;
 
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -374,20 +375,11 @@ async fn answer(
     // flight (one fetch per variant cluster-wide), within what is left of the wait.
     let mut fetch = fetch;
     if let Ok(primary) = &answer
-        && let AnswerSource::Shared(through) = primary.source
-        && let Some(marker) = vary_marker(&primary.entry)
+        && let Some(variant) = fetch.variant_of(primary, &parts.headers)
     {
-        let variant = variant_key(&key.key.hash, &marker.id, &marker.names, &parts.headers);
-        fetch = Arc::new(fetch.variant(marker.names, &parts.headers));
         let left = route.policy.wait_timeout.saturating_sub(asked.elapsed());
-        answer = proxy
-            .engine
-            .fetch(&variant.hash, policy, fetch.builder(), left)
-            .await
-            .map(|mut answer| {
-                answer.source = variant_source(through, answer.source);
-                answer
-            });
+        fetch = Arc::new(variant.fetch);
+        answer = (fetch.resolve_variant(&variant.key, variant.through, policy, left)).await;
     }
     let mut response = match answer {
         Ok(answer) => match answer.source {
@@ -613,48 +605,6 @@ struct Fetch {
     stage: Stage,
 }
 
-/// Which key a fetch fills.
-#[derive(Clone, Debug)]
-enum Stage {
-    /// The request's own key. On a `vary: honor` route, a response that varies on headers outside
-    /// the key is committed under its variant key, and the primary key gets a marker naming them.
-    Primary,
-    /// One variant of a primary key whose marker names these headers; a response that varies on
-    /// anything else is not stored.
-    Variant(Vec<HeaderName>),
-}
-
-/// What a vary marker says.
-struct VaryMarker {
-    /// Part of every variant key of this marker.
-    id: String,
-    /// The request headers the response varies on, outside the route's key.
-    names: Vec<HeaderName>,
-}
-
-/// The marker an entry is, or `None` when it is an answer.
-fn vary_marker(entry: &Entry) -> Option<VaryMarker> {
-    let names = internal(entry, VARY_MARKER)?;
-    Some(VaryMarker {
-        id: internal(entry, VARY_MARKER_ID).unwrap_or_default(),
-        names: names
-            .split(',')
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect(),
-    })
-}
-
-/// How a variant's answer is reported, given how the marker before it came: the request that
-/// fetched the marker also stored its own variant (a MISS, not a HIT of what it just stored).
-fn variant_source(marker: Source, variant: AnswerSource) -> AnswerSource {
-    match (marker, variant) {
-        (Source::Built | Source::Coalesced, AnswerSource::Shared(Source::L1 | Source::Store)) => {
-            AnswerSource::Shared(marker)
-        }
-        _ => variant,
-    }
-}
-
 /// A response over `max_body`: its head, what was read, and the rest still coming.
 struct Overflow {
     status: StatusCode,
@@ -691,65 +641,6 @@ impl Fetch {
             let fetch = fetch.clone();
             Box::pin(async move { fetch.run().await })
         })
-    }
-
-    /// The fetch of this request's variant of a marker naming `names`: the same request, with
-    /// the client's values of those headers forwarded whatever the route's forwarding rules, since
-    /// the variant key holds them.
-    fn variant(&self, names: Vec<HeaderName>, client: &HeaderMap) -> Fetch {
-        let hop_by_hop = crate::policy::connection_named(client);
-        let mut headers = self.headers.clone();
-        for name in &names {
-            headers.remove(name);
-            if !crate::policy::is_hop_by_hop(name, &hop_by_hop) {
-                for value in client.get_all(name) {
-                    headers.append(name.clone(), value.clone());
-                }
-            }
-        }
-        Fetch {
-            proxy: self.proxy.clone(),
-            snapshot: self.snapshot.clone(),
-            route: self.route,
-            method: self.method.clone(),
-            uri: self.uri.clone(),
-            headers,
-            body: self.body.clone(),
-            overflow: Mutex::new(None),
-            key: self.key,
-            stage: Stage::Variant(names),
-        }
-    }
-
-    /// Commits `entry` under its variant key (the headers this fetch sent, for `names`), in a
-    /// flight of its own under that key's lease, and returns the marker the primary key stores.
-    /// The client that fetched it then finds its variant already there.
-    async fn store_variant(&self, entry: Entry, names: Vec<HeaderName>) -> Built {
-        let route = &self.snapshot.config.routes[self.route];
-        let id = format!("{:032x}", rand::random::<u128>());
-        let variant = variant_key(&self.key, &id, &names, &self.headers);
-        let ttl = entry.ttl;
-        let stored: Builder = Arc::new(move || {
-            let entry = entry.clone();
-            Box::pin(async move { Ok(Built::Shared(entry)) })
-        });
-        let policy = &self.snapshot.policies[self.route];
-        if let Err(error) = (self.proxy.engine)
-            .fetch(&variant.hash, policy, stored, route.policy.wait_timeout)
-            .await
-        {
-            // The marker still goes in: each variant's first request then fetches it.
-            tracing::debug!(%error, route = %route.name, "a variant could not be stored");
-        }
-        let mut marker = self::entry(StatusCode::OK, &HeaderMap::new(), Bytes::new(), ttl);
-        let names: Vec<&str> = names.iter().map(HeaderName::as_str).collect();
-        marker
-            .headers
-            .push((VARY_MARKER.into(), Bytes::from(names.join(","))));
-        marker
-            .headers
-            .push((VARY_MARKER_ID.into(), Bytes::from(id)));
-        Built::Shared(marker)
     }
 
     fn take_overflow(&self) -> Option<Overflow> {
