@@ -55,18 +55,18 @@ impl Reloader {
         let mut new = match config::load(&self.path) {
             Ok(new) => new,
             Err(error) => {
-                reloads.with_label_values(&["error"]).inc();
                 tracing::error!(
                     file = %self.path.display(),
                     "config reload refused, the running config stays:\n{error}"
                 );
+                // Counted after the log line, so whoever sees the count finds the line.
+                reloads.with_label_values(&["error"]).inc();
                 return Err(error);
             }
         };
         let needs_restart = keep_fixed(&self.proxy.config(), &mut new);
         let routes = new.routes.len();
         self.proxy.replace(new);
-        reloads.with_label_values(&["ok"]).inc();
         if needs_restart.is_empty() {
             tracing::info!(file = %self.path.display(), routes, "config reloaded");
         } else {
@@ -78,6 +78,7 @@ impl Reloader {
                 "config reloaded, but these changed settings need a restart to take effect: {settings}"
             );
         }
+        reloads.with_label_values(&["ok"]).inc();
         Ok(Reloaded { needs_restart })
     }
 }
