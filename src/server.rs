@@ -80,7 +80,7 @@ impl Server {
     }
 
     /// Serves both listeners until `shutdown` completes, then gives running builds
-    /// [`SHUTDOWN_GRACE`] to let go of their leases.
+    /// a few seconds (`SHUTDOWN_GRACE`) to let go of their leases.
     pub async fn serve(
         self,
         listener: TcpListener,
