@@ -43,7 +43,6 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::Route;
 use crate::key::RequestKey;
 use crate::proxy::Proxy;
 use crate::purge::Purge;
@@ -328,9 +327,10 @@ async fn purge(
     Json(purged).into_response()
 }
 
-/// The route named `name`, if it exists (else 404) and caches (else 400).
-fn cached_route<'a>(proxy: &'a Proxy, name: &str) -> Result<&'a Route, Refusal> {
-    let Some(route) = proxy.config.routes.iter().find(|r| r.name == name) else {
+/// Whether a route named `name` exists (else 404) and caches (else 400).
+fn cached_route(proxy: &Proxy, name: &str) -> Result<(), Refusal> {
+    let config = proxy.config();
+    let Some(route) = config.routes.iter().find(|r| r.name == name) else {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
             format!("no route is named {name:?}"),
@@ -342,7 +342,7 @@ fn cached_route<'a>(proxy: &'a Proxy, name: &str) -> Result<&'a Route, Refusal> 
             format!("route {name} does not cache"),
         ));
     }
-    Ok(route)
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -404,13 +404,14 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header value: {e}")))?;
         headers.append(name, value);
     }
-    let Some(index) = proxy.route_for(&method, &uri, &headers) else {
+    let config = proxy.config();
+    let Some(index) = crate::proxy::route_for(&config, &method, &uri, &headers) else {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
             "no route matches this url".into(),
         ));
     };
-    let route = &proxy.config.routes[index];
+    let route = &config.routes[index];
     if !route.cache {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -422,12 +423,13 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
         .key
         .body
         .then(|| target.body.as_deref().unwrap_or("").as_bytes());
-    Ok(proxy.key(index, &method, &uri, &headers, body))
+    Ok(proxy.key(route, &method, &uri, &headers, body))
 }
 
 /// Checks the bearer token in constant time.
 fn authorize(proxy: &Proxy, headers: &HeaderMap) -> Result<(), Refusal> {
-    let Some(token) = &proxy.config.admin.token else {
+    let config = proxy.config();
+    let Some(token) = &config.admin.token else {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "the admin API is off: no admin token is configured".into(),

@@ -256,6 +256,52 @@ pub fn request_key(
     }
 }
 
+/// Tags the canonical form of variant keys (see [`variant_key`]).
+const VARIANT_KEY_VERSION: &str = "corral/variant/1";
+
+/// The key of one variant of a response that varies on request headers outside its route's key
+/// (`vary: honor`): the primary key's digest, the id of the marker stored there, then each of
+/// `names` (lowercase, sorted) with the request's values for it.
+///
+/// The marker's id makes the variants belong to one marker: when the marker goes (purged, or
+/// expired), its variants can no longer be reached and the next marker starts afresh, so no old
+/// variant outlives the entry it hangs from.
+///
+/// Values are normalised only in ways that cannot change their meaning (RFC 9111 §4.1): every
+/// line of the header is split on commas, whitespace around each element is trimmed, and empty
+/// elements are dropped, so `a, b`, `a,b` and two lines `a` and `b` are one variant. An absent
+/// header differs from an empty one. A header named in `Connection` counts as absent, as it is
+/// never forwarded.
+pub fn variant_key(
+    primary: &KeyHash,
+    marker: &str,
+    names: &[HeaderName],
+    headers: &http::HeaderMap,
+) -> Key {
+    let hop_by_hop = crate::policy::connection_named(headers);
+    let mut builder = KeyBuilder::new();
+    builder.push(VARIANT_KEY_VERSION.as_bytes());
+    builder.push(primary.as_bytes());
+    builder.push(marker.as_bytes());
+    for name in names {
+        builder.push(name.as_str().as_bytes());
+        let present =
+            headers.contains_key(name) && !crate::policy::is_hop_by_hop(name, &hop_by_hop);
+        let elements: Vec<&[u8]> = headers
+            .get_all(name)
+            .iter()
+            .filter(|_| present)
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|e| !e.is_empty())
+            .collect();
+        let mut part = vec![u8::from(present)];
+        part.extend(frame(elements));
+        builder.push(&part);
+    }
+    builder.finish()
+}
+
 /// The query string to send upstream with a cacheable request: exactly the segments the key kept,
 /// in key order, or `None` when it kept none. A parameter the key ignores must not reach the
 /// upstream, or it could shape an answer shared with clients who sent another value (or none);
@@ -461,6 +507,7 @@ pub(crate) mod testing {
                 pass_ttl: Duration::from_secs(30),
                 cache_statuses: vec![200, 203, 204, 300, 301, 404, 410],
                 honor_client_no_store: true,
+                ..RoutePolicy::default()
             },
         }
     }
@@ -492,6 +539,44 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variant_keys_normalise_only_what_cannot_change_the_meaning() {
+        use testing::headers;
+        let primary = KeyBuilder::new().part("p").finish().hash;
+        let lang = [HeaderName::from_static("accept-language")];
+        let of = |lines: &[(&str, &str)]| variant_key(&primary, "m1", &lang, &headers(lines)).hash;
+        let en = of(&[("accept-language", "en, fr")]);
+        assert_eq!(en, of(&[("accept-language", "en,fr ")]));
+        assert_eq!(
+            en,
+            of(&[("accept-language", "en"), ("accept-language", "fr")])
+        );
+        assert_ne!(en, of(&[("accept-language", "fr, en")]), "order is meaning");
+        assert_ne!(en, of(&[("accept-language", "EN, fr")]), "so is case");
+        assert_ne!(
+            of(&[]),
+            of(&[("accept-language", "")]),
+            "absent is not empty"
+        );
+        assert_eq!(
+            of(&[]),
+            of(&[("accept-language", "en"), ("connection", "accept-language")]),
+            "a hop-by-hop header is absent"
+        );
+        let other = KeyBuilder::new().part("q").finish().hash;
+        let en_fr = headers(&[("accept-language", "en, fr")]);
+        assert_ne!(
+            en,
+            variant_key(&other, "m1", &lang, &en_fr).hash,
+            "variants of two keys never meet"
+        );
+        assert_ne!(
+            en,
+            variant_key(&primary, "m2", &lang, &en_fr).hash,
+            "nor do those of two markers"
+        );
+    }
 
     #[test]
     fn parts_are_length_prefixed_so_shifted_boundaries_differ() {

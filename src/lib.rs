@@ -10,7 +10,8 @@
 //! The request path, in the order a request meets it:
 //!
 //! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name file:line:column).
-//! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one engine.
+//! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one engine
+//!   (or `Server::connect`, then `serve`, with a [`reload::Reloader`] taken in between).
 //! - [`proxy`]: route match, key, policy, then the engine; the upstream client; responses with
 //!   `X-Cache` and `Cache-Status`.
 //! - [`key`]: request (or dictionary key) → canonical length-prefixed bytes → BLAKE3 digest, the only
@@ -21,6 +22,7 @@
 //!   `corral healthcheck`.
 //! - [`purge`]: the forms of a purge (URL, path prefix, route, surrogate tag) and the client
 //!   `corral purge` sends them with.
+//! - [`reload`]: SIGHUP and `--watch` re-read the config and switch new requests to it at once.
 //!
 //! The engine underneath, which the typed dictionary uses too:
 //!
@@ -54,5 +56,6 @@ pub mod policy;
 pub mod proxy;
 pub mod purge;
 pub mod redis_conn;
+pub mod reload;
 pub mod server;
 pub mod store;

@@ -42,10 +42,13 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy and its admin listener.
+    /// Run the proxy and its admin listener. SIGHUP reloads the config.
     Serve {
         #[arg(long, env = "CORRAL_CONFIG")]
         config: PathBuf,
+        /// Also reload whenever the config file changes (checked every second).
+        #[arg(long, env = "CORRAL_WATCH")]
+        watch: bool,
     },
     /// Validate a config and print the effective routes.
     Check {
@@ -156,11 +159,11 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Serve { config } => {
+        Command::Serve { config, watch } => {
             let Some(config) = load(&config) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            serve(config).await
+            serve(config, watch).await
         }
         Command::Check { config: path } => {
             let Some(config) = load(&path) else {
@@ -320,7 +323,7 @@ fn load(path: &std::path::Path) -> Option<Config> {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, watch: bool) -> ExitCode {
     let public = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -340,7 +343,24 @@ async fn serve(config: Config) -> ExitCode {
         admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         "corral is starting: connecting to the store and the bus"
     );
-    match corral::server::run(public, admin, config, shutdown_signal()).await {
+    let backend = corral::server::backend_for(&config);
+    let server = match corral::server::Server::connect(config, &backend).await {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("corral: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(reloader) = server.reloader() {
+        if let Err(error) = corral::reload::on_sighup(reloader.clone()) {
+            eprintln!("corral: cannot listen for SIGHUP: {error}");
+            return ExitCode::FAILURE;
+        }
+        if watch {
+            corral::reload::watch(reloader, corral::reload::WATCH_INTERVAL);
+        }
+    }
+    match server.serve(public, admin, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("corral: {error}");

@@ -19,6 +19,11 @@
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
 //!   every client.
 //!
+//! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
+//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via` nor the body
+//! headers): an upstream can only vary on what it is sent, and each answer it says varies on a
+//! header is stored under a variant key holding that header's value.
+//!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::key::forwarded_query`]).
 //!
@@ -41,7 +46,7 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::config::Route;
+use crate::config::{Route, VaryMode};
 use crate::key::{BODY_HEADERS, request_cookies};
 
 /// Whether a request may use the cache at all.
@@ -145,6 +150,12 @@ fn in_key(route: &Route, name: &HeaderName) -> bool {
 /// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
 /// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
 ///
+/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
+/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+///
+/// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
+/// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
+///
 /// Freshness when the route honours `Cache-Control`: `s-maxage`, else `max-age`, else `Expires`
 /// minus `Date`; less the upstream's `Age`; clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should
 /// they cross). Without any of those, or when the route does not honour them, the route's `ttl`.
@@ -163,8 +174,15 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
+        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
+        Vary::OutsideKey
+            if route.policy.vary == VaryMode::Honor
+                && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
+    }
+    if let Some(ttl) = route.policy.error_ttl.get(&status.as_u16()) {
+        return Store { ttl: *ttl };
     }
     if !route.policy.cache_statuses.contains(&status.as_u16()) {
         return Pass("status");
@@ -187,6 +205,46 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
         return Pass("zero-ttl");
     }
     Store { ttl }
+}
+
+/// `ttl` cut by a random 0 to `percent` percent (`ttl_jitter`), so entries filled together do not
+/// expire together; never below one millisecond, since a store cannot keep an entry for zero.
+pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duration {
+    if percent == 0 || ttl.is_zero() {
+        return ttl;
+    }
+    let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
+    ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
+}
+
+/// The request headers a response's `Vary` names outside the route's key, sorted and without
+/// repeats (empty when it names none); `None` for `Vary: *` or a name that is not a header name,
+/// which no key can stand for.
+pub fn vary_outside_key(route: &Route, headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for name in comma_list(headers, &header::VARY) {
+        let name = HeaderName::from_bytes(&name).ok()?;
+        if !in_key(route, &name) {
+            names.push(name);
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+/// Whether a cacheable request on a `vary: honor` route forwards this header although the key
+/// does not name it: an upstream's `Vary` can only name headers it was sent. Never the ones a
+/// client could poison a shared answer with (`Forwarded`, `X-Forwarded-*`, `Via`), nor
+/// credentials or body framing, which have their own rules.
+fn variant_header(name: &HeaderName) -> bool {
+    !(*name == header::FORWARDED
+        || *name == header::VIA
+        || *name == header::AUTHORIZATION
+        || *name == header::COOKIE
+        || *name == header::CONTENT_LENGTH
+        || BODY_HEADERS.contains(name)
+        || name.as_str().starts_with("x-forwarded-"))
 }
 
 enum Vary {
@@ -425,7 +483,9 @@ pub fn forward_headers(
         let keep = if *name == header::HOST {
             keys_header(route, name)
         } else if cacheable {
-            in_key(route, name) || (route.key.body && *name == header::CONTENT_LENGTH)
+            in_key(route, name)
+                || (route.key.body && *name == header::CONTENT_LENGTH)
+                || (route.policy.vary == VaryMode::Honor && variant_header(name))
         } else {
             true
         };
@@ -474,6 +534,7 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::net::{IpAddr, Ipv4Addr};
 
     use http::header::{ACCEPT, AUTHORIZATION};
@@ -889,6 +950,102 @@ mod tests {
             response(&r, 200, &[("cache-control", "max-age=70")]),
             stored(50)
         );
+    }
+
+    #[test]
+    fn an_error_ttl_stores_its_status_for_that_long() {
+        let r = route_with(|r| {
+            r.policy.error_ttl = [(404, secs(30)), (503, secs(2)), (429, secs(5))].into();
+        });
+        assert_eq!(response(&r, 404, &[]), stored(30));
+        assert_eq!(
+            response(&r, 404, &[("cache-control", "max-age=600")]),
+            stored(30)
+        );
+        assert_eq!(response(&r, 503, &[]), stored(2));
+        assert_eq!(response(&r, 429, &[]), stored(5), "not in cache_statuses");
+        assert_eq!(response(&r, 410, &[]), stored(60), "not listed: as before");
+        assert_eq!(
+            response(&r, 404, &[("set-cookie", "a=1")]),
+            Pass("set-cookie")
+        );
+        assert_eq!(
+            response(&r, 503, &[("cache-control", "private")]),
+            Pass("private")
+        );
+        assert_eq!(
+            response(&r, 404, &[("cache-control", "no-store")]),
+            Pass("no-store")
+        );
+        assert_eq!(response(&r, 404, &[("vary", "*")]), Pass("vary-star"));
+    }
+
+    #[test]
+    fn jitter_cuts_the_ttl_by_at_most_its_percentage() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let ttl = secs(100);
+        let draws: Vec<Duration> = (0..1000).map(|_| jittered(ttl, 10, &mut rng)).collect();
+        for d in &draws {
+            assert!(*d <= ttl && *d >= secs(90), "{d:?} outside [90s, 100s]");
+        }
+        let distinct: HashSet<Duration> = draws.iter().copied().collect();
+        assert!(
+            distinct.len() > 100,
+            "only {} distinct TTLs",
+            distinct.len()
+        );
+        assert!(draws.iter().any(|d| *d < secs(92)), "never near the bottom");
+        assert!(draws.iter().any(|d| *d > secs(98)), "never near the top");
+
+        assert_eq!(jittered(ttl, 0, &mut rng), ttl, "0% leaves it alone");
+        for _ in 0..100 {
+            let d = jittered(secs(1), 100, &mut rng);
+            assert!(d >= Duration::from_millis(1) && d <= secs(1), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn vary_honor_stores_what_varies_outside_the_key_as_variants() {
+        use crate::config::VaryMode;
+        let r = route_with(|r| {
+            r.key.headers = vec![ACCEPT];
+            r.policy.vary = VaryMode::Honor;
+        });
+        let lines = [("vary", "Accept, Accept-Language, x-a, accept-language")];
+        assert_eq!(response(&r, 200, &lines), stored(60));
+        let names = vary_outside_key(&r, &headers(&lines)).expect("readable names");
+        assert_eq!(names, ["accept-language", "x-a"]);
+        assert_eq!(response(&r, 200, &[("vary", "*")]), Pass("vary-star"));
+        assert_eq!(response(&r, 200, &[("vary", "a b")]), Pass("vary"));
+        assert_eq!(
+            vary_outside_key(&r, &headers(&[("vary", "accept")])),
+            Some(vec![])
+        );
+        assert_eq!(
+            response(&r, 200, &[("vary", "x-a"), ("set-cookie", "s=1")]),
+            Pass("set-cookie")
+        );
+    }
+
+    #[test]
+    fn vary_honor_forwards_what_an_upstream_may_vary_on_but_nothing_that_poisons() {
+        use crate::config::VaryMode;
+        let r = route_with(|r| r.policy.vary = VaryMode::Honor);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            [
+                "accept",
+                "accept-encoding",
+                "if-none-match",
+                "user-agent",
+                "via",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["via"], "1.1 corral");
     }
 
     // -----------------------------------------------------------------------------------------

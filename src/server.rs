@@ -16,6 +16,7 @@ use crate::bus::memory::MemoryBusHub;
 use crate::config::{BusSettings, Config, StoreSettings};
 use crate::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
 use crate::proxy::Proxy;
+use crate::reload::Reloader;
 use crate::store::memory::MemoryStore;
 
 /// How long running builds get to abandon their leases at shutdown.
@@ -49,41 +50,83 @@ pub async fn run_on(
     backend: Backend,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let mut engine_config = EngineConfig::new(config.namespace.clone());
-    engine_config.l1_max_bytes = config.l1_max_bytes;
-    let engine = Engine::connect(engine_config, &backend).await?;
-    let proxy = Arc::new(Proxy::new(Arc::new(config), engine.clone()));
-    // Before the first request: a route purged as a whole is keyed by its current generation.
-    engine
-        .track_generations(proxy.config.routes.iter().map(|route| route.name.as_str()))
-        .await;
-    let (stop, stopped) = watch::channel(false);
-    // Weak: a server that stopped on its own must not be kept alive by a shutdown never sent.
-    let serving = Arc::downgrade(&proxy);
-    tokio::spawn(async move {
-        shutdown.await;
-        if let Some(proxy) = serving.upgrade() {
-            proxy.lifecycle.enter(Phase::Stopping);
-        }
-        stop.send_replace(true);
-    });
-    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    let public = axum::serve(
-        listener,
-        crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until_stopped(stopped.clone()));
-    // The config is loaded and both listeners are bound: from here `/readyz` asks the store and bus.
-    proxy.lifecycle.enter(Phase::Serving);
-    let admin =
-        axum::serve(admin, crate::admin::app(proxy)).with_graceful_shutdown(until_stopped(stopped));
-    let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
-    engine.close(SHUTDOWN_GRACE).await;
-    public?;
-    admin?;
-    Ok(())
+    Server::connect(config, &backend)
+        .await?
+        .serve(listener, admin, shutdown)
+        .await
+}
+
+/// A proxy connected to its store and bus, not yet serving: the step between the two is where a
+/// [`Reloader`] is taken.
+pub struct Server {
+    engine: Engine,
+    proxy: Arc<Proxy>,
+}
+
+impl Server {
+    /// Connects the engine for `config` on `backend`.
+    pub async fn connect(config: Config, backend: &Backend) -> Result<Server, ServeError> {
+        let mut engine_config = EngineConfig::new(config.namespace.clone());
+        engine_config.l1_max_bytes = config.l1_max_bytes;
+        let engine = Engine::connect(engine_config, backend).await?;
+        let proxy = Arc::new(Proxy::new(Arc::new(config), engine.clone()));
+        // Before the first request: a route purged as a whole is keyed by its current generation.
+        engine
+            .track_generations(
+                proxy
+                    .config()
+                    .routes
+                    .iter()
+                    .map(|route| route.name.as_str()),
+            )
+            .await;
+        Ok(Server { engine, proxy })
+    }
+
+    /// Reloads this server's config from the file it was loaded from; `None` for a config that
+    /// came from no file.
+    pub fn reloader(&self) -> Option<Reloader> {
+        let path = self.proxy.config().source.clone()?;
+        Some(Reloader::new(self.proxy.clone(), path))
+    }
+
+    /// Serves both listeners until `shutdown` completes, then gives running builds
+    /// a few seconds (`SHUTDOWN_GRACE`) to let go of their leases.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server { engine, proxy } = self;
+        let (stop, stopped) = watch::channel(false);
+        // Weak: a server that stopped on its own must not be kept alive by a shutdown never sent.
+        let serving = Arc::downgrade(&proxy);
+        tokio::spawn(async move {
+            shutdown.await;
+            if let Some(proxy) = serving.upgrade() {
+                proxy.lifecycle.enter(Phase::Stopping);
+            }
+            stop.send_replace(true);
+        });
+        let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let public = axum::serve(
+            listener,
+            crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
+        // The config is loaded and both listeners are bound: from here `/readyz` asks the store and bus.
+        proxy.lifecycle.enter(Phase::Serving);
+        let admin = axum::serve(admin, crate::admin::app(proxy))
+            .with_graceful_shutdown(until_stopped(stopped));
+        let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
+        engine.close(SHUTDOWN_GRACE).await;
+        public?;
+        admin?;
+        Ok(())
+    }
 }
 
 /// The backend a config names (a memory store is this process's own).

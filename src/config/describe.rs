@@ -8,7 +8,9 @@
 use std::fmt::Write;
 
 use super::units::{format_duration, format_size};
-use super::{BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings};
+use super::{
+    BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings, VaryMode,
+};
 use crate::engine::ExpiryMode;
 
 /// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
@@ -119,6 +121,24 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "pass_ttl", &format_duration(p.pass_ttl));
     line(out, "cache_statuses", &list(p.cache_statuses.iter()));
     line(out, "honor_client_no_store", &p.honor_client_no_store);
+    // Shown only when set, so the common case stays short.
+    if p.ttl_jitter > 0 {
+        line(out, "ttl_jitter", &format!("{}%", p.ttl_jitter));
+    }
+    if !p.error_ttl.is_empty() {
+        let pairs = p
+            .error_ttl
+            .iter()
+            .map(|(status, ttl)| format!("{status}: {}", format_duration(*ttl)));
+        line(
+            out,
+            "error_ttl",
+            &format!("{{{}}}", pairs.collect::<Vec<_>>().join(", ")),
+        );
+    }
+    if p.vary == VaryMode::Honor {
+        line(out, "vary", &"honor");
+    }
 }
 
 /// `[a, b]`, as YAML writes a short list.

@@ -23,6 +23,7 @@
 //!   empty; `$${` writes a literal `${`. Only values are expanded, after parsing, so a variable
 //!   never changes the file's structure nor any position in it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -174,6 +175,26 @@ pub struct RoutePolicy {
     pub cache_statuses: Vec<u16>,
     /// A client's `Cache-Control: no-store` sends its request straight through.
     pub honor_client_no_store: bool,
+    /// Each stored entry's TTL is cut by a random 0 to this many percent (0 to 100), so keys
+    /// filled together do not all expire together.
+    pub ttl_jitter: u8,
+    /// Negative caching: statuses stored for exactly this long, whether or not `cache_statuses`
+    /// lists them and whatever the upstream's freshness says (privacy still applies). A 5xx listed
+    /// here is stored and shared instead of failing the flight. Empty (the default): off.
+    pub error_ttl: BTreeMap<u16, Duration>,
+    /// What a `Vary` naming request headers outside the key does.
+    pub vary: VaryMode,
+}
+
+/// How a route treats a response whose `Vary` names request headers outside its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VaryMode {
+    /// Not stored (hit-for-pass): the key cannot tell the variants apart.
+    #[default]
+    Key,
+    /// Stored as a variant: the primary key holds a marker naming the headers, and each variant
+    /// is its own key (the primary digest plus those headers' values).
+    Honor,
 }
 
 impl Default for KeyRules {
@@ -206,6 +227,9 @@ impl Default for RoutePolicy {
             pass_ttl: Duration::from_secs(120),
             cache_statuses: vec![200, 203, 204, 300, 301, 404, 405, 410, 414, 501],
             honor_client_no_store: true,
+            ttl_jitter: 0,
+            error_ttl: BTreeMap::new(),
+            vary: VaryMode::Key,
         }
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! Absent and empty (`key:`, `key: ~`) are the same: the field's default.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use marked_yaml::Spanned;
@@ -70,6 +71,9 @@ pub struct PolicyFile {
     pub pass_ttl: Option<Text>,
     pub cache_statuses: Option<Spanned<Vec<Text>>>,
     pub honor_client_no_store: Option<Text>,
+    pub ttl_jitter: Option<Text>,
+    pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
+    pub vary: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +102,9 @@ pub struct RouteFile {
     pub pass_ttl: Option<Text>,
     pub cache_statuses: Option<Spanned<Vec<Text>>>,
     pub honor_client_no_store: Option<Text>,
+    pub ttl_jitter: Option<Text>,
+    pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
+    pub vary: Option<Text>,
 }
 
 impl RouteFile {
@@ -118,6 +125,9 @@ impl RouteFile {
             pass_ttl: self.pass_ttl.clone(),
             cache_statuses: self.cache_statuses.clone(),
             honor_client_no_store: self.honor_client_no_store.clone(),
+            ttl_jitter: self.ttl_jitter.clone(),
+            error_ttl: self.error_ttl.clone(),
+            vary: self.vary.clone(),
         }
     }
 }

@@ -421,7 +421,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -970,5 +970,91 @@ fn tls_forms_of_every_topology_are_refused_with_the_reason() {
                 && problem.contains(&format!("use {plain}://")),
             "{problem}"
         );
+    }
+}
+
+// ----- ttl jitter, negative caching, vary
+
+#[test]
+fn ttl_jitter_is_a_percentage_from_0_to_100() {
+    let config = parse_ok(&with_route(
+        "defaults:\n  ttl_jitter: 10%\n",
+        "    ttl_jitter: 25\n",
+    ));
+    assert_eq!(config.routes[0].policy.ttl_jitter, 25);
+    let config = parse_ok(&with_route("defaults:\n  ttl_jitter: 10%\n", ""));
+    assert_eq!(config.routes[0].policy.ttl_jitter, 10);
+    assert_eq!(parse_ok(&with_route("", "")).routes[0].policy.ttl_jitter, 0);
+    for (bad, column) in [("101%", 17), ("-5%", 17), ("ten", 17), ("2.5%", 17)] {
+        assert_eq!(
+            problem(&with_route("", &format!("    ttl_jitter: {bad}\n"))),
+            format!(
+                "corral.yaml:5:{column}: routes[0].ttl_jitter: invalid percentage {bad:?} \
+                 (expected 0% to 100%, e.g. 10%)"
+            )
+        );
+    }
+}
+
+#[test]
+fn error_ttl_maps_any_status_to_a_ttl() {
+    let config = parse_ok(&with_route("", "    error_ttl: {404: 30s, 503: 2s}\n"));
+    let error_ttl: Vec<_> = config.routes[0]
+        .policy
+        .error_ttl
+        .clone()
+        .into_iter()
+        .collect();
+    assert_eq!(error_ttl, [(404, secs(30)), (503, secs(2))]);
+    assert!(
+        parse_ok(&with_route("", "")).routes[0]
+            .policy
+            .error_ttl
+            .is_empty()
+    );
+    assert_eq!(
+        problems(&with_route(
+            "",
+            "    error_ttl: {404: soon, 99: 2s, 500: 0s}\n"
+        )),
+        [
+            "corral.yaml:5:22: routes[0].error_ttl.404: invalid duration \"soon\": expected number at 0",
+            "corral.yaml:5:28: routes[0].error_ttl.99: 99 is not a status code (100 to 599)",
+            "corral.yaml:5:41: routes[0].error_ttl.500: must be above zero",
+        ]
+    );
+}
+
+#[test]
+fn vary_is_key_or_honor() {
+    use super::VaryMode;
+    assert_eq!(
+        parse_ok(&with_route("", "")).routes[0].policy.vary,
+        VaryMode::Key
+    );
+    let config = parse_ok(&with_route("defaults:\n  vary: honor\n", ""));
+    assert_eq!(config.routes[0].policy.vary, VaryMode::Honor);
+    assert_eq!(
+        problem(&with_route("", "    vary: always\n")),
+        "corral.yaml:5:11: routes[0].vary: unknown value \"always\" (expected key or honor)"
+    );
+}
+
+#[test]
+fn check_shows_jitter_error_ttl_and_vary_only_when_set() {
+    let set = parse_ok(&with_route(
+        "",
+        "    ttl_jitter: 10%\n    error_ttl: {503: 2s, 404: 30s}\n    vary: honor\n",
+    ));
+    let shown = super::describe(&set);
+    assert!(shown.contains("  ttl_jitter            10%\n"), "{shown}");
+    assert!(
+        shown.contains("  error_ttl             {404: 30s, 503: 2s}\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("  vary                  honor\n"), "{shown}");
+    let unset = super::describe(&parse_ok(&with_route("", "")));
+    for label in ["ttl_jitter", "error_ttl", "vary"] {
+        assert!(!unset.contains(label), "{unset}");
     }
 }

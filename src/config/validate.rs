@@ -1,7 +1,7 @@
 //! From the file's shape to a checked [`Config`]: every value parsed, every default applied, every
 //! contradiction refused; each problem reported at its place, and all of them, not just the first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use super::schema::{
 use super::units::{self, format_duration};
 use super::{
     AdminSettings, BusSettings, Config, KeyRules, OnWaitTimeout, PathMatch, Place, Problems,
-    QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings,
+    QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings, VaryMode,
 };
 use crate::engine::ExpiryMode;
 
@@ -111,6 +111,8 @@ enum Invalid {
     QueryName(String),
     #[error("at least one route is required")]
     NoRoutes,
+    #[error("invalid percentage {0:?} (expected 0% to 100%, e.g. 10%)")]
+    Percent(String),
 }
 
 /// Checks `file` into a [`Config`]; `None` when anything is wrong (every reason is in `problems`).
@@ -166,6 +168,9 @@ struct Layer {
     pass_ttl: Option<Set<Duration>>,
     cache_statuses: Option<Set<Vec<u16>>>,
     honor_client_no_store: Option<Set<bool>>,
+    ttl_jitter: Option<Set<u8>>,
+    error_ttl: Option<Set<BTreeMap<u16, Duration>>>,
+    vary: Option<Set<VaryMode>>,
 }
 
 impl Layer {
@@ -189,6 +194,9 @@ impl Layer {
             pass_ttl: or(self.pass_ttl, &base.pass_ttl),
             cache_statuses: or(self.cache_statuses, &base.cache_statuses),
             honor_client_no_store: or(self.honor_client_no_store, &base.honor_client_no_store),
+            ttl_jitter: or(self.ttl_jitter, &base.ttl_jitter),
+            error_ttl: or(self.error_ttl, &base.error_ttl),
+            vary: or(self.vary, &base.vary),
         }
     }
 
@@ -217,6 +225,9 @@ impl Layer {
             pass_ttl: get(&self.pass_ttl, d.pass_ttl),
             cache_statuses: get(&self.cache_statuses, d.cache_statuses),
             honor_client_no_store: get(&self.honor_client_no_store, d.honor_client_no_store),
+            ttl_jitter: get(&self.ttl_jitter, d.ttl_jitter),
+            error_ttl: get(&self.error_ttl, d.error_ttl),
+            vary: get(&self.vary, d.vary),
         }
     }
 }
@@ -699,7 +710,46 @@ impl Checker<'_> {
                 &p("honor_client_no_store"),
                 boolean,
             ),
+            ttl_jitter: self.value(&file.ttl_jitter, &p("ttl_jitter"), percent),
+            error_ttl: file.error_ttl.as_ref().and_then(|map| {
+                let path = p("error_ttl");
+                let value = self.error_ttl(map, &path)?;
+                Some(Set {
+                    value,
+                    place: Place::of(map),
+                    path,
+                })
+            }),
+            vary: self.value(&file.vary, &p("vary"), |t| match t {
+                "key" => Ok(VaryMode::Key),
+                "honor" => Ok(VaryMode::Honor),
+                _ => Err(word(t, "key or honor")),
+            }),
         }
+    }
+
+    /// `error_ttl: {404: 30s, 503: 2s}`: any status (a 5xx too), each with a TTL above zero.
+    fn error_ttl(
+        &mut self,
+        map: &HashMap<Text, Text>,
+        path: &str,
+    ) -> Option<BTreeMap<u16, Duration>> {
+        let mut entries: Vec<_> = map.iter().collect();
+        entries.sort_by_key(|(status, _)| Place::of(*status));
+        let mut checked = BTreeMap::new();
+        let mut ok = true;
+        for (status, ttl) in entries {
+            let at = format!("{path}.{}", status.as_str());
+            let status = self.check(status, &at, any_status);
+            let ttl = self.check(ttl, &at, positive_duration);
+            match (status, ttl) {
+                (Some(status), Some(ttl)) => {
+                    checked.insert(status, ttl);
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(checked)
     }
 
     /// A route's effective policy, refusing values that contradict each other or the store.
@@ -960,6 +1010,32 @@ fn query_name(text: &str) -> Result<String, Invalid> {
         return Err(Invalid::QueryName(text.to_string()));
     }
     Ok(text.to_string())
+}
+
+/// `10%` or `10`: a whole percentage from 0 to 100.
+fn percent(text: &str) -> Result<u8, Invalid> {
+    let digits = text
+        .trim()
+        .strip_suffix('%')
+        .unwrap_or(text.trim())
+        .trim_end();
+    match digits.parse::<u8>() {
+        Ok(p) if p <= 100 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
+        _ => Err(Invalid::Percent(text.to_string())),
+    }
+}
+
+/// Any status code, 5xx included (for `error_ttl`).
+fn any_status(text: &str) -> Result<u16, Invalid> {
+    let code: u16 = text
+        .trim()
+        .parse()
+        .map_err(|_| Invalid::Status(text.to_string()))?;
+    if (100..=599).contains(&code) {
+        Ok(code)
+    } else {
+        Err(Invalid::StatusRange(code))
+    }
 }
 
 fn status(text: &str) -> Result<u16, Invalid> {

@@ -2,6 +2,7 @@
 //!
 //! - `upstream`: the pooled client and reading a response up to `max_body`.
 //! - `respond`: client responses with `Age`, `X-Cache` and `Cache-Status`.
+//! - `variant`: answers that vary outside the key, stored as variants on `vary: honor` routes.
 //!
 //! A cacheable request becomes a flight in the engine. The leader's upstream fetch is the flight's
 //! build: a storable answer is committed and shared; a private one (Set-Cookie, `private`,
@@ -14,12 +15,18 @@
 //! prefix purge during the fetch steals its lease; its surrogate tags once the answer is known).
 //! A successful unsafe request (POST, PUT, PATCH, DELETE) that passed through a cached route
 //! purges the GET and HEAD keys of its URL (RFC 9111 section 4.4).
+//!
+//! On a `vary: honor` route, an answer that varies on request headers outside the key is stored
+//! as a variant, and a request that finds a marker at its key resolves its own variant next.
+//! Purge indexes name the request key (the variant marker's): purging it orphans its variants,
+//! since every variant key holds the marker's id.
 
 mod respond;
 mod upstream;
+mod variant;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -38,13 +45,15 @@ use crate::engine::{
 use crate::envelope::Entry;
 use crate::key::{KeyHash, RequestKey, request_key, with_generation};
 use crate::policy::{
-    RequestVerdict, ResponseVerdict, forward_headers, request_verdict, response_verdict,
+    RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
+    vary_outside_key,
 };
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
 pub(crate) use upstream::error_chain;
 use upstream::{Buffered, Upstream, target};
+use variant::Stage;
 
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,20 +64,35 @@ const INDEX_BUDGET: Duration = Duration::from_millis(250);
 
 /// Everything a request needs; shared by every request of one replica.
 pub struct Proxy {
-    pub config: Arc<Config>,
     pub engine: Engine,
     upstream: Upstream,
-    /// The engine policy of each route, in route order.
-    policies: Vec<Policy>,
-    /// Whether the server serves this config yet (or is shutting down), for `/readyz`.
+    /// The config requests start under. A reload swaps in a whole new snapshot at once; a request
+    /// holds the one it started with until it ends, so it never sees half of each.
+    ///
+    /// A lock around an `Arc` rather than a lock-free swap: readers hold it only to clone the
+    /// `Arc` (one uncontended read lock per request), and writers come once per reload.
+    live: RwLock<Arc<Snapshot>>,
+    /// Whether the server serves its config yet (or is shutting down), for `/readyz`.
     pub lifecycle: crate::admin::Lifecycle,
 }
 
-impl Proxy {
-    pub fn new(config: Arc<Config>, engine: Engine) -> Self {
-        for route in &config.routes {
-            engine.metrics().add_route(route.name.as_str());
-        }
+/// Exports every route's series at zero from the start, so dashboards and rates see a route's
+/// first requests (a route a reload adds included).
+fn add_routes(engine: &Engine, config: &Config) {
+    for route in &config.routes {
+        engine.metrics().add_route(route.name.as_str());
+    }
+}
+
+/// One config as requests use it: the routes, and each route's engine policy.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    /// The engine policy of each route, in route order.
+    policies: Vec<Policy>,
+}
+
+impl Snapshot {
+    fn new(config: Arc<Config>) -> Self {
         let policies = config
             .routes
             .iter()
@@ -81,30 +105,57 @@ impl Proxy {
                 label: route.name.as_str().into(),
             })
             .collect();
+        Self { config, policies }
+    }
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, engine: Engine) -> Self {
+        add_routes(&engine, &config);
         Self {
-            config,
             engine,
             upstream: Upstream::new(CONNECT_TIMEOUT),
-            policies,
+            live: RwLock::new(Arc::new(Snapshot::new(config))),
             lifecycle: crate::admin::Lifecycle::new(),
         }
     }
 
-    /// The first route that matches, by index.
-    pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
-        route_for(&self.config, method, uri, headers)
+    /// The config new requests start under.
+    pub fn config(&self) -> Arc<Config> {
+        self.snapshot().config.clone()
     }
 
-    /// The key of a request on route `index`, under the route's current generation.
+    /// The snapshot new requests start under.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        // A poisoned lock still holds a whole snapshot: the swap is one assignment.
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Switches new requests to `config`; requests in flight finish under the one they started
+    /// with. The caller has decided what of `config` may change without a restart.
+    pub fn replace(&self, config: Config) {
+        add_routes(&self.engine, &config);
+        let snapshot = Arc::new(Snapshot::new(Arc::new(config)));
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
+    }
+
+    /// The first route that matches, by index, in the current config.
+    pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
+        route_for(&self.config(), method, uri, headers)
+    }
+
+    /// The key of a request on `route`, under the route's current generation.
     pub fn key(
         &self,
-        index: usize,
+        route: &Route,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> RequestKey {
-        let route = &self.config.routes[index];
         let key = request_key(route, method, uri, headers, body);
         with_generation(key, self.engine.generation(&route.name))
     }
@@ -113,16 +164,17 @@ impl Proxy {
     /// after a successful unsafe request to it. Only what the URL and these headers determine is
     /// purged: variants keyed on other header or cookie values stay until they expire.
     async fn invalidate_url(&self, uri: &Uri, headers: &HeaderMap) {
+        let config = self.config();
         for method in [Method::GET, Method::HEAD] {
-            let Some(index) = self.route_for(&method, uri, headers) else {
+            let Some(index) = route_for(&config, &method, uri, headers) else {
                 continue;
             };
-            let route = &self.config.routes[index];
+            let route = &config.routes[index];
             if !route.cache {
                 continue;
             }
             let body = route.key.body.then_some(&[][..]);
-            let key = self.key(index, &method, uri, headers, body);
+            let key = self.key(route, &method, uri, headers, body);
             let metrics = self.engine.metrics();
             metrics.purges.with_label_values(&["unsafe_method"]).inc();
             match self.engine.delete(&key.key.hash).await {
@@ -194,10 +246,16 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     let started = tokio::time::Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
-    let route = proxy.route_for(request.method(), request.uri(), request.headers());
+    let snapshot = proxy.snapshot();
+    let route = route_for(
+        &snapshot.config,
+        request.method(),
+        request.uri(),
+        request.headers(),
+    );
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let mut response = match route {
-        Some(index) => answer(&proxy, index, request).await,
+        Some(index) => answer(&proxy, &snapshot, index, request).await,
         None => plain(
             StatusCode::NOT_FOUND,
             "corral: no route matches this request\n".into(),
@@ -206,7 +264,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         ),
     };
     response.headers_mut().insert(REQUEST_ID, id.clone());
-    let label = route.map_or("none", |i| proxy.config.routes[i].name.as_str());
+    let label = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
     let outcome = if response.status().is_server_error() {
         "error"
     } else {
@@ -272,13 +330,18 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// Answers one request on the route it matched (everything but its metrics and access log).
-async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<Body> {
+async fn answer(
+    proxy: &Arc<Proxy>,
+    snapshot: &Arc<Snapshot>,
+    index: usize,
+    request: Request,
+) -> Response<Body> {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let (parts, body) = request.into_parts();
-    let route = &proxy.config.routes[index];
+    let route = &snapshot.config.routes[index];
     let verdict = if route.cache {
         request_verdict(route, &parts.method, &parts.headers)
     } else {
@@ -341,7 +404,7 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
         None
     };
     let key = proxy.key(
-        index,
+        route,
         &parts.method,
         &parts.uri,
         &parts.headers,
@@ -361,6 +424,7 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
     };
     let fetch = Arc::new(Fetch {
         proxy: proxy.clone(),
+        snapshot: snapshot.clone(),
         route: index,
         method: parts.method.clone(),
         uri: upstream_uri,
@@ -375,17 +439,30 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
         overflow: Mutex::new(None),
         key: key.key.hash,
         path: parts.uri.path().to_owned(),
+        stage: Stage::Primary,
     });
     let head = parts.method == Method::HEAD;
-    let answer = proxy
+    let asked = tokio::time::Instant::now();
+    let policy = &snapshot.policies[index];
+    let mut answer = proxy
         .engine
         .fetch(
             &key.key.hash,
-            &proxy.policies[index],
+            policy,
             fetch.builder(),
             route.policy.wait_timeout,
         )
         .await;
+    // The primary key holds a vary marker: this request's answer is its own variant, one more
+    // flight (one fetch per variant cluster-wide), within what is left of the wait.
+    let mut fetch = fetch;
+    if let Ok(primary) = &answer
+        && let Some(variant) = fetch.variant_of(primary, &parts.headers)
+    {
+        let left = route.policy.wait_timeout.saturating_sub(asked.elapsed());
+        fetch = Arc::new(variant.fetch);
+        answer = (fetch.resolve_variant(&variant.key, variant.through, policy, left)).await;
+    }
     let mut response = match answer {
         Ok(answer) => match answer.source {
             AnswerSource::Shared(source) => {
@@ -594,6 +671,8 @@ impl Direct<'_> {
 /// The leader's upstream fetch for one key (and each caller's own, for keys that may not be shared).
 struct Fetch {
     proxy: Arc<Proxy>,
+    /// The config the request started under (a reload does not change a fetch under way).
+    snapshot: Arc<Snapshot>,
     route: usize,
     method: Method,
     uri: Uri,
@@ -603,9 +682,10 @@ struct Fetch {
     body: Bytes,
     /// A response too large to buffer, handed to this fetch's own client to stream.
     overflow: Mutex<Option<Overflow>>,
-    /// The key being fetched and the request path, for the purge indexes.
+    /// The request's (primary) key, and its path, for the purge indexes.
     key: KeyHash,
     path: String,
+    stage: Stage,
 }
 
 /// A response over `max_body`: its head, what was read, and the rest still coming.
@@ -649,7 +729,7 @@ impl Fetch {
     /// Records this fetch's key in the purge indexes, waiting at most [`INDEX_BUDGET`]. A failure
     /// only costs purges by prefix or tag this key, so it is logged, not fatal.
     async fn index(&self, tags: Vec<String>, ttl: Duration) {
-        let route = &self.proxy.config.routes[self.route];
+        let route = &self.snapshot.config.routes[self.route];
         let entry = IndexEntry {
             route: route.name.clone(),
             path: self.path.clone(),
@@ -672,7 +752,7 @@ impl Fetch {
     }
 
     async fn run(&self) -> Result<Built, BuildError> {
-        let route = &self.proxy.config.routes[self.route];
+        let route = &self.snapshot.config.routes[self.route];
         let body = if self.body.is_empty() {
             Body::empty()
         } else {
@@ -709,9 +789,11 @@ impl Fetch {
             } => {
                 let mut entry = entry(status, &headers, body, route.policy.ttl);
                 // A 5xx is a failure for everyone who joined, unless the route lists it as a
-                // storable answer (501 Not Implemented, by default).
+                // storable answer (501 Not Implemented, by default) or gives it an error TTL.
+                let code = status.as_u16();
                 if status.is_server_error()
-                    && !route.policy.cache_statuses.contains(&status.as_u16())
+                    && !route.policy.cache_statuses.contains(&code)
+                    && !route.policy.error_ttl.contains_key(&code)
                 {
                     return Err(BuildError::with_response(
                         format!("upstream answered {status}"),
@@ -720,11 +802,25 @@ impl Fetch {
                 }
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
-                        entry.ttl = ttl;
+                        entry.ttl = jittered(ttl, route.policy.ttl_jitter, &mut rand::rng());
                         // Before the commit: a tag purge from now on steals the lease.
                         self.index(surrogate_tags(&headers), entry.ttl + entry.stale)
                             .await;
-                        Ok(Built::Shared(entry))
+                        // Only a `vary: honor` route stores a response that varies outside its key.
+                        let outside = vary_outside_key(route, &headers).unwrap_or_default();
+                        match &self.stage {
+                            _ if outside.is_empty() => Ok(Built::Shared(entry)),
+                            Stage::Primary => Ok(self.store_variant(entry, outside).await),
+                            Stage::Variant(names) if outside.iter().all(|n| names.contains(n)) => {
+                                Ok(Built::Shared(entry))
+                            }
+                            Stage::Variant(_) => {
+                                entry
+                                    .headers
+                                    .push((DETAIL.into(), Bytes::from_static(b"vary")));
+                                Ok(Built::Private(entry))
+                            }
+                        }
                     }
                     ResponseVerdict::Pass(reason) => {
                         entry

@@ -11,6 +11,12 @@ use crate::envelope::Entry;
 pub const DETAIL: &str = "x-corral-detail";
 /// Internal header marking an answer whose body is too large to buffer and streams instead.
 pub const OVERFLOW: &str = "x-corral-overflow";
+/// Internal header of a vary marker: the entry at a primary key whose response varies on the
+/// request headers it names (comma-separated), each variant stored under its own key. A marker is
+/// never served itself.
+pub const VARY_MARKER: &str = "x-corral-vary";
+/// Internal header of a vary marker: its random id, part of each of its variants' keys.
+pub const VARY_MARKER_ID: &str = "x-corral-vary-id";
 
 /// What `X-Cache` says, for humans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +64,7 @@ pub fn cache_status(outcome: Outcome, stored: bool, detail: Option<&str>) -> Str
 pub fn header_map(entry: &Entry) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(entry.headers.len());
     for (name, value) in &entry.headers {
-        if name == DETAIL || name == OVERFLOW {
+        if [DETAIL, OVERFLOW, VARY_MARKER, VARY_MARKER_ID].contains(&name.as_str()) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
