@@ -441,6 +441,7 @@ pub(crate) mod testing {
                 pass_ttl: Duration::from_secs(30),
                 cache_statuses: vec![200, 203, 204, 300, 301, 404, 410],
                 honor_client_no_store: true,
+                ..RoutePolicy::default()
             },
         }
     }

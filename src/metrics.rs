@@ -68,6 +68,10 @@ pub struct Metrics {
     pub l1_entries: IntGauge,
     /// Config reloads, by result.
     pub config_reloads: IntCounterVec,
+    /// Refreshes run in the background under the lease while callers were answered from the
+    /// stored copy, by route, why (`stale`: stale-while-revalidate; `early`: early refresh) and
+    /// result (`stored`, `failed`, `uncacheable`, `abandoned`).
+    pub background_refreshes: IntCounterVec,
 }
 
 impl Metrics {
@@ -242,6 +246,11 @@ impl Metrics {
                 "corral_config_reloads_total",
                 "Configuration reloads, by result.",
                 &["result"],
+            ),
+            background_refreshes: counter_vec(
+                "corral_background_refreshes_total",
+                "Refreshes run in the background under the lease, by route, reason and result.",
+                &["route", "reason", "result"],
             ),
             registry,
         }

@@ -19,7 +19,9 @@ use corral::engine::{
 use corral::envelope::Entry;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::nats_kv::{NatsKvConfig, NatsKvEvents, NatsKvStore};
-use corral::store::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token};
+use corral::store::{
+    Acquired, Fenced, KeyStatus, LeaseRequest, Refresh, Renewed, Store, StoreError, Token,
+};
 use support::TestNats;
 use support::cluster::{Cluster, Kind};
 use tokio::time::{Instant, sleep};
@@ -106,6 +108,8 @@ fn entry(body: Bytes) -> Entry {
         stored_at_ms: 0,
         ttl: secs(60),
         stale: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
     }
 }
@@ -711,4 +715,46 @@ async fn a_sliding_value_that_nobody_reads_is_swept_from_the_bucket() {
     })
     .await;
     assert_eq!(store.status(&k).await, Ok(KeyStatus::Empty));
+}
+
+// ------------------------------------------------------------- stale entries ----
+
+/// This store keeps lease and value in one entry, so a lease over a stale value would replace it:
+/// past its freshness (by the server's timestamp), a value is not served stale but fetched again
+/// as a miss, and early refresh is not offered. Checked here so the degrade stays what the docs say.
+#[tokio::test]
+async fn a_value_past_its_freshness_is_replaced_by_the_next_lease() {
+    let nats = TestNats::start().await;
+    let store = store(&nats).await;
+    let k = key("stale");
+    let held = lease(secs(5));
+    store.acquire(&k, &held, None).await.unwrap();
+    let done = store
+        .commit_fresh(
+            &k,
+            held.token,
+            Bytes::from_static(b"old"),
+            Duration::from_millis(300),
+            secs(60),
+            false,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done, Ok(Fenced::Done));
+    assert!(matches!(
+        store.peek(&k, None).await,
+        Ok(Acquired::Hit { .. })
+    ));
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5))).await,
+        Ok(Refresh::Idle)
+    );
+    support::eventually("the value goes stale", || async {
+        matches!(store.peek(&k, None).await, Ok(Acquired::Empty))
+    })
+    .await;
+    assert!(matches!(
+        store.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Lead { .. })
+    ));
 }

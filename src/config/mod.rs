@@ -174,7 +174,24 @@ pub struct RoutePolicy {
     pub cache_statuses: Vec<u16>,
     /// A client's `Cache-Control: no-store` sends its request straight through.
     pub honor_client_no_store: bool,
+    /// How long past freshness a stored answer is served at once while one background refresh
+    /// runs (zero: off). The upstream's `stale-while-revalidate` directive overrides it when the
+    /// route honours `Cache-Control`.
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness a stored answer stands in for a failed refresh (5xx, unreachable,
+    /// timeout); zero: off. The upstream's `stale-if-error` directive overrides it likewise.
+    pub stale_if_error: Duration,
+    /// Early refresh (probabilistic early expiration): a hit may refresh a fresh answer in the
+    /// background before it expires. `None`: off.
+    pub early_refresh: Option<Beta>,
 }
+
+/// The beta of early refresh: how eagerly hits refresh before expiry (1 is the usual value,
+/// larger refreshes earlier). Validated finite and above zero, so equality is total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Beta(pub f64);
+
+impl Eq for Beta {}
 
 impl Default for KeyRules {
     /// The file's default: every query parameter, no headers, no cookies, no body.
@@ -206,6 +223,9 @@ impl Default for RoutePolicy {
             pass_ttl: Duration::from_secs(120),
             cache_statuses: vec![200, 203, 204, 300, 301, 404, 405, 410, 414, 501],
             honor_client_no_store: true,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            early_refresh: None,
         }
     }
 }

@@ -70,6 +70,9 @@ pub struct PolicyFile {
     pub pass_ttl: Option<Text>,
     pub cache_statuses: Option<Spanned<Vec<Text>>>,
     pub honor_client_no_store: Option<Text>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub early_refresh: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +101,9 @@ pub struct RouteFile {
     pub pass_ttl: Option<Text>,
     pub cache_statuses: Option<Spanned<Vec<Text>>>,
     pub honor_client_no_store: Option<Text>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub early_refresh: Option<Text>,
 }
 
 impl RouteFile {
@@ -118,6 +124,9 @@ impl RouteFile {
             pass_ttl: self.pass_ttl.clone(),
             cache_statuses: self.cache_statuses.clone(),
             honor_client_no_store: self.honor_client_no_store.clone(),
+            stale_while_revalidate: self.stale_while_revalidate.clone(),
+            stale_if_error: self.stale_if_error.clone(),
+            early_refresh: self.early_refresh.clone(),
         }
     }
 }

@@ -33,6 +33,7 @@ use crate::envelope::Entry;
 use crate::key::{KeyHash, request_key};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, request_verdict, response_verdict,
+    stale_windows,
 };
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
@@ -62,6 +63,7 @@ impl Proxy {
                 poll_interval: route.policy.poll_interval,
                 pass_ttl: route.policy.pass_ttl,
                 label: route.name.as_str().into(),
+                early_refresh: route.policy.early_refresh.map(|beta| beta.0),
             })
             .collect();
         Self {
@@ -154,6 +156,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
             Some("HIT") => "hit",
             Some("MISS") => "miss",
             Some("COALESCED") => "coalesced",
+            Some("STALE") => "stale",
             Some("PASS") => "pass",
             _ => "bypass",
         }
@@ -320,8 +323,16 @@ async fn answer(proxy: &Arc<Proxy>, index: usize, request: Request) -> Response<
                     Source::Built => (Outcome::Miss, true, Some(0)),
                     Source::Coalesced => (Outcome::Coalesced, false, Some(age(&answer.entry))),
                     Source::Degraded => (Outcome::Miss, false, None),
+                    Source::StaleRevalidating | Source::StaleOnError => {
+                        (Outcome::Stale, false, Some(age(&answer.entry)))
+                    }
                 };
-                let detail = (source == Source::Degraded).then_some("store-unavailable");
+                let detail = match source {
+                    Source::Degraded => Some("store-unavailable"),
+                    Source::StaleRevalidating => Some("stale-while-revalidate"),
+                    Source::StaleOnError => Some("stale-if-error"),
+                    _ => None,
+                };
                 from_entry(&answer.entry, outcome, stored, detail, age, head)
             }
             AnswerSource::Own => {
@@ -618,6 +629,9 @@ impl Fetch {
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
                         entry.ttl = ttl;
+                        let stale = stale_windows(route, &headers);
+                        entry.stale = stale.while_revalidate;
+                        entry.stale_if_error = stale.if_error;
                         Ok(Built::Shared(entry))
                     }
                     ResponseVerdict::Pass(reason) => {
@@ -695,6 +709,8 @@ fn unreachable_error(message: String) -> BuildError {
             stored_at_ms: 0,
             ttl: Duration::ZERO,
             stale: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            fetch_time: Duration::ZERO,
             key: KeyHash::from_bytes([0; 32]),
         },
     )
@@ -719,6 +735,8 @@ fn entry(status: StatusCode, headers: &HeaderMap, body: Bytes, ttl: Duration) ->
         stored_at_ms: 0,
         ttl,
         stale: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
     }
 }

@@ -6,7 +6,7 @@
 //! | state       | operation    | headers                                   | payload            |
 //! |-------------|--------------|-------------------------------------------|--------------------|
 //! | `lease`     | put          | token, fence (after a renewal), node, ttl | empty              |
-//! | `value`     | put          | token, ttl, sliding (when it slides)      | the envelope       |
+//! | `value`     | put          | token, ttl, fresh, sliding (when it slides) | the envelope     |
 //! | `pass`      | put          | token, ttl                                | empty              |
 //! | `failed`    | `DEL`        | token, message                            | the error response |
 //! | `abandoned` | `DEL`        | token                                     | empty              |
@@ -37,6 +37,9 @@ pub(crate) const FENCE: &str = "Corral-Fence";
 pub(crate) const NODE: &str = "Corral-Node";
 /// The lifetime the writer asked for, in milliseconds (the server's TTL is whole seconds).
 pub(crate) const TTL_MS: &str = "Corral-Ttl-Ms";
+/// On a value with a stale window: how long it is fresh, in milliseconds, from the server's
+/// timestamp of the value (its `Corral-Ttl-Ms` is freshness plus the stale window).
+pub(crate) const FRESH_MS: &str = "Corral-Fresh-Ms";
 /// `1` on a value whose expiry slides with reads.
 pub(crate) const SLIDING: &str = "Corral-Sliding";
 /// A failed build's message, percent-escaped (header values are one line of visible ASCII).
@@ -80,6 +83,8 @@ pub(crate) enum Record {
         token: Option<Token>,
         /// Freshness plus stale window.
         ttl: Duration,
+        /// Freshness, when it is shorter than `ttl` (the value has a stale window).
+        fresh: Option<Duration>,
         /// Whether reads extend the TTL (through the touch record).
         sliding: bool,
         value: Bytes,
@@ -206,6 +211,7 @@ pub(crate) fn parse(message: &StreamMessage) -> Result<Slot, EntryError> {
             Some("value") => Record::Value {
                 token: token(headers),
                 ttl: millis(headers, TTL_MS)?,
+                fresh: millis(headers, FRESH_MS).ok(),
                 sliding: header(headers, SLIDING) == Some("1"),
                 value: message.payload.clone(),
             },
@@ -218,6 +224,7 @@ pub(crate) fn parse(message: &StreamMessage) -> Result<Slot, EntryError> {
             None => Record::Value {
                 token: None,
                 ttl: foreign_ttl(headers),
+                fresh: None,
                 sliding: false,
                 value: message.payload.clone(),
             },

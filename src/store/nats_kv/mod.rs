@@ -71,7 +71,9 @@ use tokio::sync::mpsc;
 pub use self::bucket::{MIN_SERVER_VERSION, bucket_name, check_server_version};
 use self::entry::{Record, Slot};
 pub use self::events::NatsKvEvents;
-use super::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch};
+use super::{
+    Acquired, Fenced, KeyStatus, LeaseRequest, Refresh, Renewed, Store, StoreError, Token, Touch,
+};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 
@@ -556,6 +558,7 @@ impl NatsKvStore {
             match &slot.record {
                 Record::Value {
                     ttl,
+                    fresh,
                     sliding,
                     value,
                     ..
@@ -563,7 +566,13 @@ impl NatsKvStore {
                     let ttl_left = self
                         .value_left(op, key, &slot, *ttl, *sliding, touch)
                         .await?;
-                    if !ttl_left.is_zero() {
+                    // Past its freshness, a value is not served stale here: a lease written on
+                    // this entry would replace it (history 1), so it is replaced by the lease
+                    // below like a lapsed value, and the key is fetched as a miss.
+                    let stale = fresh.is_some_and(|fresh| {
+                        entry::left(fresh, slot.written_ns, entry::now_ns()).is_zero()
+                    });
+                    if !ttl_left.is_zero() && !stale {
                         return Ok(Acquired::Hit {
                             value: value.clone(),
                             ttl_left,
@@ -830,11 +839,12 @@ impl Store for NatsKvStore {
         .await
     }
 
-    async fn commit(
+    async fn commit_fresh(
         &self,
         key: &KeyHash,
         token: Token,
         value: Bytes,
+        fresh: Duration,
         ttl: Duration,
         sliding: bool,
         _event: Bytes,
@@ -854,6 +864,11 @@ impl Store for NatsKvStore {
                     .header(entry::TTL_MS, millis(ttl).to_string())
                     .expected_last_subject_sequence(expected)
                     .payload(value.clone());
+                let message = if fresh < ttl {
+                    message.header(entry::FRESH_MS, millis(fresh).to_string())
+                } else {
+                    message
+                };
                 if sliding {
                     // Kept until its touch record lapses; see the module docs.
                     message
@@ -878,6 +893,16 @@ impl Store for NatsKvStore {
             }
         })
         .await
+    }
+
+    /// Early refresh is not offered on this store: a lease on the entry would replace the value
+    /// that readers still need. A value is refreshed when it expires, as a miss.
+    async fn lead_refresh(
+        &self,
+        _key: &KeyHash,
+        _lease: &LeaseRequest,
+    ) -> Result<Refresh, StoreError> {
+        Ok(Refresh::Idle)
     }
 
     async fn release(
