@@ -746,7 +746,7 @@ async fn a_value_past_its_freshness_is_replaced_by_the_next_lease() {
         Ok(Acquired::Hit { .. })
     ));
     assert_eq!(
-        store.lead_refresh(&k, &lease(secs(5))).await,
+        store.lead_refresh(&k, &lease(secs(5)), secs(60)).await,
         Ok(Refresh::Idle)
     );
     support::eventually("the value goes stale", || async {

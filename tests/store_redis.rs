@@ -924,7 +924,7 @@ async fn an_early_refresh_leases_a_fresh_value_once_and_never_an_absent_one() {
     let store = store(&redis, false).await;
     let k = key("early");
     assert_eq!(
-        store.lead_refresh(&k, &lease(secs(5))).await,
+        store.lead_refresh(&k, &lease(secs(5)), secs(61)).await,
         Ok(Refresh::Idle)
     );
     assert_eq!(
@@ -933,13 +933,20 @@ async fn an_early_refresh_leases_a_fresh_value_once_and_never_an_absent_one() {
         "no lease over nothing"
     );
     commit_with_stale_window(&store, &k, b"v").await;
+    // Fresh for a minute: not within ten seconds of its end, so nothing is taken.
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(10)).await,
+        Ok(Refresh::Idle)
+    );
+    let [_, l, _] = store.key_names(&k);
+    assert_eq!(exists(&redis, &[l]).await, 0, "no lease taken");
     let first = lease(secs(5));
     assert!(matches!(
-        store.lead_refresh(&k, &first).await,
+        store.lead_refresh(&k, &first, secs(61)).await,
         Ok(Refresh::Lead { .. })
     ));
     assert!(matches!(
-        store.lead_refresh(&k, &lease(secs(5))).await,
+        store.lead_refresh(&k, &lease(secs(5)), secs(61)).await,
         Ok(Refresh::Elsewhere { .. })
     ));
     // Readers keep the fresh value while the early refresh runs.

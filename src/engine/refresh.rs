@@ -11,8 +11,10 @@
 //!   early when `now - delta * beta * ln(rand()) >= expiry`, i.e. when
 //!   `-delta * beta * ln(rand()) >= time left`, where `delta` is how long the value's own fetch
 //!   took. The chance rises as expiry nears, and more steeply for values that are slow to build.
-//!   The refresh first takes the lease with [`crate::store::Store::lead_refresh`], so however many
-//!   hits decide to refresh, on however many processes, one fetch runs.
+//!   The refresh first takes the lease with [`crate::store::Store::lead_refresh`], which applies
+//!   the same draw to the value the store holds, on the store's clock: however many hits decide to
+//!   refresh, on however many processes, one fetch runs, and an L1 copy older than the stored
+//!   value never gets the newer one refreshed again.
 //!
 //! Either way the refresh is the leader's usual build (`build::lead`: lease renewal, `max_fetch`,
 //! the guard that abandons on panic or cancellation) on a detached flight that no caller joins, so
@@ -72,15 +74,20 @@ impl Refreshing {
     }
 }
 
-/// The XFetch test: whether a hit with `left` of freshness refreshes early, for a value whose
-/// fetch took `delta`, with `beta` (1 is the paper's optimum; above 1 refreshes earlier). `draw` is
-/// uniform in (0, 1].
-pub(crate) fn refresh_early(delta: Duration, beta: f64, left: Duration, draw: f64) -> bool {
-    if delta.is_zero() || beta <= 0.0 || !(draw > 0.0 && draw <= 1.0) {
-        return false;
+/// The XFetch draw: how far ahead of its expiry a hit refreshes a value whose fetch took `delta`,
+/// with `beta` (1 is the paper's optimum; above 1 refreshes earlier), for `draw` uniform in
+/// (0, 1]: `-delta * beta * ln(draw)`. A hit with that much freshness left or less refreshes.
+pub(crate) fn ahead(delta: Duration, beta: f64, draw: f64) -> Duration {
+    if beta <= 0.0 || !(draw > 0.0 && draw <= 1.0) {
+        return Duration::ZERO;
     }
-    let ahead = -delta.as_secs_f64() * beta * draw.ln();
-    ahead >= left.as_secs_f64()
+    Duration::try_from_secs_f64(-delta.as_secs_f64() * beta * draw.ln()).unwrap_or(Duration::MAX)
+}
+
+/// Whether a hit with `left` of freshness refreshes early; see [`ahead`].
+pub(crate) fn refresh_early(delta: Duration, beta: f64, left: Duration, draw: f64) -> bool {
+    let valid = !delta.is_zero() && beta > 0.0 && draw > 0.0 && draw <= 1.0;
+    valid && ahead(delta, beta, draw) >= left
 }
 
 /// One uniform draw in (0, 1] for [`refresh_early`].
@@ -100,9 +107,11 @@ pub(crate) fn on_hit(
     let (Some(beta), Some(builder)) = (policy.early_refresh, builder) else {
         return;
     };
-    if !refresh_early(delta, beta, left, draw()) || !inner.refreshing.start(*key) {
+    let draw = draw();
+    if !refresh_early(delta, beta, left, draw) || !inner.refreshing.start(*key) {
         return;
     }
+    let ahead = ahead(delta, beta, draw);
     let (task_inner, key, policy, builder) = (inner.clone(), *key, policy.clone(), builder.clone());
     spawn(inner, async move {
         let inner = task_inner;
@@ -111,8 +120,10 @@ pub(crate) fn on_hit(
             node: inner.config.node.as_str().into(),
             ttl: policy.lease_ttl,
         };
+        // The store applies the same draw to the value it holds now, on its own clock: a copy
+        // that someone already refreshed is not refreshed again.
         let taken = super::drive::retrying(&inner, "lead_refresh", || {
-            inner.store.lead_refresh(&key, &lease)
+            inner.store.lead_refresh(&key, &lease, ahead)
         })
         .await;
         if let Ok(Refresh::Lead { .. }) = taken {

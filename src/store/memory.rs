@@ -302,12 +302,17 @@ impl Store for MemoryStore {
         &self,
         key: &KeyHash,
         lease: &LeaseRequest,
+        within: Duration,
     ) -> Result<Refresh, StoreError> {
         Ok(self.with(|state, now| {
             state.fence += 1;
             let fence = state.fence;
             let slot = state.slot(key, now);
-            if slot.value.is_none() {
+            let due = slot
+                .value
+                .as_ref()
+                .is_some_and(|v| v.fresh_until.saturating_duration_since(now) <= within);
+            if !due {
                 return Refresh::Idle;
             }
             let refresh = slot.refresh(now, Some((lease, fence)));
@@ -543,18 +548,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_early_refresh_takes_the_lease_over_a_fresh_value_once() {
         let store = MemoryStore::new();
+        let soon = Duration::from_millis(500);
         assert_eq!(
-            store.lead_refresh(&key(), &lease(1000)).await,
+            store.lead_refresh(&key(), &lease(1000), soon).await,
             Ok(Refresh::Idle)
         );
         commit_stale_capable(&store, b"v").await;
+        // Fresh for a second more: not due yet, so nothing is taken.
+        assert_eq!(
+            store.lead_refresh(&key(), &lease(1000), soon).await,
+            Ok(Refresh::Idle)
+        );
+        tokio::time::advance(Duration::from_millis(600)).await;
         let first = lease(1000);
         assert!(matches!(
-            store.lead_refresh(&key(), &first).await,
+            store.lead_refresh(&key(), &first, soon).await,
             Ok(Refresh::Lead { .. })
         ));
         assert!(matches!(
-            store.lead_refresh(&key(), &lease(1000)).await,
+            store.lead_refresh(&key(), &lease(1000), soon).await,
             Ok(Refresh::Elsewhere { .. })
         ));
         // Readers still get the fresh value while the refresh runs.

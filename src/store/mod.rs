@@ -11,7 +11,8 @@
 //!   other. The lease and its fenced writes are the usual ones: a refresh's commit replaces the
 //!   value, a release leaves the stale value in place. Freshness is measured on the store's clock
 //!   where it has one.
-//! - [`Store::lead_refresh`] takes the lease over a value that is still fresh (early refresh).
+//! - [`Store::lead_refresh`] takes the lease over a value that is still fresh but close to its
+//!   end (early refresh).
 //! - [`Store::renew`], [`Store::commit`], [`Store::release`] (FAIL and ABANDON) and
 //!   [`Store::give_up`] are fenced by the owner token: with another token (or none) they change
 //!   nothing and answer [`Fenced::Lost`].
@@ -222,13 +223,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Fenced, StoreError>;
 
     /// Takes the lease to refresh a value before it goes stale (early refresh), in one atomic
-    /// step: [`Refresh::Lead`] if a value is stored and nobody holds the lease,
-    /// [`Refresh::Elsewhere`] if someone does, [`Refresh::Idle`] if there is no value (the next
-    /// acquire fills it the usual way).
+    /// step: [`Refresh::Lead`] if a value is stored whose freshness ends `within` from now (by the
+    /// store's clock) and nobody holds the lease, [`Refresh::Elsewhere`] if someone does,
+    /// [`Refresh::Idle`] if there is no value (the next acquire fills it the usual way) or the
+    /// stored one is fresher than that (someone refreshed it since the caller looked).
     async fn lead_refresh(
         &self,
         key: &KeyHash,
         lease: &LeaseRequest,
+        within: Duration,
     ) -> Result<Refresh, StoreError>;
 
     /// Releases the lease and announces `event` (FAILED or ABANDONED), if the token holds it.

@@ -252,10 +252,11 @@ impl RedisStore {
             ),
             None => (String::new(), "", 0, "peek"),
         };
-        // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead.
+        // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead. Early
+        // mode reads the slack alone: how near the end of its freshness a value must be.
         let (touch_ms, slack_ms) = match touch {
-            Some(t) if !t.ttl.is_zero() => (
-                millis(t.ttl),
+            Some(t) if !t.ttl.is_zero() || op == "early" => (
+                if t.ttl.is_zero() { 0 } else { millis(t.ttl) },
                 u64::try_from(t.slack.as_millis()).unwrap_or(u64::MAX),
             ),
             _ => (0, 0),
@@ -535,13 +536,19 @@ impl Store for RedisStore {
         &self,
         key: &KeyHash,
         lease: &LeaseRequest,
+        within: Duration,
     ) -> Result<Refresh, StoreError> {
+        // Early mode reads the touch's slack as `within`; it never touches.
+        let within = Touch {
+            ttl: Duration::ZERO,
+            slack: within,
+        };
         match self
-            .acquire_or_peek("early", key, Some(lease), None)
+            .acquire_or_peek("early", key, Some(lease), Some(within))
             .await?
         {
             Acquired::Stale { refresh, .. } => Ok(refresh),
-            Acquired::Empty => Ok(Refresh::Idle),
+            Acquired::Empty | Acquired::Hit { .. } => Ok(Refresh::Idle),
             other => Err(protocol(
                 "early",
                 format_args!("unexpected answer {other:?}"),

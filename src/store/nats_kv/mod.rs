@@ -901,6 +901,7 @@ impl Store for NatsKvStore {
         &self,
         _key: &KeyHash,
         _lease: &LeaseRequest,
+        _within: Duration,
     ) -> Result<Refresh, StoreError> {
         Ok(Refresh::Idle)
     }

@@ -7,9 +7,11 @@
 -- ARGV[2] node (for status and debugging only)
 -- ARGV[3] lease ttl in ms
 -- ARGV[4] sliding ttl in ms, or 0 when the value's expiry is absolute
--- ARGV[5] slack in ms: a sliding value is touched only once its TTL fell below ttl - slack
+-- ARGV[5] slack in ms: a sliding value is touched only once its TTL fell below ttl - slack; in
+--         early mode, how near the end of its freshness a value must be to be refreshed
 -- ARGV[6] 'acquire' (may create the lease), 'peek' (never writes a lease) or 'early' (takes the
---         lease over a value that is still fresh, for an early refresh; never over no value)
+--         lease over a value that is still fresh but within ARGV[5] of its end, for an early
+--         refresh; never over no value, and a value further from its end is a HIT)
 --
 -- Replies: {'HIT', value, pttl} | {'STALE', value, pttl, 'LEAD', fence} |
 -- {'STALE', value, pttl, 'WAIT', lease pttl} | {'STALE', value, pttl, 'IDLE'} | {'PASS', pttl} |
@@ -57,7 +59,8 @@ if value then
     local now_ms = clock()
     fresh_left = tonumber(fresh_until) - now_ms
   end
-  if mode ~= 'early' and (not fresh_until or fresh_left > 0) then
+  local due = mode == 'early' and fresh_left >= 0 and fresh_left <= tonumber(ARGV[5])
+  if not due and (not fresh_until or fresh_left > 0) then
     local ttl = tonumber(ARGV[4])
     -- Rewriting only the expiry (never the value) keeps a hot sliding key cheap; the slack
     -- throttles it to one PEXPIRE per slack interval. A value without expiry is left alone.
