@@ -815,31 +815,8 @@ async fn a_stale_value_tells_exactly_one_caller_to_lead_its_refresh() {
     make_stale(&redis, &a, &k).await;
 
     // Concurrent acquires from two connections: exactly one leads the refresh.
-    let leases: Vec<LeaseRequest> = (0..20).map(|_| lease(secs(5))).collect();
-    let (a_ref, b_ref, k_ref) = (&a, &b, &k);
-    let answers = futures::future::join_all(leases.iter().enumerate().map(|(i, l)| async move {
-        let store = if i % 2 == 0 { a_ref } else { b_ref };
-        store.acquire(k_ref, l, None).await
-    }))
-    .await;
-    let mut leader = None;
-    for (i, answer) in answers.into_iter().enumerate() {
-        match answer {
-            Ok(Acquired::Stale { value, refresh, .. }) => {
-                assert_eq!(value, Bytes::from_static(b"old"));
-                match refresh {
-                    Refresh::Lead { .. } => {
-                        assert!(leader.is_none(), "two callers were told to lead");
-                        leader = Some(i);
-                    }
-                    Refresh::Elsewhere { lease_left } => assert!(lease_left <= secs(5)),
-                    Refresh::Idle => panic!("acquire never answers idle"),
-                }
-            }
-            other => panic!("a stale value is served stale, got {other:?}"),
-        }
-    }
-    let leader = &leases[leader.expect("one caller leads the refresh")];
+    let leases = support::stale::leases(20, secs(5));
+    let leader = support::stale::exactly_one_refresh_leader(&a, &b, &k, &leases, b"old").await;
     // Its retry leads again; a peek sees someone refreshing and takes nothing.
     assert!(matches!(
         a.acquire(&k, leader, None).await,

@@ -12,6 +12,7 @@ pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod servers;
+pub mod stale;
 pub mod upstream;
 
 pub use servers::{TestNats, TestRedis};
