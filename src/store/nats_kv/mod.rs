@@ -1272,10 +1272,20 @@ impl Store for NatsKvStore {
             let slot = self.read("status", key).await?;
             let now = entry::now_ns();
             Ok(match &slot.record {
-                Record::Value { ttl, sliding, .. } => {
-                    let ttl_left = self
-                        .value_left("status", key, &slot, *ttl, *sliding, None)
-                        .await?;
+                Record::Value {
+                    ttl,
+                    sliding,
+                    since_ns,
+                    ..
+                } => {
+                    let ttl_left = match since_ns {
+                        // Published again (under or after a refresh): counts from its first write.
+                        Some(since) => entry::left(*ttl, *since, now),
+                        None => {
+                            self.value_left("status", key, &slot, *ttl, *sliding, None)
+                                .await?
+                        }
+                    };
                     if ttl_left.is_zero() {
                         KeyStatus::Empty
                     } else {
