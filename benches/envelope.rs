@@ -42,6 +42,8 @@ fn entry(body_len: usize) -> Entry {
         stored_at_ms: 1_700_000_000_000,
         ttl: Duration::from_secs(60),
         stale: Duration::from_secs(30),
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([7; 32]),
     }
 }

@@ -20,6 +20,8 @@ fn entry() -> Entry {
         stored_at_ms: 0,
         ttl: Duration::from_secs(60),
         stale: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
     }
 }

@@ -3,11 +3,15 @@
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! magic "CRL" | version u8 (=1) | key digest [32] | status u16 | stored_at_ms u64 | ttl_ms u64
-//! | stale_ms u64 | header count u16 | { name_len u16, name, value_len u32, value }* | body_len u64 | body
+//! magic "CRL" | version u8 (=2) | key digest [32] | status u16 | stored_at_ms u64 | ttl_ms u64
+//! | stale_ms u64 | stale_if_error_ms u64 | fetch_ms u64
+//! | header count u16 | { name_len u16, name, value_len u32, value }* | body_len u64 | body
 //! ```
 //!
-//! `ttl` and `stale` are stored as whole milliseconds (see [`encode`]).
+//! Version 1 lacks `stale_if_error_ms` and `fetch_ms`; it still decodes, with both zero (no
+//! stale-if-error window, no early refresh), so entries written before the upgrade keep serving.
+//!
+//! Durations are stored as whole milliseconds (see [`encode`]).
 //!
 //! The body is the tail, so a decoded [`Entry`] serves it as a `Bytes` slice of the stored bytes
 //! without copying. An empty body is a value; "no entry" is the absence of the key in the store.
@@ -32,8 +36,14 @@ pub struct Entry {
     pub stored_at_ms: u64,
     /// How long the entry is fresh after `stored_at_ms`.
     pub ttl: Duration,
-    /// How long after freshness ends a stale copy may still be served.
+    /// How long after freshness ends a stale copy may still be served at once while one refresh
+    /// runs in the background (stale-while-revalidate).
     pub stale: Duration,
+    /// How long after freshness ends a stale copy may stand in for a failed refresh
+    /// (stale-if-error). Zero when the response forbade serving it stale.
+    pub stale_if_error: Duration,
+    /// How long the fetch that produced this entry took: the `delta` of early refresh.
+    pub fetch_time: Duration,
     /// Digest of the canonical key this entry answers; compared on read.
     pub key: KeyHash,
 }
@@ -62,10 +72,13 @@ pub enum EnvelopeError {
 }
 
 pub const MAGIC: &[u8; 3] = b"CRL";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The first version, without `stale_if_error` and `fetch_time`; still read.
+const VERSION_1: u8 = 1;
 
-/// Bytes before the first header: magic, version, key, status, stored_at, ttl, stale, count.
-const FIXED_LEN: usize = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8 + 2;
+/// Bytes before the first header: magic, version, key, status, stored_at, ttl, stale,
+/// stale_if_error, fetch time, count.
+const FIXED_LEN: usize = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8 + 8 + 8 + 2;
 /// The least a header can take: its two length prefixes.
 const HEADER_MIN_LEN: usize = 2 + 4;
 /// The body's length prefix.
@@ -106,6 +119,8 @@ pub fn encode(entry: &Entry) -> Result<Bytes, EnvelopeError> {
     out.put_u64(entry.stored_at_ms);
     out.put_u64(millis(entry.ttl));
     out.put_u64(millis(entry.stale));
+    out.put_u64(millis(entry.stale_if_error));
+    out.put_u64(millis(entry.fetch_time));
     out.put_u16(count);
     for (name, value) in &entry.headers {
         // Both lengths were checked above; the casts cannot truncate.
@@ -140,7 +155,7 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
         return Err(EnvelopeError::BadMagic);
     }
     let version = reader.u8()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(EnvelopeError::UnsupportedVersion(version));
     }
     let key = KeyHash::from_bytes(reader.array::<32>()?);
@@ -148,6 +163,14 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
     let stored_at_ms = reader.u64()?;
     let ttl = Duration::from_millis(reader.u64()?);
     let stale = Duration::from_millis(reader.u64()?);
+    let (stale_if_error, fetch_time) = if version == VERSION_1 {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (
+            Duration::from_millis(reader.u64()?),
+            Duration::from_millis(reader.u64()?),
+        )
+    };
     let count = usize::from(reader.u16()?);
     // Reject an impossible count before allocating for it: every header needs its two prefixes,
     // and the body needs its own.
@@ -175,6 +198,8 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
             stored_at_ms,
             ttl,
             stale,
+            stale_if_error,
+            fetch_time,
             key,
         }),
         extra => Err(EnvelopeError::Trailing(extra)),
@@ -268,6 +293,8 @@ mod tests {
             stored_at_ms: 1_700_000_000_000,
             ttl: Duration::from_secs(60),
             stale: Duration::from_millis(1500),
+            stale_if_error: Duration::from_secs(300),
+            fetch_time: Duration::from_millis(42),
             key: key(7),
         }
     }
@@ -321,12 +348,16 @@ mod tests {
             Entry {
                 ttl: Duration::ZERO,
                 stale: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                fetch_time: Duration::ZERO,
                 stored_at_ms: 0,
                 ..base.clone()
             },
             Entry {
                 ttl: Duration::from_millis(u64::MAX),
                 stale: Duration::from_millis(u64::MAX),
+                stale_if_error: Duration::from_millis(u64::MAX),
+                fetch_time: Duration::from_millis(u64::MAX),
                 stored_at_ms: u64::MAX,
                 status: u16::MAX,
                 ..base.clone()
@@ -416,7 +447,7 @@ mod tests {
             Err(EnvelopeError::Truncated)
         );
         assert_eq!(with(0, b'X'), Err(EnvelopeError::BadMagic));
-        assert_eq!(with(3, 2), Err(EnvelopeError::UnsupportedVersion(2)));
+        assert_eq!(with(3, 3), Err(EnvelopeError::UnsupportedVersion(3)));
         // The first header name starts after the fixed part and its u16 length.
         assert_eq!(with(FIXED_LEN + 2, 0xff), Err(EnvelopeError::BadHeaderName));
         let mut trailing = good.clone();
@@ -432,6 +463,26 @@ mod tests {
         let mut huge_body = good;
         huge_body[body_len_at..body_len_at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(decode(huge_body.into()), Err(EnvelopeError::Truncated));
+    }
+
+    #[test]
+    fn version_1_entries_still_decode_without_the_new_windows() {
+        let entry = typical();
+        let v2 = encode(&entry).unwrap();
+        // Version 1 is version 2 without the two u64s after `stale`.
+        let after_stale = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8;
+        let mut v1 = v2[..after_stale].to_vec();
+        v1[3] = VERSION_1;
+        v1.extend_from_slice(&v2[after_stale + 16..]);
+        let back = decode(v1.into()).unwrap();
+        assert_eq!(
+            back,
+            Entry {
+                stale_if_error: Duration::ZERO,
+                fetch_time: Duration::ZERO,
+                ..entry
+            }
+        );
     }
 
     #[test]
@@ -454,15 +505,18 @@ mod tests {
             any::<u64>().prop_map(Duration::from_millis),
             any::<u64>().prop_map(Duration::from_millis),
             any::<[u8; 32]>().prop_map(KeyHash::from_bytes),
+            any::<(u64, u64)>(),
         )
             .prop_map(
-                |(status, headers, body, stored_at_ms, ttl, stale, key)| Entry {
+                |(status, headers, body, stored_at_ms, ttl, stale, key, (sie, fetch))| Entry {
                     status,
                     headers,
                     body,
                     stored_at_ms,
                     ttl,
                     stale,
+                    stale_if_error: Duration::from_millis(sie),
+                    fetch_time: Duration::from_millis(fetch),
                     key,
                 },
             )

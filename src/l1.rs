@@ -78,11 +78,17 @@ impl L1 {
 
     /// A fresh copy, if there is one.
     pub fn get(&self, key: &KeyHash) -> Option<Arc<Entry>> {
+        self.get_with_ttl(key).map(|(entry, _)| entry)
+    }
+
+    /// A fresh copy and how long it stays fresh here, if there is one.
+    pub fn get_with_ttl(&self, key: &KeyHash) -> Option<(Arc<Entry>, Duration)> {
         let cache = self.cache.as_ref()?;
+        let now = Instant::now();
         match cache.get(key) {
-            Some(slot) if slot.expires_at > Instant::now() => {
+            Some(slot) if slot.expires_at > now => {
                 self.metrics.l1_hits.inc();
-                Some(slot.entry)
+                Some((slot.entry, slot.expires_at - now))
             }
             Some(_) => {
                 cache.invalidate(key);
@@ -164,6 +170,8 @@ mod tests {
             stored_at_ms: 0,
             ttl: Duration::from_secs(60),
             stale: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            fetch_time: Duration::ZERO,
             key: KeyBuilder::new().part("k").finish().hash,
         })
     }

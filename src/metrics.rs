@@ -118,6 +118,10 @@ pub struct Metrics {
     /// Keys a purge found stored (a value, lease or pass marker), by form (a route purge counts
     /// none: it is one generation bump).
     pub purged_keys: IntCounterVec,
+    /// Refreshes run in the background under the lease while callers were answered from the
+    /// stored copy, by route, why (`stale`: stale-while-revalidate; `early`: early refresh) and
+    /// result (`stored`, `failed`, `uncacheable`, `abandoned`).
+    pub background_refreshes: IntCounterVec,
 }
 
 impl Metrics {
@@ -326,6 +330,11 @@ impl Metrics {
                 "corral_purged_keys_total",
                 "Keys purges found stored, by form.",
                 &["form"],
+            ),
+            background_refreshes: counter_vec(
+                "corral_background_refreshes_total",
+                "Refreshes run in the background under the lease, by route, reason and result.",
+                &["route", "reason", "result"],
             ),
             registry,
         };

@@ -47,6 +47,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::{Route, VaryMode};
+use crate::engine::ExpiryMode;
 use crate::key::{BODY_HEADERS, request_cookies};
 
 /// Whether a request may use the cache at all.
@@ -245,6 +246,54 @@ fn variant_header(name: &HeaderName) -> bool {
         || *name == header::CONTENT_LENGTH
         || BODY_HEADERS.contains(name)
         || name.as_str().starts_with("x-forwarded-"))
+}
+
+/// How long past freshness a stored answer may be served: at once while it is refreshed
+/// (`while_revalidate`), and in place of a failed refresh (`if_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StaleWindows {
+    pub while_revalidate: Duration,
+    pub if_error: Duration,
+}
+
+/// The stale windows of a response the route stores: the route's `stale_while_revalidate` and
+/// `stale_if_error`, or the upstream's directives of the same names when the route honours
+/// `Cache-Control` (RFC 5861).
+///
+/// RFC 9111 §4.2.4: a cache never serves a response stale against `must-revalidate`,
+/// `proxy-revalidate` or `no-cache` (which a route that ignores `Cache-Control` may still have
+/// stored), so those close both windows, whatever the route or the upstream says; `s-maxage`
+/// implies `proxy-revalidate` for a shared cache, so it closes stale-if-error too. A
+/// `stale-while-revalidate` directive sent beside `s-maxage` is the upstream's explicit leave to
+/// serve stale while refreshing, so that one is kept.
+///
+/// A route with sliding expiry has no stale windows: its entries never go stale.
+pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
+    if matches!(route.policy.expiry, ExpiryMode::Sliding { .. }) {
+        return StaleWindows::default();
+    }
+    let cc = CacheControl::from_headers(headers);
+    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("no-cache") {
+        return StaleWindows::default();
+    }
+    let policy = &route.policy;
+    let (mut while_revalidate, mut if_error) =
+        (policy.stale_while_revalidate, policy.stale_if_error);
+    if policy.honor_cache_control {
+        if let Some(window) = cc.seconds("stale-while-revalidate") {
+            while_revalidate = window;
+        }
+        if let Some(window) = cc.seconds("stale-if-error") {
+            if_error = window;
+        }
+    }
+    if cc.has("s-maxage") {
+        if_error = Duration::ZERO;
+    }
+    StaleWindows {
+        while_revalidate,
+        if_error,
+    }
 }
 
 enum Vary {
@@ -570,6 +619,62 @@ mod tests {
 
     fn stored(ttl: u64) -> ResponseVerdict {
         ResponseVerdict::Store { ttl: secs(ttl) }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stale windows
+
+    fn windows(r: &Route, lines: &[(&str, &str)]) -> (u64, u64) {
+        let w = stale_windows(r, &headers(lines));
+        (w.while_revalidate.as_secs(), w.if_error.as_secs())
+    }
+
+    fn stale_route() -> Route {
+        route_with(|r| {
+            r.policy.stale_while_revalidate = secs(30);
+            r.policy.stale_if_error = secs(600);
+        })
+    }
+
+    #[test]
+    fn stale_windows_come_from_the_route_or_the_upstream_when_honoured() {
+        assert_eq!(windows(&route(), &[]), (0, 0));
+        assert_eq!(windows(&stale_route(), &[]), (30, 600));
+        let directives = [(
+            "cache-control",
+            "max-age=5, stale-while-revalidate=7, stale-if-error=9",
+        )];
+        assert_eq!(windows(&route(), &directives), (7, 9));
+        let ignoring = route_with(|r| {
+            r.policy.honor_cache_control = false;
+            r.policy.stale_while_revalidate = secs(30);
+        });
+        assert_eq!(windows(&ignoring, &directives), (30, 0));
+    }
+
+    #[test]
+    fn revalidation_directives_forbid_serving_stale() {
+        for forbids in ["must-revalidate", "proxy-revalidate", "no-cache"] {
+            let line = format!("max-age=5, {forbids}, stale-if-error=9");
+            assert_eq!(
+                windows(&stale_route(), &[("cache-control", &line)]),
+                (0, 0),
+                "{forbids}"
+            );
+        }
+        // s-maxage implies proxy-revalidate for a shared cache: no stale-if-error, but an explicit
+        // stale-while-revalidate beside it stands.
+        let shared = [("cache-control", "s-maxage=5, stale-while-revalidate=7")];
+        assert_eq!(windows(&stale_route(), &shared), (7, 0));
+    }
+
+    #[test]
+    fn sliding_routes_have_no_stale_windows() {
+        let sliding = route_with(|r| {
+            r.policy.expiry = ExpiryMode::Sliding { window: secs(60) };
+            r.policy.stale_while_revalidate = secs(30);
+        });
+        assert_eq!(windows(&sliding, &[]), (0, 0));
     }
 
     // -----------------------------------------------------------------------------------------

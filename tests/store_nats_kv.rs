@@ -19,7 +19,9 @@ use corral::engine::{
 use corral::envelope::Entry;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::nats_kv::{NatsKvConfig, NatsKvEvents, NatsKvStore};
-use corral::store::{Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token};
+use corral::store::{
+    Acquired, Fenced, KeyStatus, LeaseRequest, Refresh, Renewed, Store, StoreError, Token,
+};
 use support::TestNats;
 use support::cluster::{Cluster, Kind};
 use tokio::time::{Instant, sleep};
@@ -106,6 +108,8 @@ fn entry(body: Bytes) -> Entry {
         stored_at_ms: 0,
         ttl: secs(60),
         stale: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
     }
 }
@@ -711,4 +715,128 @@ async fn a_sliding_value_that_nobody_reads_is_swept_from_the_bucket() {
     })
     .await;
     assert_eq!(store.status(&k).await, Ok(KeyStatus::Empty));
+}
+
+// ------------------------------------------------------------- stale entries ----
+
+/// Commits `value` fresh for `fresh` and kept a minute, under a lease taken for it.
+async fn commit_with_stale_window(
+    store: &NatsKvStore,
+    k: &KeyHash,
+    value: &'static [u8],
+    fresh: Duration,
+) {
+    let held = lease(secs(5));
+    store.acquire(k, &held, None).await.unwrap();
+    let done = store
+        .commit_fresh(
+            k,
+            held.token,
+            Bytes::from_static(value),
+            fresh,
+            secs(60),
+            false,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done, Ok(Fenced::Done));
+}
+
+/// Lease and value share one entry here, so the refresh lease rides on the stale value, which
+/// stays readable; exactly one caller leads, a failed refresh puts the value back, a commit
+/// replaces it.
+#[tokio::test]
+async fn a_stale_value_tells_exactly_one_caller_to_lead_its_refresh() {
+    let nats = TestNats::start().await;
+    let (a, b) = (store(&nats).await, store(&nats).await);
+    let k = key("stale");
+    commit_with_stale_window(&a, &k, b"old", Duration::from_millis(300)).await;
+    assert!(matches!(a.peek(&k, None).await, Ok(Acquired::Hit { .. })));
+    support::eventually("the value goes stale", || async {
+        matches!(
+            a.peek(&k, None).await,
+            Ok(Acquired::Stale {
+                refresh: Refresh::Idle,
+                ..
+            })
+        )
+    })
+    .await;
+
+    let leases = support::stale::leases(10, secs(5));
+    let leader = support::stale::exactly_one_refresh_leader(&a, &b, &k, &leases, b"old").await;
+    assert_eq!(a.renew(&k, leader.token, secs(5)).await, Ok(Renewed::Held));
+    assert!(matches!(
+        b.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Elsewhere { .. },
+            ..
+        })
+    ));
+
+    // A failed refresh puts the stale value back, and a later caller may lead.
+    let failed = Event::new(
+        k,
+        EventKind::Failed {
+            message: "upstream answered 500".into(),
+            response: None,
+        },
+    )
+    .encode();
+    assert_eq!(a.release(&k, leader.token, failed).await, Ok(Fenced::Done));
+    let next = lease(secs(5));
+    assert!(matches!(
+        b.acquire(&k, &next, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Lead { .. },
+            ..
+        })
+    ));
+    let done = b
+        .commit_fresh(
+            &k,
+            next.token,
+            Bytes::from_static(b"new"),
+            secs(30),
+            secs(60),
+            false,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done, Ok(Fenced::Done));
+    assert!(matches!(
+        a.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Hit { value, .. }) if value == Bytes::from_static(b"new")
+    ));
+}
+
+#[tokio::test]
+async fn an_early_refresh_leases_a_value_near_its_end_once() {
+    let nats = TestNats::start().await;
+    let store = store(&nats).await;
+    let k = key("early");
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(60)).await,
+        Ok(Refresh::Idle)
+    );
+    commit_with_stale_window(&store, &k, b"v", secs(30)).await;
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(5)).await,
+        Ok(Refresh::Idle),
+        "thirty seconds from its end is not within five"
+    );
+    let first = lease(secs(5));
+    assert!(matches!(
+        store.lead_refresh(&k, &first, secs(31)).await,
+        Ok(Refresh::Lead { .. })
+    ));
+    assert!(matches!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(31)).await,
+        Ok(Refresh::Elsewhere { .. })
+    ));
+    // Readers keep the fresh value while the refresh runs.
+    assert!(matches!(
+        store.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Hit { value, .. }) if value == Bytes::from_static(b"v")
+    ));
 }

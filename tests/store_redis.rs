@@ -10,7 +10,7 @@ use bytes::Bytes;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::redis::{RedisStore, RedisStoreConfig};
 use corral::store::{
-    Acquired, Fenced, KeyStatus, LeaseRequest, Renewed, Store, StoreError, Token, Touch,
+    Acquired, Fenced, KeyStatus, LeaseRequest, Refresh, Renewed, Store, StoreError, Token, Touch,
 };
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -751,4 +751,209 @@ async fn connecting_to_a_silent_server_gives_up_after_the_connect_timeout() {
         "{result:?}"
     );
     drop(silent);
+}
+
+// ------------------------------------------------------------- stale entries ----
+
+/// Commits `value` fresh for a minute and kept two, under a lease taken for it.
+async fn commit_with_stale_window(store: &RedisStore, k: &KeyHash, value: &'static [u8]) {
+    let held = lease(secs(5));
+    assert!(matches!(
+        store.acquire(k, &held, None).await,
+        Ok(Acquired::Lead { .. })
+    ));
+    let done = store
+        .commit_fresh(
+            k,
+            held.token,
+            Bytes::from_static(value),
+            secs(60),
+            secs(120),
+            false,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done, Ok(Fenced::Done));
+}
+
+/// Ends the value's freshness now, as the server's clock passing it would (its fresh-until marker
+/// says when, in the server's milliseconds).
+async fn make_stale(redis: &TestRedis, store: &RedisStore, k: &KeyHash) {
+    let name = store.fresh_key_name(k);
+    let left = pttl(redis, &name).await;
+    assert!(
+        left > 0,
+        "a value with a stale window has a fresh-until marker"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg("0")
+        .arg("PX")
+        .arg(left)
+        .query_async(&mut redis.client().await)
+        .await
+        .expect("SET");
+}
+
+#[tokio::test]
+async fn a_stale_value_tells_exactly_one_caller_to_lead_its_refresh() {
+    let redis = TestRedis::start().await;
+    let (a, b) = (store(&redis, false).await, store(&redis, false).await);
+    let k = key("stale-leader");
+    commit_with_stale_window(&a, &k, b"old").await;
+    let [v, _, _] = a.key_names(&k);
+    assert!(
+        (119_000..=120_000).contains(&pttl(&redis, &v).await),
+        "kept for freshness plus the stale window"
+    );
+    match a.acquire(&k, &lease(secs(5)), None).await {
+        Ok(Acquired::Hit { ttl_left, .. }) => {
+            assert!(ttl_left <= secs(60) && ttl_left > secs(59), "{ttl_left:?}")
+        }
+        other => panic!("a fresh value is a hit, got {other:?}"),
+    }
+    make_stale(&redis, &a, &k).await;
+
+    // Concurrent acquires from two connections: exactly one leads the refresh.
+    let leases = support::stale::leases(20, secs(5));
+    let leader = support::stale::exactly_one_refresh_leader(&a, &b, &k, &leases, b"old").await;
+    // Its retry leads again; a peek sees someone refreshing and takes nothing.
+    assert!(matches!(
+        a.acquire(&k, leader, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Lead { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.peek(&k, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Elsewhere { .. },
+            ..
+        })
+    ));
+
+    // A failed refresh leaves the stale value, and a later caller may lead.
+    assert_eq!(
+        a.release(&k, leader.token, Bytes::new()).await,
+        Ok(Fenced::Done)
+    );
+    assert!(matches!(
+        b.peek(&k, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Idle,
+            ..
+        })
+    ));
+    let next = lease(secs(5));
+    assert!(matches!(
+        b.acquire(&k, &next, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Lead { .. },
+            ..
+        })
+    ));
+    // Its commit replaces the value, fresh again.
+    let done = b
+        .commit_fresh(
+            &k,
+            next.token,
+            Bytes::from_static(b"new"),
+            secs(60),
+            secs(120),
+            false,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(done, Ok(Fenced::Done));
+    assert!(matches!(
+        a.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Hit { value, .. }) if value == Bytes::from_static(b"new")
+    ));
+}
+
+#[tokio::test]
+async fn an_uncacheable_refresh_takes_the_stale_value_with_it() {
+    let redis = TestRedis::start().await;
+    let store = store(&redis, false).await;
+    let k = key("stale-give-up");
+    commit_with_stale_window(&store, &k, b"old").await;
+    make_stale(&redis, &store, &k).await;
+    let refresher = lease(secs(5));
+    store.acquire(&k, &refresher, None).await.unwrap();
+    assert_eq!(
+        store
+            .give_up(&k, refresher.token, secs(2), Bytes::new())
+            .await,
+        Ok(Fenced::Done)
+    );
+    assert!(matches!(
+        store.peek(&k, None).await,
+        Ok(Acquired::Pass { .. })
+    ));
+    let [v, _, _] = store.key_names(&k);
+    assert_eq!(exists(&redis, &[v, store.fresh_key_name(&k)]).await, 0);
+}
+
+#[tokio::test]
+async fn an_early_refresh_leases_a_fresh_value_once_and_never_an_absent_one() {
+    let redis = TestRedis::start().await;
+    let store = store(&redis, false).await;
+    let k = key("early");
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(61)).await,
+        Ok(Refresh::Idle)
+    );
+    assert_eq!(
+        store.status(&k).await,
+        Ok(KeyStatus::Empty),
+        "no lease over nothing"
+    );
+    commit_with_stale_window(&store, &k, b"v").await;
+    // Fresh for a minute: not within ten seconds of its end, so nothing is taken.
+    assert_eq!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(10)).await,
+        Ok(Refresh::Idle)
+    );
+    let [_, l, _] = store.key_names(&k);
+    assert_eq!(exists(&redis, &[l]).await, 0, "no lease taken");
+    let first = lease(secs(5));
+    assert!(matches!(
+        store.lead_refresh(&k, &first, secs(61)).await,
+        Ok(Refresh::Lead { .. })
+    ));
+    assert!(matches!(
+        store.lead_refresh(&k, &lease(secs(5)), secs(61)).await,
+        Ok(Refresh::Elsewhere { .. })
+    ));
+    // Readers keep the fresh value while the early refresh runs.
+    assert!(matches!(
+        store.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Hit { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_value_without_a_stale_window_is_fresh_until_it_expires() {
+    let redis = TestRedis::start().await;
+    let store = store(&redis, false).await;
+    let k = key("no-window");
+    let held = lease(secs(5));
+    store.acquire(&k, &held, None).await.unwrap();
+    store
+        .commit(
+            &k,
+            held.token,
+            Bytes::from_static(b"v"),
+            secs(60),
+            false,
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(exists(&redis, &[store.fresh_key_name(&k)]).await, 0);
+    assert!(matches!(
+        store.acquire(&k, &lease(secs(5)), None).await,
+        Ok(Acquired::Hit { .. })
+    ));
 }

@@ -184,6 +184,16 @@ pub struct RoutePolicy {
     pub error_ttl: BTreeMap<u16, Duration>,
     /// What a `Vary` naming request headers outside the key does.
     pub vary: VaryMode,
+    /// How long past freshness a stored answer is served at once while one background refresh
+    /// runs (zero: off). The upstream's `stale-while-revalidate` directive overrides it when the
+    /// route honours `Cache-Control`.
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness a stored answer stands in for a failed refresh (5xx, unreachable,
+    /// timeout); zero: off. The upstream's `stale-if-error` directive overrides it likewise.
+    pub stale_if_error: Duration,
+    /// Early refresh (probabilistic early expiration): a hit may refresh a fresh answer in the
+    /// background before it expires. `None`: off.
+    pub early_refresh: Option<Beta>,
 }
 
 /// How a route treats a response whose `Vary` names request headers outside its key.
@@ -196,6 +206,13 @@ pub enum VaryMode {
     /// is its own key (the primary digest plus those headers' values).
     Honor,
 }
+
+/// The beta of early refresh: how eagerly hits refresh before expiry (1 is the usual value,
+/// larger refreshes earlier). Validated finite and above zero, so equality is total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Beta(pub f64);
+
+impl Eq for Beta {}
 
 impl Default for KeyRules {
     /// The file's default: every query parameter, no headers, no cookies, no body.
@@ -230,6 +247,9 @@ impl Default for RoutePolicy {
             ttl_jitter: 0,
             error_ttl: BTreeMap::new(),
             vary: VaryMode::Key,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            early_refresh: None,
         }
     }
 }

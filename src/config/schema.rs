@@ -74,6 +74,9 @@ pub struct PolicyFile {
     pub ttl_jitter: Option<Text>,
     pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
     pub vary: Option<Text>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub early_refresh: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +108,9 @@ pub struct RouteFile {
     pub ttl_jitter: Option<Text>,
     pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
     pub vary: Option<Text>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub early_refresh: Option<Text>,
 }
 
 impl RouteFile {
@@ -128,6 +134,9 @@ impl RouteFile {
             ttl_jitter: self.ttl_jitter.clone(),
             error_ttl: self.error_ttl.clone(),
             vary: self.vary.clone(),
+            stale_while_revalidate: self.stale_while_revalidate.clone(),
+            stale_if_error: self.stale_if_error.clone(),
+            early_refresh: self.early_refresh.clone(),
         }
     }
 }

@@ -421,7 +421,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -1057,4 +1057,57 @@ fn check_shows_jitter_error_ttl_and_vary_only_when_set() {
     for label in ["ttl_jitter", "error_ttl", "vary"] {
         assert!(!unset.contains(label), "{unset}");
     }
+}
+
+// ----- freshness under the lease
+
+#[test]
+fn stale_windows_and_early_refresh_inherit_and_override() {
+    let config = parse_ok(
+        "defaults:\n  stale_while_revalidate: 30s\n  stale_if_error: 10m\n  early_refresh: true\n\
+         routes:\n\
+         \x20 - {name: a, match: {path: /a}, upstream: 'http://u'}\n\
+         \x20 - {name: b, match: {path: /b}, upstream: 'http://u', stale_if_error: 0s, early_refresh: 2.5}\n\
+         \x20 - {name: c, match: {path: /c}, upstream: 'http://u', early_refresh: false}\n",
+    );
+    let [a, b, c] = [0, 1, 2].map(|i| config.routes[i].policy.clone());
+    assert_eq!(a.stale_while_revalidate, secs(30));
+    assert_eq!(a.stale_if_error, secs(600));
+    assert_eq!(a.early_refresh, Some(crate::config::Beta(1.0)));
+    assert_eq!(b.stale_if_error, Duration::ZERO);
+    assert_eq!(b.early_refresh, Some(crate::config::Beta(2.5)));
+    assert_eq!(c.early_refresh, None);
+    let plain = parse_ok(&with_route("", ""));
+    assert_eq!(
+        plain.routes[0].policy.stale_while_revalidate,
+        Duration::ZERO
+    );
+    assert_eq!(plain.routes[0].policy.early_refresh, None);
+}
+
+#[test]
+fn a_bad_early_refresh_is_named_at_its_place() {
+    for bad in ["0", "-1", "soon", "inf"] {
+        assert_eq!(
+            problem(&with_route("", &format!("    early_refresh: {bad}\n"))),
+            format!(
+                "corral.yaml:5:20: routes[0].early_refresh: invalid early_refresh {bad:?} \
+                 (expected true, false, or a beta above 0, e.g. 1.0)"
+            )
+        );
+    }
+}
+
+#[test]
+fn stale_windows_on_a_sliding_route_are_refused() {
+    assert_eq!(
+        problem(&with_route(
+            "",
+            "    expiry: sliding\n    stale_while_revalidate: 5s\n"
+        )),
+        "corral.yaml:6:29: routes[0].stale_while_revalidate: needs expiry: absolute \
+         (a sliding entry is never stale, so it has no stale window)"
+    );
+    let absolute = parse_ok(&with_route("", "    stale_if_error: 1h\n"));
+    assert_eq!(absolute.routes[0].policy.stale_if_error, secs(3600));
 }

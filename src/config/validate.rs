@@ -14,7 +14,7 @@ use super::schema::{
 };
 use super::units::{self, format_duration};
 use super::{
-    AdminSettings, BusSettings, Config, KeyRules, OnWaitTimeout, PathMatch, Place, Problems,
+    AdminSettings, Beta, BusSettings, Config, KeyRules, OnWaitTimeout, PathMatch, Place, Problems,
     QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings, VaryMode,
 };
 use crate::engine::ExpiryMode;
@@ -113,6 +113,10 @@ enum Invalid {
     NoRoutes,
     #[error("invalid percentage {0:?} (expected 0% to 100%, e.g. 10%)")]
     Percent(String),
+    #[error("invalid early_refresh {0:?} (expected true, false, or a beta above 0, e.g. 1.0)")]
+    EarlyRefresh(String),
+    #[error("needs expiry: absolute (a sliding entry is never stale, so it has no stale window)")]
+    StaleWithSliding,
 }
 
 /// Checks `file` into a [`Config`]; `None` when anything is wrong (every reason is in `problems`).
@@ -171,6 +175,9 @@ struct Layer {
     ttl_jitter: Option<Set<u8>>,
     error_ttl: Option<Set<BTreeMap<u16, Duration>>>,
     vary: Option<Set<VaryMode>>,
+    stale_while_revalidate: Option<Set<Duration>>,
+    stale_if_error: Option<Set<Duration>>,
+    early_refresh: Option<Set<Option<Beta>>>,
 }
 
 impl Layer {
@@ -197,6 +204,9 @@ impl Layer {
             ttl_jitter: or(self.ttl_jitter, &base.ttl_jitter),
             error_ttl: or(self.error_ttl, &base.error_ttl),
             vary: or(self.vary, &base.vary),
+            stale_while_revalidate: or(self.stale_while_revalidate, &base.stale_while_revalidate),
+            stale_if_error: or(self.stale_if_error, &base.stale_if_error),
+            early_refresh: or(self.early_refresh, &base.early_refresh),
         }
     }
 
@@ -228,6 +238,9 @@ impl Layer {
             ttl_jitter: get(&self.ttl_jitter, d.ttl_jitter),
             error_ttl: get(&self.error_ttl, d.error_ttl),
             vary: get(&self.vary, d.vary),
+            stale_while_revalidate: get(&self.stale_while_revalidate, d.stale_while_revalidate),
+            stale_if_error: get(&self.stale_if_error, d.stale_if_error),
+            early_refresh: get(&self.early_refresh, d.early_refresh),
         }
     }
 }
@@ -725,6 +738,13 @@ impl Checker<'_> {
                 "honor" => Ok(VaryMode::Honor),
                 _ => Err(word(t, "key or honor")),
             }),
+            stale_while_revalidate: self.value(
+                &file.stale_while_revalidate,
+                &p("stale_while_revalidate"),
+                duration,
+            ),
+            stale_if_error: self.value(&file.stale_if_error, &p("stale_if_error"), duration),
+            early_refresh: self.value(&file.early_refresh, &p("early_refresh"), early_refresh),
         }
     }
 
@@ -767,6 +787,16 @@ impl Checker<'_> {
         if policy.min_ttl > policy.max_ttl {
             self.min_above_max(layer, prefix, &policy);
             ok = false;
+        }
+        if matches!(policy.expiry, ExpiryMode::Sliding { .. }) {
+            for window in [&layer.stale_while_revalidate, &layer.stale_if_error]
+                .into_iter()
+                .flatten()
+                .filter(|window| !window.value.is_zero())
+            {
+                self.report(window.place, &window.path, Invalid::StaleWithSliding);
+                ok = false;
+            }
         }
         ok.then_some(policy)
     }
@@ -847,6 +877,17 @@ fn size(text: &str) -> Result<u64, Invalid> {
         text: text.to_string(),
         reason,
     })
+}
+
+/// `true` (beta 1), `false` (off), or a beta: a finite number above zero.
+fn early_refresh(text: &str) -> Result<Option<Beta>, Invalid> {
+    if let Ok(on) = boolean(text) {
+        return Ok(on.then_some(Beta(1.0)));
+    }
+    match text.trim().parse::<f64>() {
+        Ok(beta) if beta.is_finite() && beta > 0.0 => Ok(Some(Beta(beta))),
+        _ => Err(Invalid::EarlyRefresh(text.to_string())),
+    }
 }
 
 fn boolean(text: &str) -> Result<bool, Invalid> {

@@ -75,6 +75,7 @@ pub(crate) async fn lead(
         armed: true,
     };
     let mut lost = false;
+    let started = Instant::now();
     let ending = {
         let build = AssertUnwindSafe(builder()).catch_unwind();
         tokio::pin!(build);
@@ -117,33 +118,42 @@ pub(crate) async fn lead(
     guard.disarm();
 
     match ending {
-        Ending::Built(Ok(Built::Shared(entry))) => match seal(&key, entry) {
-            (entry, Some(bytes)) if fits_the_store(inner, &key, &bytes) => {
-                inner.metrics.build("shared");
-                let ttl = entry.ttl + entry.stale;
-                let sliding = policy.touch().is_some();
-                let committed = !lost && commit(inner, &key, token, bytes, ttl, sliding).await;
-                if committed && !flight.is_invalidated() {
-                    inner.l1.insert(key, entry.clone(), ttl);
+        Ending::Built(Ok(Built::Shared(mut entry))) => {
+            // The `delta` of early refresh: how long this value takes to make.
+            entry.fetch_time = started.elapsed();
+            match seal(&key, entry) {
+                (entry, Some(bytes)) if fits_the_store(inner, &key, &bytes) => {
+                    inner.metrics.build("shared");
+                    let life = Life {
+                        fresh: entry.ttl,
+                        // Kept past freshness for the longer of its stale windows.
+                        ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
+                    };
+                    let sliding = policy.touch().is_some();
+                    let committed = !lost && commit(inner, &key, token, bytes, life, sliding).await;
+                    if committed && !flight.is_invalidated() {
+                        // The L1 keeps a copy only while it is fresh.
+                        inner.l1.insert(key, entry.clone(), life.fresh);
+                    }
+                    Conclusion::Value {
+                        entry,
+                        source: Source::Built,
+                    }
                 }
-                Conclusion::Value {
-                    entry,
-                    source: Source::Built,
+                // Too large to encode or to store: nobody else may get it, so it is handled as
+                // uncacheable, and every other caller builds its own.
+                (entry, _) => {
+                    inner.metrics.build("private");
+                    if !lost {
+                        give_up(inner, &key, token, policy).await;
+                    }
+                    Conclusion::Uncacheable {
+                        owner: flight.owner,
+                        entry: Some(entry),
+                    }
                 }
             }
-            // Too large to encode or to store: nobody else may get it, so it is handled as
-            // uncacheable, and every other caller builds its own.
-            (entry, _) => {
-                inner.metrics.build("private");
-                if !lost {
-                    give_up(inner, &key, token, policy).await;
-                }
-                Conclusion::Uncacheable {
-                    owner: flight.owner,
-                    entry: Some(entry),
-                }
-            }
-        },
+        }
         Ending::Built(Ok(Built::Private(entry))) => {
             inner.metrics.build("private");
             if !lost {
@@ -272,21 +282,34 @@ impl LoggedOnce {
     }
 }
 
+/// How long a committed value is fresh, and how long the store keeps it (fresh plus stale).
+#[derive(Clone, Copy)]
+struct Life {
+    fresh: std::time::Duration,
+    ttl: std::time::Duration,
+}
+
 /// COMMIT: answers whether the value is now the stored one.
 async fn commit(
     inner: &Inner,
     key: &KeyHash,
     token: Token,
     bytes: Bytes,
-    ttl: std::time::Duration,
+    life: Life,
     sliding: bool,
 ) -> bool {
     let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
     let event = Event::new(*key, EventKind::Ready { inline }).encode();
     let stored = store_call(inner, "commit", || {
-        inner
-            .store
-            .commit(key, token, bytes.clone(), ttl, sliding, event.clone())
+        inner.store.commit_fresh(
+            key,
+            token,
+            bytes.clone(),
+            life.fresh,
+            life.ttl,
+            sliding,
+            event.clone(),
+        )
     })
     .await;
     match stored {

@@ -222,6 +222,8 @@ where
                     stored_at_ms: 0,
                     ttl,
                     stale: Duration::ZERO,
+                    stale_if_error: Duration::ZERO,
+                    fetch_time: Duration::ZERO,
                     key: KeyHash::from_bytes([0; 32]),
                 }))
             })

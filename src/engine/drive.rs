@@ -5,6 +5,11 @@
 //!            v                                                                 │
 //!   ──> ACQUIRE ── HIT ──> Value        PASS ──> Pass        EMPTY ──> Empty   │
 //!            │                                                                 │
+//!            ├── STALE, inside stale-while-revalidate ──> Value (stale), and if told
+//!            │   "you lead the refresh", a background refresh (see `refresh`)
+//!            ├── STALE, inside stale-if-error only ──> as LEAD or WAIT, keeping the stale copy
+//!            │   to answer with should the refresh fail
+//!            │                                                                 │
 //!            ├── WAIT ──> wait ────────────────────────────────────────────────┘
 //!            │              └── READY(inline) ──> Value, FAILED ──> Failed, UNCACHEABLE ──> Pass
 //!            └── LEAD ──> build (see `build`) ──> Value | Failed | Uncacheable | re-ACQUIRE
@@ -22,11 +27,11 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Failure, FailureCause, Inner, Policy, build};
+use super::{Builder, Failure, FailureCause, Inner, Policy, build, refresh};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
-use crate::store::{Acquired, LeaseRequest, StoreError, Token};
+use crate::store::{Acquired, LeaseRequest, Refresh, StoreError, Token};
 
 /// Corrupt values in a row after which a flight stops discarding and reports a miss.
 const CORRUPT_LIMIT: u32 = 3;
@@ -92,6 +97,8 @@ async fn run(
     let mut waited = false;
     let mut timer_woke = false;
     let mut corrupt = 0;
+    // A stale copy inside its stale-if-error window: the answer should this flight's refresh fail.
+    let mut fallback: Option<Entry> = None;
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
@@ -107,6 +114,54 @@ async fn run(
                 .with_label_values(&[if found { "true" } else { "false" }])
                 .inc();
         }
+        // A stored value, fresh or stale, is decoded first; one that does not decode is discarded
+        // (a bounded number of times) so the next look can lead.
+        let mut entry = match &answer {
+            Ok(Acquired::Hit { value, .. } | Acquired::Stale { value, .. }) => {
+                match decode(inner, &key, value.clone()) {
+                    Some(entry) => Some(entry),
+                    None if corrupt < CORRUPT_LIMIT => {
+                        corrupt += 1;
+                        let _ =
+                            store_call(inner, "discard", || inner.store.discard(&key, value)).await;
+                        timer_woke = false;
+                        continue;
+                    }
+                    None => return Conclusion::Empty,
+                }
+            }
+            _ => None,
+        };
+        // A stale value is served at once inside its stale-while-revalidate window; past it, the
+        // flight leads or waits as usual, keeping the copy for stale-if-error.
+        let answer = match answer {
+            Ok(Acquired::Stale {
+                ttl_left, refresh, ..
+            }) => {
+                let entry = entry.take().expect("decoded above");
+                let since = entry
+                    .stale
+                    .max(entry.stale_if_error)
+                    .saturating_sub(ttl_left);
+                if since < entry.stale {
+                    if let (Refresh::Lead { .. }, Some(builder)) = (refresh, builder) {
+                        refresh::stale(inner, key, policy, builder, lease.token);
+                    }
+                    return Conclusion::Value {
+                        entry: Arc::new(entry),
+                        source: Source::StaleRevalidating,
+                    };
+                }
+                fallback = (since < entry.stale_if_error).then_some(entry);
+                Ok(match refresh {
+                    Refresh::Lead { fence } => Acquired::Lead { fence },
+                    Refresh::Elsewhere { lease_left } => Acquired::Wait { lease_left },
+                    // Only a peek finds nobody refreshing, and a read never refreshes.
+                    Refresh::Idle => Acquired::Empty,
+                })
+            }
+            other => other,
+        };
         match answer {
             Err(error) => {
                 tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
@@ -115,24 +170,17 @@ async fn run(
                     None => Conclusion::StoreDown(error),
                 };
             }
-            Ok(Acquired::Hit { value, ttl_left }) => match decode(inner, &key, value.clone()) {
-                Some(entry) => {
-                    let source = if waited {
-                        Source::Coalesced
-                    } else {
-                        Source::Store
-                    };
-                    return serve(inner, flight, entry, ttl_left, policy, source);
-                }
-                None if corrupt < CORRUPT_LIMIT => {
-                    corrupt += 1;
-                    let _ =
-                        store_call(inner, "discard", || inner.store.discard(&key, &value)).await;
-                    timer_woke = false;
-                    continue;
-                }
-                None => return Conclusion::Empty,
-            },
+            Ok(Acquired::Hit { ttl_left, .. }) => {
+                let entry = entry.expect("decoded above");
+                let source = if waited {
+                    Source::Coalesced
+                } else {
+                    Source::Store
+                };
+                refresh::on_hit(inner, &key, entry.fetch_time, ttl_left, policy, builder);
+                return serve(inner, flight, entry, ttl_left, policy, source);
+            }
+            Ok(Acquired::Stale { .. }) => unreachable!("handled above"),
             Ok(Acquired::Pass { .. }) => return Conclusion::Pass,
             Ok(Acquired::Empty) => return Conclusion::Empty,
             Ok(Acquired::Lead { .. }) => {
@@ -143,7 +191,11 @@ async fn run(
                     inner.metrics.lease("taken_over");
                 }
                 let builder = builder.expect("only build flights acquire");
-                return build::lead(inner, flight, policy, builder, lease.token).await;
+                let built = build::lead(inner, flight, policy, builder, lease.token).await;
+                return match (built, fallback) {
+                    (Conclusion::Failed(_), Some(stale)) => stale_on_error(stale),
+                    (built, _) => built,
+                };
             }
             Ok(Acquired::Wait { lease_left }) => {
                 waited = true;
@@ -153,9 +205,17 @@ async fn run(
                         inline: Some(value),
                     }) => {
                         if let Some(entry) = decode(inner, &key, value) {
-                            let ttl = entry.ttl + entry.stale;
+                            // Fresh for its ttl from now: the L1 keeps no stale copies.
+                            let ttl = entry.ttl;
                             return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
                         }
+                    }
+                    // The refresh failed, or its leader gave up (overran, shut down): the stale
+                    // copy stands in, as it does for the leader's own callers.
+                    Wake::Event(EventKind::Failed { .. } | EventKind::Abandoned)
+                        if fallback.is_some() =>
+                    {
+                        return stale_on_error(fallback.take().expect("checked"));
                     }
                     Wake::Event(EventKind::Failed { message, response }) => {
                         let response = response
@@ -175,6 +235,14 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Answers a flight with a stale copy because its refresh failed; the L1 keeps no stale copies.
+fn stale_on_error(entry: Entry) -> Conclusion {
+    Conclusion::Value {
+        entry: Arc::new(entry),
+        source: Source::StaleOnError,
     }
 }
 

@@ -41,6 +41,11 @@ pub enum Source {
     Coalesced,
     /// The store could not be reached; this process built it for its own callers only.
     Degraded,
+    /// A stored copy past its freshness, served at once while one refresh runs in the background
+    /// (stale-while-revalidate).
+    StaleRevalidating,
+    /// A stored copy past its freshness, served because its refresh failed (stale-if-error).
+    StaleOnError,
 }
 
 /// How a flight ended.
@@ -113,6 +118,22 @@ impl Flight {
 
     pub fn is_invalidated(&self) -> bool {
         self.invalidated.load(Ordering::SeqCst)
+    }
+}
+
+impl Flight {
+    /// A flight outside the table, for a background refresh: no caller joins it, so no request
+    /// ever waits on it.
+    pub fn detached(key: KeyHash) -> Arc<Self> {
+        Arc::new(Flight {
+            key,
+            mode: Mode::Build,
+            owner: 0,
+            conclusion: watch::channel(None).0,
+            mailbox: Mutex::new(Mailbox::default()),
+            wake: Notify::new(),
+            invalidated: AtomicBool::new(false),
+        })
     }
 }
 

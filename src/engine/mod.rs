@@ -4,6 +4,7 @@
 //! - [`flight`]: the per-process table of flights, one per key.
 //! - `drive`: what a flight does: ACQUIRE, then answer, wait, or lead.
 //! - `build`: the leader's spawned build under a renewed lease, with a guard that abandons it.
+//! - `refresh`: background refreshes under the lease (stale-while-revalidate, early refresh).
 //! - `dispatch`: the bus's events, delivered to the flights they concern and the L1.
 //! - `generations`: per-route generations, the O(1) purge of a whole route.
 //! - `invalidate`: purges beyond one key (a route, a path prefix, a surrogate tag).
@@ -21,6 +22,7 @@ mod drive;
 pub mod flight;
 mod generations;
 mod invalidate;
+mod refresh;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -162,6 +164,10 @@ pub struct Policy {
     pub pass_ttl: Duration,
     /// The `route` label of this policy's metrics (a route name, or the dictionary's name).
     pub label: Arc<str>,
+    /// Early refresh (probabilistic early expiration, see `refresh`): `Some(beta)` lets a hit
+    /// refresh a fresh value in the background, more likely the nearer its expiry; 1.0 is the
+    /// usual beta, larger refreshes earlier. `None` waits for expiry.
+    pub early_refresh: Option<f64>,
 }
 
 impl Default for Policy {
@@ -173,6 +179,7 @@ impl Default for Policy {
             max_fetch: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             pass_ttl: Duration::from_secs(120),
+            early_refresh: None,
         }
     }
 }
@@ -277,6 +284,10 @@ pub(crate) struct Inner {
     pub generations: Arc<generations::Generations>,
     /// Whether the task that re-reads generations after a bus resync is running.
     pub generations_followed: AtomicBool,
+    /// Background refreshes still running (closing waits for them, like drivers).
+    pub background: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Keys this process is refreshing early.
+    pub refreshing: refresh::Refreshing,
 }
 
 /// How many keys the "value too large" log remembers, so that it logs once per key without
@@ -323,6 +334,8 @@ impl Engine {
                 too_large_logged: build::LoggedOnce::new(TOO_LARGE_LOGGED),
                 generations,
                 generations_followed: AtomicBool::new(false),
+                background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+                refreshing: refresh::Refreshing::default(),
             }),
         })
     }
@@ -382,7 +395,15 @@ impl Engine {
         if inner.closing.load(Ordering::SeqCst) {
             return Err(EngineError::Closed);
         }
-        if let Some(entry) = inner.l1.get(key) {
+        if let Some((entry, left)) = inner.l1.get_with_ttl(key) {
+            refresh::on_hit(
+                &self.inner,
+                key,
+                entry.fetch_time,
+                left,
+                policy,
+                builder.as_ref(),
+            );
             return Ok(Answer {
                 entry,
                 source: AnswerSource::Shared(Source::L1),
@@ -549,12 +570,20 @@ impl Engine {
         inner.closing.store(true, Ordering::SeqCst);
         inner.shutdown.send_replace(true);
         let mut drivers = std::mem::take(&mut *inner.drivers.lock().await);
+        let mut background = std::mem::take(
+            &mut *inner
+                .background
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         let drained = tokio::time::timeout(grace, async {
             while drivers.join_next().await.is_some() {}
+            while background.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             drivers.abort_all();
+            background.abort_all();
         }
         inner.bus.close().await;
     }
@@ -608,6 +637,11 @@ impl Engine {
         inner.crashed.store(true, Ordering::SeqCst);
         inner.closing.store(true, Ordering::SeqCst);
         inner.drivers.lock().await.abort_all();
+        inner
+            .background
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .abort_all();
         inner.bus.close().await;
     }
 

@@ -46,7 +46,7 @@ use crate::envelope::Entry;
 use crate::key::{KeyHash, RequestKey, request_key, with_generation};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
-    vary_outside_key,
+    stale_windows, vary_outside_key,
 };
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
@@ -103,6 +103,7 @@ impl Snapshot {
                 poll_interval: route.policy.poll_interval,
                 pass_ttl: route.policy.pass_ttl,
                 label: route.name.as_str().into(),
+                early_refresh: route.policy.early_refresh.map(|beta| beta.0),
             })
             .collect();
         Self { config, policies }
@@ -471,8 +472,16 @@ async fn answer(
                     Source::Built => (Outcome::Miss, true, Some(0)),
                     Source::Coalesced => (Outcome::Coalesced, false, Some(age(&answer.entry))),
                     Source::Degraded => (Outcome::Miss, false, None),
+                    Source::StaleRevalidating | Source::StaleOnError => {
+                        (Outcome::Stale, false, Some(age(&answer.entry)))
+                    }
                 };
-                let detail = (source == Source::Degraded).then_some("store-unavailable");
+                let detail = match source {
+                    Source::Degraded => Some("store-unavailable"),
+                    Source::StaleRevalidating => Some("stale-while-revalidate"),
+                    Source::StaleOnError => Some("stale-if-error"),
+                    _ => None,
+                };
                 from_entry(&answer.entry, outcome, stored, detail, age, head)
             }
             AnswerSource::Own => {
@@ -803,9 +812,13 @@ impl Fetch {
                 match response_verdict(route, status, &headers) {
                     ResponseVerdict::Store { ttl } => {
                         entry.ttl = jittered(ttl, route.policy.ttl_jitter, &mut rand::rng());
-                        // Before the commit: a tag purge from now on steals the lease.
-                        self.index(surrogate_tags(&headers), entry.ttl + entry.stale)
-                            .await;
+                        let stale = stale_windows(route, &headers);
+                        entry.stale = stale.while_revalidate;
+                        entry.stale_if_error = stale.if_error;
+                        // Before the commit: a tag purge from now on steals the lease. The index
+                        // lives as long as the entry may still be served.
+                        let served_for = entry.ttl + entry.stale.max(entry.stale_if_error);
+                        self.index(surrogate_tags(&headers), served_for).await;
                         // Only a `vary: honor` route stores a response that varies outside its key.
                         let outside = vary_outside_key(route, &headers).unwrap_or_default();
                         match &self.stage {
@@ -919,6 +932,8 @@ fn unreachable_error(message: String) -> BuildError {
             stored_at_ms: 0,
             ttl: Duration::ZERO,
             stale: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            fetch_time: Duration::ZERO,
             key: KeyHash::from_bytes([0; 32]),
         },
     )
@@ -943,6 +958,8 @@ fn entry(status: StatusCode, headers: &HeaderMap, body: Bytes, ttl: Duration) ->
         stored_at_ms: 0,
         ttl,
         stale: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
     }
 }

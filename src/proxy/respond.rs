@@ -24,6 +24,8 @@ pub enum Outcome {
     Hit,
     Miss,
     Coalesced,
+    /// A stored answer past its freshness (stale-while-revalidate, stale-if-error).
+    Stale,
     Pass,
     Bypass,
 }
@@ -34,6 +36,7 @@ impl Outcome {
             Outcome::Hit => "HIT",
             Outcome::Miss => "MISS",
             Outcome::Coalesced => "COALESCED",
+            Outcome::Stale => "STALE",
             Outcome::Pass => "PASS",
             Outcome::Bypass => "BYPASS",
         }
@@ -47,6 +50,7 @@ pub fn cache_status(outcome: Outcome, stored: bool, detail: Option<&str>) -> Str
         Outcome::Hit => value.push_str("; hit"),
         Outcome::Miss => value.push_str("; fwd=miss"),
         Outcome::Coalesced => value.push_str("; fwd=miss; collapsed"),
+        Outcome::Stale => value.push_str("; fwd=stale"),
         Outcome::Pass => value.push_str("; fwd=uri-miss"),
         Outcome::Bypass => value.push_str("; fwd=bypass"),
     }
@@ -158,6 +162,10 @@ mod tests {
         assert_eq!(
             cache_status(Outcome::Coalesced, false, None),
             "corral; fwd=miss; collapsed"
+        );
+        assert_eq!(
+            cache_status(Outcome::Stale, false, Some("stale-if-error")),
+            "corral; fwd=stale; detail=stale-if-error"
         );
         assert_eq!(
             cache_status(Outcome::Bypass, false, Some("authorization")),

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{
     Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
-    MAX_INDEXED_PER_TAG, Renewed, Selector, Store, StoreError, Token, Touch,
+    MAX_INDEXED_PER_TAG, Refresh, Renewed, Selector, Store, StoreError, Token, Touch,
 };
 use crate::key::KeyHash;
 
@@ -23,9 +23,26 @@ const SWEEP_EVERY: u64 = 1024;
 
 #[derive(Default)]
 struct Slot {
-    value: Option<(Bytes, Instant)>,
+    value: Option<Value>,
     lease: Option<Lease>,
     pass: Option<Instant>,
+}
+
+struct Value {
+    bytes: Bytes,
+    /// Fresh until then; stale from then until `expires_at`.
+    fresh_until: Instant,
+    expires_at: Instant,
+}
+
+impl Value {
+    fn new(bytes: Bytes, now: Instant, fresh: Duration, ttl: Duration) -> Self {
+        Self {
+            bytes,
+            fresh_until: now + fresh.min(ttl),
+            expires_at: now + ttl,
+        }
+    }
 }
 
 struct Lease {
@@ -37,7 +54,7 @@ struct Lease {
 impl Slot {
     /// Drops whatever has expired by `now`.
     fn expire(&mut self, now: Instant) {
-        if self.value.as_ref().is_some_and(|(_, at)| *at <= now) {
+        if self.value.as_ref().is_some_and(|v| v.expires_at <= now) {
             self.value = None;
         }
         if self.lease.as_ref().is_some_and(|l| l.expires_at <= now) {
@@ -54,6 +71,28 @@ impl Slot {
 
     fn holds(&self, token: Token) -> bool {
         self.lease.as_ref().is_some_and(|l| l.token == token)
+    }
+
+    /// Who refreshes the value: the caller's own lease, another's, or (with `lease` given and none
+    /// held) a lease created now for the caller.
+    fn refresh(&mut self, now: Instant, lease: Option<(&LeaseRequest, u64)>) -> Refresh {
+        match (&self.lease, lease) {
+            (Some(held), Some((lease, _))) if held.token == lease.token => {
+                Refresh::Lead { fence: held.fence }
+            }
+            (Some(held), _) => Refresh::Elsewhere {
+                lease_left: held.expires_at - now,
+            },
+            (None, Some((lease, fence))) => {
+                self.lease = Some(Lease {
+                    token: lease.token,
+                    fence,
+                    expires_at: now + lease.ttl,
+                });
+                Refresh::Lead { fence }
+            }
+            (None, None) => Refresh::Idle,
+        }
     }
 }
 
@@ -155,31 +194,48 @@ impl MemoryStore {
     pub fn value_ttl(&self, key: &KeyHash) -> Option<Duration> {
         self.with(|state, now| {
             let slot = state.slot(key, now);
-            slot.value.as_ref().map(|(_, at)| *at - now)
+            slot.value.as_ref().map(|v| v.expires_at - now)
         })
     }
 
     /// Stores raw bytes under a key's name, as a foreign writer could (for tests of corrupt entries).
     pub fn put_raw(&self, key: &KeyHash, value: Bytes, ttl: Duration) {
-        self.with(|state, now| state.slot(key, now).value = Some((value, now + ttl)));
+        self.with(|state, now| state.slot(key, now).value = Some(Value::new(value, now, ttl, ttl)));
     }
 
     /// The stored bytes under a key's name, if any.
     pub fn raw(&self, key: &KeyHash) -> Option<Bytes> {
-        self.with(|state, now| state.slot(key, now).value.as_ref().map(|(v, _)| v.clone()))
+        self.with(|state, now| state.slot(key, now).value.as_ref().map(|v| v.bytes.clone()))
     }
 }
 
-fn read(slot: &mut Slot, now: Instant, touch: Option<Touch>) -> Option<Acquired> {
-    if let Some((value, expires_at)) = &mut slot.value {
-        if let Some(touch) = touch
-            && *expires_at - now < touch.ttl.saturating_sub(touch.slack)
-        {
-            *expires_at = now + touch.ttl;
+/// A value or pass marker, if there is one; a stale value with who refreshes it (`lease` asks to
+/// take the lease when nobody holds it).
+fn read(
+    slot: &mut Slot,
+    now: Instant,
+    touch: Option<Touch>,
+    lease: Option<(&LeaseRequest, u64)>,
+) -> Option<Acquired> {
+    if let Some(value) = &mut slot.value {
+        if value.fresh_until > now {
+            if let Some(touch) = touch
+                && value.expires_at - now < touch.ttl.saturating_sub(touch.slack)
+            {
+                // Sliding values have no stale window: freshness slides with the TTL.
+                value.expires_at = now + touch.ttl;
+                value.fresh_until = value.expires_at;
+            }
+            return Some(Acquired::Hit {
+                value: value.bytes.clone(),
+                ttl_left: value.fresh_until - now,
+            });
         }
-        return Some(Acquired::Hit {
-            value: value.clone(),
-            ttl_left: *expires_at - now,
+        let (bytes, ttl_left) = (value.bytes.clone(), value.expires_at - now);
+        return Some(Acquired::Stale {
+            value: bytes,
+            ttl_left,
+            refresh: slot.refresh(now, lease),
         });
     }
     if let Some(at) = slot.pass {
@@ -208,7 +264,7 @@ impl Store for MemoryStore {
             state.fence += 1;
             let fence = state.fence;
             let slot = state.slot(key, now);
-            if let Some(found) = read(slot, now, touch) {
+            if let Some(found) = read(slot, now, touch, Some((lease, fence))) {
                 return found;
             }
             match &slot.lease {
@@ -232,7 +288,7 @@ impl Store for MemoryStore {
     async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError> {
         Ok(self.with(|state, now| {
             let slot = state.slot(key, now);
-            read(slot, now, touch).unwrap_or_else(|| match &slot.lease {
+            read(slot, now, touch, None).unwrap_or_else(|| match &slot.lease {
                 Some(held) => Acquired::Wait {
                     lease_left: held.expires_at - now,
                 },
@@ -258,18 +314,42 @@ impl Store for MemoryStore {
         )
     }
 
-    async fn commit(
+    async fn commit_fresh(
         &self,
         key: &KeyHash,
         token: Token,
         value: Bytes,
+        fresh: Duration,
         ttl: Duration,
         _sliding: bool,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
         Ok(self.fenced(key, token, move |slot, now| {
             slot.pass = None;
-            slot.value = Some((value, now + ttl));
+            slot.value = Some(Value::new(value, now, fresh, ttl));
+        }))
+    }
+
+    async fn lead_refresh(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        within: Duration,
+    ) -> Result<Refresh, StoreError> {
+        Ok(self.with(|state, now| {
+            state.fence += 1;
+            let fence = state.fence;
+            let slot = state.slot(key, now);
+            let due = slot
+                .value
+                .as_ref()
+                .is_some_and(|v| v.fresh_until.saturating_duration_since(now) <= within);
+            if !due {
+                return Refresh::Idle;
+            }
+            let refresh = slot.refresh(now, Some((lease, fence)));
+            state.wrote(now);
+            refresh
         }))
     }
 
@@ -289,7 +369,9 @@ impl Store for MemoryStore {
         pass_ttl: Duration,
         _event: Bytes,
     ) -> Result<Fenced, StoreError> {
+        // A refresh that turned out uncacheable takes the stale value with it.
         Ok(self.fenced(key, token, move |slot, now| {
+            slot.value = None;
             slot.pass = Some(now + pass_ttl)
         }))
     }
@@ -357,7 +439,7 @@ impl Store for MemoryStore {
     async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError> {
         Ok(self.with(|state, now| {
             let slot = state.slot(key, now);
-            if slot.value.as_ref().is_some_and(|(v, _)| v == value) {
+            if slot.value.as_ref().is_some_and(|v| v.bytes == *value) {
                 slot.value = None;
                 return true;
             }
@@ -368,9 +450,9 @@ impl Store for MemoryStore {
     async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {
         Ok(self.with(|state, now| {
             let slot = state.slot(key, now);
-            if let Some((_, at)) = &slot.value {
+            if let Some(value) = &slot.value {
                 KeyStatus::Exists {
-                    ttl_left: *at - now,
+                    ttl_left: value.expires_at - now,
                 }
             } else if let Some(at) = slot.pass {
                 KeyStatus::Pass { ttl_left: at - now }
@@ -453,6 +535,128 @@ mod tests {
                 ttl_left: Duration::from_secs(9)
             })
         );
+    }
+
+    async fn commit_stale_capable(store: &MemoryStore, value: &'static [u8]) {
+        let lease = lease(1000);
+        store.acquire(&key(), &lease, None).await.unwrap();
+        let done = store
+            .commit_fresh(
+                &key(),
+                lease.token,
+                Bytes::from_static(value),
+                Duration::from_secs(1),
+                Duration::from_secs(11),
+                false,
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(done, Ok(Fenced::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_value_has_exactly_one_refresh_leader() {
+        let store = MemoryStore::new();
+        commit_stale_capable(&store, b"old").await;
+        let fresh = store.acquire(&key(), &lease(1000), None).await.unwrap();
+        assert!(
+            matches!(fresh, Acquired::Hit { ttl_left, .. } if ttl_left == Duration::from_secs(1))
+        );
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (first, second) = (lease(1000), lease(1000));
+        let stale = |refresh| Acquired::Stale {
+            value: Bytes::from_static(b"old"),
+            ttl_left: Duration::from_millis(9500),
+            refresh,
+        };
+        let led = store.acquire(&key(), &first, None).await.unwrap();
+        assert!(matches!(
+            led,
+            Acquired::Stale {
+                refresh: Refresh::Lead { .. },
+                ..
+            }
+        ));
+        // The leader's retry leads again; everyone else hears that someone refreshes.
+        assert!(matches!(
+            store.acquire(&key(), &first, None).await.unwrap(),
+            Acquired::Stale {
+                refresh: Refresh::Lead { .. },
+                ..
+            }
+        ));
+        assert_eq!(
+            store.acquire(&key(), &second, None).await,
+            Ok(stale(Refresh::Elsewhere {
+                lease_left: Duration::from_secs(1)
+            }))
+        );
+        assert_eq!(
+            store.peek(&key(), None).await,
+            Ok(stale(Refresh::Elsewhere {
+                lease_left: Duration::from_secs(1)
+            }))
+        );
+        // A failed refresh leaves the stale value, and the next caller may lead again.
+        store
+            .release(&key(), first.token, Bytes::new())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.acquire(&key(), &second, None).await.unwrap(),
+            Acquired::Stale {
+                refresh: Refresh::Lead { .. },
+                ..
+            }
+        ));
+        // The refresh's commit replaces the value, fresh again.
+        store
+            .commit_fresh(
+                &key(),
+                second.token,
+                Bytes::from_static(b"new"),
+                Duration::from_secs(1),
+                Duration::from_secs(11),
+                false,
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.acquire(&key(), &lease(1000), None).await.unwrap(),
+            Acquired::Hit { value, .. } if value == Bytes::from_static(b"new")
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_refresh_takes_the_lease_over_a_fresh_value_once() {
+        let store = MemoryStore::new();
+        let soon = Duration::from_millis(500);
+        assert_eq!(
+            store.lead_refresh(&key(), &lease(1000), soon).await,
+            Ok(Refresh::Idle)
+        );
+        commit_stale_capable(&store, b"v").await;
+        // Fresh for a second more: not due yet, so nothing is taken.
+        assert_eq!(
+            store.lead_refresh(&key(), &lease(1000), soon).await,
+            Ok(Refresh::Idle)
+        );
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let first = lease(1000);
+        assert!(matches!(
+            store.lead_refresh(&key(), &first, soon).await,
+            Ok(Refresh::Lead { .. })
+        ));
+        assert!(matches!(
+            store.lead_refresh(&key(), &lease(1000), soon).await,
+            Ok(Refresh::Elsewhere { .. })
+        ));
+        // Readers still get the fresh value while the refresh runs.
+        assert!(matches!(
+            store.acquire(&key(), &lease(1000), None).await,
+            Ok(Acquired::Hit { .. })
+        ));
     }
 
     #[tokio::test(start_paused = true)]

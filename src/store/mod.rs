@@ -2,8 +2,17 @@
 //!
 //! Every implementation speaks the same protocol (DESIGN.md, "Store protocol"):
 //!
-//! - [`Store::acquire`] answers HIT / PASS / LEAD / WAIT, [`Store::peek`] the same without ever
-//!   creating a lease (status and only-if-cached reads).
+//! - [`Store::acquire`] answers HIT / STALE / PASS / LEAD / WAIT, [`Store::peek`] the same without
+//!   ever creating a lease (status and only-if-cached reads).
+//! - A value committed with a stale window ([`Store::commit_fresh`]) stays stored past its
+//!   freshness; once fresh no more, acquire answers [`Acquired::Stale`] with it and, in the same
+//!   atomic step, says who refreshes it: "you lead the refresh" ([`Refresh::Lead`]) to exactly one
+//!   caller, who now holds the lease, and "someone refreshes" ([`Refresh::Elsewhere`]) to every
+//!   other. The lease and its fenced writes are the usual ones: a refresh's commit replaces the
+//!   value, a release leaves the stale value in place. Freshness is measured on the store's clock
+//!   where it has one.
+//! - [`Store::lead_refresh`] takes the lease over a value that is still fresh but close to its
+//!   end (early refresh).
 //! - [`Store::renew`], [`Store::commit`], [`Store::release`] (FAIL and ABANDON) and
 //!   [`Store::give_up`] are fenced by the owner token: with another token (or none) they change
 //!   nothing and answer [`Fenced::Lost`].
@@ -76,8 +85,15 @@ pub struct Touch {
 /// The answer to [`Store::acquire`] or [`Store::peek`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Acquired {
-    /// A value exists; `ttl_left` is the store's remaining TTL of it (after any touch).
+    /// A fresh value exists; `ttl_left` is how long it stays fresh (after any touch).
     Hit { value: Bytes, ttl_left: Duration },
+    /// A value past its freshness that the store still keeps for its stale window; `ttl_left` is
+    /// how long the store keeps it, `refresh` who refreshes it.
+    Stale {
+        value: Bytes,
+        ttl_left: Duration,
+        refresh: Refresh,
+    },
     /// A hit-for-pass marker: the key is uncacheable for `ttl_left` more.
     Pass { ttl_left: Duration },
     /// This caller now holds the lease (acquire only).
@@ -86,6 +102,17 @@ pub enum Acquired {
     Wait { lease_left: Duration },
     /// Nothing at all (peek only).
     Empty,
+}
+
+/// Who refreshes a stale value (or one refreshed early).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// "Stale entry; you lead the refresh": this caller now holds the lease.
+    Lead { fence: u64 },
+    /// "Stale entry; someone refreshes": another caller holds the lease, for `lease_left` more.
+    Elsewhere { lease_left: Duration },
+    /// Nobody (peek, which never takes a lease; or no value for an early refresh to replace).
+    Idle,
 }
 
 /// The answer to a fenced write.
@@ -212,9 +239,9 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Renewed, StoreError>;
 
-    /// Stores `value` for `ttl` (freshness plus stale window), releases the lease and announces
-    /// `event`, if the token still holds the lease. `sliding` says that reads will touch the TTL
-    /// (a store that cannot extend a TTL in place must keep such a value past `ttl`).
+    /// Stores `value` for `ttl`, fresh for all of it, releases the lease and announces `event`, if
+    /// the token still holds the lease. `sliding` says that reads will touch the TTL (a store that
+    /// cannot extend a TTL in place must keep such a value past `ttl`).
     async fn commit(
         &self,
         key: &KeyHash,
@@ -223,7 +250,36 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
         sliding: bool,
         event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        self.commit_fresh(key, token, value, ttl, ttl, sliding, event)
+            .await
+    }
+
+    /// [`Store::commit`] of a value that is fresh for `fresh` and then kept, stale, until `ttl`
+    /// (freshness plus the longest stale window). A `fresh` of `ttl` or more means no stale window.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_fresh(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        value: Bytes,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        event: Bytes,
     ) -> Result<Fenced, StoreError>;
+
+    /// Takes the lease to refresh a value before it goes stale (early refresh), in one atomic
+    /// step: [`Refresh::Lead`] if a value is stored whose freshness ends `within` from now (by the
+    /// store's clock) and nobody holds the lease, [`Refresh::Elsewhere`] if someone does,
+    /// [`Refresh::Idle`] if there is no value (the next acquire fills it the usual way) or the
+    /// stored one is fresher than that (someone refreshed it since the caller looked).
+    async fn lead_refresh(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        within: Duration,
+    ) -> Result<Refresh, StoreError>;
 
     /// Releases the lease and announces `event` (FAILED or ABANDONED), if the token holds it.
     async fn release(

@@ -5,7 +5,9 @@
 //!
 //! - `<ns>:{<hex>}:v`: the stored value (PX = the ttl handed to commit),
 //! - `<ns>:{<hex>}:l`: the lease, a hash of `token`, `fence`, `node` and `start` (PX = lease ttl),
-//! - `<ns>:{<hex>}:p`: the pass marker (PX = pass ttl).
+//! - `<ns>:{<hex>}:p`: the pass marker (PX = pass ttl),
+//! - `<ns>:{<hex>}:f`: for a value with a stale window, when its freshness ends (the server's clock
+//!   in ms; PX = the value's). A value without it is fresh for as long as it exists.
 //!
 //! Each route owns, under the hash tag `{route:<name>}`, its generation counter
 //! `<ns>:{route:<name>}:g` (no expiry) and its path index: `<ns>:{route:<name>}:pe` (member
@@ -35,7 +37,7 @@ use redis::{ErrorKind, ProtocolVersion, RedisError, Script, ServerErrorKind, Val
 
 use super::{
     Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
-    MAX_INDEXED_PER_TAG, Renewed, Selector, Store, StoreError, Token, Touch,
+    MAX_INDEXED_PER_TAG, Refresh, Renewed, Selector, Store, StoreError, Token, Touch,
 };
 use crate::bus::{Event, redis_channel};
 use crate::key::KeyHash;
@@ -214,6 +216,11 @@ impl RedisStore {
         format!("{}:t:{{{tag}}}", self.namespace)
     }
 
+    /// The Redis name of `key`'s fresh-until marker (beside its value, same hash tag).
+    pub fn fresh_key_name(&self, key: &KeyHash) -> String {
+        format!("{}:{{{}}}:f", self.namespace, key.to_hex())
+    }
+
     /// Runs one prepared script invocation under the call deadline.
     async fn run(
         &self,
@@ -246,19 +253,21 @@ impl RedisStore {
         touch: Option<Touch>,
     ) -> Result<Acquired, StoreError> {
         let [v, l, p] = self.key_names(key);
+        let f = self.fresh_key_name(key);
         let (token, node, lease_ms, mode) = match lease {
             Some(lease) => (
                 lease.token.to_hex(),
                 &*lease.node,
                 millis(lease.ttl),
-                "acquire",
+                if op == "early" { "early" } else { "acquire" },
             ),
             None => (String::new(), "", 0, "peek"),
         };
-        // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead.
+        // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead. Early
+        // mode reads the slack alone: how near the end of its freshness a value must be.
         let (touch_ms, slack_ms) = match touch {
-            Some(t) if !t.ttl.is_zero() => (
-                millis(t.ttl),
+            Some(t) if !t.ttl.is_zero() || op == "early" => (
+                if t.ttl.is_zero() { 0 } else { millis(t.ttl) },
                 u64::try_from(t.slack.as_millis()).unwrap_or(u64::MAX),
             ),
             _ => (0, 0),
@@ -268,6 +277,7 @@ impl RedisStore {
             .key(&v)
             .key(&l)
             .key(&p)
+            .key(&f)
             .arg(&token)
             .arg(node)
             .arg(lease_ms)
@@ -364,22 +374,58 @@ fn ttl(op: &'static str, item: Option<Value>) -> Result<Duration, StoreError> {
     }
 }
 
+/// A stored value in a reply.
+fn value(op: &'static str, item: Option<Value>) -> Result<Bytes, StoreError> {
+    match item {
+        Some(Value::BulkString(bytes)) => Ok(Bytes::from(bytes)),
+        other => Err(protocol(
+            op,
+            format_args!("expected a value, got {other:?}"),
+        )),
+    }
+}
+
+/// A lease's fence: digits in a string (the server clock in µs), or an integer.
+fn fence(op: &'static str, item: Option<Value>) -> Result<u64, StoreError> {
+    let fence = match item {
+        Some(Value::BulkString(digits)) => std::str::from_utf8(&digits)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok()),
+        Some(Value::Int(n)) => u64::try_from(n).ok(),
+        _ => None,
+    };
+    fence.ok_or_else(|| protocol(op, "lease has no valid fence"))
+}
+
 fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError> {
     let (tag, mut items) = tagged(op, reply)?;
     Ok(match tag.as_slice() {
-        b"HIT" => {
-            let value = match items.next() {
-                Some(Value::BulkString(bytes)) => Bytes::from(bytes),
+        b"HIT" => Acquired::Hit {
+            value: value(op, items.next())?,
+            ttl_left: ttl(op, items.next())?,
+        },
+        b"STALE" => {
+            let value = value(op, items.next())?;
+            let ttl_left = ttl(op, items.next())?;
+            let refresh = match items.next() {
+                Some(Value::BulkString(who)) if who == b"LEAD" => Refresh::Lead {
+                    fence: fence(op, items.next())?,
+                },
+                Some(Value::BulkString(who)) if who == b"WAIT" => Refresh::Elsewhere {
+                    lease_left: ttl(op, items.next())?,
+                },
+                Some(Value::BulkString(who)) if who == b"IDLE" => Refresh::Idle,
                 other => {
                     return Err(protocol(
                         op,
-                        format_args!("expected a value, got {other:?}"),
+                        format_args!("expected who refreshes, got {other:?}"),
                     ));
                 }
             };
-            Acquired::Hit {
+            Acquired::Stale {
                 value,
-                ttl_left: ttl(op, items.next())?,
+                ttl_left,
+                refresh,
             }
         }
         b"PASS" => Acquired::Pass {
@@ -388,18 +434,9 @@ fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError
         b"WAIT" => Acquired::Wait {
             lease_left: ttl(op, items.next())?,
         },
-        b"LEAD" => {
-            let fence = match items.next() {
-                Some(Value::BulkString(digits)) => std::str::from_utf8(&digits)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok()),
-                Some(Value::Int(n)) => u64::try_from(n).ok(),
-                _ => None,
-            };
-            Acquired::Lead {
-                fence: fence.ok_or_else(|| protocol(op, "lease has no valid fence"))?,
-            }
-        }
+        b"LEAD" => Acquired::Lead {
+            fence: fence(op, items.next())?,
+        },
         b"EMPTY" => Acquired::Empty,
         other => {
             return Err(protocol(
@@ -487,30 +524,58 @@ impl Store for RedisStore {
         })
     }
 
-    async fn commit(
+    async fn commit_fresh(
         &self,
         key: &KeyHash,
         token: Token,
         value: Bytes,
+        fresh: Duration,
         ttl: Duration,
         // PEXPIRE extends a TTL in place, so a sliding value needs nothing special here.
         _sliding: bool,
         event: Bytes,
     ) -> Result<Fenced, StoreError> {
         let [v, l, p] = self.key_names(key);
+        let f = self.fresh_key_name(key);
         let (announce, channel, event) = self.announce_args(&event);
         let mut invocation = self.scripts.commit.prepare_invoke();
         invocation
             .key(&v)
             .key(&l)
             .key(&p)
+            .key(&f)
             .arg(token.to_hex())
             .arg(value.as_ref())
             .arg(millis(ttl))
             .arg(announce)
             .arg(channel)
-            .arg(event);
+            .arg(event)
+            .arg(millis(fresh));
         self.fenced("commit", &invocation).await.map(fenced)
+    }
+
+    async fn lead_refresh(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        within: Duration,
+    ) -> Result<Refresh, StoreError> {
+        // Early mode reads the touch's slack as `within`; it never touches.
+        let within = Touch {
+            ttl: Duration::ZERO,
+            slack: within,
+        };
+        match self
+            .acquire_or_peek("early", key, Some(lease), Some(within))
+            .await?
+        {
+            Acquired::Stale { refresh, .. } => Ok(refresh),
+            Acquired::Empty | Acquired::Hit { .. } => Ok(Refresh::Idle),
+            other => Err(protocol(
+                "early",
+                format_args!("unexpected answer {other:?}"),
+            )),
+        }
     }
 
     async fn release(
@@ -538,12 +603,15 @@ impl Store for RedisStore {
         pass_ttl: Duration,
         event: Bytes,
     ) -> Result<Fenced, StoreError> {
-        let [_, l, p] = self.key_names(key);
+        let [v, l, p] = self.key_names(key);
+        let f = self.fresh_key_name(key);
         let (announce, channel, event) = self.announce_args(&event);
         let mut invocation = self.scripts.give_up.prepare_invoke();
         invocation
             .key(&l)
             .key(&p)
+            .key(&v)
+            .key(&f)
             .arg(token.to_hex())
             .arg(millis(pass_ttl))
             .arg(announce)

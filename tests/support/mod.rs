@@ -14,6 +14,7 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod servers;
+pub mod stale;
 pub mod topology;
 pub mod upstream;
 pub mod workload;

@@ -6,12 +6,21 @@
 //! | state       | operation    | headers                                   | payload            |
 //! |-------------|--------------|-------------------------------------------|--------------------|
 //! | `lease`     | put          | token, fence (after a renewal), node, ttl | empty              |
-//! | `value`     | put          | token, ttl, sliding (when it slides)      | the envelope       |
+//! | `value`     | put          | token, ttl, fresh, sliding (when it slides) | the envelope     |
+//! | `value`     | put          | as above, since, lease token + ttl          | the envelope     |
+//! | `value`     | put          | as above, since, released (+ message)       | the envelope     |
 //! | `pass`      | put          | token, ttl                                | empty              |
 //! | `failed`    | `DEL`        | token, message                            | the error response |
 //! | `abandoned` | `DEL`        | token                                     | empty              |
 //! | `discarded` | `DEL`        |                                           | empty              |
 //! | `purged`    | `PURGE`      |                                           | empty              |
+//!
+//! A value past its freshness (or near its end, for an early refresh) is refreshed under a lease
+//! that rides on the value itself: the value is published again with the holder's token and lease
+//! lifetime, and `since` (the server timestamp of its first write, from which its freshness and
+//! lifetime still count), because a separate lease message would replace it (history 1). A refresh
+//! that fails publishes the value once more without the lease, saying `released` so that waiters
+//! hear it; one that succeeds replaces it with the new value, by the same compare-and-set.
 //!
 //! `Nats-TTL` (whole seconds) makes the server remove leases, values and pass markers on its own;
 //! tombstones (`DEL`, `PURGE`) carry a short one so that they do not pile up. A sliding value has no
@@ -37,6 +46,17 @@ pub(crate) const FENCE: &str = "Corral-Fence";
 pub(crate) const NODE: &str = "Corral-Node";
 /// The lifetime the writer asked for, in milliseconds (the server's TTL is whole seconds).
 pub(crate) const TTL_MS: &str = "Corral-Ttl-Ms";
+/// On a value with a stale window: how long it is fresh, in milliseconds, from the server's
+/// timestamp of the value (its `Corral-Ttl-Ms` is freshness plus the stale window).
+pub(crate) const FRESH_MS: &str = "Corral-Fresh-Ms";
+/// On a value published again: the server timestamp (ns since the Unix epoch) of its first write.
+pub(crate) const SINCE_NS: &str = "Corral-Since-Ns";
+/// On a value carrying a refresh lease: the holder's token (32 hex digits).
+pub(crate) const LEASE_TOKEN: &str = "Corral-Lease-Token";
+/// On a value carrying a refresh lease: the lease's lifetime in ms from this message's timestamp.
+pub(crate) const LEASE_TTL_MS: &str = "Corral-Lease-Ttl-Ms";
+/// On a value whose refresh ended without a new value: `failed` or `abandoned`.
+pub(crate) const RELEASED: &str = "Corral-Released";
 /// `1` on a value whose expiry slides with reads.
 pub(crate) const SLIDING: &str = "Corral-Sliding";
 /// A failed build's message, percent-escaped (header values are one line of visible ASCII).
@@ -80,6 +100,13 @@ pub(crate) enum Record {
         token: Option<Token>,
         /// Freshness plus stale window.
         ttl: Duration,
+        /// Freshness, when it is shorter than `ttl` (the value has a stale window).
+        fresh: Option<Duration>,
+        /// When the value was first written (server ns), if this message published it again.
+        since_ns: Option<i128>,
+        /// A refresh lease riding on the value: the holder's token and the lease's lifetime from
+        /// this message's timestamp.
+        lease: Option<(Token, Duration)>,
         /// Whether reads extend the TTL (through the touch record).
         sliding: bool,
         value: Bytes,
@@ -165,6 +192,13 @@ fn token(headers: &HeaderMap) -> Option<Token> {
         .map(Token)
 }
 
+fn lease_token(headers: &HeaderMap) -> Option<Token> {
+    header(headers, LEASE_TOKEN)
+        .filter(|hex| hex.len() == 32)
+        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        .map(Token)
+}
+
 fn millis(headers: &HeaderMap, name: &'static str) -> Result<Duration, EntryError> {
     header(headers, name)
         .and_then(|ms| ms.parse::<u64>().ok())
@@ -206,6 +240,9 @@ pub(crate) fn parse(message: &StreamMessage) -> Result<Slot, EntryError> {
             Some("value") => Record::Value {
                 token: token(headers),
                 ttl: millis(headers, TTL_MS)?,
+                fresh: millis(headers, FRESH_MS).ok(),
+                since_ns: header(headers, SINCE_NS).and_then(|ns| ns.parse().ok()),
+                lease: lease_token(headers).zip(millis(headers, LEASE_TTL_MS).ok()),
                 sliding: header(headers, SLIDING) == Some("1"),
                 value: message.payload.clone(),
             },
@@ -218,6 +255,9 @@ pub(crate) fn parse(message: &StreamMessage) -> Result<Slot, EntryError> {
             None => Record::Value {
                 token: None,
                 ttl: foreign_ttl(headers),
+                fresh: None,
+                since_ns: None,
+                lease: None,
                 sliding: false,
                 value: message.payload.clone(),
             },

@@ -131,6 +131,20 @@ pub(crate) fn hear(prefix: &str, subject: &str, headers: &HeaderMap, sequence: u
                 (Some("DEL"), _) => event(EventKind::Deleted),
                 (Some(_), _) => Heard::Junk,
                 (None, Some("lease")) => Heard::Nothing,
+                // A stale value published again: under a refresh lease (nothing anyone waits
+                // for), or after its refresh ended without a new value.
+                (None, Some("value")) if header(entry::LEASE_TOKEN).is_some() => Heard::Nothing,
+                (None, Some("value")) if header(entry::RELEASED) == Some("failed") => {
+                    event(EventKind::Failed {
+                        message: header(entry::MESSAGE)
+                            .map(entry::unescape)
+                            .unwrap_or_default(),
+                        response: None,
+                    })
+                }
+                (None, Some("value")) if header(entry::RELEASED).is_some() => {
+                    event(EventKind::Abandoned)
+                }
                 // A foreign put is read (and found unreadable) like any value.
                 (None, Some("value") | None) => event(EventKind::Ready { inline: None }),
                 (None, Some("pass")) => event(EventKind::Uncacheable),
@@ -635,6 +649,33 @@ mod tests {
         assert_eq!(
             heard("e", &[("KV-Operation", "PURGE"), (STATE, "purged")]),
             event(EventKind::Deleted)
+        );
+    }
+
+    #[test]
+    fn a_stale_value_published_again_tells_waiters_only_how_its_refresh_ended() {
+        let lease = [
+            (STATE, "value"),
+            (entry::LEASE_TOKEN, "0123456789abcdef0123456789abcdef"),
+        ];
+        assert_eq!(heard("e", &lease), Heard::Nothing);
+        assert_eq!(
+            heard(
+                "e",
+                &[
+                    (STATE, "value"),
+                    (entry::RELEASED, "failed"),
+                    (entry::MESSAGE, "upstream%20answered%20500")
+                ]
+            ),
+            event(EventKind::Failed {
+                message: "upstream answered 500".into(),
+                response: None
+            })
+        );
+        assert_eq!(
+            heard("e", &[(STATE, "value"), (entry::RELEASED, "abandoned")]),
+            event(EventKind::Abandoned)
         );
     }
 

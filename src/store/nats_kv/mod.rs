@@ -33,6 +33,15 @@
 //! of the entry, never from the writer's clock; only the reader's own clock is compared with it, so
 //! replicas need clocks that agree with the server's (NTP), as any TTL cache does.
 //!
+//! A value with a stale window carries its freshness (`Corral-Fresh-Ms`); past it, the lease to
+//! refresh it cannot be the entry itself (that would replace the value readers are still served),
+//! so it rides on the value: the value is published again with the holder's token and the lease's
+//! lifetime, keeping its first timestamp (see `entry.rs`). Renewal publishes it again; a commit
+//! replaces it by the same compare-and-set as any commit; a failed or abandoned refresh puts the
+//! value back without the lease, marked so that waiters hear how it ended. Such a lease has no
+//! server TTL of its own: readers see it lapse by its timestamp. Early refresh takes the same kind
+//! of lease over a value that is still fresh.
+//!
 //! Sliding expiry never rewrites the value: a read that finds less than `ttl - slack` left writes a
 //! touch record (a small headers-only message on `t.<hex>`, with the value's revision and a server
 //! TTL of the window). A headers-only re-publish of the entry itself is not possible: with history
@@ -73,8 +82,8 @@ pub use self::bucket::{MIN_SERVER_VERSION, bucket_name, check_server_version};
 use self::entry::{Record, Slot};
 pub use self::events::NatsKvEvents;
 use super::{
-    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Renewed, Selector, Store, StoreError,
-    Token, Touch,
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Refresh, Renewed, Selector, Store,
+    StoreError, Token, Touch,
 };
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
@@ -188,6 +197,8 @@ struct Held {
     fence: u64,
     /// This process's node name, written again with each renewal.
     node: Option<Arc<str>>,
+    /// Whether the lease rides on a value (a refresh), rather than being the entry itself.
+    over_value: bool,
 }
 
 /// State shared by clones of the store and by its events.
@@ -560,18 +571,40 @@ impl NatsKvStore {
             match &slot.record {
                 Record::Value {
                     ttl,
+                    fresh,
                     sliding,
                     value,
+                    since_ns,
                     ..
                 } => {
-                    let ttl_left = self
-                        .value_left(op, key, &slot, *ttl, *sliding, touch)
-                        .await?;
-                    if !ttl_left.is_zero() {
-                        return Ok(Acquired::Hit {
-                            value: value.clone(),
-                            ttl_left,
-                        });
+                    let now = entry::now_ns();
+                    let since = since_ns.unwrap_or(slot.written_ns);
+                    let ttl_left = if *sliding {
+                        self.value_left(op, key, &slot, *ttl, true, touch).await?
+                    } else {
+                        entry::left(*ttl, since, now)
+                    };
+                    let fresh_left = fresh.map(|fresh| entry::left(fresh, since, now));
+                    match fresh_left {
+                        _ if ttl_left.is_zero() => {}
+                        Some(left) if left.is_zero() => {
+                            // Stale: the lease to refresh it rides on the value (see `entry`).
+                            let Some(refresh) = self.refresh_over(op, key, &slot, lease).await?
+                            else {
+                                continue;
+                            };
+                            return Ok(Acquired::Stale {
+                                value: value.clone(),
+                                ttl_left,
+                                refresh,
+                            });
+                        }
+                        fresh_left => {
+                            return Ok(Acquired::Hit {
+                                value: value.clone(),
+                                ttl_left: fresh_left.unwrap_or(ttl_left),
+                            });
+                        }
                     }
                 }
                 Record::Pass { ttl, .. } => {
@@ -593,6 +626,7 @@ impl NatsKvStore {
                                         revision: slot.revision,
                                         fence: *fence,
                                         node: Some(lease.node.clone()),
+                                        over_value: false,
                                     },
                                 );
                                 Acquired::Lead { fence: *fence }
@@ -624,6 +658,7 @@ impl NatsKvStore {
                             revision,
                             fence: revision,
                             node: Some(lease.node.clone()),
+                            over_value: false,
                         },
                     );
                     return Ok(Acquired::Lead { fence: revision });
@@ -633,6 +668,132 @@ impl NatsKvStore {
             }
         }
         Err(StoreError::Timeout { op })
+    }
+
+    /// Who refreshes the value in `slot`: a live refresh lease on it (the caller's own, or
+    /// another's), or, when `lease` is given and there is none, a lease taken now by publishing
+    /// the value again with it. `None`: another writer got there first; look again.
+    async fn refresh_over(
+        &self,
+        op: &'static str,
+        key: &KeyHash,
+        slot: &Slot,
+        lease: Option<&LeaseRequest>,
+    ) -> Result<Option<Refresh>, StoreError> {
+        let Record::Value { lease: held, .. } = &slot.record else {
+            return Ok(Some(Refresh::Idle));
+        };
+        let live = held
+            .map(|(holder, ttl)| (holder, entry::left(ttl, slot.written_ns, entry::now_ns())))
+            .filter(|(_, left)| !left.is_zero());
+        match (live, lease) {
+            (Some((holder, _)), Some(lease)) if holder == lease.token => {
+                self.remember(key, Self::held_over(lease, slot.revision, slot.revision));
+                Ok(Some(Refresh::Lead {
+                    fence: slot.revision,
+                }))
+            }
+            (Some((_, lease_left)), _) => Ok(Some(Refresh::Elsewhere { lease_left })),
+            (None, None) => Ok(Some(Refresh::Idle)),
+            (None, Some(lease)) => {
+                let Some(message) =
+                    republish(slot, Some((lease.token, lease.ttl)), None, slot.revision)
+                else {
+                    return Ok(Some(Refresh::Idle));
+                };
+                match self.publish(op, self.entry_subject(key), message).await? {
+                    Ok(revision) => {
+                        self.remember(key, Self::held_over(lease, revision, revision));
+                        Ok(Some(Refresh::Lead { fence: revision }))
+                    }
+                    Err(Conflict) => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// A refresh lease this process holds on a value.
+    fn held_over(lease: &LeaseRequest, revision: u64, fence: u64) -> Held {
+        Held {
+            token: lease.token,
+            revision,
+            fence,
+            node: Some(lease.node.clone()),
+            over_value: true,
+        }
+    }
+
+    /// Renews a refresh lease riding on a value: the value is published again with the lease's
+    /// new lifetime, if the token still holds it.
+    async fn renew_over_value(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        for _ in 0..CAS_ROUNDS {
+            let slot = self.read("renew", key).await?;
+            let held = matches!(
+                &slot.record,
+                Record::Value { lease: Some((holder, _)), .. } if *holder == token
+            );
+            let message = republish(&slot, Some((token, ttl)), None, slot.revision);
+            let (true, Some(message)) = (held, message) else {
+                self.forget(key);
+                return Ok(Renewed::Lost);
+            };
+            if let Ok(revision) = self
+                .publish("renew", self.entry_subject(key), message)
+                .await?
+            {
+                let fence = self.held(key, token).map_or(revision, |held| held.fence);
+                self.remember(
+                    key,
+                    Held {
+                        token,
+                        revision,
+                        fence,
+                        node: None,
+                        over_value: true,
+                    },
+                );
+                return Ok(Renewed::Held);
+            }
+        }
+        Err(StoreError::Timeout { op: "renew" })
+    }
+
+    /// Ends a refresh lease riding on a value without a new value: the value is published again
+    /// without it, saying why, so waiters hear the outcome and the stale value stays. `None` when
+    /// the entry holds no such lease of `token` (the caller goes the usual way).
+    async fn release_over_value(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        released: (&'static str, Option<&str>),
+    ) -> Result<Option<Fenced>, StoreError> {
+        for _ in 0..CAS_ROUNDS {
+            let slot = self.read("release", key).await?;
+            let held = matches!(
+                &slot.record,
+                Record::Value { lease: Some((holder, _)), .. } if *holder == token
+            );
+            if !held {
+                return Ok(None);
+            }
+            self.forget(key);
+            let Some(message) = republish(&slot, None, Some(released), slot.revision) else {
+                return Ok(Some(Fenced::Lost));
+            };
+            if self
+                .publish("release", self.entry_subject(key), message)
+                .await?
+                .is_ok()
+            {
+                return Ok(Some(Fenced::Done));
+            }
+        }
+        Err(StoreError::Timeout { op: "release" })
     }
 
     /// A write that only the lease holder may make: it names the lease's revision (remembered, or
@@ -662,6 +823,10 @@ impl NatsKvStore {
                     }
                     match slot.record {
                         Record::Lease { token: holder, .. } if holder == token => slot.revision,
+                        Record::Value {
+                            lease: Some((holder, _)),
+                            ..
+                        } if holder == token => slot.revision,
                         _ => {
                             self.forget(key);
                             return Ok(Outcome::Lost);
@@ -712,6 +877,59 @@ impl NatsKvStore {
         })
         .await
     }
+}
+
+/// The value in `slot` published again, expecting `expected`: with a refresh lease, or saying its
+/// refresh was `released` (and why); its first timestamp kept, so its freshness and lifetime still
+/// count from then. `None` when `slot` holds no value, or one whose lifetime is over.
+fn republish(
+    slot: &Slot,
+    lease: Option<(Token, Duration)>,
+    released: Option<(&'static str, Option<&str>)>,
+    expected: u64,
+) -> Option<PublishMessage> {
+    let Record::Value {
+        token,
+        ttl,
+        fresh,
+        sliding: false,
+        value,
+        since_ns,
+        ..
+    } = &slot.record
+    else {
+        return None;
+    };
+    let since = since_ns.unwrap_or(slot.written_ns);
+    let left = entry::left(*ttl, since, entry::now_ns());
+    if left.is_zero() {
+        return None;
+    }
+    let mut message = PublishMessage::build()
+        .header(entry::STATE, "value")
+        .header(entry::TTL_MS, millis(*ttl).to_string())
+        .header(entry::SINCE_NS, since.to_string())
+        .header(entry::NATS_TTL, entry::ttl_header(left))
+        .expected_last_subject_sequence(expected)
+        .payload(value.clone());
+    if let Some(token) = token {
+        message = message.header(entry::TOKEN, token.to_hex());
+    }
+    if let Some(fresh) = fresh {
+        message = message.header(entry::FRESH_MS, millis(*fresh).to_string());
+    }
+    if let Some((holder, lease_ttl)) = lease {
+        message = message
+            .header(entry::LEASE_TOKEN, holder.to_hex())
+            .header(entry::LEASE_TTL_MS, millis(lease_ttl).to_string());
+    }
+    if let Some((state, why)) = released {
+        message = message.header(entry::RELEASED, state);
+        if let Some(why) = why {
+            message = message.header(entry::MESSAGE, entry::escape(why));
+        }
+    }
+    Some(message)
 }
 
 /// A delete that leaves a tombstone of `state`, which itself lapses after [`TOMBSTONE_TTL`].
@@ -788,6 +1006,9 @@ impl Store for NatsKvStore {
     ) -> Result<Renewed, StoreError> {
         self.bounded("renew", async {
             let mut known = self.held(key, token);
+            if known.as_ref().is_some_and(|held| held.over_value) {
+                return self.renew_over_value(key, token, ttl).await;
+            }
             let node = known.as_ref().and_then(|held| held.node.clone());
             for _ in 0..CAS_ROUNDS {
                 let held = match known.take() {
@@ -796,6 +1017,12 @@ impl Store for NatsKvStore {
                         // Not remembered, or the remembered revision was stale (a renewal whose
                         // answer was lost may have moved it): find the lease as it is.
                         let slot = self.read("renew", key).await?;
+                        if matches!(
+                            &slot.record,
+                            Record::Value { lease: Some((holder, _)), .. } if *holder == token
+                        ) {
+                            return self.renew_over_value(key, token, ttl).await;
+                        }
                         match slot.record {
                             Record::Lease {
                                 token: holder,
@@ -806,6 +1033,7 @@ impl Store for NatsKvStore {
                                 revision: slot.revision,
                                 fence,
                                 node: node.clone(),
+                                over_value: false,
                             },
                             _ => {
                                 self.forget(key);
@@ -834,11 +1062,12 @@ impl Store for NatsKvStore {
         .await
     }
 
-    async fn commit(
+    async fn commit_fresh(
         &self,
         key: &KeyHash,
         token: Token,
         value: Bytes,
+        fresh: Duration,
         ttl: Duration,
         sliding: bool,
         _event: Bytes,
@@ -858,6 +1087,11 @@ impl Store for NatsKvStore {
                     .header(entry::TTL_MS, millis(ttl).to_string())
                     .expected_last_subject_sequence(expected)
                     .payload(value.clone());
+                let message = if fresh < ttl {
+                    message.header(entry::FRESH_MS, millis(fresh).to_string())
+                } else {
+                    message
+                };
                 if sliding {
                     // Kept until its touch record lapses; see the module docs.
                     message
@@ -884,6 +1118,44 @@ impl Store for NatsKvStore {
         .await
     }
 
+    /// The lease rides on the value, as for a stale one (see `entry`); sliding values are not
+    /// refreshed early.
+    async fn lead_refresh(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        within: Duration,
+    ) -> Result<Refresh, StoreError> {
+        self.bounded("lead_refresh", async {
+            for _ in 0..CAS_ROUNDS {
+                let slot = self.read("lead_refresh", key).await?;
+                let Record::Value {
+                    ttl,
+                    fresh,
+                    sliding: false,
+                    since_ns,
+                    ..
+                } = &slot.record
+                else {
+                    return Ok(Refresh::Idle);
+                };
+                let since = since_ns.unwrap_or(slot.written_ns);
+                let left = entry::left(fresh.unwrap_or(*ttl), since, entry::now_ns());
+                if left > within {
+                    return Ok(Refresh::Idle);
+                }
+                if let Some(refresh) = self
+                    .refresh_over("lead_refresh", key, &slot, Some(lease))
+                    .await?
+                {
+                    return Ok(refresh);
+                }
+            }
+            Err(StoreError::Timeout { op: "lead_refresh" })
+        })
+        .await
+    }
+
     async fn release(
         &self,
         key: &KeyHash,
@@ -898,6 +1170,14 @@ impl Store for NatsKvStore {
         // An error response rides in the tombstone's payload when it fits; followers fetch it.
         let response = response.filter(|bytes| bytes.len() <= self.shared.max_value_len);
         self.bounded("release", async {
+            // A refresh of a stale value ends by putting the value back without its lease.
+            if self.held(key, token).is_none_or(|held| held.over_value)
+                && let Some(done) = self
+                    .release_over_value(key, token, (state, message.as_deref()))
+                    .await?
+            {
+                return Ok(done);
+            }
             let publish = |expected: u64| {
                 let mut publish = tombstone(state)
                     .header(entry::TOKEN, token.to_hex())
@@ -1013,10 +1293,20 @@ impl Store for NatsKvStore {
             let slot = self.read("status", key).await?;
             let now = entry::now_ns();
             Ok(match &slot.record {
-                Record::Value { ttl, sliding, .. } => {
-                    let ttl_left = self
-                        .value_left("status", key, &slot, *ttl, *sliding, None)
-                        .await?;
+                Record::Value {
+                    ttl,
+                    sliding,
+                    since_ns,
+                    ..
+                } => {
+                    let ttl_left = match since_ns {
+                        // Published again (under or after a refresh): counts from its first write.
+                        Some(since) => entry::left(*ttl, *since, now),
+                        None => {
+                            self.value_left("status", key, &slot, *ttl, *sliding, None)
+                                .await?
+                        }
+                    };
                     if ttl_left.is_zero() {
                         KeyStatus::Empty
                     } else {
