@@ -15,6 +15,7 @@ use redis::AsyncCommands;
 use support::eventually;
 use support::http::{Reply, send_all};
 use support::proxy::{ProxyCluster, fill};
+use support::stale;
 use support::upstream::Upstream;
 use tokio::time::Instant;
 
@@ -73,40 +74,12 @@ async fn start(upstream: &Upstream, down: Option<&Upstream>) -> ProxyCluster {
 
 /// The store's name for the key of a GET of `path`, as the admin status reports it.
 async fn value_key(cluster: &ProxyCluster, path: &str) -> String {
-    let status = cluster.status(0, TOKEN, path).await;
-    assert_eq!(status.status, 200, "status: {}", status.text());
-    let hex = status.json()["key"]
-        .as_str()
-        .expect("status names the key")
-        .to_owned();
-    format!("{NS}:{{{hex}}}")
+    stale::value_key(cluster, NS, TOKEN, path).await
 }
 
-/// The Redis server's clock, in milliseconds.
-async fn server_ms(cluster: &ProxyCluster) -> u64 {
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut cluster.redis().client().await)
-        .await
-        .expect("TIME");
-    secs * 1000 + micros / 1000
-}
-
-/// Waits until the stored answer to a GET of `path` is past its freshness by the store's clock
-/// (plus a margin for the L1 copy, inserted just after the commit).
+/// Waits until the stored answer to a GET of `path` is past its freshness by the store's clock.
 async fn wait_until_stale(cluster: &ProxyCluster, path: &str) {
-    let fresh = format!("{}:f", value_key(cluster, path).await);
-    let until: u64 = cluster
-        .redis()
-        .client()
-        .await
-        .get::<_, Option<u64>>(&fresh)
-        .await
-        .expect("GET")
-        .unwrap_or_else(|| panic!("{path} was stored without a stale window"));
-    eventually(&format!("{path} goes stale"), || async {
-        server_ms(cluster).await >= until + 100
-    })
-    .await;
+    stale::wait_until_stale(cluster, NS, TOKEN, path).await
 }
 
 /// Waits until the store no longer holds an answer to a GET of `path`.

@@ -1,11 +1,16 @@
 //! Stale entries at the store level, the same on every store: many callers acquire one stale
-//! value at once, and exactly one is told to lead its refresh.
+//! value at once, and exactly one is told to lead its refresh. And, for replicas on Redis, a wait
+//! until a stored answer is past its freshness by the store's own clock.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use corral::key::KeyHash;
 use corral::store::{Acquired, LeaseRequest, Refresh, Store, Token};
+use redis::AsyncCommands;
+
+use super::eventually;
+use super::proxy::ProxyCluster;
 
 /// `n` leases of `ttl`, each with its own token.
 pub fn leases(n: usize, ttl: Duration) -> Vec<LeaseRequest> {
@@ -55,4 +60,44 @@ pub async fn exactly_one_refresh_leader<'l, S: Store>(
         }
     }
     &leases[leader.expect("one caller leads the refresh")]
+}
+
+/// The Redis name of the key of a GET of `path` on a cluster whose config has namespace `ns` and
+/// admin token `token`, as the admin status reports it.
+pub async fn value_key(cluster: &ProxyCluster, ns: &str, token: &str, path: &str) -> String {
+    let status = cluster.status(0, token, path).await;
+    assert_eq!(status.status, 200, "status: {}", status.text());
+    let hex = status.json()["key"]
+        .as_str()
+        .expect("status names the key")
+        .to_owned();
+    format!("{ns}:{{{hex}}}")
+}
+
+/// The Redis server's clock, in milliseconds.
+pub async fn server_ms(cluster: &ProxyCluster) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut cluster.redis().client().await)
+        .await
+        .expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// Waits until the stored answer to a GET of `path` is past its freshness by the store's clock
+/// (plus a margin for the L1 copy, inserted just after the commit); see [`value_key`] for `ns`
+/// and `token`.
+pub async fn wait_until_stale(cluster: &ProxyCluster, ns: &str, token: &str, path: &str) {
+    let fresh = format!("{}:f", value_key(cluster, ns, token, path).await);
+    let until: u64 = cluster
+        .redis()
+        .client()
+        .await
+        .get::<_, Option<u64>>(&fresh)
+        .await
+        .expect("GET")
+        .unwrap_or_else(|| panic!("{path} was stored without a stale window"));
+    eventually(&format!("{path} goes stale"), || async {
+        server_ms(cluster).await >= until + 100
+    })
+    .await;
 }
