@@ -51,6 +51,15 @@ pub const BUS_EVENT_KINDS: [&str; 6] = [
 /// The `result` label of `corral_config_reloads_total`.
 pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
 
+/// The `form` label of `corral_purges_total` and `corral_purged_keys_total`.
+pub const PURGE_FORMS: [&str; 5] = ["url", "prefix", "route", "tag", "unsafe_method"];
+
+/// The `reason` label of `corral_background_refreshes_total`.
+pub const REFRESH_REASONS: [&str; 2] = ["stale", "early"];
+
+/// The `result` label of `corral_background_refreshes_total`.
+pub const REFRESH_RESULTS: [&str; 4] = ["stored", "failed", "uncacheable", "abandoned"];
+
 /// The engine's metrics; cheap to clone (every field is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -350,11 +359,15 @@ impl Metrics {
         for result in RELOAD_RESULTS {
             metrics.config_reloads.with_label_values(&[result]);
         }
+        for form in PURGE_FORMS {
+            metrics.purges.with_label_values(&[form]);
+            metrics.purged_keys.with_label_values(&[form]);
+        }
         metrics
     }
 
-    /// Creates a route's series at zero: every outcome and status class, its wait timeouts and
-    /// its latencies. A rare outcome is then a series at 0 from the first scrape, and a rate sees
+    /// Creates a route's series at zero: every outcome and status class, its wait timeouts, its
+    /// background refreshes and its latencies. A rare outcome is then a series at 0 from the first scrape, and a rate sees
     /// a route's first requests (Prometheus cannot tell how a series that appears mid-burst
     /// started).
     pub fn add_route(&self, route: &str) {
@@ -366,6 +379,12 @@ impl Metrics {
             self.upstream_requests.with_label_values(&[route, class]);
         }
         self.wait_timeouts.with_label_values(&[route]);
+        for reason in REFRESH_REASONS {
+            for result in REFRESH_RESULTS {
+                self.background_refreshes
+                    .with_label_values(&[route, reason, result]);
+            }
+        }
         self.upstream_duration.with_label_values(&[route]);
         self.follower_wait.with_label_values(&[route]);
     }

@@ -194,15 +194,19 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
         "the replica that took over fetched"
     );
     assert_eq!(m.requests("purged", "miss"), 1.0);
-    for route in ROUTES {
-        assert_eq!(
-            m.requests(route, "stale"),
-            0.0,
-            "nothing is served stale yet"
-        );
-    }
+    assert_eq!(m.requests("stale", "miss"), 1.0, "the fill");
+    assert_eq!(
+        m.requests("stale", "stale"),
+        3.0,
+        "one per replica, answered while the refresh was held"
+    );
+    assert_eq!(
+        m.sum("corral_requests_total", &[("outcome", "stale")]),
+        3.0,
+        "no other route served stale"
+    );
     let answered = m.sum("corral_requests_total", &[]);
-    assert_eq!(answered, (BURST + 3 + 1 + 2 + 1 + 2 + 2 + 2 + 1) as f64);
+    assert_eq!(answered, (BURST + 3 + 1 + 2 + 1 + 2 + 2 + 2 + 1 + 4) as f64);
     assert_eq!(
         m.sum("corral_request_duration_seconds_count", &[]),
         answered,
@@ -225,6 +229,7 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
         ("slow", "2xx", 1.0),
         ("takeover", "2xx", 1.0),
         ("purged", "2xx", 1.0),
+        ("stale", "2xx", 2.0),
     ];
     for (route, class, count) in fetches {
         assert_eq!(m.upstream(route, class), count, "{route} {class}");
@@ -244,7 +249,7 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
     );
     assert_eq!(
         work.upstream.hits_under("/"),
-        11,
+        13,
         "the upstream saw the counted fetches and the one cancelled by max_fetch"
     );
 
@@ -268,8 +273,38 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
     );
     m.sum("corral_poll_rechecks_total", &[("found", "true")]);
 
-    // Leases: reports, private, broken, slow, purged, and takeover twice.
-    assert_eq!(m.lease("acquired"), 7.0);
+    // Background refreshes: every route has every reason and result, at 0 when none happened;
+    // the one refresh ran for `stale`, because it was stale, and was stored.
+    for route in ROUTES {
+        for reason in ["stale", "early"] {
+            for result in ["stored", "failed", "uncacheable", "abandoned"] {
+                let count = m.sum(
+                    "corral_background_refreshes_total",
+                    &[("route", route), ("reason", reason), ("result", result)],
+                );
+                let expected = (route, reason, result) == ("stale", "stale", "stored");
+                assert_eq!(
+                    count,
+                    f64::from(u8::from(expected)),
+                    "{route} {reason} {result}"
+                );
+            }
+        }
+    }
+
+    // Purges: every form is exported; the one purge was by URL.
+    for form in ["url", "prefix", "route", "tag", "unsafe_method"] {
+        let expected = f64::from(u8::from(form == "url"));
+        assert_eq!(
+            m.sum("corral_purges_total", &[("form", form)]),
+            expected,
+            "{form}"
+        );
+        m.sum("corral_purged_keys_total", &[("form", form)]);
+    }
+
+    // Leases: reports, private, broken, slow, purged, stale and its refresh, and takeover twice.
+    assert_eq!(m.lease("acquired"), 9.0);
     let once = [
         (1, "taken_over", "replica 1 took the lease over"),
         (0, "abandoned", "replica 0 abandoned its overrun"),
@@ -289,12 +324,12 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
     );
     assert_eq!(m.lease("lost"), 0.0);
 
-    // Store calls: commits for reports, slow, takeover and purged (rejected, but answered);
-    // one give-up (private); releases for the failure and the abandon; one purge.
-    assert_eq!(m.store("commit"), 4.0);
+    // Store calls: commits for reports, slow, takeover, purged (rejected, but answered), stale
+    // and its refresh; one give-up (private); releases for the failure and the abandon; one purge.
+    assert_eq!(m.store("commit"), 6.0);
     assert_eq!(
         m.sum("corral_store_duration_seconds_count", &[("op", "commit")]),
-        4.0
+        6.0
     );
     assert_eq!(m.store("give_up"), 1.0);
     assert_eq!(m.store("release"), 2.0);
@@ -343,9 +378,10 @@ async fn every_metric_is_exported_with_the_counts_of_a_run() {
         "commits, failure, give-up, abandon and purge were published on the bus"
     );
 
-    // Builds: reports, slow, takeover and purged shared; private; broken failed; one overrun.
+    // Builds: reports, slow, takeover, purged, stale and its refresh shared; private; broken
+    // failed; one overrun.
     let builds = |result: &str| m.sum("corral_builds_total", &[("result", result)]);
-    assert_eq!(builds("shared"), 4.0);
+    assert_eq!(builds("shared"), 6.0);
     assert_eq!(builds("private"), 1.0);
     assert_eq!(builds("failed"), 1.0);
     assert_eq!(builds("overrun"), 1.0);

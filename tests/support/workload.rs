@@ -21,9 +21,11 @@
 //! | `slow` | 2 at once, past a 300ms wait timeout | 2 error (504), 2 wait timeouts | 1 (2xx), finishing after the callers left |
 //! | `takeover` | 1 whose fetch overruns `max_fetch` on replica 0, 1 waiting on replica 1 | 1 error (504), 1 miss | 1 (2xx) counted: the overrun one is cancelled before its answer |
 //! | `purged` | 1 whose key is purged while it is fetched | 1 miss | 1 (2xx) |
+//! | `stale` | 1 on replica 0, then 3 (one per replica) once it is stale, while its refresh is held | 1 miss, 3 stale | 2 (2xx): the fill and 1 background refresh, stored |
 //!
-//! and on the leases: 7 acquired, 1 taken over (replica 1), 1 abandoned (replica 0), 1 commit
-//! rejected (replica 2), at least 1 renewed (replica 0, during the overrun), none lost.
+//! and on the leases: 9 acquired (the refresh's included), 1 taken over (replica 1), 1 abandoned
+//! (replica 0), 1 commit rejected (replica 2), at least 1 renewed (replica 0, during the
+//! overrun), none lost.
 
 use std::time::Duration;
 
@@ -32,6 +34,7 @@ use http::Method;
 use super::eventually;
 use super::http::send_all;
 use super::proxy::{ProxyCluster, fill};
+use super::stale::wait_until_stale;
 use super::upstream::Upstream;
 
 const MS: Duration = Duration::from_millis(1);
@@ -39,12 +42,15 @@ const MS: Duration = Duration::from_millis(1);
 /// The admin token of the workload's config.
 pub const TOKEN: &str = "secret";
 
+/// The namespace of the workload's config, which prefixes every Redis key.
+const NS: &str = "observed";
+
 /// Requests in the burst for one key.
 pub const BURST: usize = 300;
 
 /// The routes of the workload's config, in order.
-pub const ROUTES: [&str; 7] = [
-    "reports", "private", "broken", "live", "slow", "takeover", "purged",
+pub const ROUTES: [&str; 8] = [
+    "reports", "private", "broken", "live", "slow", "takeover", "purged", "stale",
 ];
 
 /// Every route in front of `{{upstream}}`, each tuned to produce one outcome.
@@ -83,6 +89,12 @@ routes:
     match: { path_prefix: /purged }
     upstream: {{upstream}}
     lease_ttl: 10s
+  - name: stale
+    match: { path_prefix: /stale }
+    upstream: {{upstream}}
+    ttl: 1s
+    honor_cache_control: false
+    stale_while_revalidate: 1h
 "#;
 
 /// An upstream and three replicas in front of it, ready to run the workload.
@@ -99,7 +111,8 @@ impl Workload {
             .slow("/reports", 300 * MS)
             .header("/private", "set-cookie", "session={n}")
             .status("/broken", 500)
-            .slow("/slow", 1500 * MS);
+            .slow("/slow", 1500 * MS)
+            .distinct_bodies("/stale");
         let yaml = fill(CONFIG, &[("upstream", &upstream.url())]);
         let proxy = ProxyCluster::with_redis_nats(3, &yaml).await;
         Workload { upstream, proxy }
@@ -119,6 +132,7 @@ impl Workload {
         self.wait_timeouts().await;
         self.takeover().await;
         self.rejected_commit().await;
+        self.stale_while_revalidate().await;
         self.settle().await;
     }
 
@@ -210,6 +224,37 @@ impl Workload {
         hold.release();
         let reply = joined(fetching).await;
         assert_eq!((reply.status.as_u16(), reply.x_cache()), (200, "MISS"));
+    }
+
+    /// Once `/stale/a` is past its 1s freshness, one request per replica is answered from the
+    /// stored copy at once while the one background refresh they started is held at the
+    /// upstream; released, that refresh is stored.
+    async fn stale_while_revalidate(&self) {
+        let (proxy, upstream) = (&self.proxy, &self.upstream);
+        let first = proxy.get(0, "/stale/a").send().await;
+        assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+        wait_until_stale(proxy, NS, TOKEN, "/stale/a").await;
+        let hold = upstream.hold("/stale");
+        let replies = send_all((0..proxy.len()).map(|i| proxy.get(i, "/stale/a"))).await;
+        for reply in &replies {
+            assert_eq!((reply.status.as_u16(), reply.x_cache()), (200, "STALE"));
+            assert_eq!(reply.text(), first.text(), "the stored answer");
+        }
+        upstream.wait_for_hits("/stale/a", 2).await;
+        hold.release();
+        eventually("the background refresh is stored", || async {
+            let mut stored = 0.0;
+            for i in 0..proxy.len() {
+                stored += sample(
+                    &self.scrape(i).await,
+                    "corral_background_refreshes_total",
+                    &[("route", "stale"), ("result", "stored")],
+                );
+            }
+            stored == 1.0
+        })
+        .await;
+        assert_eq!(upstream.hits("/stale/a"), 2, "one refresh cluster-wide");
     }
 
     /// Waits until the slow fetch has finished and no replica has a flight left.
