@@ -9,7 +9,7 @@ use std::fmt::Write;
 
 use super::units::{format_duration, format_size};
 use super::{
-    BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings, VaryMode,
+    Beta, BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings, VaryMode,
 };
 use crate::engine::ExpiryMode;
 
@@ -56,8 +56,10 @@ pub fn describe(config: &Config) -> String {
 }
 
 fn describe_route(out: &mut String, route: &Route) {
+    // A label as long as the padding (`stale_while_revalidate`) still gets one space.
     let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
-        let _ = writeln!(out, "  {label:<w$}{value}", w = WIDTH - 2);
+        let w = (WIDTH - 2).max(label.len() + 1);
+        let _ = writeln!(out, "  {label:<w$}{value}");
     };
     let _ = writeln!(out, "route {}", route.name);
     let path = match &route.matcher.path {
@@ -138,6 +140,17 @@ fn describe_route(out: &mut String, route: &Route) {
     }
     if p.vary == VaryMode::Honor {
         line(out, "vary", &"honor");
+    }
+    if !p.stale_while_revalidate.is_zero() {
+        let window = format_duration(p.stale_while_revalidate);
+        line(out, "stale_while_revalidate", &window);
+    }
+    if !p.stale_if_error.is_zero() {
+        line(out, "stale_if_error", &format_duration(p.stale_if_error));
+    }
+    // The beta, as the file may write it (`true` is a beta of 1).
+    if let Some(Beta(beta)) = p.early_refresh {
+        line(out, "early_refresh", &beta);
     }
 }
 

@@ -1059,6 +1059,24 @@ fn check_shows_jitter_error_ttl_and_vary_only_when_set() {
     }
 }
 
+#[test]
+fn check_shows_stale_windows_and_early_refresh_only_when_set() {
+    let set = parse_ok(&with_route(
+        "",
+        "    stale_while_revalidate: 30s\n    stale_if_error: 10m\n    early_refresh: 2.5\n",
+    ));
+    let shown = super::describe(&set);
+    assert!(shown.contains("  stale_while_revalidate 30s\n"), "{shown}");
+    assert!(shown.contains("  stale_if_error        10m\n"), "{shown}");
+    assert!(shown.contains("  early_refresh         2.5\n"), "{shown}");
+    let on = super::describe(&parse_ok(&with_route("", "    early_refresh: true\n")));
+    assert!(on.contains("  early_refresh         1\n"), "{on}");
+    let unset = super::describe(&parse_ok(&with_route("", "")));
+    for label in ["stale_while_revalidate", "stale_if_error", "early_refresh"] {
+        assert!(!unset.contains(label), "{unset}");
+    }
+}
+
 // ----- freshness under the lease
 
 #[test]
