@@ -73,6 +73,7 @@ struct Replicas {
 
 struct Replica {
     public: SocketAddr,
+    admin: SocketAddr,
     reloader: Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
@@ -105,6 +106,7 @@ impl Replicas {
             .await;
             replicas.push(Replica {
                 public: public_addr,
+                admin: admin_addr,
                 reloader,
                 shutdown: Some(tx),
                 task,
@@ -115,6 +117,20 @@ impl Replicas {
 
     fn url(&self, i: usize, path: &str) -> String {
         format!("http://{}{path}", self.replicas[i].public)
+    }
+
+    /// `POST /admin/purge` with `body` on replica `i`; answers the JSON of a 200.
+    async fn purge(&self, i: usize, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("http://{}/admin/purge", self.replicas[i].admin);
+        let reply = self
+            .http
+            .call(http::Method::POST, url)
+            .bearer("secret")
+            .json(&body)
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "purge {body}: {}", reply.text());
+        reply.json()
     }
 
     async fn stop(mut self) {
@@ -302,6 +318,54 @@ async fn an_invalid_file_is_refused_and_the_old_routes_keep_working() {
         );
     }
     proxy.stop().await;
+}
+
+/// A route purged as a whole while one replica did not have it: when a reload adds the route
+/// there, that replica reads the route's generation from the store before serving, so the value
+/// stored under the old generation is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_a_reload_adds_serves_with_the_generation_of_an_earlier_purge() {
+    let setup = Setup::redis_nats().await;
+    setup.write(AFTER);
+    let knowing = Replicas::start(1, &setup.file).await;
+    setup.write(BEFORE);
+    let unaware = Replicas::start(1, &setup.file).await;
+    let http = knowing.http.clone();
+
+    let first = http.get(knowing.url(0, "/fresh/1")).send().await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    let status = format!(
+        "http://{}/admin/status?url=/fresh/1",
+        knowing.replicas[0].admin
+    );
+    eventually("the answer is stored", || async {
+        let reply = http.get(&status).bearer("secret").send().await;
+        reply.status == 200 && reply.json()["status"] == "EXISTS"
+    })
+    .await;
+    let unknown = http.get(unaware.url(0, "/fresh/1")).send().await;
+    assert_eq!(unknown.status, 404, "no route for /fresh there yet");
+
+    let purged = knowing
+        .purge(0, serde_json::json!({"route": "fresh"}))
+        .await;
+    assert_eq!(purged["generation"], serde_json::json!(1), "{purged}");
+
+    setup.write(AFTER);
+    unaware.replicas[0]
+        .reloader
+        .reload()
+        .await
+        .expect("the new file is valid");
+    let after = http.get(unaware.url(0, "/fresh/1")).send().await;
+    assert_eq!(
+        (after.status.as_u16(), after.x_cache()),
+        (200, "MISS"),
+        "the answer stored before the purge is not served"
+    );
+    assert_eq!(setup.b.hits("/fresh/1"), 2, "fetched again after the purge");
+    knowing.stop().await;
+    unaware.stop().await;
 }
 
 // ---------------------------------------------------------------------- real process ----
