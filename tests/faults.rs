@@ -315,6 +315,9 @@ enum Outage {
     BlackHole,
     /// redis-server itself is frozen (SIGSTOP).
     Pause,
+    /// Redis holds every client's commands for 3 s (`CLIENT PAUSE 3000 ALL`), answering them
+    /// afterwards.
+    ClientPause,
 }
 
 /// Fault test 5: a burst for a few keys while the store does not answer for 3 s; then recovery.
@@ -327,6 +330,16 @@ async fn store_outage(outage: Outage) {
     match outage {
         Outage::BlackHole => stack.link.set(Fault::BlackHole),
         Outage::Pause => stack.redis.pause(),
+        Outage::ClientPause => {
+            let mut admin = stack.redis.client().await;
+            // As long as the outage: Redis lifts it itself.
+            let paused: String = redis::cmd("CLIENT")
+                .arg(&["PAUSE", "3000", "ALL"])
+                .query_async(&mut admin)
+                .await
+                .expect("CLIENT PAUSE");
+            assert_eq!(paused, "OK");
+        }
     }
     let began = Instant::now();
     let calls: Vec<_> = keys
@@ -369,6 +382,8 @@ async fn store_outage(outage: Outage) {
     match outage {
         Outage::BlackHole => stack.link.restore(),
         Outage::Pause => stack.redis.resume(),
+        // Lifted by Redis itself at the end of the pause (an UNPAUSE would be held too).
+        Outage::ClientPause => {}
     }
     let resumed = Instant::now();
 
@@ -439,6 +454,48 @@ async fn redis_black_holed_for_3s_no_request_hangs_and_fetches_stay_per_replica(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_for_3s_no_request_hangs_and_fetches_stay_per_replica() {
     store_outage(Outage::Pause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_paused_for_3s_no_request_hangs_and_fetches_stay_per_replica() {
+    store_outage(Outage::ClientPause).await;
+}
+
+/// A slow store (200 ms added each way to every store call, well inside the call deadline) is
+/// slow, not down: the burst still makes one fetch per key across the replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_still_coalesces_a_burst_into_one_fetch_per_key() {
+    let upstream = Upstream::start().await.slow("/", 100 * MS);
+    let stack = Stack::start(upstream).await;
+    stack.warm().await;
+    stack.link.set(Fault::Latency(200 * MS));
+    let keys = ["/slow?k=1", "/slow?k=2"];
+    let replies = send_all(keys.iter().flat_map(|key| stack.cluster.spread(30, key))).await;
+    println!(
+        "slow store: burst answered {:?}, slowest {:?}",
+        tally(&replies),
+        slowest(&replies)
+    );
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(reply.status, 200, "request {i}: {:?}", reply.text());
+        assert!(
+            !reply.cache_status().contains("store-unavailable"),
+            "request {i} degraded although the store answers: {:?}",
+            reply.cache_status()
+        );
+        assert!(
+            reply.took <= WAIT_TIMEOUT + SLACK,
+            "request {i} was answered after {:?}",
+            reply.took
+        );
+    }
+    for key in keys {
+        assert_eq!(
+            stack.upstream.hits(key),
+            1,
+            "{key}: one fetch across the replicas"
+        );
+    }
 }
 
 /// A gauge without labels from a `/metrics` text, 0 when absent.
