@@ -32,6 +32,9 @@ pub const CHUNK: usize = 16 * 1024;
 /// is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Pause after a failed accept before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
 /// How the proxy treats traffic; switched at runtime with [`FaultProxy::set`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -120,7 +123,11 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, faults: watch::R
                 Ok((client, _)) => {
                     connections.spawn(connection(client, target, faults.clone()));
                 }
-                Err(error) => tracing::warn!(%error, "fault proxy: accept failed"),
+                Err(error) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "fault proxy: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             // Reaps finished connections so the set holds only live ones.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
