@@ -3,12 +3,14 @@
 //! the proxy, an in-process HTTP upstream ([`upstream`]), an HTTP client
 //! ([`http`]), in-process replicas ([`proxy`]) and `corral serve` processes
 //! ([`process`]); for the metrics and dashboards, a run that produces every outcome
-//! ([`workload`]) and a real Prometheus ([`prometheus`]).
+//! ([`workload`]) and a real Prometheus ([`prometheus`]); for faults, a TCP proxy that misbehaves on
+//! demand ([`fault`]).
 //!
 //! Include from an integration test with `mod support;`.
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fault;
 pub mod http;
 pub mod process;
 pub mod prometheus;
