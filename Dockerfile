@@ -21,7 +21,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && for bench in envelope flight store; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && for bench in envelope flight store key policy l1 instructions; do echo 'fn main() {}' > "benches/$bench.rs"; done \
     && cargo build --release --locked --bin corral \
     && rm -rf src
 
