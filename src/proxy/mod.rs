@@ -143,11 +143,6 @@ impl Proxy {
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
     }
 
-    /// The first route that matches, by index, in the current config.
-    pub fn route_for(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
-        route_for(&self.config(), method, uri, headers)
-    }
-
     /// The key of a request on `route`, under the route's current generation.
     pub fn key(
         &self,
