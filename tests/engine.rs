@@ -77,6 +77,35 @@ on_every_backend! {
         assert_eq!(later.entry.body, Bytes::from("private 30"));
     }
 
+    async fn only_a_build_under_the_lease_is_told_its_value_may_be_stored(cluster) {
+        let replicas = cluster.engines(2, "may-be-stored").await;
+        let policy = Policy::default();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let builder = |private: bool| -> Builder {
+            let seen = seen.clone();
+            Arc::new(move || {
+                let seen = seen.clone();
+                Box::pin(async move {
+                    // Asked while the build runs, as the proxy's fetch does.
+                    seen.lock().unwrap().push(corral::engine::build_may_be_stored());
+                    let answer = entry("x".into());
+                    Ok(if private { Built::Private(answer) } else { Built::Shared(answer) })
+                })
+            })
+        };
+        let wait = Duration::from_secs(5);
+        // Leads: a private answer leaves a pass marker behind.
+        let first = replicas[0].fetch(&key("p"), &policy, builder(true), wait).await.unwrap();
+        assert_eq!(first.source, AnswerSource::Own);
+        // Past the marker, a caller builds for itself: nothing of it is stored.
+        let own = replicas[1].fetch(&key("p"), &policy, builder(true), wait).await.unwrap();
+        assert_eq!(own.source, AnswerSource::Own);
+        // A shareable answer, built under the lease.
+        replicas[1].fetch(&key("s"), &policy, builder(false), wait).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), [true, false, true]);
+        assert!(!corral::engine::build_may_be_stored(), "outside any build");
+    }
+
     async fn a_panicking_build_fails_its_callers_and_releases_the_lease_at_once(cluster) {
         let replicas = cluster.engines(2, "panics").await;
         let policy = Policy { lease_ttl: Duration::from_secs(30), ..Policy::default() };

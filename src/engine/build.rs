@@ -77,7 +77,7 @@ pub(crate) async fn lead(
     let mut lost = false;
     let started = Instant::now();
     let ending = {
-        let build = AssertUnwindSafe(builder()).catch_unwind();
+        let build = AssertUnwindSafe(super::under_lease(builder())).catch_unwind();
         tokio::pin!(build);
         let deadline = Instant::now() + policy.max_fetch;
         let every = (policy.lease_ttl / 3).max(std::time::Duration::from_millis(1));

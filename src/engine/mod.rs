@@ -652,6 +652,25 @@ impl Engine {
     }
 }
 
+tokio::task_local! {
+    /// Set while a build runs under the lease, so its value may be stored (see
+    /// [`build_may_be_stored`]).
+    static UNDER_LEASE: ();
+}
+
+/// Whether the build running on this task holds the lease, so that what it returns may be
+/// stored. False for a caller's own build (a pass, an uncacheable key) and for a degraded build
+/// while the store is down: work that only serves a stored value, such as indexing it for
+/// purges, is wasted there (a store call per request, or one that cannot answer).
+pub fn build_may_be_stored() -> bool {
+    UNDER_LEASE.try_with(|_| ()).is_ok()
+}
+
+/// Runs `build` as a build under the lease (see [`build_may_be_stored`]).
+pub(crate) fn under_lease<F: Future>(build: F) -> impl Future<Output = F::Output> {
+    UNDER_LEASE.scope((), build)
+}
+
 /// Milliseconds since the Unix epoch, by the wall clock (only for `stored_at`, shown as `Age`).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

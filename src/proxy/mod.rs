@@ -764,9 +764,12 @@ impl Fetch {
         };
         // Indexed before the fetch starts, so that a prefix purge from the moment the upstream
         // could have answered finds the key and steals its lease (one store call per fill); kept
-        // as long as the lease can live.
-        self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
-            .await;
+        // as long as the lease can live. Only a fill under the lease: a request's own fetch (a
+        // pass) or a degraded one stores nothing.
+        if crate::engine::build_may_be_stored() {
+            self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
+                .await;
+        }
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -813,7 +816,9 @@ impl Fetch {
                         // Before the commit: a tag purge from now on steals the lease. The index
                         // lives as long as the entry may still be served.
                         let served_for = entry.ttl + entry.stale.max(entry.stale_if_error);
-                        self.index(surrogate_tags(&headers), served_for).await;
+                        if crate::engine::build_may_be_stored() {
+                            self.index(surrogate_tags(&headers), served_for).await;
+                        }
                         // Only a `vary: honor` route stores a response that varies outside its key.
                         let outside = vary_outside_key(route, &headers).unwrap_or_default();
                         match &self.stage {
