@@ -7,16 +7,22 @@
 
 mod support;
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::process::{ServeReplicas, metric_sum};
 use support::proxy::fill;
-use support::upstream::{Upstream, pattern};
+use support::upstream::pattern;
 use support::{Deadline, TestNats, TestRedis};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Requests in the herd.
@@ -44,6 +50,82 @@ routes:
     upstream: {{upstream}}
     key: { query: all }
 "#;
+
+/// An upstream that answers every request with [`BODY`] bytes of [`pattern`] once released, and
+/// counts what it received. Unlike the shared test upstream, its latch waits as long as the herd
+/// may take to gather ([`STEP`]), not the shorter patience of other tests.
+struct HeldUpstream {
+    addr: std::net::SocketAddr,
+    /// Requests received so far.
+    hits: Arc<AtomicUsize>,
+    /// Lets every held answer go.
+    release: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HeldUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl HeldUpstream {
+    async fn start() -> HeldUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local_addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (release, released) = watch::channel(false);
+        let counted = hits.clone();
+        let accept = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (counted, released) = (counted.clone(), released.clone());
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<_>| {
+                        let mut released = released.clone();
+                        let warm = request.uri().path() == "/warm";
+                        if !warm {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async move {
+                            if !warm {
+                                let _ =
+                                    tokio::time::timeout(STEP, released.wait_for(|go| *go)).await;
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(pattern(BODY))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HeldUpstream {
+            addr,
+            hits,
+            release,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until the first held request has arrived.
+    async fn wait_for_first(&self) {
+        let deadline = Deadline::after(STEP);
+        // One check per 10 ms, bounded by the deadline.
+        while self.hits.load(Ordering::SeqCst) == 0 {
+            assert!(
+                !deadline.expired(),
+                "no request reached the upstream in {STEP:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
 
 /// Raises this process's soft limit on open files (inherited by the processes it starts) to at
 /// least `need`, within the hard limit; panics with both limits if the hard one is lower.
@@ -82,6 +164,27 @@ async fn metric(replicas: &ServeReplicas, name: &str, labels: &[&str]) -> f64 {
     sum
 }
 
+/// Store calls so far over every process, by operation.
+async fn store_calls(replicas: &ServeReplicas) -> Vec<(&'static str, f64)> {
+    let mut calls = Vec::new();
+    for op in [
+        "acquire",
+        "peek",
+        "commit",
+        "renew",
+        "index",
+        "route_generation",
+        "status",
+    ] {
+        let label = format!("op=\"{op}\"");
+        calls.push((
+            op,
+            metric(replicas, "corral_store_operations_total", &[&label]).await,
+        ));
+    }
+    calls
+}
+
 fn rss(replicas: &ServeReplicas) -> Vec<u64> {
     replicas.all().iter().map(|r| r.rss_kib()).collect()
 }
@@ -91,7 +194,7 @@ fn rss(replicas: &ServeReplicas) -> Vec<u64> {
 async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads() {
     // Each request holds one client socket here and one server socket in a replica.
     raise_nofile(HERD as u64 + 2048);
-    let upstream = Upstream::start().await.body_size("/herd", BODY);
+    let upstream = HeldUpstream::start().await;
     let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start_monitored());
     let yaml = fill(
         CONFIG,
@@ -118,10 +221,9 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
         &["op=\"acquire\""],
     )
     .await;
-    redis.reset_stats().await;
+    let calls_before = store_calls(&replicas).await;
 
     let url = "/herd?k=1";
-    let hold = upstream.hold("/herd");
     let expected = pattern(BODY);
     let began = Instant::now();
     let tasks: Vec<_> = (0..HERD)
@@ -142,7 +244,7 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
         })
         .collect();
 
-    upstream.wait_for_hits(url, 1).await;
+    upstream.wait_for_first().await;
     let joined = (HERD - replicas.len()) as f64;
     let deadline = Deadline::after(STEP);
     let mut peak = before.clone();
@@ -163,7 +265,7 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
     }
     let all_joined = began.elapsed();
     let released = Instant::now();
-    hold.release();
+    upstream.release.send_replace(true);
 
     let mut after_release = Vec::with_capacity(HERD);
     for (i, task) in tasks.into_iter().enumerate() {
@@ -183,7 +285,7 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
     let after = rss(&replicas);
     after_release.sort();
 
-    let fetches = upstream.hits(url);
+    let fetches = upstream.hits.load(Ordering::SeqCst);
     let acquires = metric(
         &replicas,
         "corral_store_operations_total",
@@ -191,7 +293,12 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
     )
     .await
         - acquires_before;
-    let evalsha = redis.command_calls("evalsha").await;
+    let by_op: Vec<(&str, f64)> = store_calls(&replicas)
+        .await
+        .into_iter()
+        .zip(&calls_before)
+        .map(|((op, now), (_, before))| (op, now - before))
+        .collect();
     let bus_subjects = nats.subscriptions().await;
     let bus_subscriptions = bus_subjects
         .iter()
@@ -205,9 +312,10 @@ async fn ten_thousand_followers_on_one_key_make_one_fetch_and_three_store_reads(
         after_release[HERD - 1]
     );
     println!(
-        "upstream fetches {fetches}; store acquires {acquires}; Redis EVALSHA calls {evalsha}; \
+        "upstream fetches {fetches}; store acquires {acquires}; \
          bus subscriptions {bus_subscriptions} (all subscriptions: {bus_subjects:?})"
     );
+    println!("store calls by operation during the herd, over the processes: {by_op:?}");
     println!("RSS KiB per process: before {before:?}, peak {peak:?}, after {after:?}");
 
     assert_eq!(fetches, 1, "one upstream fetch for {HERD} requests");

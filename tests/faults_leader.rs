@@ -254,7 +254,7 @@ async fn a_leader_paused_past_its_lease_is_replaced_and_its_late_commit_is_rejec
     for (i, (reply, took)) in collect(frozen).await.into_iter().enumerate() {
         let reply = reply.unwrap_or_else(|e| panic!("the thawed leader's client {i}: {e}"));
         assert!(
-            took <= WAIT_TIMEOUT + SLACK,
+            took <= WAIT_TIMEOUT + 2 * SLACK,
             "the thawed leader's client {i} was answered after {took:?}, past wait_timeout"
         );
         match reply.status.as_u16() {
@@ -359,8 +359,10 @@ async fn a_lease_stolen_mid_fetch_is_taken_over_and_the_old_commit_is_rejected()
     upstream.wait_for_hits(url, 2).await;
     let takeover = stolen.elapsed();
     println!("lease stolen: another replica fetched {takeover:?} later (poll 300ms)");
+    // One poll (300 ms, give or take 20%) with room for a loaded machine, far below the 30 s
+    // lease a follower would otherwise wait out.
     assert!(
-        takeover <= Duration::from_millis(360) + SLACK,
+        takeover <= Duration::from_millis(360) + 3 * SLACK,
         "the takeover came {takeover:?} after the lease was gone, past one poll"
     );
     hold.release();

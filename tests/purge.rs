@@ -359,7 +359,11 @@ async fn purge_during_a_fill(body: Value) {
                     && line.contains("event=\"commit_rejected\"")
             })
             .and_then(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok());
-        assert_eq!(rejected, Some(1.0), "{body}: the fill's commit was rejected");
+        assert_eq!(
+            rejected,
+            Some(1.0),
+            "{body}: the fill's commit was rejected"
+        );
     }
 
     let next = proxy.get(1, url).send().await;
