@@ -166,7 +166,7 @@ impl Drop for CorralServe {
 // ------------------------------------------------------------------- faults ----
 
 impl CorralServe {
-    /// SIGKILLs the process and reaps it: it dies mid-whatever, releasing nothing (its leases
+    /// SIGKILLs the process and reaps it: it dies wherever it was, releasing nothing (its leases
     /// stay in the store until they expire).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
