@@ -347,6 +347,24 @@ async fn purge_during_a_fill(body: Value) {
     hold.release();
     let filled = fill.await.expect("the held request");
     assert_eq!(filled.status, 200, "{body}");
+    // A URL or prefix purge deletes the fill's lease, so the store refuses its commit (and the
+    // leader counts that); a route purge moves the route to a new generation instead, where the
+    // old fill's key is never read again.
+    if body.get("url").is_some() || body.get("prefix").is_some() {
+        let metrics = proxy.admin(0, Method::GET, "/metrics").send().await.text();
+        let rejected = metrics
+            .lines()
+            .find(|line| {
+                line.starts_with("corral_lease_events_total{")
+                    && line.contains("event=\"commit_rejected\"")
+            })
+            .and_then(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok());
+        assert_eq!(
+            rejected,
+            Some(1.0),
+            "{body}: the fill's commit was rejected"
+        );
+    }
 
     let next = proxy.get(1, url).send().await;
     assert_eq!(

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::http::Http;
-use super::servers::{last_lines, read_lossy, spawn_child};
+use super::servers::{continue_child, free_port, last_lines, read_lossy, spawn_child, stop_child};
 use super::{Deadline, patience};
 
 /// Lines of a process's output printed when a test panics.
@@ -160,5 +160,135 @@ impl Drop for CorralServe {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+// ------------------------------------------------------------------- faults ----
+
+impl CorralServe {
+    /// SIGKILLs the process and reaps it: it dies wherever it was, releasing nothing (its leases
+    /// stay in the store until they expire).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Child::kill signals this child's own PID, and only while it is unreaped.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the process (SIGSTOP) and waits until every thread has stopped.
+    pub fn pause(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("pause: corral serve is not running");
+        stop_child(child, "corral serve");
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("resume: corral serve is not running");
+        continue_child(child, "corral serve");
+    }
+
+    /// The process's resident set size (`VmRSS` of `/proc/<pid>/status`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_else(|e| panic!("read /proc/{}/status: {e}", self.pid));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{}/status", self.pid))
+    }
+
+    /// The text of the admin listener's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let reply = Http::new()
+            .get(format!("{}/metrics", self.admin_url()))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "GET /metrics: {}", reply.text());
+        reply.text()
+    }
+}
+
+/// The sum of every sample of metric `name` (any labels) whose labels include each of `labels`
+/// (written `key="value"`), in a `/metrics` text; 0 when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            let series = line.split(' ').next().unwrap_or("");
+            series.split('{').next() == Some(name)
+        })
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// `corral serve` processes sharing one store and bus, each with its own config file (the same
+/// YAML with its own ports) in a temporary directory.
+pub struct ServeReplicas {
+    /// Declared first so the processes stop before their directory is removed.
+    replicas: Vec<CorralServe>,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeReplicas {
+    /// Starts `n` processes on `yaml`, in which `{{listen}}` and `{{admin}}` are each replica's
+    /// own public and admin addresses; returns once every one is ready.
+    pub async fn start(n: usize, yaml: &str) -> ServeReplicas {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-replicas-")
+            .tempdir()
+            .expect("a temporary directory for the configs");
+        let mut replicas = Vec::with_capacity(n);
+        for i in 0..n {
+            let public = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let text = yaml
+                .replace("{{listen}}", &public.to_string())
+                .replace("{{admin}}", &admin.to_string());
+            assert!(
+                !text.contains("{{"),
+                "the config still has unfilled placeholders:\n{text}"
+            );
+            let path = dir.path().join(format!("replica-{i}.yaml"));
+            std::fs::write(&path, text).expect("write a replica's config");
+            replicas.push(CorralServe::start(&path, public, admin, ConfigFrom::Flag).await);
+        }
+        ServeReplicas {
+            replicas,
+            _dir: dir,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    pub fn all(&self) -> &[CorralServe] {
+        &self.replicas
+    }
+}
+
+impl std::ops::Index<usize> for ServeReplicas {
+    type Output = CorralServe;
+    fn index(&self, i: usize) -> &CorralServe {
+        &self.replicas[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for ServeReplicas {
+    fn index_mut(&mut self, i: usize) -> &mut CorralServe {
+        &mut self.replicas[i]
     }
 }

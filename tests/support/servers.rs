@@ -189,7 +189,7 @@ fn child_is_stopped(pid: u32) -> bool {
 /// SIGSTOPs the child and waits (5 s deadline) until every one of its threads
 /// has stopped: kill(2) returns before a multi-threaded process (nats-server)
 /// is fully stopped, and a thread still running could answer a client.
-fn stop_child(child: &mut Child, what: &str) {
+pub fn stop_child(child: &mut Child, what: &str) {
     assert!(
         signal_child(child, libc::SIGSTOP),
         "pause: SIGSTOP to {what} failed (is it still running?)"
@@ -209,7 +209,7 @@ fn stop_child(child: &mut Child, what: &str) {
 
 /// SIGCONTs the child. The kernel clears the stopped state while delivering
 /// SIGCONT, so there is nothing to wait for.
-fn continue_child(child: &mut Child, what: &str) {
+pub fn continue_child(child: &mut Child, what: &str) {
     assert!(
         signal_child(child, libc::SIGCONT),
         "resume: SIGCONT to {what} failed (is it still running?)"
@@ -549,6 +549,8 @@ pub struct TestNats {
     pid: u32,
     child: Option<Child>,
     dir: TempDir,
+    /// Port of the HTTP monitoring endpoint (`-m`), when started with one.
+    monitor: Option<u16>,
 }
 
 pub fn nats_bin() -> PathBuf {
@@ -650,6 +652,7 @@ impl TestNats {
             pid: 0,
             child: None,
             dir,
+            monitor: None,
         };
         let what = format!("starting {} on a free port", this.bin.display());
         let (port, child) = with_retries(&what, START_ATTEMPTS, |_| {
@@ -671,6 +674,7 @@ impl TestNats {
         let bin = self.bin.clone();
         let name = self.name.clone();
         let dir = self.dir.path().to_path_buf();
+        let monitor = self.monitor;
         async move {
             let log_path = dir.join("nats.log");
             let (out, err) = stdio_file(&dir, "nats.stdio")?;
@@ -690,6 +694,9 @@ impl TestNats {
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);
+            if let Some(monitor) = monitor {
+                cmd.arg("-m").arg(monitor.to_string());
+            }
             let mut child = spawn_child(cmd).map_err(|e| {
                 anyhow!(
                     "could not run {}: {e} (run scripts/test, which installs nats-server, \
@@ -790,6 +797,45 @@ impl TestNats {
     /// The server's log file, as far as it has been written.
     pub fn log(&self) -> String {
         read_lossy(&self.dir.path().join("nats.log"))
+    }
+}
+
+// NATS monitoring
+impl TestNats {
+    /// Like [`start`](Self::start), with the HTTP monitoring endpoint on a free loopback port
+    /// (for [`subscriptions`](Self::subscriptions)).
+    pub async fn start_monitored() -> TestNats {
+        let mut this = TestNats::start().await;
+        this.kill();
+        this.monitor = Some(free_port());
+        this.restart().await;
+        this
+    }
+
+    /// The subjects of every client subscription the server holds (`/connz?subs=1`); panics
+    /// unless started with [`start_monitored`](Self::start_monitored).
+    pub async fn subscriptions(&self) -> Vec<String> {
+        let port = self
+            .monitor
+            .expect("nats-server was started without monitoring");
+        let reply = super::http::Http::new()
+            .get(format!("http://127.0.0.1:{port}/connz?subs=1&limit=1024"))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "/connz: {}", reply.text());
+        let connz = reply.json();
+        connz["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                c["subscriptions_list"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
     }
 }
 
