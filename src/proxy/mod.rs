@@ -1,5 +1,6 @@
 //! The proxy: route match, key, policy, then the engine; or straight through.
 //!
+//! - `authority`: one canonical `Host` per request, before the route match reads it.
 //! - `upstream`: the pooled client and reading a response up to `max_body`.
 //! - `respond`: client responses with `Age`, `X-Cache` and `Cache-Status`.
 //! - `variant`: answers that vary outside the key, stored as variants on `vary: honor` routes.
@@ -21,6 +22,7 @@
 //! Purge indexes name the request key (the variant marker's): purging it orphans its variants,
 //! since every variant key holds the marker's id.
 
+mod authority;
 mod respond;
 mod upstream;
 mod variant;
@@ -242,17 +244,28 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     let started = tokio::time::Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // Routing, the key and the upstream all read the authority after this, so they read one.
+    let canonical = authority::canonicalise(&mut request);
     let snapshot = proxy.snapshot();
-    let route = route_for(
-        &snapshot.config,
-        request.method(),
-        request.uri(),
-        request.headers(),
-    );
+    let route = match canonical {
+        Ok(()) => route_for(
+            &snapshot.config,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        ),
+        Err(_) => None,
+    };
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let mut response = match route {
-        Some(index) => answer(&proxy, &snapshot, index, request).await,
-        None => plain(
+    let mut response = match (canonical, route) {
+        (Err(error), _) => plain(
+            StatusCode::BAD_REQUEST,
+            format!("corral: {error}\n"),
+            Outcome::Bypass,
+            "bad-host",
+        ),
+        (Ok(()), Some(index)) => answer(&proxy, &snapshot, index, request).await,
+        (Ok(()), None) => plain(
             StatusCode::NOT_FOUND,
             "corral: no route matches this request\n".into(),
             Outcome::Bypass,
