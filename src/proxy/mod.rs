@@ -2,6 +2,7 @@
 //!
 //! - `authority`: one canonical `Host` per request, before the route match reads it.
 //! - `upstream`: the pooled client and reading a response up to `max_body`.
+//! - `retire`: upstream connections that can be taken out of the pool after a bad answer.
 //! - `respond`: client responses with `Age`, `X-Cache` and `Cache-Status`.
 //! - `variant`: answers that vary outside the key, stored as variants on `vary: honor` routes.
 //!
@@ -24,6 +25,7 @@
 
 mod authority;
 mod respond;
+mod retire;
 mod upstream;
 mod variant;
 
