@@ -236,7 +236,9 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
         headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+            // As an authority, so an IPv6 literal's colons are not taken for a port's.
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|authority| authority.host().to_owned())
     })?;
     Some(raw.to_ascii_lowercase())
 }
@@ -987,6 +989,19 @@ mod tests {
         Body::from_stream(futures::stream::iter(
             chunks.into_iter().map(|c| c.map(Bytes::from_static)),
         ))
+    }
+
+    #[test]
+    fn the_host_a_route_matches_has_no_port() {
+        let host = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::HOST, value.parse().unwrap());
+            request_host(&Uri::from_static("/"), &headers)
+        };
+        assert_eq!(host("Example.com:8080").as_deref(), Some("example.com"));
+        assert_eq!(host("example.com").as_deref(), Some("example.com"));
+        assert_eq!(host("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
     }
 
     #[tokio::test]
