@@ -760,7 +760,7 @@ async fn another_keys_value_under_this_key_is_a_miss_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_ready_event_does_not_end_a_wait_with_a_wrong_answer() {
+async fn forged_events_without_a_value_never_end_a_wait_with_a_wrong_answer() {
     let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
     let upstream = Upstream::start().await.distinct_bodies("/forge");
     let hold = upstream.hold("/forge");
