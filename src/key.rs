@@ -645,6 +645,33 @@ mod tests {
     }
 
     #[test]
+    fn no_part_of_a_request_can_shift_into_the_next() {
+        let r = route();
+        assert_ne!(get(&r, "/a?b=c"), get(&r, "/ab?=c"));
+        assert_ne!(get(&r, "/a?b=c"), get(&r, "/a?bc"));
+        assert_ne!(get(&r, "/a?b=c"), get(&r, "/a%3Fb=c"));
+        assert_ne!(get(&r, "/a?b=1;c=2"), get(&r, "/a?b=1&;c=2"));
+        assert_ne!(get(&r, "/a?b=1&c=2"), get(&r, "/a?b=1%26c=2"));
+
+        // Header values holding what looks like the next header, a separator or a length.
+        let two = keyed_headers(&["x-a", "x-b"]);
+        let k = |lines: &[(&str, &str)]| key_of(&two, Method::GET, "/r", lines);
+        assert_ne!(k(&[("x-a", "1"), ("x-b", "2")]), k(&[("x-a", "1, x-b: 2")]));
+        assert_ne!(k(&[("x-a", "1x-b2")]), k(&[("x-a", "1"), ("x-b", "2")]));
+        assert_ne!(k(&[("x-b", "1")]), k(&[("x-a", "1")]));
+        assert_ne!(
+            k(&[("x-a", "\t2"), ("x-b", "")]),
+            k(&[("x-a", ""), ("x-b", "\t2")])
+        );
+
+        // Cookies: a value cannot carry another cookie's name into the key.
+        let cookies = keyed_cookies(&["a", "b"]);
+        let c = |cookie: &str| key_of(&cookies, Method::GET, "/r", &[("cookie", cookie)]);
+        assert_ne!(c("a=1; b=2"), c("a=1 b=2"));
+        assert_ne!(c("a=1; b=2"), c("a=1=b=2"));
+    }
+
+    #[test]
     fn the_same_request_gets_the_same_key() {
         let r = route();
         assert_eq!(get(&r, "/reports/1?a=1"), get(&r, "/reports/1?a=1"));

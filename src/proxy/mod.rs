@@ -1,6 +1,8 @@
 //! The proxy: route match, key, policy, then the engine; or straight through.
 //!
+//! - `authority`: one canonical `Host` per request, before the route match reads it.
 //! - `upstream`: the pooled client and reading a response up to `max_body`.
+//! - `retire`: upstream connections that can be taken out of the pool after a bad answer.
 //! - `respond`: client responses with `Age`, `X-Cache` and `Cache-Status`.
 //! - `variant`: answers that vary outside the key, stored as variants on `vary: honor` routes.
 //!
@@ -21,7 +23,9 @@
 //! Purge indexes name the request key (the variant marker's): purging it orphans its variants,
 //! since every variant key holds the marker's id.
 
+mod authority;
 mod respond;
+mod retire;
 mod upstream;
 mod variant;
 
@@ -232,7 +236,9 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
         headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+            // As an authority, so an IPv6 literal's colons are not taken for a port's.
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|authority| authority.host().to_owned())
     })?;
     Some(raw.to_ascii_lowercase())
 }
@@ -242,17 +248,28 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     let started = tokio::time::Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // Routing, the key and the upstream all read the authority after this, so they read one.
+    let canonical = authority::canonicalise(&mut request);
     let snapshot = proxy.snapshot();
-    let route = route_for(
-        &snapshot.config,
-        request.method(),
-        request.uri(),
-        request.headers(),
-    );
+    let route = match canonical {
+        Ok(()) => route_for(
+            &snapshot.config,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        ),
+        Err(_) => None,
+    };
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let mut response = match route {
-        Some(index) => answer(&proxy, &snapshot, index, request).await,
-        None => plain(
+    let mut response = match (canonical, route) {
+        (Err(error), _) => plain(
+            StatusCode::BAD_REQUEST,
+            format!("corral: {error}\n"),
+            Outcome::Bypass,
+            "bad-host",
+        ),
+        (Ok(()), Some(index)) => answer(&proxy, &snapshot, index, request).await,
+        (Ok(()), None) => plain(
             StatusCode::NOT_FOUND,
             "corral: no route matches this request\n".into(),
             Outcome::Bypass,
@@ -972,6 +989,19 @@ mod tests {
         Body::from_stream(futures::stream::iter(
             chunks.into_iter().map(|c| c.map(Bytes::from_static)),
         ))
+    }
+
+    #[test]
+    fn the_host_a_route_matches_has_no_port() {
+        let host = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::HOST, value.parse().unwrap());
+            request_host(&Uri::from_static("/"), &headers)
+        };
+        assert_eq!(host("Example.com:8080").as_deref(), Some("example.com"));
+        assert_eq!(host("example.com").as_deref(), Some("example.com"));
+        assert_eq!(host("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::retire::{Retire, RetiringConnector};
 use crate::policy::strip_hop_by_hop;
 
 /// Idle pooled connections are closed after this long.
@@ -22,8 +23,8 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// ask for it (`upstream_http2: true`).
 #[derive(Clone)]
 pub struct Upstream {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    http1: Client<RetiringConnector, Body>,
+    http2: Client<RetiringConnector, Body>,
 }
 
 /// Why the upstream gave no response.
@@ -33,6 +34,8 @@ pub enum UpstreamError {
     Unreachable(String),
     #[error("upstream response body failed: {0}")]
     Body(String),
+    #[error("upstream response framing is ambiguous: {0}")]
+    Framing(&'static str),
 }
 
 /// A response read up to a limit.
@@ -58,6 +61,7 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(true);
+        let connector = RetiringConnector::new(connector);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .build(connector.clone());
@@ -95,6 +99,23 @@ impl Upstream {
             .request(request)
             .await
             .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        // Two lengths let two parsers read two different bodies (RFC 9112 section 6.1 calls it a
+        // likely smuggling attempt): the answer is refused, and its connection carries nothing
+        // more (hyper would pool it: the chunked body it read was complete).
+        if response
+            .headers()
+            .contains_key(http::header::TRANSFER_ENCODING)
+            && response
+                .headers()
+                .contains_key(http::header::CONTENT_LENGTH)
+        {
+            if let Some(retire) = response.extensions().get::<Retire>() {
+                retire.retire();
+            }
+            return Err(UpstreamError::Framing(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
         strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
