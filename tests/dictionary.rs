@@ -315,7 +315,9 @@ on_every_backend! {
 
     async fn the_l1_fills_is_dropped_everywhere_on_delete_and_expires(cluster) {
         let mut config = config("l1");
-        config.expiry = Expiry::Absolute(Duration::from_millis(1500));
+        // Long enough that on a loaded machine the copies are dropped by the delete's event, not by
+        // their own expiry (which would let a late event drop the rebuilt copy below).
+        config.expiry = Expiry::Absolute(Duration::from_millis(3000));
         let replicas: Vec<Dict> = cluster.dictionaries(3, &config).await;
         let builds = Arc::new(AtomicUsize::new(0));
         let hash = replicas[0].key_hash(&key("k")).unwrap();
@@ -336,7 +338,7 @@ on_every_backend! {
             .await;
         assert_eq!(got, Ok("value".to_string()));
         assert!(replicas[1].engine().l1().contains(&hash));
-        sleep(Duration::from_millis(1600)).await;
+        sleep(Duration::from_millis(3100)).await;
         assert!(!replicas[1].engine().l1().contains(&hash), "expired with the store's copy");
         assert_eq!(builds.load(Ordering::SeqCst), 2);
     }
