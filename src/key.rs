@@ -213,7 +213,8 @@ pub fn request_key(
     body: Option<&[u8]>,
 ) -> RequestKey {
     let mut parts = Vec::new();
-    let key = build_request_key(route, method, uri, headers, body, Some(&mut parts));
+    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
+    let key = build_request_key(route, method, uri, &kept, headers, body, Some(&mut parts));
     RequestKey { key, parts }
 }
 
@@ -226,14 +227,29 @@ pub fn request_digest(
     headers: &http::HeaderMap,
     body: Option<&[u8]>,
 ) -> Key {
-    build_request_key(route, method, uri, headers, body, None)
+    request_digest_and_query(route, method, uri, headers, body).0
 }
 
-/// [`request_key`]'s work; `parts`, when given, receives what `explain` shows.
+/// [`request_digest`] and, from the same parsing of the query, [`forwarded_query`].
+pub fn request_digest_and_query(
+    route: &crate::config::Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+) -> (Key, Option<String>) {
+    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
+    let key = build_request_key(route, method, uri, &kept, headers, body, None);
+    (key, (!kept.is_empty()).then(|| kept.join("&")))
+}
+
+/// [`request_key`]'s work on the query segments the route keeps (`kept`, from
+/// [`query_segments`]); `parts`, when given, receives what `explain` shows.
 fn build_request_key(
     route: &crate::config::Route,
     method: &http::Method,
     uri: &http::Uri,
+    kept: &[&str],
     headers: &http::HeaderMap,
     body: Option<&[u8]>,
     mut parts: Option<&mut Vec<(Cow<'static, str>, String)>>,
@@ -259,7 +275,6 @@ fn build_request_key(
     builder.push(uri.path().as_bytes());
     show_part("path".into(), &|| uri.path().to_owned());
 
-    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
     let kept_bytes: Vec<&[u8]> = kept.iter().map(|s| s.as_bytes()).collect();
     builder.push_framed(&kept_bytes);
     show_part("query".into(), &|| match route.key.query {
@@ -1080,7 +1095,15 @@ mod tests {
 
     #[test]
     fn the_upstream_gets_only_the_query_the_key_kept() {
-        let fwd = |rule: QueryRule, uri: &str| forwarded_query(&rule, &uri.parse().unwrap());
+        let fwd = |rule: QueryRule, uri: &str| {
+            let uri: http::Uri = uri.parse().unwrap();
+            let route = testing::route_with(|r| r.key.query = rule.clone());
+            let (_, with_key) =
+                request_digest_and_query(&route, &http::Method::GET, &uri, &HeaderMap::new(), None);
+            let alone = forwarded_query(&rule, &uri);
+            assert_eq!(with_key, alone, "one parsing of the query, or two, agree");
+            alone
+        };
         assert_eq!(
             fwd(QueryRule::Include(names(&["a"])), "/r?utm=x&a=1&debug=1"),
             Some("a=1".into())

@@ -43,7 +43,7 @@ use crate::engine::{
     AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{Key, KeyHash, key_with_generation, request_digest};
+use crate::key::{Key, KeyHash, key_with_generation, request_digest, request_digest_and_query};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
     stale_windows, vary_outside_key,
@@ -154,6 +154,21 @@ impl Proxy {
     ) -> Key {
         let key = request_digest(route, method, uri, headers, body);
         key_with_generation(key, self.engine.generation(&route.name))
+    }
+
+    /// [`Proxy::key`], and the query to forward ([`crate::key::forwarded_query`]) from the same
+    /// parsing of the request's query.
+    fn key_and_query(
+        &self,
+        route: &Route,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> (Key, Option<String>) {
+        let (key, query) = request_digest_and_query(route, method, uri, headers, body);
+        let key = key_with_generation(key, self.engine.generation(&route.name));
+        (key, query)
     }
 
     /// Purges the GET and HEAD keys of `uri` (as this client would key them) on every replica,
@@ -410,16 +425,15 @@ async fn answer(
     } else {
         None
     };
-    let key = proxy.key(
+    // Only the query parameters the key kept reach the upstream: an ignored one could otherwise
+    // shape an answer shared with clients who sent another value.
+    let (key, kept) = proxy.key_and_query(
         route,
         &parts.method,
         &parts.uri,
         &parts.headers,
         keyed_body.as_deref(),
     );
-    // Only the query parameters the key kept reach the upstream: an ignored one could otherwise
-    // shape an answer shared with clients who sent another value.
-    let kept = crate::key::forwarded_query(&route.key.query, &parts.uri);
     let keyed_uri = with_query(&parts.uri, kept.as_deref());
     let Ok(upstream_uri) = target(&route.upstream, &keyed_uri) else {
         return plain(
@@ -568,6 +582,10 @@ async fn answer(
 
 /// `uri` with its query replaced.
 fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
+    // Most requests keep their query as it came (or have none): nothing to rebuild.
+    if uri.query() == query {
+        return uri.clone();
+    }
     let path_and_query = match query {
         Some(query) => format!("{}?{query}", uri.path()),
         None => uri.path().to_owned(),
