@@ -15,7 +15,7 @@
 //! - memory under many followers on one key in one instance (VmRSS from /proc, the peak while they
 //!   wait, over the idle figure).
 //!
-//! Settings (environment): CORRAL_LOAD_SECONDS (each wrk run, 3), CORRAL_LOAD_ROUNDS (3),
+//! Settings (environment): CORRAL_LOAD_SECONDS (each wrk run, 3), CORRAL_LOAD_ROUNDS (5),
 //! CORRAL_LOAD_CONNECTIONS (wrk's, 64), CORRAL_LOAD_MISSES (100), CORRAL_LOAD_BURST (500),
 //! CORRAL_LOAD_FOLLOWERS (10000), CORRAL_LOAD_OUT (where the table and chart go, benches/results);
 //! programs: CORRAL_BIN, CORRAL_REDIS_SERVER, CORRAL_NATS_SERVER, CORRAL_NGINX, CORRAL_VARNISHD.
@@ -102,7 +102,7 @@ struct Plan {
 fn run() -> anyhow::Result<()> {
     let plan = Plan {
         seconds: setting("CORRAL_LOAD_SECONDS", 3)?,
-        rounds: setting("CORRAL_LOAD_ROUNDS", 3)?.max(1),
+        rounds: setting("CORRAL_LOAD_ROUNDS", 5)?.max(1),
         connections: setting("CORRAL_LOAD_CONNECTIONS", 64)? as usize,
         misses: setting("CORRAL_LOAD_MISSES", 100)?.max(1),
         burst: setting("CORRAL_LOAD_BURST", 500)? as usize,
