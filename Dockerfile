@@ -22,6 +22,7 @@ RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && for bench in envelope flight store key policy l1 instructions; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && mkdir -p benches/load && echo 'fn main() {}' > benches/load/main.rs \
     && cargo build --release --locked --bin corral \
     && rm -rf src
 

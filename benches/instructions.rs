@@ -21,7 +21,7 @@ use corral::metrics::Metrics;
 use corral::policy::{RequestVerdict, ResponseVerdict, request_verdict, response_verdict};
 
 /// The operations, by the name the script passes, each with the micro-benchmark it mirrors.
-const OPERATIONS: [(&str, &str); 9] = [
+const OPERATIONS: [(&str, &str); 10] = [
     ("key", "key: request_key/catalogue"),
     ("request_verdict", "policy: policy/request_verdict"),
     ("response_verdict", "policy: policy/response_verdict"),
@@ -31,6 +31,10 @@ const OPERATIONS: [(&str, &str); 9] = [
     ("l1_miss", "l1: l1/miss"),
     ("flight_1", "flight: flight_join/1 (one flight)"),
     ("flight_10", "flight: flight_join/10 (one flight)"),
+    (
+        "request_l1_hit",
+        "the proxy's handler answering from the L1 (request built, response dropped)",
+    ),
 ];
 
 fn main() {
@@ -59,6 +63,7 @@ fn main() {
         "l1_hit" | "l1_miss" => l1(operation, iterations),
         "flight_1" => flight(1, iterations),
         "flight_10" => flight(10, iterations),
+        "request_l1_hit" => request_l1_hit(iterations),
         other => panic!("no operation {other:?}; `list` names them"),
     }
 }
@@ -180,6 +185,71 @@ fn flight(callers: u64, iterations: u64) {
                 let answer = call.await.expect("the task").expect("the value");
                 black_box(answer);
             }
+        });
+    }
+}
+
+/// One request through the proxy's handler, answered from the L1: route match, key, policy, the
+/// engine's L1 look-up and the response with corral's headers (no sockets: hyper's parsing and
+/// writing are not counted). An origin in the same runtime fills the L1 first.
+fn request_l1_hit(iterations: u64) {
+    use axum::extract::State;
+    use corral::proxy::{Proxy, handle};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = origin.local_addr().expect("bound");
+        tokio::spawn(serve_origin(origin));
+        let config = common::config(&format!("http://{addr}"));
+        let mut engine_config = EngineConfig::new("bench");
+        engine_config.l1_max_bytes = 64 << 20;
+        let engine = Engine::connect(engine_config, &Backend::memory())
+            .await
+            .expect("the memory backend connects");
+        let proxy = Arc::new(Proxy::new(Arc::new(config), engine));
+        let (uri, headers) = (common::uri(), common::request_headers());
+        let request = || {
+            let mut request = http::Request::new(axum::body::Body::empty());
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers.clone();
+            request
+        };
+        let first = handle(State(proxy.clone()), request()).await;
+        assert_eq!(first.status(), 200, "the origin fills the L1");
+        for _ in 0..iterations {
+            let response = handle(State(proxy.clone()), black_box(request())).await;
+            assert_eq!(response.headers()["x-cache"], "HIT");
+            black_box(response);
+        }
+    });
+}
+
+/// An origin answering every request with [`common::response_headers`] and a 1 KiB body.
+async fn serve_origin(listener: tokio::net::TcpListener) {
+    use hyper::service::service_fn;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = service_fn(|_request| async {
+                let mut response =
+                    http::Response::new(http_body_util::Full::new(bytes::Bytes::from(vec![
+                        0x5a;
+                        1024
+                    ])));
+                *response.headers_mut() = common::response_headers();
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
         });
     }
 }

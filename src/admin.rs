@@ -43,7 +43,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::key::RequestKey;
+use crate::key::Key;
 use crate::proxy::Proxy;
 use crate::purge::Purge;
 use crate::store::{KeyStatus, Selector, valid_tag};
@@ -255,10 +255,10 @@ async fn purge(
                 Ok(key) => key,
                 Err(refused) => return refused.into_response(),
             };
-            match proxy.engine.delete(&key.key.hash).await {
+            match proxy.engine.delete(&key.hash).await {
                 Ok(existed) => json!({
                     "purged": true,
-                    "key": key.key.hash.to_hex(),
+                    "key": key.hash.to_hex(),
                     "count": usize::from(existed),
                 }),
                 Err(error) => return failed(error),
@@ -369,7 +369,7 @@ async fn status(
         Ok(key) => key,
         Err(refused) => return refused.into_response(),
     };
-    match proxy.engine.status(&key.key.hash).await {
+    match proxy.engine.status(&key.hash).await {
         Ok(status) => {
             let word = match status {
                 KeyStatus::Exists { .. } => "EXISTS",
@@ -377,7 +377,7 @@ async fn status(
                 KeyStatus::Pass { .. } => "PASS",
                 KeyStatus::Empty => "EMPTY",
             };
-            Json(json!({"status": word, "key": key.key.hash.to_hex()})).into_response()
+            Json(json!({"status": word, "key": key.hash.to_hex()})).into_response()
         }
         Err(error) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -386,7 +386,7 @@ async fn status(
     }
 }
 
-fn key_of(proxy: &Proxy, target: &Target) -> Result<RequestKey, Refusal> {
+fn key_of(proxy: &Proxy, target: &Target) -> Result<Key, Refusal> {
     let uri: Uri = target
         .url
         .parse()

@@ -83,6 +83,35 @@ impl KeyBuilder {
         self.canonical.extend_from_slice(bytes);
     }
 
+    /// Appends what `push(&frame(items))` would, without building the framed list first.
+    fn push_framed(&mut self, items: &[&[u8]]) {
+        let framed: usize = items.iter().map(|item| 8 + item.len()).sum();
+        self.canonical
+            .extend_from_slice(&(framed as u64).to_be_bytes());
+        for item in items {
+            self.canonical
+                .extend_from_slice(&(item.len() as u64).to_be_bytes());
+            self.canonical.extend_from_slice(item);
+        }
+    }
+
+    /// Appends what `push(&presence(values))` would, without building the part first.
+    fn push_presence(&mut self, values: &[&[u8]]) {
+        if values.is_empty() {
+            self.push(&[0]);
+            return;
+        }
+        let framed: usize = values.iter().map(|value| 8 + value.len()).sum();
+        self.canonical
+            .extend_from_slice(&(1 + framed as u64).to_be_bytes());
+        self.canonical.push(1);
+        for value in values {
+            self.canonical
+                .extend_from_slice(&(value.len() as u64).to_be_bytes());
+            self.canonical.extend_from_slice(value);
+        }
+    }
+
     pub fn finish(self) -> Key {
         let hash = KeyHash(*blake3::hash(&self.canonical).as_bytes());
         Key {
@@ -124,16 +153,24 @@ pub fn with_generation(key: RequestKey, generation: u64) -> RequestKey {
         return key;
     }
     let RequestKey { key, mut parts } = key;
+    parts.push(("generation".into(), generation.to_string()));
+    RequestKey {
+        key: key_with_generation(key, generation),
+        parts,
+    }
+}
+
+/// [`with_generation`] for a key without its parts.
+pub fn key_with_generation(key: Key, generation: u64) -> Key {
+    if generation == 0 {
+        return key;
+    }
     let mut builder = KeyBuilder {
         canonical: key.canonical,
     };
     builder.push(b"generation");
     builder.push(generation.to_string().as_bytes());
-    parts.push(("generation".into(), generation.to_string()));
-    RequestKey {
-        key: builder.finish(),
-        parts,
-    }
+    builder.finish()
 }
 
 /// What `explain` shows for an absent header, cookie or body.
@@ -175,26 +212,75 @@ pub fn request_key(
     headers: &http::HeaderMap,
     body: Option<&[u8]>,
 ) -> RequestKey {
-    let mut builder = KeyBuilder::new();
-    let mut parts: Vec<(Cow<'static, str>, String)> = Vec::new();
+    let mut parts = Vec::new();
+    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
+    let key = build_request_key(route, method, uri, &kept, headers, body, Some(&mut parts));
+    RequestKey { key, parts }
+}
+
+/// The key of [`request_key`] without the parts `explain` shows: the request path needs only the
+/// digest, and a readable copy of every part costs more than hashing them.
+pub fn request_digest(
+    route: &crate::config::Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+) -> Key {
+    request_digest_and_query(route, method, uri, headers, body).0
+}
+
+/// [`request_digest`] and, from the same parsing of the query, [`forwarded_query`].
+pub fn request_digest_and_query(
+    route: &crate::config::Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+) -> (Key, Option<String>) {
+    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
+    let key = build_request_key(route, method, uri, &kept, headers, body, None);
+    (key, (!kept.is_empty()).then(|| kept.join("&")))
+}
+
+/// [`request_key`]'s work on the query segments the route keeps (`kept`, from
+/// [`query_segments`]); `parts`, when given, receives what `explain` shows.
+fn build_request_key(
+    route: &crate::config::Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    kept: &[&str],
+    headers: &http::HeaderMap,
+    body: Option<&[u8]>,
+    mut parts: Option<&mut Vec<(Cow<'static, str>, String)>>,
+) -> Key {
+    // Room for a typical key up front: growing the buffer part by part costs more than the hash.
+    let mut builder = KeyBuilder {
+        canonical: Vec::with_capacity(512),
+    };
     let hop_by_hop = crate::policy::connection_named(headers);
     let visible = |name: &HeaderName| !crate::policy::is_hop_by_hop(name, &hop_by_hop);
+    // Only `explain` reads the parts, so they are made only when asked for.
+    let mut show_part = |what: Cow<'static, str>, value: &dyn Fn() -> String| {
+        if let Some(parts) = parts.as_deref_mut() {
+            parts.push((what, value()));
+        }
+    };
 
     builder.push(REQUEST_KEY_VERSION.as_bytes());
     builder.push(route.name.as_bytes());
-    parts.push(("route".into(), route.name.clone()));
+    show_part("route".into(), &|| route.name.clone());
     builder.push(method.as_str().as_bytes());
-    parts.push(("method".into(), method.as_str().to_owned()));
+    show_part("method".into(), &|| method.as_str().to_owned());
     builder.push(uri.path().as_bytes());
-    parts.push(("path".into(), uri.path().to_owned()));
+    show_part("path".into(), &|| uri.path().to_owned());
 
-    let kept = query_segments(&route.key.query, uri.query().unwrap_or(""));
-    builder.push(&frame(kept.iter().map(|s| s.as_bytes())));
-    let shown = match route.key.query {
+    let kept_bytes: Vec<&[u8]> = kept.iter().map(|s| s.as_bytes()).collect();
+    builder.push_framed(&kept_bytes);
+    show_part("query".into(), &|| match route.key.query {
         QueryRule::None => "<not keyed>".to_owned(),
         _ => kept.join("&"),
-    };
-    parts.push(("query".into(), shown));
+    });
 
     let mut key_header = |builder: &mut KeyBuilder, name: &HeaderName| {
         let values: Vec<&[u8]> = if visible(name) {
@@ -203,8 +289,8 @@ pub fn request_key(
             Vec::new()
         };
         builder.push(name.as_str().as_bytes());
-        builder.push(&presence(&values));
-        parts.push((format!("header {name}").into(), show(&values)));
+        builder.push_presence(&values);
+        show_part(format!("header {name}").into(), &|| show(&values));
     };
     for name in &route.key.headers {
         key_header(&mut builder, name);
@@ -230,8 +316,8 @@ pub fn request_key(
             .map(|c| c.value)
             .collect();
         builder.push(name.as_bytes());
-        builder.push(&presence(&values));
-        parts.push((format!("cookie {name}").into(), show(&values)));
+        builder.push_presence(&values);
+        show_part(format!("cookie {name}").into(), &|| show(&values));
     }
 
     if route.key.body {
@@ -241,19 +327,16 @@ pub fn request_key(
                 let mut part = vec![1u8];
                 part.extend_from_slice(digest.as_bytes());
                 builder.push(&part);
-                parts.push(("body".into(), format!("blake3:{}", digest.to_hex())));
+                show_part("body".into(), &|| format!("blake3:{}", digest.to_hex()));
             }
             None => {
                 builder.push(&[0u8]);
-                parts.push(("body".into(), ABSENT.to_owned()));
+                show_part("body".into(), &|| ABSENT.to_owned());
             }
         }
     }
 
-    RequestKey {
-        key: builder.finish(),
-        parts,
-    }
+    builder.finish()
 }
 
 /// Tags the canonical form of variant keys (see [`variant_key`]).
@@ -351,7 +434,7 @@ fn query_segments<'q>(rule: &QueryRule, query: &'q str) -> Vec<&'q str> {
         .filter(|s| !s.is_empty())
         .filter(|s| keeps(rule, s))
         .collect();
-    if !kept.iter().any(|s| s.contains(';')) {
+    if kept.len() > 1 && !kept.iter().any(|s| s.contains(';')) {
         // Stable: the values of one name keep their order.
         kept.sort_by_cached_key(|s| sort_name(s));
     }
@@ -362,18 +445,21 @@ fn query_segments<'q>(rule: &QueryRule, query: &'q str) -> Vec<&'q str> {
 /// cache hit, a missing one can hand one request's answer to another.
 fn keeps(rule: &QueryRule, segment: &str) -> bool {
     let raw = raw_name(segment);
-    let decoded = form_decode(raw);
     match rule {
         QueryRule::All => true,
         QueryRule::None => false,
         QueryRule::Include(names) => {
+            let decoded = form_decode(raw);
             segment.contains(';')
                 || names
                     .iter()
                     .any(|n| n.eq_ignore_ascii_case(raw) || n.eq_ignore_ascii_case(&decoded))
         }
         QueryRule::Exclude(names) => {
-            segment.contains(';') || !names.iter().any(|n| n == raw) || !names.contains(&decoded)
+            let decoded = form_decode(raw);
+            segment.contains(';')
+                || !names.iter().any(|n| n == raw)
+                || !names.iter().any(|n| *n == *decoded)
         }
     }
 }
@@ -385,13 +471,20 @@ fn raw_name(segment: &str) -> &str {
 
 /// The name a segment sorts by: decoded and lowercased, so that reordering `a` and `%61` or `a`
 /// and `A` (the same name to some upstreams) changes the key.
-fn sort_name(segment: &str) -> String {
-    form_decode(raw_name(segment)).to_ascii_lowercase()
+fn sort_name(segment: &str) -> Cow<'_, str> {
+    match form_decode(raw_name(segment)) {
+        Cow::Borrowed(name) if !name.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(name),
+        name => Cow::Owned(name.to_ascii_lowercase()),
+    }
 }
 
 /// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte; a malformed `%`
-/// stays as it is, and bytes that are not UTF-8 become U+FFFD.
-fn form_decode(text: &str) -> String {
+/// stays as it is, and bytes that are not UTF-8 become U+FFFD. Text with neither `+` nor `%`
+/// (nearly every parameter name) is its own decoding, and is not copied.
+fn form_decode(text: &str) -> Cow<'_, str> {
+    if !text.bytes().any(|b| b == b'+' || b == b'%') {
+        return Cow::Borrowed(text);
+    }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -417,7 +510,7 @@ fn form_decode(text: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn hex_digit(byte: Option<&u8>) -> Option<u8> {
@@ -439,6 +532,9 @@ fn frame<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 }
 
 /// `0` for absent, or `1` followed by the framed values: absent never equals empty.
+/// ([`KeyBuilder::push_presence`] writes the same bytes in place; this is what it is checked
+/// against.)
+#[cfg(test)]
 fn presence(values: &[&[u8]]) -> Vec<u8> {
     if values.is_empty() {
         vec![0]
@@ -539,6 +635,39 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_place_parts_are_the_bytes_of_the_built_ones() {
+        let lists: [&[&[u8]]; 4] = [&[], &[b""], &[b"a=1"], &[b"a=1", b"", b"b=xyz"]];
+        for list in lists {
+            let mut built = KeyBuilder::new();
+            built.push(&presence(list));
+            built.push(&frame(list.iter().copied()));
+            let mut in_place = KeyBuilder::new();
+            in_place.push_presence(list);
+            in_place.push_framed(list);
+            assert_eq!(in_place.canonical, built.canonical, "{list:?}");
+        }
+    }
+
+    #[test]
+    fn the_digest_alone_is_the_digest_of_the_key_explain_shows() {
+        use testing::headers;
+        let route = testing::route_with(|r| {
+            r.key.query = QueryRule::Include(testing::names(&["q", "page"]));
+            r.key.headers = vec![header::ACCEPT];
+            r.key.cookies = testing::names(&["locale"]);
+            r.key.body = true;
+        });
+        let uri: http::Uri = "/s?page=2&utm=x&%71=a+b&Q=1".parse().unwrap();
+        let request = headers(&[("accept", "a/b"), ("cookie", "locale=en; other=1")]);
+        for body in [None, Some(&b"{}"[..])] {
+            assert_eq!(
+                request_digest(&route, &http::Method::GET, &uri, &request, body),
+                request_key(&route, &http::Method::GET, &uri, &request, body).key
+            );
+        }
+    }
 
     #[test]
     fn variant_keys_normalise_only_what_cannot_change_the_meaning() {
@@ -993,7 +1122,15 @@ mod tests {
 
     #[test]
     fn the_upstream_gets_only_the_query_the_key_kept() {
-        let fwd = |rule: QueryRule, uri: &str| forwarded_query(&rule, &uri.parse().unwrap());
+        let fwd = |rule: QueryRule, uri: &str| {
+            let uri: http::Uri = uri.parse().unwrap();
+            let route = testing::route_with(|r| r.key.query = rule.clone());
+            let (_, with_key) =
+                request_digest_and_query(&route, &http::Method::GET, &uri, &HeaderMap::new(), None);
+            let alone = forwarded_query(&rule, &uri);
+            assert_eq!(with_key, alone, "one parsing of the query, or two, agree");
+            alone
+        };
         assert_eq!(
             fwd(QueryRule::Include(names(&["a"])), "/r?utm=x&a=1&debug=1"),
             Some("a=1".into())

@@ -33,6 +33,12 @@ pub fn route() -> Route {
     config.routes.remove(0)
 }
 
+/// The whole config of [`CONFIG`], its route sending misses to `upstream` (`http://host:port`).
+pub fn config(upstream: &str) -> corral::config::Config {
+    let text = CONFIG.replace("http://127.0.0.1:9000", upstream);
+    corral::config::parse(&text, "bench.yaml").expect("a valid config")
+}
+
 pub fn method() -> Method {
     Method::GET
 }

@@ -47,7 +47,7 @@ use crate::engine::{
     AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{KeyHash, RequestKey, request_key, with_generation};
+use crate::key::{Key, KeyHash, key_with_generation, request_digest, request_digest_and_query};
 use crate::policy::{
     RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
     stale_windows, vary_outside_key,
@@ -155,9 +155,24 @@ impl Proxy {
         uri: &Uri,
         headers: &HeaderMap,
         body: Option<&[u8]>,
-    ) -> RequestKey {
-        let key = request_key(route, method, uri, headers, body);
-        with_generation(key, self.engine.generation(&route.name))
+    ) -> Key {
+        let key = request_digest(route, method, uri, headers, body);
+        key_with_generation(key, self.engine.generation(&route.name))
+    }
+
+    /// [`Proxy::key`], and the query to forward ([`crate::key::forwarded_query`]) from the same
+    /// parsing of the request's query.
+    fn key_and_query(
+        &self,
+        route: &Route,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> (Key, Option<String>) {
+        let (key, query) = request_digest_and_query(route, method, uri, headers, body);
+        let key = key_with_generation(key, self.engine.generation(&route.name));
+        (key, query)
     }
 
     /// Purges the GET and HEAD keys of `uri` (as this client would key them) on every replica,
@@ -177,7 +192,7 @@ impl Proxy {
             let key = self.key(route, &method, uri, headers, body);
             let metrics = self.engine.metrics();
             metrics.purges.with_label_values(&["unsafe_method"]).inc();
-            match self.engine.delete(&key.key.hash).await {
+            match self.engine.delete(&key.hash).await {
                 Ok(existed) => metrics
                     .purged_keys
                     .with_label_values(&["unsafe_method"])
@@ -201,11 +216,13 @@ pub fn route_for(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Option<usize> {
-    let host = request_host(uri, headers);
+    // Worked out only for the first route that matches on the host: most match on paths alone.
+    let host = std::cell::OnceCell::new();
+    let host = || host.get_or_init(|| request_host(uri, headers)).as_deref();
     config
         .routes
         .iter()
-        .position(|route| route_matches(route, method, uri.path(), host.as_deref()))
+        .position(|route| route_matches(route, method, uri.path(), &host))
 }
 
 /// The router of the public listener: every path goes to [`handle`].
@@ -213,13 +230,18 @@ pub fn app(proxy: Arc<Proxy>) -> Router {
     Router::new().fallback(handle).with_state(proxy)
 }
 
-fn route_matches(route: &Route, method: &Method, path: &str, host: Option<&str>) -> bool {
+fn route_matches<'h>(
+    route: &Route,
+    method: &Method,
+    path: &str,
+    host: &impl Fn() -> Option<&'h str>,
+) -> bool {
     let matcher = &route.matcher;
     if !matcher.methods.is_empty() && !matcher.methods.contains(method) {
         return false;
     }
     if let Some(wanted) = &matcher.host
-        && host != Some(wanted.as_str())
+        && host() != Some(wanted.as_str())
     {
         return false;
     }
@@ -337,8 +359,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-                .expect("hex is a valid header value")
+            // 32 hex digits written in place: this runs for most requests.
+            let mut hex = [0u8; 32];
+            hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex)
+                .expect("16 bytes are 32 hex digits");
+            HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
         })
 }
 
@@ -360,12 +385,13 @@ async fn answer(
     } else {
         RequestVerdict::Bypass("route-not-cached")
     };
+    // Borrowed: most requests never go straight through, and copying the headers is not free.
     let direct = Direct {
         proxy,
         route,
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        headers: parts.headers.clone(),
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
         client,
     };
     if let RequestVerdict::Bypass(reason) = verdict {
@@ -416,16 +442,15 @@ async fn answer(
     } else {
         None
     };
-    let key = proxy.key(
+    // Only the query parameters the key kept reach the upstream: an ignored one could otherwise
+    // shape an answer shared with clients who sent another value.
+    let (key, kept) = proxy.key_and_query(
         route,
         &parts.method,
         &parts.uri,
         &parts.headers,
         keyed_body.as_deref(),
     );
-    // Only the query parameters the key kept reach the upstream: an ignored one could otherwise
-    // shape an answer shared with clients who sent another value.
-    let kept = crate::key::forwarded_query(&route.key.query, &parts.uri);
     let keyed_uri = with_query(&parts.uri, kept.as_deref());
     let Ok(upstream_uri) = target(&route.upstream, &keyed_uri) else {
         return plain(
@@ -450,7 +475,7 @@ async fn answer(
         },
         body: keyed_body.unwrap_or_default(),
         overflow: Mutex::new(None),
-        key: key.key.hash,
+        key: key.hash,
         path: parts.uri.path().to_owned(),
         stage: Stage::Primary,
     });
@@ -460,7 +485,7 @@ async fn answer(
     let mut answer = proxy
         .engine
         .fetch(
-            &key.key.hash,
+            &key.hash,
             policy,
             fetch.builder(),
             route.policy.wait_timeout,
@@ -566,15 +591,18 @@ async fn answer(
             "store-error",
         ),
     };
-    let digest = key.key.hash.to_hex();
     response
         .extensions_mut()
-        .insert(KeyPrefix(digest[..16].to_owned()));
+        .insert(KeyPrefix(hex::encode(&key.hash.as_bytes()[..8])));
     response
 }
 
 /// `uri` with its query replaced.
 fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
+    // Most requests keep their query as it came (or have none): nothing to rebuild.
+    if uri.query() == query {
+        return uri.clone();
+    }
     let path_and_query = match query {
         Some(query) => format!("{}?{query}", uri.path()),
         None => uri.path().to_owned(),
@@ -616,15 +644,15 @@ async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, BodyRead> {
 struct Direct<'a> {
     proxy: &'a Proxy,
     route: &'a Route,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
     client: Option<std::net::IpAddr>,
 }
 
 impl Direct<'_> {
     async fn send(self, body: Body, reason: &str) -> Response<Body> {
-        let Ok(uri) = target(&self.route.upstream, &self.uri) else {
+        let Ok(uri) = target(&self.route.upstream, self.uri) else {
             return plain(
                 StatusCode::BAD_REQUEST,
                 "corral: the request URI cannot be forwarded\n".into(),
@@ -632,9 +660,9 @@ impl Direct<'_> {
                 "bad-uri",
             );
         };
-        let mut headers = forward_headers(self.route, &self.headers, false, self.client, "http");
+        let mut headers = forward_headers(self.route, self.headers, false, self.client, "http");
         // A GET's or HEAD's body is never forwarded, so neither is its framing.
-        let body = if self.method == Method::GET || self.method == Method::HEAD {
+        let body = if *self.method == Method::GET || *self.method == Method::HEAD {
             headers.remove(http::header::CONTENT_LENGTH);
             headers.remove(http::header::TRANSFER_ENCODING);
             Body::empty()
@@ -646,9 +674,13 @@ impl Direct<'_> {
         let asked = tokio::time::Instant::now();
         let sent = tokio::time::timeout(
             self.route.policy.max_fetch,
-            self.proxy
-                .upstream
-                .send(self.route.upstream_http2, self.method, uri, headers, body),
+            self.proxy.upstream.send(
+                self.route.upstream_http2,
+                self.method.clone(),
+                uri,
+                headers,
+                body,
+            ),
         )
         .await;
         let status = match &sent {
