@@ -22,6 +22,7 @@
 //! since every variant key holds the marker's id.
 
 mod respond;
+mod slots;
 mod upstream;
 mod variant;
 
@@ -51,6 +52,7 @@ use crate::policy::{
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
+use slots::UpstreamSlots;
 pub(crate) use upstream::error_chain;
 use upstream::{Buffered, Upstream, target};
 use variant::Stage;
@@ -74,6 +76,8 @@ pub struct Proxy {
     live: RwLock<Arc<Snapshot>>,
     /// Whether the server serves its config yet (or is shutting down), for `/readyz`.
     pub lifecycle: crate::admin::Lifecycle,
+    /// Each route's upstream requests in flight on this replica (`max_upstream_fetches`).
+    slots: UpstreamSlots,
 }
 
 /// Exports every route's series at zero from the start, so dashboards and rates see a route's
@@ -104,6 +108,7 @@ impl Snapshot {
                 pass_ttl: route.policy.pass_ttl,
                 label: route.name.as_str().into(),
                 early_refresh: route.policy.early_refresh.map(|beta| beta.0),
+                max_followers: route.policy.max_followers,
             })
             .collect();
         Self { config, policies }
@@ -118,6 +123,7 @@ impl Proxy {
             upstream: Upstream::new(CONNECT_TIMEOUT),
             live: RwLock::new(Arc::new(Snapshot::new(config))),
             lifecycle: crate::admin::Lifecycle::new(),
+            slots: UpstreamSlots::default(),
         }
     }
 
@@ -379,6 +385,7 @@ async fn answer(
                     "request-timeout",
                 );
             }
+            Ok(Err(BodyRead::TooLarge)) => return body_too_large(),
             Ok(Err(BodyRead::Broken)) => {
                 return plain(
                     StatusCode::BAD_REQUEST,
@@ -542,6 +549,23 @@ async fn answer(
             Outcome::Bypass,
             "shutting-down",
         ),
+        Err(EngineError::TooManyFollowers { stale }) => {
+            proxy.engine.metrics().limit_rejected("followers");
+            match stale {
+                Some(entry) => from_entry(
+                    &entry,
+                    Outcome::Stale,
+                    false,
+                    Some("max-followers"),
+                    Some(age(&entry)),
+                    head,
+                ),
+                None => busy(
+                    "corral: too many requests are waiting for this answer\n",
+                    "max-followers",
+                ),
+            }
+        }
         Err(error) => plain(
             StatusCode::BAD_GATEWAY,
             format!("corral: {error}\n"),
@@ -576,12 +600,20 @@ enum BodyRead {
     Oversized { prefix: Bytes, rest: Body },
     /// The client's body failed mid-way; a partial body must never become a key.
     Broken,
+    /// The body grew past the listener's `max_request_body`.
+    TooLarge,
 }
 
 async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, BodyRead> {
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| BodyRead::Broken)?;
+        let frame = frame.map_err(|error| {
+            if crate::connections::body_too_large(&error) {
+                BodyRead::TooLarge
+            } else {
+                BodyRead::Broken
+            }
+        })?;
         if let Ok(data) = frame.into_data() {
             read.extend_from_slice(&data);
             if read.len() as u64 > limit {
@@ -624,6 +656,21 @@ impl Direct<'_> {
         } else {
             body
         };
+        let policy = &self.route.policy;
+        let until = tokio::time::Instant::now() + policy.wait_timeout;
+        let Some(slot) = (self.proxy.slots)
+            .take(&self.route.name, policy.max_upstream_fetches, until)
+            .await
+        else {
+            self.proxy
+                .engine
+                .metrics()
+                .limit_rejected("upstream_fetches");
+            return busy(
+                "corral: too many requests to this upstream at once\n",
+                "max-upstream-fetches",
+            );
+        };
         // The response head must come within max_fetch; the body then streams for as long as it
         // takes, as it would without a proxy.
         let asked = tokio::time::Instant::now();
@@ -653,6 +700,8 @@ impl Direct<'_> {
         match sent {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
+                // The slot is held until the answer has streamed through.
+                let body = crate::connections::Guarded { body, guard: slot };
                 respond::finish(
                     parts.status,
                     parts.headers,
@@ -662,6 +711,7 @@ impl Direct<'_> {
                     Some(reason),
                 )
             }
+            Err(error) if crate::connections::body_too_large(&error) => body_too_large(),
             Err(error) => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {error}\n"),
@@ -770,6 +820,21 @@ impl Fetch {
             self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
                 .await;
         }
+        // Within the wait timeout, the longest any of this key's callers waits.
+        let until = tokio::time::Instant::now() + route.policy.wait_timeout;
+        let Some(_slot) = (self.proxy.slots)
+            .take(&route.name, route.policy.max_upstream_fetches, until)
+            .await
+        else {
+            self.proxy
+                .engine
+                .metrics()
+                .limit_rejected("upstream_fetches");
+            return Err(BuildError::with_response(
+                "too many requests to this upstream at once",
+                busy_entry("corral: too many requests to this upstream at once\n"),
+            ));
+        };
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -936,6 +1001,49 @@ fn unreachable_error(message: String) -> BuildError {
             fetch_time: Duration::ZERO,
             key: KeyHash::from_bytes([0; 32]),
         },
+    )
+}
+
+/// 503 with `Retry-After`: a limit of this replica refused the request; another try, here or on
+/// another replica, may succeed.
+fn busy(text: &'static str, detail: &str) -> Response<Body> {
+    let mut response = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        text.into(),
+        Outcome::Bypass,
+        detail,
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// [`busy`] as the failure every caller of a flight gets.
+fn busy_entry(text: &'static str) -> Entry {
+    let mut entry = entry(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &HeaderMap::new(),
+        Bytes::from_static(text.as_bytes()),
+        Duration::ZERO,
+    );
+    entry.headers.push((
+        "content-type".to_owned(),
+        Bytes::from_static(b"text/plain; charset=utf-8"),
+    ));
+    entry
+        .headers
+        .push(("retry-after".to_owned(), Bytes::from_static(b"1")));
+    entry
+}
+
+/// 413: the request body grew past the listener's `max_request_body` while it streamed.
+fn body_too_large() -> Response<Body> {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "corral: the request body is too large\n".into(),
+        Outcome::Bypass,
+        "request-too-large",
     )
 }
 
