@@ -711,7 +711,7 @@ impl Direct<'_> {
                     Some(reason),
                 )
             }
-            Err(error) if crate::connections::body_too_large(&error) => body_too_large(),
+            Err(upstream::UpstreamError::RequestBodyTooLarge) => body_too_large(),
             Err(error) => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {error}\n"),

@@ -33,6 +33,10 @@ pub enum UpstreamError {
     Unreachable(String),
     #[error("upstream response body failed: {0}")]
     Body(String),
+    /// The client's request body grew past the listener's `max_request_body` while it was being
+    /// sent on.
+    #[error("the request body is too large")]
+    RequestBodyTooLarge,
 }
 
 /// A response read up to a limit.
@@ -91,10 +95,13 @@ impl Upstream {
             request.headers_mut().insert(http::header::HOST, host);
         }
         let client = if http2 { &self.http2 } else { &self.http1 };
-        let mut response = client
-            .request(request)
-            .await
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        let mut response = client.request(request).await.map_err(|e| {
+            if crate::connections::body_too_large(&e) {
+                UpstreamError::RequestBodyTooLarge
+            } else {
+                UpstreamError::Unreachable(error_chain(&e))
+            }
+        })?;
         strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
