@@ -421,3 +421,66 @@ async fn upstream_fetches_beyond_the_limit_wait_for_a_slot_then_get_503() {
     assert_eq!(again.status, 200);
     assert_eq!(again.x_cache(), "MISS");
 }
+
+// ------------------------------------------------------------------ http/2 ----
+
+/// Clients may speak HTTP/2 with prior knowledge (h2c); its heads meet the same limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_is_served_within_the_same_limits() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let upstream = Upstream::start().await;
+    let proxy = replicas(1, &upstream, "max_header_bytes: 4KiB", "").await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let send = |header: Option<String>| {
+        let mut request = http::Request::get(format!("{}/page?h2=1", proxy.url(0)));
+        if let Some(value) = header {
+            request = request.header("x-big", value);
+        }
+        let request = request.body(Empty::new()).expect("a request");
+        let client = client.clone();
+        async move {
+            let response = tokio::time::timeout(patience(), client.request(request))
+                .await
+                .expect("an answer within patience")
+                .expect("an HTTP/2 answer");
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.expect("a body").to_bytes();
+            (parts, body)
+        }
+    };
+    let (parts, body) = send(None).await;
+    assert_eq!(parts.version, http::Version::HTTP_2);
+    assert_eq!(parts.status, 200);
+    assert_eq!(body, "upstream body for /page?h2=1");
+    let (parts, _) = send(Some("b".repeat(5000))).await;
+    assert_eq!(parts.status, 431);
+    assert_eq!(rejections(&proxy, 0, "headers").await, 1.0);
+    assert_eq!(upstream.hits("/page?h2=1"), 1);
+}
+
+// ------------------------------------------------------------------ metrics ----
+
+/// Every limit's refusals are a series at 0 from the first scrape, and open connections are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_is_exported_at_zero_from_the_start() {
+    let upstream = Upstream::start().await;
+    let proxy = replicas(1, &upstream, "", "").await;
+    let text = proxy.admin(0, Method::GET, "/metrics").send().await.text();
+    for family in ["corral_limit_rejections_total", "corral_connections_open"] {
+        let help = text
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("# HELP {family} ")))
+            .unwrap_or_else(|| panic!("{family} has no help text:\n{text}"));
+        assert!(help.ends_with('.'), "{family}'s help is not a sentence");
+    }
+    for limit in corral::metrics::LIMITS {
+        assert_eq!(rejections(&proxy, 0, limit).await, 0.0, "{limit}");
+    }
+    // The scrape itself is on an open admin connection.
+    assert!(metric(&proxy, 0, "corral_connections_open").await >= 1.0);
+}
