@@ -1187,3 +1187,23 @@ fn bad_limits_are_reported_at_their_values() {
         ]
     );
 }
+
+#[test]
+fn check_shows_the_limits_that_differ_from_the_defaults() {
+    let unset = super::describe(&parse_ok(&with_route("", "")));
+    assert!(!unset.contains("limits."), "{unset}");
+    assert!(!unset.contains("max_followers"), "{unset}");
+    let set = super::describe(&parse_ok(&with_route(
+        "limits: {max_connections: 5, max_uri_length: 2KiB, shutdown_grace: 3s}\n",
+        "    max_followers: 7\n    max_upstream_fetches: 2\n",
+    )));
+    for shown in [
+        "limits.max_connections  5\n",
+        "limits.max_uri_length   2KiB\n",
+        "limits.shutdown_grace   3s\n",
+        "  max_upstream_fetches  2\n",
+        "  max_followers         7\n",
+    ] {
+        assert!(set.contains(shown), "{shown:?} not in:\n{set}");
+    }
+}
