@@ -201,3 +201,38 @@ async fn a_fetch_that_outlives_the_grace_is_abandoned_and_another_replica_takes_
     );
     assert_eq!(scene.upstream.hits("/slow?k=1"), 2);
 }
+
+/// Idle keep-alive connections are closed as the drain begins: they do not hold shutdown up for
+/// the grace (ten minutes here, far past the test's patience).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_at_once_when_shutdown_begins() {
+    use support::proxy::ProxyCluster;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = Upstream::start().await;
+    let yaml = format!(
+        "store: {{ kind: memory }}\nlimits: {{ shutdown_grace: 600s, idle_timeout: 600s }}\n\
+         routes:\n  - name: all\n    match: {{ path_prefix: / }}\n    upstream: {}\n",
+        upstream.url()
+    );
+    let proxy = ProxyCluster::on_memory(1, &yaml).await;
+    let mut stream = TcpStream::connect(&proxy.url(0)["http://".len()..])
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(patience(), stream.read(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The connection is now idle and kept alive; stopping must close it rather than wait for it.
+    proxy.stop().await;
+    let closed = tokio::time::timeout(patience(), stream.read(&mut buf))
+        .await
+        .expect("the idle connection was closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
