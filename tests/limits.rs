@@ -394,7 +394,7 @@ async fn upstream_fetches_beyond_the_limit_wait_for_a_slot_then_get_503() {
         1,
         &upstream,
         "",
-        "max_upstream_fetches: 1, wait_timeout: 300ms, max_fetch: 20s",
+        "max_upstream_fetches: 1, wait_timeout: 1s, max_fetch: 20s",
     )
     .await;
     // A pass-through holds the route's only slot...
@@ -413,9 +413,13 @@ async fn upstream_fetches_beyond_the_limit_wait_for_a_slot_then_get_503() {
     assert_eq!(second.status, 503, "{}", second.text());
     assert_eq!(upstream.hits("/page?k=b"), 0);
     assert_eq!(rejections(&proxy, 0, "upstream_fetches").await, 2.0);
+    // The held fetch's own client stops waiting at its wait timeout.
+    assert_eq!(first.await.expect("join").status, 504);
     hold.release();
     assert_eq!(direct.await.expect("join").status, 200);
-    assert_eq!(first.await.expect("join").status, 504);
+    // Answered once its fetch ended, which gave its slot back.
+    let stored = proxy.get(0, "/page?k=a").send().await;
+    assert_eq!(stored.status, 200, "{}", stored.text());
     // Slots are free again; the refused key was never stored.
     let again = proxy.get(0, "/page?k=b").send().await;
     assert_eq!(again.status, 200);

@@ -443,6 +443,7 @@ async fn answer(
         key: key.key.hash,
         path: parts.uri.path().to_owned(),
         stage: Stage::Primary,
+        asked: tokio::time::Instant::now(),
     });
     let head = parts.method == Method::HEAD;
     let asked = tokio::time::Instant::now();
@@ -740,7 +741,14 @@ struct Fetch {
     key: KeyHash,
     path: String,
     stage: Stage,
+    /// When the request that started this fetch arrived: its wait for an upstream slot ends in
+    /// time for that request to be answered 503 before its own wait timeout.
+    asked: tokio::time::Instant,
 }
+
+/// The part of a request's wait timeout left for answering it once a fetch found no upstream
+/// slot: a fifth of it, at most this long.
+const SLOT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A response over `max_body`: its head, what was read, and the rest still coming.
 struct Overflow {
@@ -820,8 +828,10 @@ impl Fetch {
             self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
                 .await;
         }
-        // Within the wait timeout, the longest any of this key's callers waits.
-        let until = tokio::time::Instant::now() + route.policy.wait_timeout;
+        // Within the wait timeout of the request that started the fetch, leaving it time to be
+        // answered 503 rather than reach its own deadline.
+        let wait = route.policy.wait_timeout;
+        let until = self.asked + wait - (wait / 5).min(SLOT_MARGIN);
         let Some(_slot) = (self.proxy.slots)
             .take(&route.name, route.policy.max_upstream_fetches, until)
             .await
