@@ -76,9 +76,12 @@ pub fn body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// One listener, ready to accept.
 pub struct Listener {
+    /// Already bound (tests bind port 0).
     listener: TcpListener,
+    /// What every request that passes the limits is handed to.
     app: Router,
     limits: Limits,
+    /// Where refusals and open connections are counted.
     metrics: Metrics,
 }
 
@@ -192,6 +195,7 @@ impl Open {
 
 /// What every connection of one listener shares.
 struct Shared {
+    /// The listener's router, cloned per request (cheap: an `Arc` inside).
     app: Router,
     limits: Limits,
     metrics: Metrics,
@@ -221,6 +225,7 @@ enum Phase {
 
 /// A connection's phase, updated by its reads and its requests, watched by its watchdog.
 struct Activity {
+    /// Where the connection is now, with the instant its idle or head-reading time started.
     phase: Mutex<Phase>,
     /// Wakes the watchdog when the phase changes.
     changed: Notify,
