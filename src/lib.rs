@@ -12,6 +12,8 @@
 //! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name file:line:column).
 //! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one engine
 //!   (or `Server::connect`, then `serve`, with a [`reload::Reloader`] taken in between).
+//! - [`connections`]: each listener's accept loop and the limits of one client connection
+//!   (connection count, slow or idle clients, head and body sizes); draining them at shutdown.
 //! - [`proxy`]: route match, key, policy, then the engine; the upstream client; responses with
 //!   `X-Cache` and `Cache-Status`.
 //! - [`key`]: request (or dictionary key) → canonical length-prefixed bytes → BLAKE3 digest, the only
@@ -45,6 +47,7 @@
 pub mod admin;
 pub mod bus;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod engine;
 pub mod envelope;

@@ -60,6 +60,18 @@ pub const REFRESH_REASONS: [&str; 2] = ["stale", "early"];
 /// The `result` label of `corral_background_refreshes_total`.
 pub const REFRESH_RESULTS: [&str; 4] = ["stored", "failed", "uncacheable", "abandoned"];
 
+/// The `limit` label of `corral_limit_rejections_total`: which limit refused a connection or a
+/// request.
+pub const LIMITS: [&str; 7] = [
+    "connections",
+    "header_read_timeout",
+    "uri_length",
+    "headers",
+    "request_body",
+    "followers",
+    "upstream_fetches",
+];
+
 /// The engine's metrics; cheap to clone (every field is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -131,6 +143,10 @@ pub struct Metrics {
     /// stored copy, by route, why (`stale`: stale-while-revalidate; `early`: early refresh) and
     /// result (`stored`, `failed`, `uncacheable`, `abandoned`).
     pub background_refreshes: IntCounterVec,
+    /// Connections and requests refused by a limit, by limit (see [`LIMITS`]).
+    pub limit_rejections: IntCounterVec,
+    /// Client connections open right now, both listeners together.
+    pub connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -345,6 +361,15 @@ impl Metrics {
                 "Refreshes run in the background under the lease, by route, reason and result.",
                 &["route", "reason", "result"],
             ),
+            limit_rejections: counter_vec(
+                "corral_limit_rejections_total",
+                "Connections and requests refused by a limit, by limit.",
+                &["limit"],
+            ),
+            connections_open: gauge(
+                "corral_connections_open",
+                "Client connections open right now on the public and admin listeners.",
+            ),
             registry,
         };
         for event in LEASE_EVENTS {
@@ -363,7 +388,15 @@ impl Metrics {
             metrics.purges.with_label_values(&[form]);
             metrics.purged_keys.with_label_values(&[form]);
         }
+        for limit in LIMITS {
+            metrics.limit_rejections.with_label_values(&[limit]);
+        }
         metrics
+    }
+
+    /// Counts one connection or request refused by `limit` (one of [`LIMITS`]).
+    pub fn limit_rejected(&self, limit: &str) {
+        self.limit_rejections.with_label_values(&[limit]).inc();
     }
 
     /// Creates a route's series at zero: every outcome and status class, its wait timeouts, its

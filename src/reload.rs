@@ -7,7 +7,8 @@
 //! they started with (see [`crate::proxy::Proxy::replace`]); no connection is dropped.
 //!
 //! Some settings are fixed for the life of the process: the listeners are bound, the store and bus
-//! are connected, and the namespace and L1 size shape what was built on them. When a reload changes
+//! are connected (with the `limits` they took), and the namespace and L1 size shape what was
+//! built on them. When a reload changes
 //! one of those, the log names it as needing a restart and the running value is kept; the rest of
 //! the file still applies.
 
@@ -116,6 +117,11 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
     if new.l1_max_bytes != running.l1_max_bytes {
         changed.push("l1.max_bytes");
         new.l1_max_bytes = running.l1_max_bytes;
+    }
+    // The listeners took their limits when they started.
+    if new.limits != running.limits {
+        changed.push("limits");
+        new.limits = running.limits.clone();
     }
     changed
 }

@@ -3,8 +3,7 @@
 //! Both take already-bound listeners and a shutdown future, so tests bind port 0 and production
 //! passes ctrl-c.
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +13,17 @@ use tokio::sync::watch;
 use crate::admin::Phase;
 use crate::bus::memory::MemoryBusHub;
 use crate::config::{BusSettings, Config, StoreSettings};
+use crate::connections::Listener;
 use crate::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::store::memory::MemoryStore;
 
-/// How long running builds get to abandon their leases at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long running builds get to abandon their leases at shutdown (a store call each).
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+/// How long connections still open after the engine closed get to deliver their last answers.
+const LAST_WORDS: Duration = Duration::from_secs(1);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +93,16 @@ impl Server {
         Some(Reloader::new(self.proxy.clone(), path))
     }
 
-    /// Serves both listeners until `shutdown` completes, then gives running builds
-    /// a few seconds (`SHUTDOWN_GRACE`) to let go of their leases.
+    /// Serves both listeners until `shutdown` completes, then drains, every step bounded:
+    ///
+    /// 1. `/readyz` answers 503 and the public listener stops accepting (its socket closes, so new
+    ///    connections are refused); idle connections close at once, busy ones after their
+    ///    answer.
+    /// 2. Requests in flight get `limits.shutdown_grace` to finish.
+    /// 3. The engine closes: every lease still held is abandoned (other replicas' followers
+    ///    re-elect at once rather than after `lease_ttl`) and requests still waiting get 503.
+    /// 4. Connections still open get [`LAST_WORDS`] to deliver those answers, then are closed;
+    ///    the admin listener closes last.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -99,6 +110,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Server { engine, proxy } = self;
+        let limits = proxy.config().limits.clone();
         let (stop, stopped) = watch::channel(false);
         // Weak: a server that stopped on its own must not be kept alive by a shutdown never sent.
         let serving = Arc::downgrade(&proxy);
@@ -109,22 +121,44 @@ impl Server {
             }
             stop.send_replace(true);
         });
-        let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        };
-        let public = axum::serve(
+        let metrics = engine.metrics().clone();
+        let public = Listener::new(
             listener,
-            crate::proxy::app(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(until_stopped(stopped.clone()));
+            crate::proxy::app(proxy.clone()),
+            limits.clone(),
+            metrics.clone(),
+        );
         // The config is loaded and both listeners are bound: from here `/readyz` asks the store and bus.
         proxy.lifecycle.enter(Phase::Serving);
-        let admin = axum::serve(admin, crate::admin::app(proxy))
-            .with_graceful_shutdown(until_stopped(stopped));
-        let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
-        engine.close(SHUTDOWN_GRACE).await;
-        public?;
-        admin?;
+        // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.
+        let (admin_stop, admin_stopped) = watch::channel(false);
+        let admin = tokio::spawn(
+            Listener::new(
+                admin,
+                crate::admin::app(proxy.clone()),
+                limits.clone(),
+                metrics,
+            )
+            .serve(admin_stopped),
+        );
+        let mut open = public.serve(stopped).await;
+        if !open.closed_within(limits.shutdown_grace).await {
+            tracing::warn!(
+                connections = open.len(),
+                grace = ?limits.shutdown_grace,
+                "requests still in flight at the end of the shutdown grace; abandoning their leases"
+            );
+        }
+        engine.close(CLOSE_BOUND).await;
+        if !open.closed_within(LAST_WORDS).await {
+            open.close().await;
+        }
+        admin_stop.send_replace(true);
+        if let Ok(mut admin) = admin.await
+            && !admin.closed_within(LAST_WORDS).await
+        {
+            admin.close().await;
+        }
         Ok(())
     }
 }

@@ -9,7 +9,8 @@ use std::fmt::Write;
 
 use super::units::{format_duration, format_size};
 use super::{
-    Beta, BusSettings, Config, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings, VaryMode,
+    Beta, BusSettings, Config, Limits, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings,
+    VaryMode,
 };
 use crate::engine::ExpiryMode;
 
@@ -48,6 +49,57 @@ pub fn describe(config: &Config) -> String {
         bytes => format_size(bytes),
     };
     line(&mut out, "l1.max_bytes", &l1);
+    // Limits are shown only where they differ from the defaults, so the common case stays short.
+    let (limits, d) = (&config.limits, Limits::default());
+    let counts = [
+        ("max_connections", limits.max_connections, d.max_connections),
+        (
+            "max_header_count",
+            limits.max_header_count,
+            d.max_header_count,
+        ),
+    ];
+    let sizes = [
+        (
+            "max_header_bytes",
+            limits.max_header_bytes as u64,
+            d.max_header_bytes as u64,
+        ),
+        (
+            "max_uri_length",
+            limits.max_uri_length as u64,
+            d.max_uri_length as u64,
+        ),
+        (
+            "max_request_body",
+            limits.max_request_body,
+            d.max_request_body,
+        ),
+    ];
+    let durations = [
+        (
+            "header_read_timeout",
+            limits.header_read_timeout,
+            d.header_read_timeout,
+        ),
+        ("idle_timeout", limits.idle_timeout, d.idle_timeout),
+        ("shutdown_grace", limits.shutdown_grace, d.shutdown_grace),
+    ];
+    for (name, value, default) in counts {
+        if value != default {
+            line(&mut out, &format!("limits.{name}"), &value);
+        }
+    }
+    for (name, value, default) in sizes {
+        if value != default {
+            line(&mut out, &format!("limits.{name}"), &format_size(value));
+        }
+    }
+    for (name, value, default) in durations {
+        if value != default {
+            line(&mut out, &format!("limits.{name}"), &format_duration(value));
+        }
+    }
     for route in &config.routes {
         out.push('\n');
         describe_route(&mut out, route);
@@ -77,6 +129,18 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "upstream", &route.upstream);
     if route.upstream_http2 {
         line(out, "upstream_http2", &true);
+    }
+    // Shown only when set, like the limits; they apply to pass-through routes too.
+    let defaults = super::RoutePolicy::default();
+    if route.policy.max_upstream_fetches != defaults.max_upstream_fetches {
+        line(
+            out,
+            "max_upstream_fetches",
+            &route.policy.max_upstream_fetches,
+        );
+    }
+    if route.cache && route.policy.max_followers != defaults.max_followers {
+        line(out, "max_followers", &route.policy.max_followers);
     }
     if !route.cache {
         line(out, "cache", &"false (pass-through)");

@@ -60,6 +60,49 @@ pub struct Config {
     pub l1_max_bytes: u64,
     /// First match wins.
     pub routes: Vec<Route>,
+    /// What one client connection may ask of the listeners, and how long shutdown drains.
+    pub limits: Limits,
+}
+
+/// The listeners' limits (`limits:`): every connection and request head is bounded, so a slow or
+/// hostile client costs a bounded amount of memory and time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections per listener; a connection beyond it is answered 503 and closed
+    /// at once, never queued.
+    pub max_connections: usize,
+    /// From a request's first byte to its last header line; a client slower than this (a
+    /// slowloris trickle) is disconnected.
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may sit with no request before it is closed.
+    pub idle_timeout: Duration,
+    /// Header fields in one request head; beyond: 431.
+    pub max_header_count: usize,
+    /// Bytes of header fields in one request head (names, values and their separators); beyond: 431.
+    pub max_header_bytes: usize,
+    /// Bytes of the request target (path and query); beyond: 414.
+    pub max_uri_length: usize,
+    /// Bytes of a request body on any route, counted as it streams; beyond: 413.
+    pub max_request_body: u64,
+    /// On SIGTERM or SIGINT: how long requests in flight may take to finish before every lease
+    /// still held is abandoned and the remaining connections are closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    /// The values `limits:` takes when the file leaves them out.
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_count: 100,
+            max_header_bytes: 16 << 10,
+            max_uri_length: 8 << 10,
+            max_request_body: 16 << 20,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +237,13 @@ pub struct RoutePolicy {
     /// Early refresh (probabilistic early expiration): a hit may refresh a fresh answer in the
     /// background before it expires. `None`: off.
     pub early_refresh: Option<Beta>,
+    /// Requests that may wait on one key's fetch on one replica besides the one that started it;
+    /// beyond: a stale copy if the store has one, else 503 with `Retry-After`.
+    pub max_followers: usize,
+    /// Upstream requests of this route in flight at once on one replica (fetches under the lease,
+    /// a request's own fetches and pass-throughs alike); beyond, a request waits for a slot within
+    /// its wait timeout, then gets 503.
+    pub max_upstream_fetches: usize,
 }
 
 /// How a route treats a response whose `Vary` names request headers outside its key.
@@ -250,6 +300,8 @@ impl Default for RoutePolicy {
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             early_refresh: None,
+            max_followers: 10_000,
+            max_upstream_fetches: 512,
         }
     }
 }

@@ -27,6 +27,21 @@ pub struct File {
     pub l1: Option<Spanned<L1File>>,
     pub defaults: Option<Spanned<PolicyFile>>,
     pub routes: Option<Spanned<Vec<Spanned<RouteFile>>>>,
+    pub limits: Option<Spanned<LimitsFile>>,
+}
+
+/// `limits:`: what one client connection may ask of the listener, and how shutdown drains.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_connections: Option<Text>,
+    pub header_read_timeout: Option<Text>,
+    pub idle_timeout: Option<Text>,
+    pub max_header_count: Option<Text>,
+    pub max_header_bytes: Option<Text>,
+    pub max_uri_length: Option<Text>,
+    pub max_request_body: Option<Text>,
+    pub shutdown_grace: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +92,8 @@ pub struct PolicyFile {
     pub stale_while_revalidate: Option<Text>,
     pub stale_if_error: Option<Text>,
     pub early_refresh: Option<Text>,
+    pub max_followers: Option<Text>,
+    pub max_upstream_fetches: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +128,8 @@ pub struct RouteFile {
     pub stale_while_revalidate: Option<Text>,
     pub stale_if_error: Option<Text>,
     pub early_refresh: Option<Text>,
+    pub max_followers: Option<Text>,
+    pub max_upstream_fetches: Option<Text>,
 }
 
 impl RouteFile {
@@ -137,6 +156,8 @@ impl RouteFile {
             stale_while_revalidate: self.stale_while_revalidate.clone(),
             stale_if_error: self.stale_if_error.clone(),
             early_refresh: self.early_refresh.clone(),
+            max_followers: self.max_followers.clone(),
+            max_upstream_fetches: self.max_upstream_fetches.clone(),
         }
     }
 }

@@ -419,9 +419,9 @@ fn unknown_fields_are_all_reported_at_their_keys() {
     assert_eq!(
         problems(text),
         [
-            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes)",
+            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -1128,4 +1128,82 @@ fn stale_windows_on_a_sliding_route_are_refused() {
     );
     let absolute = parse_ok(&with_route("", "    stale_if_error: 1h\n"));
     assert_eq!(absolute.routes[0].policy.stale_if_error, secs(3600));
+}
+
+// ----- limits
+
+#[test]
+fn limits_take_production_defaults_and_each_can_be_set() {
+    assert_eq!(parse_ok(MINIMAL).limits, Limits::default());
+    let config = parse_ok(&with_route(
+        "limits:\n  max_connections: 50\n  header_read_timeout: 2s\n  idle_timeout: 30s\n  \
+         max_header_count: 20\n  max_header_bytes: 4KiB\n  max_uri_length: 2KiB\n  \
+         max_request_body: 1MiB\n  shutdown_grace: 3s\n",
+        "    max_followers: 7\n    max_upstream_fetches: 3\n",
+    ));
+    assert_eq!(
+        config.limits,
+        Limits {
+            max_connections: 50,
+            header_read_timeout: secs(2),
+            idle_timeout: secs(30),
+            max_header_count: 20,
+            max_header_bytes: 4096,
+            max_uri_length: 2048,
+            max_request_body: 1 << 20,
+            shutdown_grace: secs(3),
+        }
+    );
+    assert_eq!(config.routes[0].policy.max_followers, 7);
+    assert_eq!(config.routes[0].policy.max_upstream_fetches, 3);
+}
+
+#[test]
+fn route_limits_inherit_from_defaults() {
+    let config = parse_ok(&with_route(
+        "defaults: {max_followers: 9, max_upstream_fetches: 4}\n",
+        "",
+    ));
+    assert_eq!(config.routes[0].policy.max_followers, 9);
+    assert_eq!(config.routes[0].policy.max_upstream_fetches, 4);
+}
+
+#[test]
+fn bad_limits_are_reported_at_their_values() {
+    let text = with_route(
+        "limits:\n  max_connections: 0\n  header_read_timeout: soon\n  max_header_count: 20000\n  \
+         max_uri_length: 2GiB\n  max_request_body: 0\n",
+        "    max_followers: many\n",
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            "corral.yaml:2:20: limits.max_connections: must be above zero",
+            "corral.yaml:3:24: limits.header_read_timeout: invalid duration \"soon\": expected number at 0",
+            "corral.yaml:4:21: limits.max_header_count: 20000 is above the most this limit may be, 10000",
+            "corral.yaml:5:19: limits.max_uri_length: 2GiB is above the most this limit may be, 1MiB",
+            "corral.yaml:6:21: limits.max_request_body: must be above zero",
+            "corral.yaml:11:20: routes[0].max_followers: invalid count \"many\" (expected a whole number above zero)",
+        ]
+    );
+}
+
+#[test]
+fn check_shows_the_limits_that_differ_from_the_defaults() {
+    let unset = super::describe(&parse_ok(&with_route("", "")));
+    assert!(!unset.contains("limits."), "{unset}");
+    assert!(!unset.contains("max_followers"), "{unset}");
+    let set = super::describe(&parse_ok(&with_route(
+        "limits: {max_connections: 5, max_uri_length: 2KiB, shutdown_grace: 3s}\n",
+        "    max_followers: 7\n    max_upstream_fetches: 2\n",
+    )));
+    for shown in [
+        "limits.max_connections  5\n",
+        "limits.max_uri_length   2KiB\n",
+        "limits.shutdown_grace   3s\n",
+        "  max_upstream_fetches  2\n",
+        "  max_followers         7\n",
+    ] {
+        assert!(set.contains(shown), "{shown:?} not in:\n{set}");
+    }
 }

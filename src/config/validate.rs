@@ -10,12 +10,12 @@ use marked_yaml::Spanned;
 use regex::Regex;
 
 use super::schema::{
-    BackendFile, File, KeyFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text,
+    BackendFile, File, KeyFile, LimitsFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text,
 };
 use super::units::{self, format_duration};
 use super::{
-    AdminSettings, Beta, BusSettings, Config, KeyRules, OnWaitTimeout, PathMatch, Place, Problems,
-    QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings, VaryMode,
+    AdminSettings, Beta, BusSettings, Config, KeyRules, Limits, OnWaitTimeout, PathMatch, Place,
+    Problems, QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings, VaryMode,
 };
 use crate::engine::ExpiryMode;
 
@@ -117,6 +117,49 @@ enum Invalid {
     EarlyRefresh(String),
     #[error("needs expiry: absolute (a sliding entry is never stale, so it has no stale window)")]
     StaleWithSliding,
+    #[error("invalid count {0:?} (expected a whole number above zero)")]
+    Count(String),
+    #[error("{value} is above the most this limit may be, {most}")]
+    AboveMost { value: String, most: String },
+}
+
+/// The most header fields `limits.max_header_count` may allow (each is parsed into a slot
+/// allocated up front).
+const MAX_HEADER_COUNT: usize = 10_000;
+/// The most bytes `limits.max_header_bytes` and `limits.max_uri_length` may allow: a request head
+/// is buffered whole in memory before it is parsed.
+const MAX_HEAD_BYTES: usize = 1 << 20;
+
+/// A whole number above zero.
+fn count(text: &str) -> Result<usize, Invalid> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err(Invalid::Zero),
+        Ok(n) => Ok(n),
+        Err(_) => Err(Invalid::Count(text.to_string())),
+    }
+}
+
+/// A whole number above zero and at most `most`.
+fn bounded_count(text: &str, most: usize) -> Result<usize, Invalid> {
+    match count(text)? {
+        n if n > most => Err(Invalid::AboveMost {
+            value: n.to_string(),
+            most: most.to_string(),
+        }),
+        n => Ok(n),
+    }
+}
+
+/// A size above zero and at most `most` bytes.
+fn bounded_size(text: &str, most: usize) -> Result<usize, Invalid> {
+    match size(text)? {
+        0 => Err(Invalid::Zero),
+        n if n > most as u64 => Err(Invalid::AboveMost {
+            value: units::format_size(n),
+            most: units::format_size(most as u64),
+        }),
+        n => Ok(n as usize),
+    }
 }
 
 /// Checks `file` into a [`Config`]; `None` when anything is wrong (every reason is in `problems`).
@@ -178,6 +221,8 @@ struct Layer {
     stale_while_revalidate: Option<Set<Duration>>,
     stale_if_error: Option<Set<Duration>>,
     early_refresh: Option<Set<Option<Beta>>>,
+    max_followers: Option<Set<usize>>,
+    max_upstream_fetches: Option<Set<usize>>,
 }
 
 impl Layer {
@@ -207,6 +252,8 @@ impl Layer {
             stale_while_revalidate: or(self.stale_while_revalidate, &base.stale_while_revalidate),
             stale_if_error: or(self.stale_if_error, &base.stale_if_error),
             early_refresh: or(self.early_refresh, &base.early_refresh),
+            max_followers: or(self.max_followers, &base.max_followers),
+            max_upstream_fetches: or(self.max_upstream_fetches, &base.max_upstream_fetches),
         }
     }
 
@@ -241,6 +288,8 @@ impl Layer {
             stale_while_revalidate: get(&self.stale_while_revalidate, d.stale_while_revalidate),
             stale_if_error: get(&self.stale_if_error, d.stale_if_error),
             early_refresh: get(&self.early_refresh, d.early_refresh),
+            max_followers: get(&self.max_followers, d.max_followers),
+            max_upstream_fetches: get(&self.max_upstream_fetches, d.max_upstream_fetches),
         }
     }
 }
@@ -363,6 +412,10 @@ impl Checker<'_> {
         };
         let nats_store = matches!(store, Some(StoreSettings::Nats { .. }));
         let routes = self.routes(file, nats_store);
+        let limits = match file.limits.as_deref() {
+            None => Some(Limits::default()),
+            Some(limits) => self.limits(limits),
+        };
         Some(Config {
             source: None,
             listen: public?,
@@ -372,6 +425,74 @@ impl Checker<'_> {
             bus: bus?,
             l1_max_bytes: l1_max_bytes?,
             routes: routes?,
+            limits: limits?,
+        })
+    }
+
+    // ----- limits
+
+    fn limits(&mut self, file: &LimitsFile) -> Option<Limits> {
+        let d = Limits::default();
+        let max_connections = self.or_default(
+            &file.max_connections,
+            "limits.max_connections",
+            d.max_connections,
+            count,
+        );
+        let header_read_timeout = self.or_default(
+            &file.header_read_timeout,
+            "limits.header_read_timeout",
+            d.header_read_timeout,
+            positive_duration,
+        );
+        let idle_timeout = self.or_default(
+            &file.idle_timeout,
+            "limits.idle_timeout",
+            d.idle_timeout,
+            positive_duration,
+        );
+        let max_header_count = self.or_default(
+            &file.max_header_count,
+            "limits.max_header_count",
+            d.max_header_count,
+            |t| bounded_count(t, MAX_HEADER_COUNT),
+        );
+        let max_header_bytes = self.or_default(
+            &file.max_header_bytes,
+            "limits.max_header_bytes",
+            d.max_header_bytes,
+            |t| bounded_size(t, MAX_HEAD_BYTES),
+        );
+        let max_uri_length = self.or_default(
+            &file.max_uri_length,
+            "limits.max_uri_length",
+            d.max_uri_length,
+            |t| bounded_size(t, MAX_HEAD_BYTES),
+        );
+        let max_request_body = self.or_default(
+            &file.max_request_body,
+            "limits.max_request_body",
+            d.max_request_body,
+            |t| match size(t)? {
+                0 => Err(Invalid::Zero),
+                n => Ok(n),
+            },
+        );
+        let shutdown_grace = self.or_default(
+            &file.shutdown_grace,
+            "limits.shutdown_grace",
+            d.shutdown_grace,
+            positive_duration,
+        );
+        Some(Limits {
+            max_connections: max_connections?,
+            header_read_timeout: header_read_timeout?,
+            idle_timeout: idle_timeout?,
+            max_header_count: max_header_count?,
+            max_header_bytes: max_header_bytes?,
+            max_uri_length: max_uri_length?,
+            max_request_body: max_request_body?,
+            shutdown_grace: shutdown_grace?,
         })
     }
 
@@ -745,6 +866,12 @@ impl Checker<'_> {
             ),
             stale_if_error: self.value(&file.stale_if_error, &p("stale_if_error"), duration),
             early_refresh: self.value(&file.early_refresh, &p("early_refresh"), early_refresh),
+            max_followers: self.value(&file.max_followers, &p("max_followers"), count),
+            max_upstream_fetches: self.value(
+                &file.max_upstream_fetches,
+                &p("max_upstream_fetches"),
+                count,
+            ),
         }
     }
 

@@ -311,6 +311,9 @@ where
             },
             EngineError::Store(error) => DictionaryError::Store(error),
             EngineError::Closed => DictionaryError::Closed,
+            // A dictionary sets no follower limit, so this does not happen; if it did, the caller
+            // got no value in the time it had.
+            EngineError::TooManyFollowers { .. } => DictionaryError::Timeout(Duration::ZERO),
         }
     }
 }

@@ -153,6 +153,9 @@ async fn run(
                     };
                 }
                 fallback = (since < entry.stale_if_error).then_some(entry);
+                if let Some(stale) = &fallback {
+                    flight.keep_stale(Arc::new(stale.clone()));
+                }
                 Ok(match refresh {
                     Refresh::Lead { fence } => Acquired::Lead { fence },
                     Refresh::Elsewhere { lease_left } => Acquired::Wait { lease_left },

@@ -95,6 +95,9 @@ pub(crate) struct Flight {
     /// Set when a delete or purge of this key was seen during the flight: what it read before that
     /// must not enter the L1.
     pub invalidated: AtomicBool,
+    /// A stored copy past its freshness that the flight found (inside its stale-if-error window),
+    /// for callers refused by `max_followers`.
+    pub stale: Mutex<Option<Arc<Entry>>>,
 }
 
 impl Flight {
@@ -119,6 +122,16 @@ impl Flight {
     pub fn is_invalidated(&self) -> bool {
         self.invalidated.load(Ordering::SeqCst)
     }
+
+    /// Keeps the stale copy the flight found.
+    pub fn keep_stale(&self, entry: Arc<Entry>) {
+        *self.stale.lock().expect("stale lock") = Some(entry);
+    }
+
+    /// The stale copy the flight found, if any.
+    pub fn stale(&self) -> Option<Arc<Entry>> {
+        self.stale.lock().expect("stale lock").clone()
+    }
 }
 
 impl Flight {
@@ -133,6 +146,7 @@ impl Flight {
             mailbox: Mutex::new(Mailbox::default()),
             wake: Notify::new(),
             invalidated: AtomicBool::new(false),
+            stale: Mutex::new(None),
         })
     }
 }
@@ -163,15 +177,26 @@ impl FlightTable {
             .expect("flight table lock")
     }
 
-    /// Joins the live flight for `key`, or creates one of `mode` owned by `caller`.
-    pub fn join(&self, key: KeyHash, mode: Mode, caller: u64) -> Ticket {
+    /// Joins the live flight for `key`, or creates one of `mode` owned by `caller`; `None` when
+    /// the live flight already has `max_followers` callers waiting besides its first.
+    pub fn join(
+        &self,
+        key: KeyHash,
+        mode: Mode,
+        caller: u64,
+        max_followers: usize,
+    ) -> Option<Ticket> {
         let mut shard = self.shard(&key);
         if let Some(flight) = shard.get(&key) {
-            return Ticket {
+            // Every waiting caller holds one receiver; the first caller's is not a follower's.
+            if flight.conclusion.receiver_count() > max_followers {
+                return None;
+            }
+            return Some(Ticket {
                 flight: flight.clone(),
                 receiver: flight.conclusion.subscribe(),
                 created: false,
-            };
+            });
         }
         let (conclusion, receiver) = watch::channel(None);
         let flight = Arc::new(Flight {
@@ -182,13 +207,14 @@ impl FlightTable {
             mailbox: Mutex::new(Mailbox::default()),
             wake: Notify::new(),
             invalidated: AtomicBool::new(false),
+            stale: Mutex::new(None),
         });
         shard.insert(key, flight.clone());
-        Ticket {
+        Some(Ticket {
             flight,
             receiver,
             created: true,
-        }
+        })
     }
 
     pub fn get(&self, key: &KeyHash) -> Option<Arc<Flight>> {

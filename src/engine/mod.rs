@@ -168,6 +168,9 @@ pub struct Policy {
     /// refresh a fresh value in the background, more likely the nearer its expiry; 1.0 is the
     /// usual beta, larger refreshes earlier. `None` waits for expiry.
     pub early_refresh: Option<f64>,
+    /// Callers that may wait on one key's flight besides the one that started it; a caller beyond
+    /// gets [`EngineError::TooManyFollowers`] at once.
+    pub max_followers: usize,
 }
 
 impl Default for Policy {
@@ -180,6 +183,7 @@ impl Default for Policy {
             poll_interval: Duration::from_secs(1),
             pass_ttl: Duration::from_secs(120),
             early_refresh: None,
+            max_followers: usize::MAX,
         }
     }
 }
@@ -258,6 +262,10 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("the engine is closed")]
     Closed,
+    /// The key's flight already has `max_followers` waiting; `stale` is a stored copy past its
+    /// freshness that the flight found, if any, for the caller to serve instead.
+    #[error("too many requests are waiting for this key")]
+    TooManyFollowers { stale: Option<Arc<Entry>> },
 }
 
 /// Shared state of one engine.
@@ -420,7 +428,10 @@ impl Engine {
         // A build caller that joined a read flight retries once that flight ends empty; bounded
         // by the deadline and by this count.
         for _ in 0..8 {
-            let ticket = inner.flights.join(*key, mode, caller);
+            let Some(ticket) = inner.flights.join(*key, mode, caller, policy.max_followers) else {
+                let stale = inner.flights.get(key).and_then(|flight| flight.stale());
+                return Err(EngineError::TooManyFollowers { stale });
+            };
             if ticket.created {
                 self.spawn_driver(&ticket, policy.clone(), builder.clone())
                     .await;

@@ -26,6 +26,7 @@
 mod authority;
 mod respond;
 mod retire;
+mod slots;
 mod upstream;
 mod variant;
 
@@ -55,6 +56,7 @@ use crate::policy::{
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
+use slots::UpstreamSlots;
 pub(crate) use upstream::error_chain;
 use upstream::{Buffered, Upstream, target};
 use variant::Stage;
@@ -78,6 +80,8 @@ pub struct Proxy {
     live: RwLock<Arc<Snapshot>>,
     /// Whether the server serves its config yet (or is shutting down), for `/readyz`.
     pub lifecycle: crate::admin::Lifecycle,
+    /// Each route's upstream requests in flight on this replica (`max_upstream_fetches`).
+    slots: UpstreamSlots,
 }
 
 /// Exports every route's series at zero from the start, so dashboards and rates see a route's
@@ -108,6 +112,7 @@ impl Snapshot {
                 pass_ttl: route.policy.pass_ttl,
                 label: route.name.as_str().into(),
                 early_refresh: route.policy.early_refresh.map(|beta| beta.0),
+                max_followers: route.policy.max_followers,
             })
             .collect();
         Self { config, policies }
@@ -122,6 +127,7 @@ impl Proxy {
             upstream: Upstream::new(CONNECT_TIMEOUT),
             live: RwLock::new(Arc::new(Snapshot::new(config))),
             lifecycle: crate::admin::Lifecycle::new(),
+            slots: UpstreamSlots::default(),
         }
     }
 
@@ -422,6 +428,7 @@ async fn answer(
                     "request-timeout",
                 );
             }
+            Ok(Err(BodyRead::TooLarge)) => return body_too_large(),
             Ok(Err(BodyRead::Broken)) => {
                 return plain(
                     StatusCode::BAD_REQUEST,
@@ -478,6 +485,7 @@ async fn answer(
         key: key.hash,
         path: parts.uri.path().to_owned(),
         stage: Stage::Primary,
+        asked: tokio::time::Instant::now(),
     });
     let head = parts.method == Method::HEAD;
     let asked = tokio::time::Instant::now();
@@ -584,6 +592,23 @@ async fn answer(
             Outcome::Bypass,
             "shutting-down",
         ),
+        Err(EngineError::TooManyFollowers { stale }) => {
+            proxy.engine.metrics().limit_rejected("followers");
+            match stale {
+                Some(entry) => from_entry(
+                    &entry,
+                    Outcome::Stale,
+                    false,
+                    Some("max-followers"),
+                    Some(age(&entry)),
+                    head,
+                ),
+                None => busy(
+                    "corral: too many requests are waiting for this answer\n",
+                    "max-followers",
+                ),
+            }
+        }
         Err(error) => plain(
             StatusCode::BAD_GATEWAY,
             format!("corral: {error}\n"),
@@ -621,12 +646,20 @@ enum BodyRead {
     Oversized { prefix: Bytes, rest: Body },
     /// The client's body failed mid-way; a partial body must never become a key.
     Broken,
+    /// The body grew past the listener's `max_request_body`.
+    TooLarge,
 }
 
 async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, BodyRead> {
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| BodyRead::Broken)?;
+        let frame = frame.map_err(|error| {
+            if crate::connections::body_too_large(&error) {
+                BodyRead::TooLarge
+            } else {
+                BodyRead::Broken
+            }
+        })?;
         if let Ok(data) = frame.into_data() {
             read.extend_from_slice(&data);
             if read.len() as u64 > limit {
@@ -669,6 +702,21 @@ impl Direct<'_> {
         } else {
             body
         };
+        let policy = &self.route.policy;
+        let until = tokio::time::Instant::now() + policy.wait_timeout;
+        let Some(slot) = (self.proxy.slots)
+            .take(&self.route.name, policy.max_upstream_fetches, until)
+            .await
+        else {
+            self.proxy
+                .engine
+                .metrics()
+                .limit_rejected("upstream_fetches");
+            return busy(
+                "corral: too many requests to this upstream at once\n",
+                "max-upstream-fetches",
+            );
+        };
         // The response head must come within max_fetch; the body then streams for as long as it
         // takes, as it would without a proxy.
         let asked = tokio::time::Instant::now();
@@ -702,6 +750,8 @@ impl Direct<'_> {
         match sent {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
+                // The slot is held until the answer has streamed through.
+                let body = crate::connections::Guarded { body, guard: slot };
                 respond::finish(
                     parts.status,
                     parts.headers,
@@ -711,6 +761,7 @@ impl Direct<'_> {
                     Some(reason),
                 )
             }
+            Err(upstream::UpstreamError::RequestBodyTooLarge) => body_too_large(),
             Err(error) => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {error}\n"),
@@ -739,7 +790,14 @@ struct Fetch {
     key: KeyHash,
     path: String,
     stage: Stage,
+    /// When the request that started this fetch arrived: its wait for an upstream slot ends in
+    /// time for that request to be answered 503 before its own wait timeout.
+    asked: tokio::time::Instant,
 }
+
+/// The part of a request's wait timeout left for answering it once a fetch found no upstream
+/// slot: a fifth of it, at most this long.
+const SLOT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A response over `max_body`: its head, what was read, and the rest still coming.
 struct Overflow {
@@ -819,6 +877,23 @@ impl Fetch {
             self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
                 .await;
         }
+        // Within the wait timeout of the request that started the fetch, leaving it time to be
+        // answered 503 rather than reach its own deadline.
+        let wait = route.policy.wait_timeout;
+        let until = self.asked + wait - (wait / 5).min(SLOT_MARGIN);
+        let Some(_slot) = (self.proxy.slots)
+            .take(&route.name, route.policy.max_upstream_fetches, until)
+            .await
+        else {
+            self.proxy
+                .engine
+                .metrics()
+                .limit_rejected("upstream_fetches");
+            return Err(BuildError::with_response(
+                "too many requests to this upstream at once",
+                busy_entry("corral: too many requests to this upstream at once\n"),
+            ));
+        };
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -985,6 +1060,49 @@ fn unreachable_error(message: String) -> BuildError {
             fetch_time: Duration::ZERO,
             key: KeyHash::from_bytes([0; 32]),
         },
+    )
+}
+
+/// 503 with `Retry-After`: a limit of this replica refused the request; another try, here or on
+/// another replica, may succeed.
+fn busy(text: &'static str, detail: &str) -> Response<Body> {
+    let mut response = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        text.into(),
+        Outcome::Bypass,
+        detail,
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// [`busy`] as the failure every caller of a flight gets.
+fn busy_entry(text: &'static str) -> Entry {
+    let mut entry = entry(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &HeaderMap::new(),
+        Bytes::from_static(text.as_bytes()),
+        Duration::ZERO,
+    );
+    entry.headers.push((
+        "content-type".to_owned(),
+        Bytes::from_static(b"text/plain; charset=utf-8"),
+    ));
+    entry
+        .headers
+        .push(("retry-after".to_owned(), Bytes::from_static(b"1")));
+    entry
+}
+
+/// 413: the request body grew past the listener's `max_request_body` while it streamed.
+fn body_too_large() -> Response<Body> {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "corral: the request body is too large\n".into(),
+        Outcome::Bypass,
+        "request-too-large",
     )
 }
 

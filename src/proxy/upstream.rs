@@ -36,6 +36,10 @@ pub enum UpstreamError {
     Body(String),
     #[error("upstream response framing is ambiguous: {0}")]
     Framing(&'static str),
+    /// The client's request body grew past the listener's `max_request_body` while it was being
+    /// sent on.
+    #[error("the request body is too large")]
+    RequestBodyTooLarge,
 }
 
 /// A response read up to a limit.
@@ -95,10 +99,13 @@ impl Upstream {
             request.headers_mut().insert(http::header::HOST, host);
         }
         let client = if http2 { &self.http2 } else { &self.http1 };
-        let mut response = client
-            .request(request)
-            .await
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        let mut response = client.request(request).await.map_err(|e| {
+            if crate::connections::body_too_large(&e) {
+                UpstreamError::RequestBodyTooLarge
+            } else {
+                UpstreamError::Unreachable(error_chain(&e))
+            }
+        })?;
         // Two lengths let two parsers read two different bodies (RFC 9112 section 6.1 calls it a
         // likely smuggling attempt): the answer is refused, and its connection carries nothing
         // more (hyper would pool it: the chunked body it read was complete).

@@ -129,6 +129,7 @@ impl Fetch {
             key: self.key,
             path: self.path.clone(),
             stage: Stage::Variant(names),
+            asked: self.asked,
         }
     }
 

@@ -144,6 +144,37 @@ impl CorralServe {
     pub fn output(&self) -> String {
         read_lossy(&self.output)
     }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to this process, by its own PID, while it is
+    /// unreaped; answers whether it was sent.
+    pub fn signal(&mut self, signal: libc::c_int) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        let pid = libc::pid_t::try_from(self.pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on our own unreaped child's PID; no memory is involved.
+        unsafe { libc::kill(pid, signal) == 0 }
+    }
+
+    /// Waits up to `within` for the process to exit; its status, or `None` if it still runs.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Deadline::after(within);
+        let max_probes = within.as_millis() / READY_POLL.as_millis() + 1;
+        for _ in 0..max_probes {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if deadline.expired() {
+                return None;
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        None
+    }
 }
 
 impl Drop for CorralServe {
