@@ -60,6 +60,29 @@ pub struct Config {
     pub l1_max_bytes: u64,
     /// First match wins.
     pub routes: Vec<Route>,
+    /// How long store calls may take, and the store's circuit breaker.
+    pub store_limits: StoreLimits,
+}
+
+/// The limits of store calls (`store.timeout`, `store.connect_timeout`, `store.breaker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Longest wait for one store command's answer; past it the call is a timeout (and, with
+    /// others in a row, opens the breaker).
+    pub timeout: Duration,
+    /// Longest wait for a connection to the store, at start and for each reconnect.
+    pub connect_timeout: Duration,
+    pub breaker: crate::store::breaker::BreakerSettings,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            timeout: crate::engine::DEFAULT_STORE_TIMEOUT,
+            connect_timeout: crate::engine::DEFAULT_STORE_CONNECT_TIMEOUT,
+            breaker: crate::store::breaker::BreakerSettings::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +217,9 @@ pub struct RoutePolicy {
     /// Early refresh (probabilistic early expiration): a hit may refresh a fresh answer in the
     /// background before it expires. `None`: off.
     pub early_refresh: Option<Beta>,
+    /// What a cacheable request gets while the store cannot be reached: `Open` degrades to one
+    /// fetch per key per replica, `Closed` answers 503.
+    pub on_store_error: crate::engine::OnStoreError,
 }
 
 /// How a route treats a response whose `Vary` names request headers outside its key.
@@ -250,6 +276,7 @@ impl Default for RoutePolicy {
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             early_refresh: None,
+            on_store_error: crate::engine::OnStoreError::Open,
         }
     }
 }

@@ -42,6 +42,20 @@ pub struct AdminFile {
 pub struct BackendFile {
     pub kind: Option<Text>,
     pub url: Option<Text>,
+    /// The store's command timeout (the store only).
+    pub timeout: Option<Text>,
+    /// The store's connect timeout (the store only).
+    pub connect_timeout: Option<Text>,
+    /// The store's circuit breaker (the store only).
+    pub breaker: Option<Spanned<BreakerFile>>,
+}
+
+/// `store.breaker: {failures: 5, open_for: 500ms}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFile {
+    pub failures: Option<Text>,
+    pub open_for: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +91,7 @@ pub struct PolicyFile {
     pub stale_while_revalidate: Option<Text>,
     pub stale_if_error: Option<Text>,
     pub early_refresh: Option<Text>,
+    pub on_store_error: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +126,7 @@ pub struct RouteFile {
     pub stale_while_revalidate: Option<Text>,
     pub stale_if_error: Option<Text>,
     pub early_refresh: Option<Text>,
+    pub on_store_error: Option<Text>,
 }
 
 impl RouteFile {
@@ -137,6 +153,7 @@ impl RouteFile {
             stale_while_revalidate: self.stale_while_revalidate.clone(),
             stale_if_error: self.stale_if_error.clone(),
             early_refresh: self.early_refresh.clone(),
+            on_store_error: self.on_store_error.clone(),
         }
     }
 }

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Failure, FailureCause, Inner, Policy, build, refresh};
+use super::{Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, orphans, refresh};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
@@ -102,10 +103,13 @@ async fn run(
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
-        let answer = match (flight.mode, builder) {
+        let (answer, timed_out) = match (flight.mode, builder) {
             (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
-            _ => peek(inner, &key, policy).await,
+            _ => (peek(inner, &key, policy).await, false),
         };
+        if answer.is_ok() {
+            orphans::release_after_answer(inner);
+        }
         if timer_woke {
             let found = !matches!(answer, Ok(Acquired::Wait { .. }));
             inner
@@ -164,10 +168,16 @@ async fn run(
         };
         match answer {
             Err(error) => {
-                tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
-                return match builder {
-                    Some(builder) => build::degraded(inner, flight, policy, builder).await,
-                    None => Conclusion::StoreDown(error),
+                if timed_out {
+                    // The ACQUIRE may still run on the server and leave a lease nobody holds.
+                    inner.orphans.remember(key, lease.token);
+                }
+                return match (builder, policy.on_store_error) {
+                    (Some(builder), OnStoreError::Open) => {
+                        tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
+                        build::degraded(inner, flight, policy, builder).await
+                    }
+                    _ => Conclusion::StoreDown(error),
                 };
             }
             Ok(Acquired::Hit { ttl_left, .. }) => {
@@ -322,14 +332,24 @@ fn jitter(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
+/// ACQUIRE, and whether any of its attempts timed out (and so may still run on the server).
 async fn acquire(
     inner: &Inner,
     key: &KeyHash,
     lease: &LeaseRequest,
     policy: &Policy,
-) -> Result<Acquired, StoreError> {
+) -> (Result<Acquired, StoreError>, bool) {
     let touch = policy.touch();
-    retrying(inner, "acquire", || inner.store.acquire(key, lease, touch)).await
+    let timed_out = AtomicBool::new(false);
+    let answer = retrying(inner, "acquire", || async {
+        let answer = inner.store.acquire(key, lease, touch).await;
+        if matches!(&answer, Err(error) if error.is_timeout()) {
+            timed_out.store(true, Ordering::Relaxed);
+        }
+        answer
+    })
+    .await;
+    (answer, timed_out.load(Ordering::Relaxed))
 }
 
 async fn peek(inner: &Inner, key: &KeyHash, policy: &Policy) -> Result<Acquired, StoreError> {
@@ -376,6 +396,7 @@ where
         Err(StoreError::Timeout { .. }) => "timeout",
         Err(StoreError::Unavailable(_)) => "unavailable",
         Err(StoreError::Protocol(_)) => "protocol",
+        Err(StoreError::CircuitOpen { .. }) => "circuit_open",
     };
     inner.metrics.store_call(op, label, started.elapsed());
     result
