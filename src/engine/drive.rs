@@ -37,6 +37,13 @@ use crate::store::{Acquired, LeaseRequest, Refresh, StoreError, Token};
 /// Corrupt values in a row after which a flight stops discarding and reports a miss.
 const CORRUPT_LIMIT: u32 = 3;
 
+/// How long a follower whose re-check failed waits before it looks again.
+const RECHECK_AFTER_ERROR: Duration = Duration::from_millis(100);
+
+/// Failed re-checks in a row a follower waits out before it degrades (the breaker usually opens
+/// first).
+const RECHECK_TRIES: u32 = 5;
+
 /// Margin after a lease's reported expiry before re-checking, so the store has really dropped it.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 
@@ -97,6 +104,10 @@ async fn run(
     };
     let mut waited = false;
     let mut timer_woke = false;
+    // Whether an ACQUIRE of this flight timed out (it may yet run on the server), and how many
+    // failed re-checks in a row a follower has waited out.
+    let mut acquire_timed_out = false;
+    let mut failed_rechecks = 0;
     let mut corrupt = 0;
     // A stale copy inside its stale-if-error window: the answer should this flight's refresh fail.
     let mut fallback: Option<Entry> = None;
@@ -107,8 +118,9 @@ async fn run(
             (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
             _ => (peek(inner, &key, policy).await, false),
         };
+        acquire_timed_out |= timed_out;
         if answer.is_ok() {
-            orphans::release_after_answer(inner);
+            failed_rechecks = 0;
         }
         if timer_woke {
             let found = !matches!(answer, Ok(Acquired::Wait { .. }));
@@ -167,10 +179,29 @@ async fn run(
             other => other,
         };
         match answer {
+            // A follower whose re-check failed keeps waiting a little and looks again: its leader
+            // elsewhere may still be fetching, and a store that blinked (a restart, a failover)
+            // should not cost a fetch per replica. Once the breaker says the store is down, or
+            // after a few tries, it degrades like anyone.
+            Err(error)
+                if waited
+                    && builder.is_some()
+                    && failed_rechecks < RECHECK_TRIES
+                    && !matches!(error, StoreError::CircuitOpen { .. }) =>
+            {
+                failed_rechecks += 1;
+                tracing::debug!(%key, %error, "re-check failed; looking again shortly");
+                match wait(inner, flight, policy, RECHECK_AFTER_ERROR).await {
+                    Wake::Unattended => return Conclusion::Unattended,
+                    Wake::Closing => return Conclusion::Closed,
+                    _ => timer_woke = false,
+                }
+            }
             Err(error) => {
-                if timed_out {
+                if acquire_timed_out {
                     // The ACQUIRE may still run on the server and leave a lease nobody holds.
                     inner.orphans.remember(key, lease.token);
+                    orphans::release_in_background(inner);
                 }
                 return match (builder, policy.on_store_error) {
                     (Some(builder), OnStoreError::Open) => {

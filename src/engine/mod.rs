@@ -680,10 +680,7 @@ impl Engine {
         let probe = KeyHash::from_bytes([0; 32]);
         let store =
             match tokio::time::timeout(READINESS_PROBE, self.inner.store.status(&probe)).await {
-                Ok(Ok(_)) => {
-                    orphans::release_after_answer(&self.inner);
-                    Ok(())
-                }
+                Ok(Ok(_)) => Ok(()),
                 Ok(Err(error)) => Err(format!("the {} store: {error}", self.inner.store.kind())),
                 Err(_) => Err(format!(
                     "the {} store did not answer",

@@ -92,6 +92,10 @@ impl GuardedStore {
             result,
             Err(StoreError::Timeout { .. } | StoreError::Unavailable(_))
         );
+        if pass == Pass::Probe {
+            let error = result.as_ref().err();
+            tracing::debug!(op, answered, ?error, "store circuit breaker probe");
+        }
         self.note(self.breaker.record(pass, answered, Instant::now()));
         result
     }
