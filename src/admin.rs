@@ -76,19 +76,50 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
         .into_response()
 }
 
+/// Ready when this replica serves its config as configured. A store or bus outage alone does
+/// not make it unready when every cached route degrades (`on_store_error: open`): every replica
+/// would see the same outage, and taking them all out of the load balancer at once would turn it
+/// into a total one. It does when a route answers 503 without the store (`closed`).
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
-    let ready = match proxy.lifecycle.phase() {
-        Phase::Starting => Err("starting: the configuration is not in service yet".to_owned()),
-        Phase::Stopping => Err("shutting down".to_owned()),
-        Phase::Serving => proxy.engine.ready().await,
-    };
-    match ready {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(reason) => (
+    let not_ready = |reason: String| {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         )
+            .into_response()
+    };
+    match proxy.lifecycle.phase() {
+        Phase::Starting => {
+            return not_ready("starting: the configuration is not in service yet".to_owned());
+        }
+        Phase::Stopping => return not_ready("shutting down".to_owned()),
+        Phase::Serving => {}
+    }
+    let readiness = proxy.engine.readiness().await;
+    let report = readiness.describe();
+    let config = proxy.config();
+    let closed = config.routes.iter().find(|route| {
+        route.cache && route.policy.on_store_error == crate::engine::OnStoreError::Closed
+    });
+    match (&readiness.store, closed) {
+        (Err(reason), Some(route)) => not_ready(format!(
+            "{reason}, and route {} answers 503 without it (on_store_error: closed)\n{report}",
+            route.name
+        )),
+        (Err(reason), None) => (
+            StatusCode::OK,
+            format!(
+                "ready, degraded: {reason}; each replica fetches for its own requests \
+                 (on_store_error: open)\n{report}"
+            ),
+        )
             .into_response(),
+        (Ok(()), _) if !readiness.bus_connected => (
+            StatusCode::OK,
+            format!("ready, degraded: the bus is disconnected; followers poll\n{report}"),
+        )
+            .into_response(),
+        (Ok(()), _) => (StatusCode::OK, format!("ready\n{report}")).into_response(),
     }
 }
 
@@ -524,7 +555,13 @@ mod tests {
         assert!(body.contains("starting"), "{body}");
 
         proxy.lifecycle.enter(Phase::Serving);
-        assert_eq!(readiness(&proxy).await, (StatusCode::OK, "ready\n".into()));
+        assert_eq!(
+            readiness(&proxy).await,
+            (
+                StatusCode::OK,
+                "ready\nstore: memory answering, breaker closed\nbus: memory connected\n".into()
+            )
+        );
 
         proxy.lifecycle.enter(Phase::Stopping);
         let (status, body) = readiness(&proxy).await;

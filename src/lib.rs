@@ -32,7 +32,9 @@
 //!   build task, and the typed dictionary API built on them.
 //! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge, status)
 //!   and its backends: in-process memory, Redis with Lua scripts, and NATS JetStream KV (leases and
-//!   values by revision, with its own events from the bucket's stream).
+//!   values by revision, with its own events from the bucket's stream). Every call a process makes
+//!   goes through one circuit breaker (`store::breaker`, `store::guarded`), which fails calls fast
+//!   while the store does not answer and probes it once at a time.
 //! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
 //!   core NATS.
 //! - [`redis_conn`]: how the Redis store and bus reach Redis: one server, a primary found through

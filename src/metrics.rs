@@ -71,6 +71,8 @@ pub const LIMITS: [&str; 7] = [
     "followers",
     "upstream_fetches",
 ];
+/// The `result` label of `corral_orphan_leases_total`.
+pub const ORPHAN_RESULTS: [&str; 2] = ["released", "absent"];
 
 /// The engine's metrics; cheap to clone (every field is an `Arc` inside).
 #[derive(Clone)]
@@ -147,6 +149,15 @@ pub struct Metrics {
     pub limit_rejections: IntCounterVec,
     /// Client connections open right now, both listeners together.
     pub connections_open: IntGauge,
+    /// The store's circuit breaker: 0 closed, 1 open, 2 half-open (its probe is out).
+    pub store_breaker_state: IntGauge,
+    /// Changes of the store's circuit breaker, by the phase entered (closed, open, half_open).
+    pub store_breaker_transitions: IntCounterVec,
+    /// Store calls the open circuit breaker failed at once, without calling the store.
+    pub store_short_circuits: IntCounter,
+    /// Leases a timed-out ACQUIRE may have left behind, released (or found gone) once the store
+    /// answered again, by result (`released`: it was there; `absent`: it was not).
+    pub orphan_leases: IntCounterVec,
 }
 
 impl Metrics {
@@ -370,8 +381,34 @@ impl Metrics {
                 "corral_connections_open",
                 "Client connections open right now on the public and admin listeners.",
             ),
+            store_breaker_state: gauge(
+                "corral_store_breaker_state",
+                "The store's circuit breaker: 0 closed, 1 open, 2 half-open (one probe call out).",
+            ),
+            store_breaker_transitions: counter_vec(
+                "corral_store_breaker_transitions_total",
+                "Changes of the store's circuit breaker, by the phase entered (closed, open, half_open).",
+                &["to"],
+            ),
+            store_short_circuits: counter(
+                "corral_store_short_circuits_total",
+                "Store calls failed at once by the open circuit breaker, without calling the store.",
+            ),
+            orphan_leases: counter_vec(
+                "corral_orphan_leases_total",
+                "Leases a timed-out ACQUIRE may have created, released once the store answered again, by result (released, absent).",
+                &["result"],
+            ),
             registry,
         };
+        for phase in crate::store::breaker::Phase::ALL {
+            metrics
+                .store_breaker_transitions
+                .with_label_values(&[phase.name()]);
+        }
+        for result in ORPHAN_RESULTS {
+            metrics.orphan_leases.with_label_values(&[result]);
+        }
         for event in LEASE_EVENTS {
             metrics.lease_events.with_label_values(&[event]);
         }
@@ -432,7 +469,7 @@ impl Metrics {
 
     /// Store calls of one operation so far, whatever their result.
     pub fn store_calls(&self, op: &str) -> u64 {
-        ["ok", "timeout", "unavailable", "protocol"]
+        ["ok", "timeout", "unavailable", "protocol", "circuit_open"]
             .iter()
             .map(|result| self.store_operations.with_label_values(&[op, result]).get())
             .sum()

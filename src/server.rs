@@ -177,5 +177,9 @@ pub fn backend_for(config: &Config) -> Backend {
         (_, BusSettings::Redis { url }) => BusConfig::Redis { url: url.clone() },
         (_, BusSettings::Nats { url }) => BusConfig::Nats { url: url.clone() },
     };
-    Backend::new(store, bus)
+    let mut backend = Backend::new(store, bus);
+    backend.connect_timeout = config.store_limits.connect_timeout;
+    backend.response_timeout = config.store_limits.timeout;
+    backend.breaker = config.store_limits.breaker;
+    backend
 }

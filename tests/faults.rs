@@ -1,11 +1,8 @@
 //! Faults: first the fault proxy itself, in front of a real Redis; then three replicas on a real
-//! Redis store and NATS bus while the store misbehaves, and under a thundering herd.
+//! Redis store and NATS bus while the store is slow, and under a thundering herd.
 //!
-//! What the store-fault tests hold the code to: a store that does not answer costs a request at
-//! most the store's call deadline (two attempts of one response timeout) before its flight
-//! degrades to a fetch for its own replica's callers (`X-Cache: MISS`, `Cache-Status` detail
-//! `store-unavailable`); no request waits past `wait_timeout`; the store's recovery needs no
-//! restart.
+//! A store that does not answer at all (frozen, held, partitioned, killed) is the subject of
+//! `tests/degrade.rs`: the breaker, the degrade modes and recovery.
 
 mod support;
 
@@ -218,12 +215,14 @@ async fn dropping_the_fault_proxy_ends_its_connections_and_its_listener() {
 // ------------------------------------------------------------- three replicas ----
 
 /// Three replicas' config: one route keyed on the whole query. `{{redis}}`, `{{nats}}` and
-/// `{{upstream}}` are filled by [`Stack::start`].
+/// `{{upstream}}` are filled by [`Stack::start`]. The store's timeout is raised from its 50 ms
+/// default: here a store 400 ms slow is slow, not down, and a thousand requests on two loaded
+/// cores must not read as an outage.
 const CONFIG: &str = r#"
 listen: 127.0.0.1:0
 admin: { listen: 127.0.0.1:0, token: secret }
 namespace: faults
-store: { kind: redis, url: "{{redis}}" }
+store: { kind: redis, url: "{{redis}}", timeout: 1s }
 bus: { kind: nats, url: "{{nats}}" }
 defaults: { ttl: 60s, wait_timeout: 5s, lease_ttl: 2s, poll_interval: 500ms, max_body: 1MiB, pass_ttl: 2s, max_fetch: 4s }
 routes:
@@ -236,9 +235,6 @@ routes:
 /// `wait_timeout` of [`CONFIG`]: no request may be answered later than this (plus [`SLACK`]).
 const WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `lease_ttl` of [`CONFIG`].
-const LEASE_TTL: Duration = Duration::from_secs(2);
-
 /// Allowance past a deadline for the answer to travel back over loopback on a loaded machine.
 const SLACK: Duration = Duration::from_secs(1);
 
@@ -247,7 +243,7 @@ struct Stack {
     // Declared first so the replicas stop before the servers they use.
     cluster: ProxyCluster,
     link: FaultProxy,
-    redis: TestRedis,
+    _redis: TestRedis,
     _nats: TestNats,
     upstream: Upstream,
 }
@@ -268,7 +264,7 @@ impl Stack {
         Stack {
             cluster,
             link,
-            redis,
+            _redis: redis,
             _nats: nats,
             upstream,
         }
@@ -306,159 +302,6 @@ fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
 
 fn slowest(replies: &[Reply]) -> Duration {
     replies.iter().map(|r| r.took).max().unwrap_or_default()
-}
-
-/// How the store stops answering in [`store_outage`].
-#[derive(Clone, Copy, Debug)]
-enum Outage {
-    /// The fault proxy between the replicas and Redis swallows everything.
-    BlackHole,
-    /// redis-server itself is frozen (SIGSTOP).
-    Pause,
-    /// Redis holds every client's commands for 3 s (`CLIENT PAUSE 3000 ALL`), answering them
-    /// afterwards.
-    ClientPause,
-}
-
-/// Fault test 5: a burst for a few keys while the store does not answer for 3 s; then recovery.
-async fn store_outage(outage: Outage) {
-    let upstream = Upstream::start().await.slow("/", 100 * MS);
-    let mut stack = Stack::start(upstream).await;
-    stack.warm().await;
-    let keys = ["/burst?k=1", "/burst?k=2", "/burst?k=3"];
-
-    match outage {
-        Outage::BlackHole => stack.link.set(Fault::BlackHole),
-        Outage::Pause => stack.redis.pause(),
-        Outage::ClientPause => {
-            let mut admin = stack.redis.client().await;
-            // As long as the outage: Redis lifts it itself.
-            let paused: String = redis::cmd("CLIENT")
-                .arg(&["PAUSE", "3000", "ALL"])
-                .query_async(&mut admin)
-                .await
-                .expect("CLIENT PAUSE");
-            assert_eq!(paused, "OK");
-        }
-    }
-    let began = Instant::now();
-    let calls: Vec<_> = keys
-        .iter()
-        .flat_map(|key| stack.cluster.spread(30, key))
-        .collect();
-    let replies = send_all(calls).await;
-    println!(
-        "{outage:?}: burst answered {:?}, slowest {:?}",
-        tally(&replies),
-        slowest(&replies)
-    );
-    for (i, reply) in replies.iter().enumerate() {
-        assert!(
-            reply.took <= WAIT_TIMEOUT + SLACK,
-            "request {i} was answered after {:?}, past wait_timeout ({WAIT_TIMEOUT:?})",
-            reply.took
-        );
-        // A degraded fetch for the replica's own callers, or the documented 504 at the deadline.
-        match reply.status.as_u16() {
-            200 => assert!(
-                reply.cache_status().contains("store-unavailable"),
-                "request {i}: a 200 while the store is down must be a degraded fetch: {:?}",
-                reply.cache_status()
-            ),
-            504 => {}
-            other => panic!("request {i}: {other} {:?}", reply.text()),
-        }
-    }
-    for key in keys {
-        let fetched = stack.upstream.hits(key);
-        assert!(
-            (1..=stack.cluster.len()).contains(&fetched),
-            "{key}: {fetched} upstream fetches while the store was down; at most one per replica"
-        );
-    }
-
-    // The outage lasts 3 s in all; then the store answers again, with no restart of anything.
-    tokio::time::sleep_until(began + Duration::from_secs(3)).await;
-    match outage {
-        Outage::BlackHole => stack.link.restore(),
-        Outage::Pause => stack.redis.resume(),
-        // Lifted by Redis itself at the end of the pause (an UNPAUSE would be held too).
-        Outage::ClientPause => {}
-    }
-    let resumed = Instant::now();
-
-    // A new key right after: one fetch, shared by every replica, nothing degraded.
-    let fresh = "/after?k=1";
-    let replies = send_all(stack.cluster.spread(30, fresh)).await;
-    let recovered = resumed.elapsed();
-    println!(
-        "{outage:?}: first burst after resume answered {:?} within {recovered:?} of resume",
-        tally(&replies)
-    );
-    for (i, reply) in replies.iter().enumerate() {
-        assert_eq!(
-            reply.status,
-            200,
-            "request {i} after resume: {:?}",
-            reply.text()
-        );
-        assert!(
-            !reply.cache_status().contains("store-unavailable"),
-            "request {i} after resume was still degraded: {:?}",
-            reply.cache_status()
-        );
-    }
-    assert_eq!(
-        stack.upstream.hits(fresh),
-        1,
-        "a new key after resume is fetched once across the replicas"
-    );
-    assert!(
-        recovered <= WAIT_TIMEOUT + SLACK,
-        "the first burst after resume took {recovered:?}"
-    );
-
-    // The keys of the outage: their queued ACQUIREs ran on resume and left leases nobody renews,
-    // which cost at most one lease_ttl before one replica takes over with one more fetch.
-    let before: Vec<usize> = keys.iter().map(|key| stack.upstream.hits(key)).collect();
-    let replies = send_all(keys.iter().flat_map(|key| stack.cluster.spread(3, key))).await;
-    println!(
-        "{outage:?}: outage keys after resume answered {:?}, slowest {:?}",
-        tally(&replies),
-        slowest(&replies)
-    );
-    for (i, reply) in replies.iter().enumerate() {
-        assert_eq!(
-            reply.status,
-            200,
-            "outage key request {i}: {:?}",
-            reply.text()
-        );
-        assert!(
-            reply.took <= LEASE_TTL + SLACK + SLACK,
-            "outage key request {i} took {:?}, more than one lease_ttl",
-            reply.took
-        );
-    }
-    for (key, before) in keys.iter().zip(before) {
-        let more = stack.upstream.hits(key) - before;
-        assert!(more <= 1, "{key}: {more} fetches after resume");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_black_holed_for_3s_no_request_hangs_and_fetches_stay_per_replica() {
-    store_outage(Outage::BlackHole).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_paused_for_3s_no_request_hangs_and_fetches_stay_per_replica() {
-    store_outage(Outage::Pause).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_client_paused_for_3s_no_request_hangs_and_fetches_stay_per_replica() {
-    store_outage(Outage::ClientPause).await;
 }
 
 /// A slow store (200 ms added each way to every store call, well inside the call deadline) is

@@ -28,12 +28,14 @@ const TOKEN: &str = "secret";
 const NS: &str = "fresh";
 
 /// One route per behaviour, each fresh for one second. `{{upstream}}` and `{{down}}` (an upstream
-/// the tests stop) are filled by [`start`], `{{redis}}` and `{{nats}}` by the cluster.
+/// the tests stop) are filled by [`start`], `{{redis}}` and `{{nats}}` by the cluster. The store's
+/// timeout is raised from its 50 ms default: a stall on two loaded cores would degrade a flight to
+/// its own fetch, which the held upstream then holds past the tests' bounds.
 const CONFIG: &str = r#"
 listen: 127.0.0.1:0
 admin: { listen: 127.0.0.1:0, token: secret }
 namespace: fresh
-store: { kind: redis, url: "{{redis}}" }
+store: { kind: redis, url: "{{redis}}", timeout: 1s }
 bus: { kind: nats, url: "{{nats}}" }
 defaults: { ttl: 1s, wait_timeout: 10s, lease_ttl: 5s, poll_interval: 1s, honor_cache_control: false }
 routes:

@@ -62,6 +62,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// What one client connection may ask of the listeners, and how long shutdown drains.
     pub limits: Limits,
+    /// How long store calls may take, and the store's circuit breaker.
+    pub store_limits: StoreLimits,
 }
 
 /// The listeners' limits (`limits:`): every connection and request head is bounded, so a slow or
@@ -101,6 +103,27 @@ impl Default for Limits {
             max_uri_length: 8 << 10,
             max_request_body: 16 << 20,
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The limits of store calls (`store.timeout`, `store.connect_timeout`, `store.breaker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Longest wait for one store command's answer; past it the call is a timeout (and, with
+    /// others in a row, opens the breaker).
+    pub timeout: Duration,
+    /// Longest wait for a connection to the store, at start and for each reconnect.
+    pub connect_timeout: Duration,
+    pub breaker: crate::store::breaker::BreakerSettings,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            timeout: crate::engine::DEFAULT_STORE_TIMEOUT,
+            connect_timeout: crate::engine::DEFAULT_STORE_CONNECT_TIMEOUT,
+            breaker: crate::store::breaker::BreakerSettings::default(),
         }
     }
 }
@@ -244,6 +267,9 @@ pub struct RoutePolicy {
     /// a request's own fetches and pass-throughs alike); beyond, a request waits for a slot within
     /// its wait timeout, then gets 503.
     pub max_upstream_fetches: usize,
+    /// What a cacheable request gets while the store cannot be reached: `Open` degrades to one
+    /// fetch per key per replica, `Closed` answers 503.
+    pub on_store_error: crate::engine::OnStoreError,
 }
 
 /// How a route treats a response whose `Vary` names request headers outside its key.
@@ -302,6 +328,7 @@ impl Default for RoutePolicy {
             early_refresh: None,
             max_followers: 10_000,
             max_upstream_fetches: 512,
+            on_store_error: crate::engine::OnStoreError::Open,
         }
     }
 }

@@ -57,6 +57,20 @@ pub struct AdminFile {
 pub struct BackendFile {
     pub kind: Option<Text>,
     pub url: Option<Text>,
+    /// The store's command timeout (the store only).
+    pub timeout: Option<Text>,
+    /// The store's connect timeout (the store only).
+    pub connect_timeout: Option<Text>,
+    /// The store's circuit breaker (the store only).
+    pub breaker: Option<Spanned<BreakerFile>>,
+}
+
+/// `store.breaker: {failures: 5, open_for: 500ms}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFile {
+    pub failures: Option<Text>,
+    pub open_for: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +108,7 @@ pub struct PolicyFile {
     pub early_refresh: Option<Text>,
     pub max_followers: Option<Text>,
     pub max_upstream_fetches: Option<Text>,
+    pub on_store_error: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +145,7 @@ pub struct RouteFile {
     pub early_refresh: Option<Text>,
     pub max_followers: Option<Text>,
     pub max_upstream_fetches: Option<Text>,
+    pub on_store_error: Option<Text>,
 }
 
 impl RouteFile {
@@ -158,6 +174,7 @@ impl RouteFile {
             early_refresh: self.early_refresh.clone(),
             max_followers: self.max_followers.clone(),
             max_upstream_fetches: self.max_upstream_fetches.clone(),
+            on_store_error: self.on_store_error.clone(),
         }
     }
 }

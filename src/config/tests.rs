@@ -420,8 +420,8 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         problems(text),
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits)",
-            "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches)",
+            "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, on_store_error)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -1188,6 +1188,76 @@ fn bad_limits_are_reported_at_their_values() {
     );
 }
 
+// ----- store limits and degrade modes
+
+#[test]
+fn store_limits_default_to_tens_of_milliseconds_and_a_breaker() {
+    let config = parse_ok(MINIMAL);
+    assert_eq!(config.store_limits, StoreLimits::default());
+    assert_eq!(config.store_limits.timeout, Duration::from_millis(50));
+    assert_eq!(
+        config.store_limits.connect_timeout,
+        Duration::from_millis(500)
+    );
+    assert_eq!(config.store_limits.breaker.failures, 5);
+    assert_eq!(
+        config.store_limits.breaker.open_for,
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        config.routes[0].policy.on_store_error,
+        crate::engine::OnStoreError::Open
+    );
+}
+
+#[test]
+fn store_limits_and_on_store_error_are_read_from_the_file() {
+    let config = parse_ok(
+        r#"store: { kind: redis, url: "redis://127.0.0.1:6379", timeout: 20ms, connect_timeout: 2s, breaker: { failures: 3, open_for: 250ms } }
+defaults: { on_store_error: closed }
+routes:
+  - { name: a, match: { path_prefix: /a }, upstream: "http://127.0.0.1:1" }
+  - { name: b, match: { path_prefix: / }, upstream: "http://127.0.0.1:1", on_store_error: open }
+"#,
+    );
+    let limits = config.store_limits;
+    assert_eq!(limits.timeout, Duration::from_millis(20));
+    assert_eq!(limits.connect_timeout, secs(2));
+    assert_eq!(limits.breaker.failures, 3);
+    assert_eq!(limits.breaker.open_for, Duration::from_millis(250));
+    use crate::engine::OnStoreError;
+    assert_eq!(config.routes[0].policy.on_store_error, OnStoreError::Closed);
+    assert_eq!(config.routes[1].policy.on_store_error, OnStoreError::Open);
+}
+
+#[test]
+fn bad_store_limits_are_refused_at_their_place() {
+    let top = "store:\n  kind: redis\n  url: redis://127.0.0.1:6379\n  timeout: 0s\n  \
+               connect_timeout: 5m\n  breaker: { failures: 0, open_for: soon }\n";
+    let all = problems(&with_route(top, ""));
+    assert_eq!(
+        all,
+        vec![
+            "corral.yaml:4:12: store.timeout: must be above zero",
+            "corral.yaml:5:20: store.connect_timeout: 5m is above 1m, the most it may be",
+            "corral.yaml:6:24: store.breaker.failures: invalid count \"0\" (expected a whole number from 1 to 1000)",
+            "corral.yaml:6:37: store.breaker.open_for: invalid duration \"soon\": expected number at 0",
+        ],
+    );
+}
+
+#[test]
+fn a_store_timeout_above_its_bound_is_refused() {
+    let text = with_route(
+        "store: { kind: redis, url: \"redis://127.0.0.1:6379\", timeout: 30s }\n",
+        "",
+    );
+    assert_eq!(
+        problem(&text),
+        "corral.yaml:1:63: store.timeout: 30s is above 10s, the most it may be"
+    );
+}
+
 #[test]
 fn check_shows_the_limits_that_differ_from_the_defaults() {
     let unset = super::describe(&parse_ok(&with_route("", "")));
@@ -1206,4 +1276,25 @@ fn check_shows_the_limits_that_differ_from_the_defaults() {
     ] {
         assert!(set.contains(shown), "{shown:?} not in:\n{set}");
     }
+}
+
+#[test]
+fn store_limits_under_the_bus_are_refused() {
+    let text = with_route(
+        "store: { kind: redis, url: \"redis://127.0.0.1:6379\" }\nbus: { kind: redis, timeout: 1s }\n",
+        "",
+    );
+    assert_eq!(
+        problem(&text),
+        "corral.yaml:2:30: bus.timeout: only the store takes timeout (move it under store:)"
+    );
+}
+
+#[test]
+fn on_store_error_takes_open_or_closed() {
+    let text = with_route("defaults: { on_store_error: maybe }\n", "");
+    assert_eq!(
+        problem(&text),
+        "corral.yaml:1:29: defaults.on_store_error: unknown value \"maybe\" (expected open or closed)"
+    );
 }

@@ -10,14 +10,16 @@ use marked_yaml::Spanned;
 use regex::Regex;
 
 use super::schema::{
-    BackendFile, File, KeyFile, LimitsFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text,
+    BackendFile, BreakerFile, File, KeyFile, LimitsFile, MatchFile, PolicyFile, QueryFile, RouteFile,
+    Text,
 };
 use super::units::{self, format_duration};
 use super::{
     AdminSettings, Beta, BusSettings, Config, KeyRules, Limits, OnWaitTimeout, PathMatch, Place,
-    Problems, QueryRule, Route, RouteMatch, RoutePolicy, StoreSettings, VaryMode,
+    Problems, QueryRule, Route, RouteMatch, RoutePolicy, StoreLimits, StoreSettings, VaryMode,
 };
-use crate::engine::ExpiryMode;
+use crate::engine::{ExpiryMode, OnStoreError};
+use crate::store::breaker::BreakerSettings;
 
 /// Every way a value can be wrong. Each reads after the field's path: `routes[1].ttl: ...`.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,12 @@ enum Invalid {
     EarlyRefresh(String),
     #[error("needs expiry: absolute (a sliding entry is never stale, so it has no stale window)")]
     StaleWithSliding,
+    #[error("{value} is above {max}, the most it may be")]
+    AboveMax { value: String, max: String },
+    #[error("invalid count {0:?} (expected a whole number from 1 to {1})")]
+    CountUpTo(String, u32),
+    #[error("only the store takes {0} (move it under store:)")]
+    StoreOnly(&'static str),
     #[error("invalid count {0:?} (expected a whole number above zero)")]
     Count(String),
     #[error("{value} is above the most this limit may be, {most}")]
@@ -161,6 +169,13 @@ fn bounded_size(text: &str, most: usize) -> Result<usize, Invalid> {
         n => Ok(n as usize),
     }
 }
+
+/// Bounds of the store's limits: long enough for any store worth waiting on, short enough that a
+/// typo (`5m` for `5ms`) cannot make every request wait minutes on a store that is down.
+const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_STORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_BREAKER_OPEN_FOR: Duration = Duration::from_secs(60);
+const MAX_BREAKER_FAILURES: u32 = 1000;
 
 /// Checks `file` into a [`Config`]; `None` when anything is wrong (every reason is in `problems`).
 pub fn validate(file: Spanned<File>, problems: &mut Problems) -> Option<Config> {
@@ -223,6 +238,7 @@ struct Layer {
     early_refresh: Option<Set<Option<Beta>>>,
     max_followers: Option<Set<usize>>,
     max_upstream_fetches: Option<Set<usize>>,
+    on_store_error: Option<Set<OnStoreError>>,
 }
 
 impl Layer {
@@ -254,6 +270,7 @@ impl Layer {
             early_refresh: or(self.early_refresh, &base.early_refresh),
             max_followers: or(self.max_followers, &base.max_followers),
             max_upstream_fetches: or(self.max_upstream_fetches, &base.max_upstream_fetches),
+            on_store_error: or(self.on_store_error, &base.on_store_error),
         }
     }
 
@@ -290,6 +307,7 @@ impl Layer {
             early_refresh: get(&self.early_refresh, d.early_refresh),
             max_followers: get(&self.max_followers, d.max_followers),
             max_upstream_fetches: get(&self.max_upstream_fetches, d.max_upstream_fetches),
+            on_store_error: get(&self.on_store_error, d.on_store_error),
         }
     }
 }
@@ -403,6 +421,10 @@ impl Checker<'_> {
         };
         let namespace = self.or_default(&file.namespace, "namespace", "corral".into(), namespace);
         let store = self.store(file.store.as_ref());
+        let store_limits = match file.store.as_deref() {
+            None => Some(StoreLimits::default()),
+            Some(store) => self.store_limits(store),
+        };
         let bus = store
             .as_ref()
             .and_then(|store| self.bus(file.bus.as_ref(), store));
@@ -425,6 +447,7 @@ impl Checker<'_> {
             bus: bus?,
             l1_max_bytes: l1_max_bytes?,
             routes: routes?,
+            store_limits: store_limits?,
             limits: limits?,
         })
     }
@@ -511,6 +534,69 @@ impl Checker<'_> {
         })
     }
 
+    /// `store.timeout`, `store.connect_timeout` and `store.breaker`, each bounded.
+    fn store_limits(&mut self, file: &BackendFile) -> Option<StoreLimits> {
+        let d = StoreLimits::default();
+        let timeout = self.or_default(&file.timeout, "store.timeout", d.timeout, |t| {
+            bounded_duration(t, MAX_STORE_TIMEOUT)
+        });
+        let connect_timeout = self.or_default(
+            &file.connect_timeout,
+            "store.connect_timeout",
+            d.connect_timeout,
+            |t| bounded_duration(t, MAX_STORE_CONNECT_TIMEOUT),
+        );
+        let breaker = match file.breaker.as_deref() {
+            None => Some(d.breaker),
+            Some(breaker) => self.breaker(breaker),
+        };
+        Some(StoreLimits {
+            timeout: timeout?,
+            connect_timeout: connect_timeout?,
+            breaker: breaker?,
+        })
+    }
+
+    fn breaker(&mut self, file: &BreakerFile) -> Option<BreakerSettings> {
+        let d = BreakerSettings::default();
+        let failures =
+            self.or_default(
+                &file.failures,
+                "store.breaker.failures",
+                d.failures,
+                |t| match t.trim().parse::<u32>() {
+                    Ok(n) if (1..=MAX_BREAKER_FAILURES).contains(&n) => Ok(n),
+                    _ => Err(Invalid::CountUpTo(t.to_string(), MAX_BREAKER_FAILURES)),
+                },
+            );
+        let open_for = self.or_default(&file.open_for, "store.breaker.open_for", d.open_for, |t| {
+            bounded_duration(t, MAX_BREAKER_OPEN_FOR)
+        });
+        Some(BreakerSettings {
+            failures: failures?,
+            open_for: open_for?,
+        })
+    }
+
+    /// Refuses the store's limits under `bus:`, where they would silently do nothing.
+    fn store_only(&mut self, file: &BackendFile) -> bool {
+        let mut ok = true;
+        for (field, place) in [
+            ("timeout", file.timeout.as_ref().map(Place::of)),
+            (
+                "connect_timeout",
+                file.connect_timeout.as_ref().map(Place::of),
+            ),
+            ("breaker", file.breaker.as_ref().map(Place::of)),
+        ] {
+            if let Some(place) = place {
+                self.report(place, &format!("bus.{field}"), Invalid::StoreOnly(field));
+                ok = false;
+            }
+        }
+        ok
+    }
+
     /// The bus: the store's own when the file names none, or names no kind.
     fn bus(
         &mut self,
@@ -525,6 +611,9 @@ impl Checker<'_> {
         let (kind, url) = match file {
             None => (store_kind, store_url.map(str::to_string)),
             Some(file) => {
+                if !self.store_only(file) {
+                    return None;
+                }
                 let kind = self.or_default(&file.kind, "bus.kind", store_kind, backend_kind)?;
                 if store_kind == Kind::Nats && kind != Kind::Nats {
                     let place = file.kind.as_ref().map_or(Place::of(file), Place::of);
@@ -872,6 +961,11 @@ impl Checker<'_> {
                 &p("max_upstream_fetches"),
                 count,
             ),
+            on_store_error: self.value(&file.on_store_error, &p("on_store_error"), |t| match t {
+                "open" => Ok(OnStoreError::Open),
+                "closed" => Ok(OnStoreError::Closed),
+                _ => Err(word(t, "open or closed")),
+            }),
         }
     }
 
@@ -995,6 +1089,17 @@ fn duration(text: &str) -> Result<Duration, Invalid> {
 fn positive_duration(text: &str) -> Result<Duration, Invalid> {
     match duration(text)? {
         Duration::ZERO => Err(Invalid::Zero),
+        d => Ok(d),
+    }
+}
+
+/// A duration above zero and at most `max`.
+fn bounded_duration(text: &str, max: Duration) -> Result<Duration, Invalid> {
+    match positive_duration(text)? {
+        d if d > max => Err(Invalid::AboveMax {
+            value: format_duration(d),
+            max: format_duration(max),
+        }),
         d => Ok(d),
     }
 }

@@ -12,6 +12,7 @@ use crate::bus::nats::{NatsBus, NatsBusConfig};
 use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
 use crate::store::Store;
+use crate::store::breaker::BreakerSettings;
 use crate::store::memory::MemoryStore;
 use crate::store::nats_kv::{NatsKvConfig, NatsKvError, NatsKvEvents, NatsKvStore};
 use crate::store::redis::{RedisStore, RedisStoreConfig};
@@ -46,16 +47,30 @@ pub enum BusConfig {
     Store,
 }
 
-/// A store and a bus, with the timeouts used to reach them.
+/// A store and a bus, with the limits of the store's calls.
 #[derive(Clone)]
 pub struct Backend {
     pub store: StoreConfig,
     pub bus: BusConfig,
-    /// How long connecting may take before it is an error.
+    /// How long connecting to the store may take before it is an error (at start, and for each
+    /// reconnect). The bus keeps its own, longer defaults: it holds one subscription, not calls
+    /// that requests wait on.
     pub connect_timeout: Duration,
-    /// How long one store call may take before it is a timeout.
+    /// How long one store command may take before it is a timeout.
     pub response_timeout: Duration,
+    /// When the store's circuit breaker opens, and for how long.
+    pub breaker: BreakerSettings,
 }
+
+/// Default [`Backend::response_timeout`]: a store on the same network answers in well under a
+/// millisecond, so a command that has had no answer in 50 ms is waiting on a store that is stopped,
+/// cut off or stalled, and every request behind it would wait too. Deployments whose store is
+/// farther away (or forks a very large dataset for snapshots) raise it with `store.timeout`.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Default [`Backend::connect_timeout`]: a TCP connect and handshake on the same network take a
+/// few milliseconds; a reconnect runs in the background, and calls meanwhile fail at once.
+pub const DEFAULT_STORE_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Why an engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +125,9 @@ impl Backend {
         Self {
             store,
             bus,
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(1),
+            connect_timeout: DEFAULT_STORE_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_STORE_TIMEOUT,
+            breaker: BreakerSettings::default(),
         }
     }
 
@@ -170,14 +186,11 @@ impl Backend {
         let bus: Arc<dyn Bus> = match &self.bus {
             BusConfig::Memory(hub) => Arc::new(MemoryBus::connect(hub, sink)),
             BusConfig::Redis { url } => {
-                let mut config = RedisBusConfig::new(url, namespace);
-                config.connect_timeout = self.connect_timeout;
-                config.response_timeout = self.response_timeout;
+                let config = RedisBusConfig::new(url, namespace);
                 Arc::new(RedisBus::connect(config, sink).await?)
             }
             BusConfig::Nats { url } => {
-                let mut config = NatsBusConfig::new(url, namespace);
-                config.connect_timeout = self.connect_timeout;
+                let config = NatsBusConfig::new(url, namespace);
                 Arc::new(NatsBus::connect(config, sink).await?)
             }
             BusConfig::Store => unreachable!("refused by check()"),

@@ -130,8 +130,14 @@ pub(crate) async fn lead(
                         ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
                     };
                     let sliding = policy.touch().is_some();
-                    let committed = !lost && commit(inner, &key, token, bytes, life, sliding).await;
-                    if committed && !flight.is_invalidated() {
+                    let committed = match lost {
+                        true => Committed::Rejected,
+                        false => commit(inner, &key, token, bytes, life, sliding).await,
+                    };
+                    // A value the store did not take for want of an answer is still this
+                    // process's to serve: kept, later callers here do not fetch it again while the
+                    // store is down. A rejected one (the lease was lost, purged) is not kept.
+                    if committed != Committed::Rejected && !flight.is_invalidated() {
                         // The L1 keeps a copy only while it is fresh.
                         inner.l1.insert(key, entry.clone(), life.fresh);
                     }
@@ -289,6 +295,17 @@ struct Life {
     ttl: std::time::Duration,
 }
 
+/// What became of a COMMIT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Committed {
+    /// The value is the stored one.
+    Stored,
+    /// The lease was no longer ours: nothing was written.
+    Rejected,
+    /// The store did not answer (it may or may not have stored it).
+    Unanswered,
+}
+
 /// COMMIT: answers whether the value is now the stored one.
 async fn commit(
     inner: &Inner,
@@ -297,7 +314,7 @@ async fn commit(
     bytes: Bytes,
     life: Life,
     sliding: bool,
-) -> bool {
+) -> Committed {
     let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
     let event = Event::new(*key, EventKind::Ready { inline }).encode();
     let stored = store_call(inner, "commit", || {
@@ -317,16 +334,16 @@ async fn commit(
             if !inner.store.announces() {
                 announce(inner, key, event).await;
             }
-            true
+            Committed::Stored
         }
         Ok(Fenced::Lost) => {
             tracing::warn!(%key, "commit rejected: the lease was no longer ours");
             inner.metrics.lease("commit_rejected");
-            false
+            Committed::Rejected
         }
         Err(error) => {
             tracing::warn!(%key, %error, "commit failed; followers will re-elect when the lease expires");
-            false
+            Committed::Unanswered
         }
     }
 }
@@ -380,8 +397,14 @@ pub(crate) async fn degraded(
             inner.metrics.build("degraded");
             entry.key = flight.key;
             entry.stored_at_ms = super::unix_ms();
+            let entry = Arc::new(entry);
+            // This process's later callers are answered from the L1 for the value's freshness,
+            // so an outage costs one fetch per key per process, however long it lasts.
+            if !flight.is_invalidated() {
+                inner.l1.insert(flight.key, entry.clone(), entry.ttl);
+            }
             Conclusion::Value {
-                entry: Arc::new(entry),
+                entry,
                 source: Source::Degraded,
             }
         }

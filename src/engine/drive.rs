@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Failure, FailureCause, Inner, Policy, build, refresh};
+use super::{Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, orphans, refresh};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
@@ -35,6 +36,13 @@ use crate::store::{Acquired, LeaseRequest, Refresh, StoreError, Token};
 
 /// Corrupt values in a row after which a flight stops discarding and reports a miss.
 const CORRUPT_LIMIT: u32 = 3;
+
+/// How long a follower whose re-check failed waits before it looks again.
+const RECHECK_AFTER_ERROR: Duration = Duration::from_millis(100);
+
+/// Failed re-checks in a row a follower waits out before it degrades (the breaker usually opens
+/// first).
+const RECHECK_TRIES: u32 = 5;
 
 /// Margin after a lease's reported expiry before re-checking, so the store has really dropped it.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
@@ -96,16 +104,24 @@ async fn run(
     };
     let mut waited = false;
     let mut timer_woke = false;
+    // Whether an ACQUIRE of this flight timed out (it may yet run on the server), and how many
+    // failed re-checks in a row a follower has waited out.
+    let mut acquire_timed_out = false;
+    let mut failed_rechecks = 0;
     let mut corrupt = 0;
     // A stale copy inside its stale-if-error window: the answer should this flight's refresh fail.
     let mut fallback: Option<Entry> = None;
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
-        let answer = match (flight.mode, builder) {
+        let (answer, timed_out) = match (flight.mode, builder) {
             (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
-            _ => peek(inner, &key, policy).await,
+            _ => (peek(inner, &key, policy).await, false),
         };
+        acquire_timed_out |= timed_out;
+        if answer.is_ok() {
+            failed_rechecks = 0;
+        }
         if timer_woke {
             let found = !matches!(answer, Ok(Acquired::Wait { .. }));
             inner
@@ -166,11 +182,36 @@ async fn run(
             other => other,
         };
         match answer {
+            // A follower whose re-check failed keeps waiting a little and looks again: its leader
+            // elsewhere may still be fetching, and a store that blinked (a restart, a failover)
+            // should not cost a fetch per replica. Once the breaker says the store is down, or
+            // after a few tries, it degrades like anyone.
+            Err(error)
+                if waited
+                    && builder.is_some()
+                    && failed_rechecks < RECHECK_TRIES
+                    && !matches!(error, StoreError::CircuitOpen { .. }) =>
+            {
+                failed_rechecks += 1;
+                tracing::debug!(%key, %error, "re-check failed; looking again shortly");
+                match wait(inner, flight, policy, RECHECK_AFTER_ERROR).await {
+                    Wake::Unattended => return Conclusion::Unattended,
+                    Wake::Closing => return Conclusion::Closed,
+                    _ => timer_woke = false,
+                }
+            }
             Err(error) => {
-                tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
-                return match builder {
-                    Some(builder) => build::degraded(inner, flight, policy, builder).await,
-                    None => Conclusion::StoreDown(error),
+                if acquire_timed_out {
+                    // The ACQUIRE may still run on the server and leave a lease nobody holds.
+                    inner.orphans.remember(key, lease.token);
+                    orphans::release_in_background(inner);
+                }
+                return match (builder, policy.on_store_error) {
+                    (Some(builder), OnStoreError::Open) => {
+                        tracing::warn!(%key, %error, "store unavailable; degrading to a local build");
+                        build::degraded(inner, flight, policy, builder).await
+                    }
+                    _ => Conclusion::StoreDown(error),
                 };
             }
             Ok(Acquired::Hit { ttl_left, .. }) => {
@@ -325,14 +366,24 @@ fn jitter(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
+/// ACQUIRE, and whether any of its attempts timed out (and so may still run on the server).
 async fn acquire(
     inner: &Inner,
     key: &KeyHash,
     lease: &LeaseRequest,
     policy: &Policy,
-) -> Result<Acquired, StoreError> {
+) -> (Result<Acquired, StoreError>, bool) {
     let touch = policy.touch();
-    retrying(inner, "acquire", || inner.store.acquire(key, lease, touch)).await
+    let timed_out = AtomicBool::new(false);
+    let answer = retrying(inner, "acquire", || async {
+        let answer = inner.store.acquire(key, lease, touch).await;
+        if matches!(&answer, Err(error) if error.is_timeout()) {
+            timed_out.store(true, Ordering::Relaxed);
+        }
+        answer
+    })
+    .await;
+    (answer, timed_out.load(Ordering::Relaxed))
 }
 
 async fn peek(inner: &Inner, key: &KeyHash, policy: &Policy) -> Result<Acquired, StoreError> {
@@ -379,6 +430,7 @@ where
         Err(StoreError::Timeout { .. }) => "timeout",
         Err(StoreError::Unavailable(_)) => "unavailable",
         Err(StoreError::Protocol(_)) => "protocol",
+        Err(StoreError::CircuitOpen { .. }) => "circuit_open",
     };
     inner.metrics.store_call(op, label, started.elapsed());
     result

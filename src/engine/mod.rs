@@ -22,6 +22,7 @@ mod drive;
 pub mod flight;
 mod generations;
 mod invalidate;
+mod orphans;
 mod refresh;
 
 use std::future::Future;
@@ -33,7 +34,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-pub use backend::{Backend, BusConfig, ConnectError, StoreConfig};
+pub use backend::{
+    Backend, BusConfig, ConnectError, DEFAULT_STORE_CONNECT_TIMEOUT, DEFAULT_STORE_TIMEOUT,
+    StoreConfig,
+};
 pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
 pub use flight::Source;
 pub use generations::generation_key;
@@ -44,6 +48,7 @@ use crate::envelope::Entry;
 use crate::key::KeyHash;
 use crate::l1::L1;
 use crate::metrics::Metrics;
+use crate::store::guarded::GuardedStore;
 use crate::store::{KeyStatus, Store, StoreError, Touch};
 use flight::{Conclusion, FlightTable, Mode, Ticket};
 
@@ -171,6 +176,20 @@ pub struct Policy {
     /// Callers that may wait on one key's flight besides the one that started it; a caller beyond
     /// gets [`EngineError::TooManyFollowers`] at once.
     pub max_followers: usize,
+    /// What a build flight does when the store cannot be reached.
+    pub on_store_error: OnStoreError,
+}
+
+/// What a build flight does when the store cannot be reached (a timeout, a lost connection, or
+/// the store's circuit breaker open).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Degrade: build for this process's callers only (still one build per key per process, kept
+    /// in the L1 for later callers), store and announce nothing.
+    #[default]
+    Open,
+    /// Fail the flight: its callers get [`EngineError::Store`] at once, and nothing is built.
+    Closed,
 }
 
 impl Default for Policy {
@@ -184,6 +203,7 @@ impl Default for Policy {
             pass_ttl: Duration::from_secs(120),
             early_refresh: None,
             max_followers: usize::MAX,
+            on_store_error: OnStoreError::Open,
         }
     }
 }
@@ -233,6 +253,41 @@ impl EngineConfig {
     }
 }
 
+/// What [`Engine::readiness`] found.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// `Ok` when the store answered its probe; else why not.
+    pub store: Result<(), String>,
+    pub store_kind: &'static str,
+    /// The store's circuit breaker after the probe.
+    pub breaker: crate::store::breaker::Phase,
+    /// Whether the bus's subscription is up (without it, followers learn of outcomes by their
+    /// lease-expiry re-check and safety poll).
+    pub bus_connected: bool,
+    pub bus_kind: &'static str,
+}
+
+impl Readiness {
+    /// The report's lines on the store and the bus.
+    pub fn describe(&self) -> String {
+        let store = match &self.store {
+            Ok(()) => "answering".to_owned(),
+            Err(reason) => format!("not answering ({reason})"),
+        };
+        let bus = if self.bus_connected {
+            "connected"
+        } else {
+            "disconnected (followers poll)"
+        };
+        format!(
+            "store: {} {store}, breaker {}\nbus: {} {bus}\n",
+            self.store_kind,
+            self.breaker.name(),
+            self.bus_kind
+        )
+    }
+}
+
 /// What a caller gets.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -271,7 +326,12 @@ pub enum EngineError {
 /// Shared state of one engine.
 pub(crate) struct Inner {
     pub config: EngineConfig,
+    /// The store behind its circuit breaker (`guarded`, as a trait object).
     pub store: Arc<dyn Store>,
+    /// The same store, for its breaker's state.
+    pub guarded: Arc<GuardedStore>,
+    /// Tokens of ACQUIREs that timed out, whose lease may appear once the store answers again.
+    pub orphans: orphans::Orphans,
     pub bus: Arc<dyn Bus>,
     pub l1: L1,
     pub flights: Arc<FlightTable>,
@@ -326,10 +386,13 @@ impl Engine {
             generations.clone(),
         ));
         let (store, bus) = backend.connect(&config.namespace, sink).await?;
+        let guarded = Arc::new(GuardedStore::new(store, backend.breaker, metrics.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                store,
+                store: guarded.clone(),
+                guarded,
+                orphans: orphans::Orphans::default(),
                 bus,
                 l1,
                 flights,
@@ -619,6 +682,29 @@ impl Engine {
             .l1_entries
             .set(i64::try_from(self.inner.l1.entry_count()).unwrap_or(i64::MAX));
         metrics.render()
+    }
+
+    /// The store and the bus as readiness sees them: the store is probed (a read through its
+    /// circuit breaker, bounded by [`READINESS_PROBE`]; when the breaker is due a probe, this is
+    /// it), the bus's subscription is looked at.
+    pub async fn readiness(&self) -> Readiness {
+        let probe = KeyHash::from_bytes([0; 32]);
+        let store =
+            match tokio::time::timeout(READINESS_PROBE, self.inner.store.status(&probe)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(format!("the {} store: {error}", self.inner.store.kind())),
+                Err(_) => Err(format!(
+                    "the {} store did not answer",
+                    self.inner.store.kind()
+                )),
+            };
+        Readiness {
+            store,
+            store_kind: self.inner.store.kind(),
+            breaker: self.inner.guarded.phase(),
+            bus_connected: self.inner.bus.connected(),
+            bus_kind: self.inner.bus.kind(),
+        }
     }
 
     /// Whether this engine can serve: the bus is subscribed and the store answers.

@@ -45,7 +45,8 @@ use hyper::body::Incoming;
 
 use crate::config::{Config, OnWaitTimeout, PathMatch, Route};
 use crate::engine::{
-    AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, Policy, Source,
+    AnswerSource, BuildError, Builder, Built, Engine, EngineError, FailureCause, OnStoreError,
+    Policy, Source,
 };
 use crate::envelope::Entry;
 use crate::key::{Key, KeyHash, key_with_generation, request_digest, request_digest_and_query};
@@ -113,6 +114,7 @@ impl Snapshot {
                 label: route.name.as_str().into(),
                 early_refresh: route.policy.early_refresh.map(|beta| beta.0),
                 max_followers: route.policy.max_followers,
+                on_store_error: route.policy.on_store_error,
             })
             .collect();
         Self { config, policies }
@@ -608,6 +610,23 @@ async fn answer(
                     "max-followers",
                 ),
             }
+        }
+        // `on_store_error: closed`: the route will not fetch without the store; the client may
+        // try again shortly (the store's breaker probes it at least once a second).
+        Err(EngineError::Store(error)) if route.policy.on_store_error == OnStoreError::Closed => {
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "corral: the cache store is unavailable, and this route does not fetch \
+                     without it: {error}\n"
+                ),
+                Outcome::Miss,
+                "store-unavailable-closed",
+            );
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
         }
         Err(error) => plain(
             StatusCode::BAD_GATEWAY,

@@ -36,6 +36,8 @@
 //! seconds) and values above [`Store::max_value_len`] (NATS KV: the server's `max_payload`); the
 //! engine checks both before it asks, so neither reaches the store as an error.
 
+pub mod breaker;
+pub mod guarded;
 pub mod memory;
 pub mod nats_kv;
 pub mod redis;
@@ -149,6 +151,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store answered something unexpected: {0}")]
     Protocol(String),
+    /// Not tried: the store's circuit breaker is open after calls in a row failed (see
+    /// [`breaker`]), so the call failed at once instead of waiting on the network.
+    #[error("store is unavailable: not called during {op}, its circuit breaker is open")]
+    CircuitOpen { op: &'static str },
 }
 
 impl StoreError {
