@@ -143,5 +143,12 @@ pub fn backend_for(config: &Config) -> Backend {
         (_, BusSettings::Redis { url }) => BusConfig::Redis { url: url.clone() },
         (_, BusSettings::Nats { url }) => BusConfig::Nats { url: url.clone() },
     };
-    Backend::new(store, bus)
+    let mut backend = Backend::new(store, bus);
+    backend.store_credentials = config.store_credentials.clone();
+    backend.bus_credentials = match &config.store {
+        // The store's own events ride the store's connection.
+        StoreSettings::Nats { .. } => config.store_credentials.clone(),
+        _ => config.bus_credentials.clone(),
+    };
+    backend
 }

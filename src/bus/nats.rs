@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Message, RequestErrorKind, Subscriber};
 use async_trait::async_trait;
+
+use crate::credentials::Credentials;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -50,6 +52,8 @@ pub struct NatsBusConfig {
     /// Bound on connecting at start (a dead server is an error, not a wait), and on each round trip
     /// that confirms a subscription.
     pub connect_timeout: Duration,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl NatsBusConfig {
@@ -59,6 +63,7 @@ impl NatsBusConfig {
             url: url.into(),
             namespace: namespace.into(),
             connect_timeout: Duration::from_secs(2),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -121,6 +126,9 @@ impl NatsBus {
                     let _ = events_tx.send(event);
                 }
             });
+        let options = crate::credentials::nats::apply(options, &config.credentials)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("nats: {e}")))?;
         // The client bounds each socket's attempt; this bounds the whole (a name may resolve to
         // several addresses).
         let client = tokio::time::timeout(

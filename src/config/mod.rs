@@ -31,6 +31,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, Uri};
 use regex::Regex;
 
+use crate::credentials::Credentials;
 use crate::engine::ExpiryMode;
 
 mod describe;
@@ -60,6 +61,13 @@ pub struct Config {
     pub l1_max_bytes: u64,
     /// First match wins.
     pub routes: Vec<Route>,
+    /// The store's credentials and TLS beyond what its url carries.
+    pub store_credentials: Credentials,
+    /// The bus's: the store's own when the bus shares the store's url.
+    pub bus_credentials: Credentials,
+    /// `require_auth` was set (anywhere), and validation found every backend it covers proving
+    /// an identity.
+    pub require_auth: bool,
 }
 
 #[derive(Clone, Debug)]

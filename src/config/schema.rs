@@ -27,6 +27,8 @@ pub struct File {
     pub l1: Option<Spanned<L1File>>,
     pub defaults: Option<Spanned<PolicyFile>>,
     pub routes: Option<Spanned<Vec<Spanned<RouteFile>>>>,
+    /// Refuse a store or bus that proves no identity (see `validate/credentials.rs`).
+    pub require_auth: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +44,29 @@ pub struct AdminFile {
 pub struct BackendFile {
     pub kind: Option<Text>,
     pub url: Option<Text>,
+    // Credentials and TLS; each secret may also come from a file (`*_file`).
+    pub username: Option<Text>,
+    pub password: Option<Text>,
+    pub password_file: Option<Text>,
+    pub token: Option<Text>,
+    pub token_file: Option<Text>,
+    pub nkey_seed: Option<Text>,
+    pub nkey_seed_file: Option<Text>,
+    pub creds_file: Option<Text>,
+    pub sentinel_username: Option<Text>,
+    pub sentinel_password: Option<Text>,
+    pub sentinel_password_file: Option<Text>,
+    pub tls: Option<Spanned<TlsFile>>,
+    pub require_auth: Option<Text>,
+}
+
+/// `tls:` under `store:` or `bus:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub ca_file: Option<Text>,
+    pub cert_file: Option<Text>,
+    pub key_file: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,6 +11,7 @@ use crate::bus::memory::{MemoryBus, MemoryBusHub};
 use crate::bus::nats::{NatsBus, NatsBusConfig};
 use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
+use crate::credentials::Credentials;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::nats_kv::{NatsKvConfig, NatsKvError, NatsKvEvents, NatsKvStore};
@@ -55,6 +56,10 @@ pub struct Backend {
     pub connect_timeout: Duration,
     /// How long one store call may take before it is a timeout.
     pub response_timeout: Duration,
+    /// The store's credentials and TLS beyond its URL (none by default).
+    pub store_credentials: Credentials,
+    /// The bus's credentials and TLS beyond its URL (none by default).
+    pub bus_credentials: Credentials,
 }
 
 /// Why an engine could not start.
@@ -112,6 +117,8 @@ impl Backend {
             bus,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
+            store_credentials: Credentials::default(),
+            bus_credentials: Credentials::default(),
         }
     }
 
@@ -119,7 +126,8 @@ impl Backend {
     fn store_announces(&self) -> bool {
         matches!(
             (&self.store, &self.bus),
-            (StoreConfig::Redis { url: store }, BusConfig::Redis { url: bus }) if store == bus
+            (StoreConfig::Redis { url: store }, BusConfig::Redis { url: bus })
+                if store == bus && self.store_credentials == self.bus_credentials
         )
     }
 
@@ -163,6 +171,7 @@ impl Backend {
             let mut config = NatsKvConfig::new(url, namespace);
             config.connect_timeout = self.connect_timeout;
             config.response_timeout = self.response_timeout;
+            config.credentials = self.store_credentials.clone();
             let store = NatsKvStore::connect(config).await?;
             let events = NatsKvEvents::start(&store, sink).await?;
             return Ok((Arc::new(store), Arc::new(events)));
@@ -173,11 +182,13 @@ impl Backend {
                 let mut config = RedisBusConfig::new(url, namespace);
                 config.connect_timeout = self.connect_timeout;
                 config.response_timeout = self.response_timeout;
+                config.credentials = self.bus_credentials.clone();
                 Arc::new(RedisBus::connect(config, sink).await?)
             }
             BusConfig::Nats { url } => {
                 let mut config = NatsBusConfig::new(url, namespace);
                 config.connect_timeout = self.connect_timeout;
+                config.credentials = self.bus_credentials.clone();
                 Arc::new(NatsBus::connect(config, sink).await?)
             }
             BusConfig::Store => unreachable!("refused by check()"),
@@ -190,6 +201,7 @@ impl Backend {
                 config.connect_timeout = self.connect_timeout;
                 config.response_timeout = self.response_timeout;
                 config.announce = self.store_announces();
+                config.credentials = self.store_credentials.clone();
                 match RedisStore::connect(config).await {
                     Ok(store) => Arc::new(store),
                     Err(error) => {

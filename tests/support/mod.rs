@@ -15,6 +15,7 @@ pub mod http;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod secured;
 pub mod servers;
 pub mod stale;
 pub mod topology;

@@ -75,6 +75,8 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use async_nats::{Client, ConnectOptions};
 use async_trait::async_trait;
+
+use crate::credentials::Credentials;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -133,6 +135,8 @@ pub struct NatsKvConfig {
     /// Longest wait for one request's answer (default 1 s); past it a call answers
     /// [`StoreError::Timeout`].
     pub response_timeout: Duration,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl NatsKvConfig {
@@ -147,6 +151,7 @@ impl NatsKvConfig {
             namespace: namespace.into(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            credentials: Credentials::default(),
         }
     }
 }
@@ -286,6 +291,9 @@ impl NatsKvStore {
             url: url.clone(),
             reason,
         };
+        let options = crate::credentials::nats::apply(options, &config.credentials)
+            .await
+            .map_err(connect_error)?;
         let client = tokio::time::timeout(
             config.connect_timeout * 2,
             options.connect(config.url.as_str()),
