@@ -43,7 +43,7 @@ const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// How to reach NATS and which namespace's events to carry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsBusConfig {
     /// `nats://host:port` (or several, comma-separated).
     pub url: String,
@@ -65,6 +65,18 @@ impl NatsBusConfig {
             connect_timeout: Duration::from_secs(2),
             credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for NatsBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBusConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 

@@ -67,7 +67,7 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 const MANAGER_RETRIES: usize = 6;
 
 /// How to reach Redis and which namespace's events to carry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisBusConfig {
     /// Any form of [`Target`](crate::redis_conn::Target) (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
     /// connections speak RESP3 whatever it says: the
@@ -94,6 +94,19 @@ impl RedisBusConfig {
             response_timeout: Duration::from_secs(1),
             credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for RedisBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBusConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 

@@ -33,6 +33,7 @@ use regex::Regex;
 
 use crate::credentials::Credentials;
 use crate::engine::ExpiryMode;
+use crate::redis_conn::redact;
 
 mod describe;
 mod document;
@@ -78,18 +79,39 @@ pub struct AdminSettings {
     pub token: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreSettings {
     Memory,
     Redis { url: String },
     Nats { url: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum BusSettings {
     Memory,
     Redis { url: String },
     Nats { url: String },
+}
+
+// Written by hand so that a password in a url never reaches a log line.
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSettings::Memory => f.write_str("Memory"),
+            StoreSettings::Redis { url } => write!(f, "Redis {{ url: {:?} }}", redact(url)),
+            StoreSettings::Nats { url } => write!(f, "Nats {{ url: {:?} }}", redact(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for BusSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusSettings::Memory => f.write_str("Memory"),
+            BusSettings::Redis { url } => write!(f, "Redis {{ url: {:?} }}", redact(url)),
+            BusSettings::Nats { url } => write!(f, "Nats {{ url: {:?} }}", redact(url)),
+        }
+    }
 }
 
 /// One route: which requests it takes, where they go, and how they are cached.

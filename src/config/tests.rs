@@ -1321,6 +1321,24 @@ fn require_auth_refuses_a_backend_that_proves_no_identity() {
 }
 
 #[test]
+fn debug_output_never_carries_a_secret() {
+    let text = with_route(
+        "store: {kind: redis, url: 'redis://app:hunter2@r', sentinel_password: x}\n\
+         bus: {kind: nats, url: 'nats://hunter3@n'}\n",
+        "",
+    );
+    let text = text.replace(", sentinel_password: x", "");
+    let config = parse_ok(&text);
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("hunter"), "{printed}");
+    assert!(printed.contains("redis://app:***@r"), "{printed}");
+    let store = crate::store::redis::RedisStoreConfig::new("redis://:hunter2@r", "ns");
+    let bus = crate::bus::nats::NatsBusConfig::new("nats://u:hunter2@n", "ns");
+    let printed = format!("{store:?} {bus:?}");
+    assert!(!printed.contains("hunter"), "{printed}");
+}
+
+#[test]
 fn check_shows_which_credentials_are_used_but_no_secret() {
     let text = with_route(
         "require_auth: true\nstore: {kind: redis, url: 'rediss://app:hunter2@r:6380', \

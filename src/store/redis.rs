@@ -45,7 +45,7 @@ use crate::key::KeyHash;
 use crate::redis_conn::{RedisConn, Settings};
 
 /// How the store reaches Redis and whether its scripts announce events.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisStoreConfig {
     /// Any form of [`Target`](crate::redis_conn::Target): `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
     /// `redis+sentinel://...` or `redis+cluster://...`; any password in it is never logged or put
@@ -83,6 +83,20 @@ impl RedisStoreConfig {
             announce: false,
             credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("announce", &self.announce)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 

@@ -123,7 +123,7 @@ const HELD_CAPACITY: usize = 65_536;
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// How the store reaches NATS and which namespace it keeps.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsKvConfig {
     /// `nats://[user:password@]host:port` (or several, comma-separated); credentials in it are
     /// never logged or put into an error.
@@ -153,6 +153,19 @@ impl NatsKvConfig {
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
             credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for NatsKvConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKvConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 
