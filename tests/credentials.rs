@@ -438,3 +438,149 @@ async fn serve_with_a_wrong_password_exits_saying_why_without_the_password() {
     assert!(refused_for_its_credentials(&output), "{output}");
     assert!(!output.contains(SECRET), "{output}");
 }
+
+// ------------------------------------------------------- nats: creds file ----
+
+/// base64url without padding, as JWTs are written.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A NATS JWT for `subject`, signed by `issuer`, with these `nats` claims.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = serde_json::json!({"typ": "JWT", "alg": "ed25519-nkey"});
+    let issued = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{subject}{issued}"),
+        "iat": issued,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).expect("sign the JWT");
+    format!("{signed}.{}", base64url(&signature))
+}
+
+/// A user of `account` (JWT and seed), as `nsc` writes a creds file.
+fn creds(account: &nkeys::KeyPair) -> String {
+    let user = nkeys::KeyPair::new_user();
+    let limits = serde_json::json!({
+        "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1
+    });
+    let jwt = nats_jwt(account, &user.public_key(), "corral", limits);
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    )
+}
+
+/// A server in operator mode (decentralised JWT auth) trusts users signed by an account its
+/// operator signed; only core NATS is tested here, as JetStream in operator mode needs a system
+/// account and per-account JetStream limits, which the creds path does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_bus_with_a_creds_file_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let stranger = nkeys::KeyPair::new_account();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "corral-test",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "app",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let account_public = account.public_key();
+    let nats = SecuredServer::nats(|port, _| {
+        format!(
+            "listen: \"127.0.0.1:{port}\"\noperator: {operator_jwt}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {account_public}: {account_jwt}\n}}\n"
+        )
+    })
+    .await;
+    let url = format!("nats://127.0.0.1:{}", nats.port());
+    let dir = tempfile::tempdir().unwrap();
+    let with_file = |name: &str, text: String| Credentials {
+        creds_file: Some(write(dir.path(), name, &text)),
+        ..Credentials::default()
+    };
+    let connect = |credentials: Credentials| {
+        let mut config = NatsBusConfig::new(&url, "secured");
+        config.credentials = credentials;
+        async move {
+            let sink: Arc<dyn EventSink> = Arc::new(Ignore);
+            tokio::time::timeout(patience(), NatsBus::connect(config, sink))
+                .await
+                .expect("the bus's connect ended")
+        }
+    };
+    let bus = connect(with_file("corral.creds", creds(&account)))
+        .await
+        .expect("the bus connects with the account's user");
+    assert!(bus.connected());
+    bus.close().await;
+    // A user signed by an account the operator never signed is refused.
+    let error = refused(connect(with_file("stranger.creds", creds(&stranger))).await);
+    assert!(error.contains("authorization violation"), "{error}");
+}
+
+// ------------------------------------------------ redis sentinel and cluster ----
+
+/// The same URL without its user part and query: the hosts and path only.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a url");
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+    let rest = rest.split_once('?').map_or(rest, |(path, _)| path);
+    format!("{scheme}://{rest}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_and_cluster_take_their_passwords_from_fields_and_files() {
+    let (sentinels, cluster) = tokio::join!(
+        support::topology::TestSentinels::with_passwords("data-secret", "watch-secret"),
+        support::topology::TestRedisCluster::with_acl_user("corral", "acl-secret"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let watch = write(dir.path(), "sentinel-password", "watch-secret\n");
+    miss_then_hit_across_replicas(&format!(
+        "store:\n  kind: redis\n  url: {}\n  password: data-secret\n  \
+         sentinel_password_file: {}\n",
+        without_credentials(&sentinels.url()),
+        watch.display()
+    ))
+    .await;
+    miss_then_hit_across_replicas(&format!(
+        "store:\n  kind: redis\n  url: {}\n  username: corral\n  password: acl-secret\n",
+        without_credentials(&cluster.url())
+    ))
+    .await;
+}
