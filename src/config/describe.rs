@@ -56,7 +56,7 @@ pub fn describe(config: &Config) -> String {
         line(
             &mut out,
             "require_auth",
-            &"true (every redis and nats backend proves an identity)",
+            &"on (each backend it covers proves an identity)",
         );
     }
     let l1 = match config.l1_max_bytes {
