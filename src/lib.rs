@@ -39,6 +39,8 @@
 //!   core NATS.
 //! - [`redis_conn`]: how the Redis store and bus reach Redis: one server, a primary found through
 //!   Sentinel and followed across failovers, or a Redis Cluster (the three URL forms).
+//! - [`credentials`]: passwords, tokens, nkeys, creds files and TLS for the store's and the bus's
+//!   connections, applied to a Redis target or a NATS client; secrets that never print.
 //! - [`envelope`]: the versioned binary format of a stored entry.
 //! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
 //! - [`metrics`]: every metric, registered once.
@@ -50,6 +52,7 @@ pub mod admin;
 pub mod bus;
 pub mod config;
 pub mod connections;
+pub mod credentials;
 pub mod demo;
 pub mod engine;
 pub mod envelope;

@@ -114,6 +114,16 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("bus");
         new.bus = running.bus.clone();
     }
+    // Credentials belong to the connections made at start: a rotated password is used from the
+    // next restart.
+    if new.store_credentials != running.store_credentials {
+        changed.push("store credentials");
+        new.store_credentials = running.store_credentials.clone();
+    }
+    if new.bus_credentials != running.bus_credentials {
+        changed.push("bus credentials");
+        new.bus_credentials = running.bus_credentials.clone();
+    }
     if new.l1_max_bytes != running.l1_max_bytes {
         changed.push("l1.max_bytes");
         new.l1_max_bytes = running.l1_max_bytes;

@@ -181,5 +181,11 @@ pub fn backend_for(config: &Config) -> Backend {
     backend.connect_timeout = config.store_limits.connect_timeout;
     backend.response_timeout = config.store_limits.timeout;
     backend.breaker = config.store_limits.breaker;
+    backend.store_credentials = config.store_credentials.clone();
+    backend.bus_credentials = match &config.store {
+        // The store's own events ride the store's connection.
+        StoreSettings::Nats { .. } => config.store_credentials.clone(),
+        _ => config.bus_credentials.clone(),
+    };
     backend
 }

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Message, RequestErrorKind, Subscriber};
 use async_trait::async_trait;
+
+use crate::credentials::Credentials;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -41,7 +43,7 @@ const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// How to reach NATS and which namespace's events to carry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsBusConfig {
     /// `nats://host:port` (or several, comma-separated).
     pub url: String,
@@ -50,6 +52,8 @@ pub struct NatsBusConfig {
     /// Bound on connecting at start (a dead server is an error, not a wait), and on each round trip
     /// that confirms a subscription.
     pub connect_timeout: Duration,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl NatsBusConfig {
@@ -59,7 +63,20 @@ impl NatsBusConfig {
             url: url.into(),
             namespace: namespace.into(),
             connect_timeout: Duration::from_secs(2),
+            credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for NatsBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBusConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 
@@ -121,6 +138,9 @@ impl NatsBus {
                     let _ = events_tx.send(event);
                 }
             });
+        let options = crate::credentials::nats::apply(options, &config.credentials)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("nats: {e}")))?;
         // The client bounds each socket's attempt; this bounds the whole (a name may resolve to
         // several addresses).
         let client = tokio::time::timeout(

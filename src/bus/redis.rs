@@ -25,7 +25,7 @@
 //!
 //! # Sentinel and Cluster
 //!
-//! The URL may be any form of [`Target`]. With Sentinel, the subscription is made on the primary
+//! The URL may be any form of [`Target`](crate::redis_conn::Target). With Sentinel, the subscription is made on the primary
 //! the sentinels name at the time, and a new manager (so a new lookup) replaces one that lost its
 //! connection; when the publishing connection follows a failover (`+switch-master` or a lost
 //! primary), the subscription moves too, followed by a resync.
@@ -54,8 +54,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::tasks::{Shutdown, Tasks, lock};
 use super::{Bus, BusError, Event, EventSink, redis_channel};
+use crate::credentials::Credentials;
 use crate::key::KeyHash;
-use crate::redis_conn::{RedisConn, Settings, SubscriptionSource, Target};
+use crate::redis_conn::{RedisConn, Settings, SubscriptionSource};
 
 /// First pause between two recovery attempts; doubled after each failure up to
 /// [`RETRY_MAX_DELAY`].
@@ -66,9 +67,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 const MANAGER_RETRIES: usize = 6;
 
 /// How to reach Redis and which namespace's events to carry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisBusConfig {
-    /// Any form of [`Target`] (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
+    /// Any form of [`Target`](crate::redis_conn::Target) (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
     /// connections speak RESP3 whatever it says: the
     /// subscription needs push frames, and the publishing connection then notices a disconnection
     /// at once and reconnects before the next publish needs it.
@@ -79,6 +80,8 @@ pub struct RedisBusConfig {
     pub connect_timeout: Duration,
     /// Bound on one command's answer.
     pub response_timeout: Duration,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl RedisBusConfig {
@@ -89,7 +92,21 @@ impl RedisBusConfig {
             namespace: namespace.into(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
+            credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for RedisBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBusConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 
@@ -132,8 +149,8 @@ impl RedisBus {
         config: RedisBusConfig,
         sink: Arc<dyn EventSink>,
     ) -> Result<RedisBus, BusError> {
-        let target = Target::parse(&config.url)
-            .map_err(|e| BusError::Unavailable(format!("redis url: {e}")))?;
+        let target = crate::credentials::redis::target(&config.url, &config.credentials)
+            .map_err(|e| BusError::Unavailable(format!("redis: {e}")))?;
         let settings = Settings {
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
@@ -154,6 +171,19 @@ impl RedisBus {
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
         });
+
+        // A manager retries its first connect, even one the server refused (a wrong password, an
+        // unknown certificate), until the connect timeout, which would hide the reason behind "timed
+        // out"; one connection that does not retry answers with the server's own reason first.
+        let probe = Settings {
+            retries: 0,
+            ..settings.clone()
+        };
+        drop(
+            RedisConn::connect(&target, &probe)
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string()))?,
+        );
 
         // Unbounded: a bound would have to drop frames, a Disconnection among them; the reader
         // only hands each frame to the sink, which must not block.

@@ -44,6 +44,22 @@ pub fn describe(config: &Config) -> String {
         BusSettings::Nats { url } => format!("nats {}", redact(url)),
     };
     line(&mut out, "bus", &bus);
+    let shown = [
+        ("store.credentials", &config.store_credentials),
+        ("bus.credentials", &config.bus_credentials),
+    ];
+    for (label, credentials) in shown {
+        if let Some(shown) = describe_credentials(credentials) {
+            line(&mut out, label, &shown);
+        }
+    }
+    if config.require_auth {
+        line(
+            &mut out,
+            "require_auth",
+            &"on (each backend it covers proves an identity)",
+        );
+    }
     let l1 = match config.l1_max_bytes {
         0 => "0B (off)".to_string(),
         bytes => format_size(bytes),
@@ -105,6 +121,39 @@ pub fn describe(config: &Config) -> String {
         describe_route(&mut out, route);
     }
     out
+}
+
+/// What credentials a backend uses, by name only: secrets show as `set` (or where they came from
+/// would be a path, which is not secret, but one line per backend is enough).
+fn describe_credentials(c: &crate::credentials::Credentials) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(user) = &c.username {
+        parts.push(format!("username {user}"));
+    }
+    let secrets = [
+        ("password", c.password.is_some()),
+        ("token", c.token.is_some()),
+        ("nkey_seed", c.nkey_seed.is_some()),
+        ("sentinel_password", c.sentinel_password.is_some()),
+    ];
+    parts.extend((secrets.iter().filter(|(_, set)| *set)).map(|(name, _)| format!("{name} set")));
+    if let Some(user) = &c.sentinel_username {
+        parts.push(format!("sentinel_username {user}"));
+    }
+    if let Some(creds) = &c.creds_file {
+        parts.push(format!("creds_file {}", creds.display()));
+    }
+    if let Some(tls) = &c.tls {
+        let ca = match &tls.ca_file {
+            Some(ca) => format!("ca_file {}", ca.display()),
+            None => "system roots".to_string(),
+        };
+        parts.push(match &tls.cert_file {
+            Some(cert) => format!("tls ({ca}, cert_file {})", cert.display()),
+            None => format!("tls ({ca})"),
+        });
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 fn describe_route(out: &mut String, route: &Route) {

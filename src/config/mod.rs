@@ -31,7 +31,9 @@ use std::time::Duration;
 use http::{HeaderName, Method, Uri};
 use regex::Regex;
 
+use crate::credentials::Credentials;
 use crate::engine::ExpiryMode;
+use crate::redis_conn::redact;
 
 mod describe;
 mod document;
@@ -64,6 +66,13 @@ pub struct Config {
     pub limits: Limits,
     /// How long store calls may take, and the store's circuit breaker.
     pub store_limits: StoreLimits,
+    /// The store's credentials and TLS beyond what its url carries.
+    pub store_credentials: Credentials,
+    /// The bus's: the store's own when the bus shares the store's url.
+    pub bus_credentials: Credentials,
+    /// `require_auth` was set (anywhere), and validation found every backend it covers proving
+    /// an identity.
+    pub require_auth: bool,
 }
 
 /// The listeners' limits (`limits:`): every connection and request head is bounded, so a slow or
@@ -136,18 +145,39 @@ pub struct AdminSettings {
     pub token: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreSettings {
     Memory,
     Redis { url: String },
     Nats { url: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum BusSettings {
     Memory,
     Redis { url: String },
     Nats { url: String },
+}
+
+// Written by hand so that a password in a url never reaches a log line.
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSettings::Memory => f.write_str("Memory"),
+            StoreSettings::Redis { url } => write!(f, "Redis {{ url: {:?} }}", redact(url)),
+            StoreSettings::Nats { url } => write!(f, "Nats {{ url: {:?} }}", redact(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for BusSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusSettings::Memory => f.write_str("Memory"),
+            BusSettings::Redis { url } => write!(f, "Redis {{ url: {:?} }}", redact(url)),
+            BusSettings::Nats { url } => write!(f, "Nats {{ url: {:?} }}", redact(url)),
+        }
+    }
 }
 
 /// One route: which requests it takes, where they go, and how they are cached.

@@ -28,6 +28,8 @@ pub struct File {
     pub defaults: Option<Spanned<PolicyFile>>,
     pub routes: Option<Spanned<Vec<Spanned<RouteFile>>>>,
     pub limits: Option<Spanned<LimitsFile>>,
+    /// Refuse a store or bus that proves no identity (see `validate/credentials.rs`).
+    pub require_auth: Option<Text>,
 }
 
 /// `limits:`: what one client connection may ask of the listener, and how shutdown drains.
@@ -63,6 +65,20 @@ pub struct BackendFile {
     pub connect_timeout: Option<Text>,
     /// The store's circuit breaker (the store only).
     pub breaker: Option<Spanned<BreakerFile>>,
+    // Credentials and TLS; each secret may also come from a file (`*_file`).
+    pub username: Option<Text>,
+    pub password: Option<Text>,
+    pub password_file: Option<Text>,
+    pub token: Option<Text>,
+    pub token_file: Option<Text>,
+    pub nkey_seed: Option<Text>,
+    pub nkey_seed_file: Option<Text>,
+    pub creds_file: Option<Text>,
+    pub sentinel_username: Option<Text>,
+    pub sentinel_password: Option<Text>,
+    pub sentinel_password_file: Option<Text>,
+    pub tls: Option<Spanned<TlsFile>>,
+    pub require_auth: Option<Text>,
 }
 
 /// `store.breaker: {failures: 5, open_for: 500ms}`.
@@ -71,6 +87,15 @@ pub struct BackendFile {
 pub struct BreakerFile {
     pub failures: Option<Text>,
     pub open_for: Option<Text>,
+}
+
+/// `tls:` under `store:` or `bus:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub ca_file: Option<Text>,
+    pub cert_file: Option<Text>,
+    pub key_file: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

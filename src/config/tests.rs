@@ -419,8 +419,8 @@ fn unknown_fields_are_all_reported_at_their_keys() {
     assert_eq!(
         problems(text),
         [
-            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits)",
-            "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker)",
+            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits, require_auth)",
+            "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker, username, password, password_file, token, token_file, nkey_seed, nkey_seed_file, creds_file, sentinel_username, sentinel_password, sentinel_password_file, tls, require_auth)",
             "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, on_store_error)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
@@ -656,7 +656,7 @@ fn a_store_or_bus_that_needs_a_url() {
     );
     assert_eq!(
         problem(&with_route("store: {kind: redis, url: 'nats://r'}\n", "")),
-        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://)"
+        "corral.yaml:1:27: store.url: invalid url \"nats://r\" for the redis store (expected redis://, rediss://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://)"
     );
     assert_eq!(
         problem(&with_route("store: {url: 'redis://r'}\n", "")),
@@ -951,9 +951,18 @@ fn bad_sentinel_and_cluster_urls_are_refused_at_their_place() {
 }
 
 #[test]
-fn tls_forms_of_every_topology_are_refused_with_the_reason() {
+fn tls_forms_of_sentinel_and_cluster_are_refused_with_the_reason() {
+    let config = parse_ok(&with_route(
+        "store: {kind: redis, url: 'rediss://r:6380'}\n",
+        "",
+    ));
+    assert_eq!(
+        config.store,
+        StoreSettings::Redis {
+            url: "rediss://r:6380".into()
+        }
+    );
     for (url, plain) in [
-        ("rediss://r:6379", "redis"),
         ("rediss+sentinel://s1/main", "redis+sentinel"),
         ("rediss+cluster://a:7000", "redis+cluster"),
     ] {
@@ -966,7 +975,7 @@ fn tls_forms_of_every_topology_are_refused_with_the_reason() {
             "{problem}"
         );
         assert!(
-            problem.contains("no TLS client is compiled in")
+            problem.contains("for one server (rediss://) only")
                 && problem.contains(&format!("use {plain}://")),
             "{problem}"
         );
@@ -1258,6 +1267,70 @@ fn a_store_timeout_above_its_bound_is_refused() {
     );
 }
 
+// ----- credentials, tls and require_auth
+
+/// A secret file in a fresh directory, kept alive by the returned guard.
+fn secret_file(content: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, content).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
+}
+
+#[test]
+fn redis_credentials_come_from_fields_env_or_files() {
+    let (_dir, file) = secret_file("from-file\n");
+    let text = with_route(
+        &format!(
+            "store:\n  kind: redis\n  url: redis://r:6379\n  username: app\n  password_file: {file}\n"
+        ),
+        "",
+    );
+    let config = parse_ok(&text);
+    assert_eq!(config.store_credentials.username.as_deref(), Some("app"));
+    let password = config.store_credentials.password.as_ref().unwrap();
+    assert_eq!(password.expose(), "from-file");
+    // The bus shares the store's url, and so its credentials.
+    assert_eq!(config.bus_credentials, config.store_credentials);
+
+    let env = env_of(&[("REDIS_PASSWORD", "from-env")]);
+    let text = with_route(
+        "store: {kind: redis, url: 'redis://r', password: '${REDIS_PASSWORD}'}\n",
+        "",
+    );
+    let config = parse_with_env(&text, "corral.yaml", &env).unwrap();
+    let password = config.store_credentials.password.as_ref().unwrap();
+    assert_eq!(password.expose(), "from-env");
+}
+
+#[test]
+fn nats_takes_one_way_of_proving_who_it_is() {
+    let seed = nkeys::KeyPair::new_user().seed().unwrap();
+    let text = with_route(
+        &format!("store: {{kind: nats, url: 'tls://n:4222', nkey_seed: '{seed}', tls: {{}}}}\n"),
+        "",
+    );
+    let config = parse_ok(&text);
+    assert!(config.store_credentials.nkey_seed.is_some());
+    assert_eq!(config.store_credentials.tls, Some(Default::default()));
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: nats, url: 'nats://n', token: t, username: u, password: p}\n",
+            ""
+        )),
+        "corral.yaml:1:71: store.password: a nats connection proves its identity one way; \
+         password is set too"
+    );
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: nats, url: 'nats://n', nkey_seed: SUNOTASEED}\n",
+            ""
+        )),
+        "corral.yaml:1:49: store.nkey_seed: not a valid nkey seed (expected a user seed, SU...)"
+    );
+}
+
 #[test]
 fn check_shows_the_limits_that_differ_from_the_defaults() {
     let unset = super::describe(&parse_ok(&with_route("", "")));
@@ -1275,6 +1348,74 @@ fn check_shows_the_limits_that_differ_from_the_defaults() {
         "  max_followers         7\n",
     ] {
         assert!(set.contains(shown), "{shown:?} not in:\n{set}");
+    }
+}
+
+#[test]
+fn credential_mistakes_are_named_at_their_place_without_the_secret() {
+    let (_dir, creds) = secret_file("not a creds file\n");
+    let cases = [
+        (
+            "store: {kind: redis, url: 'redis://r', token: hunter2}\n".to_string(),
+            "corral.yaml:1:47: store.token: not a redis setting (redis takes username, \
+             password, sentinel_username, sentinel_password and tls)",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://:hunter2@r', password: hunter2}\n".into(),
+            "corral.yaml:1:59: store.password: the url already carries a user or password; \
+             keep one of the two",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://r', password: hunter2, password_file: /x}\n".into(),
+            "corral.yaml:1:74: store.password: set either password or password_file, not both",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://r', password_file: /nonexistent/pw}\n".into(),
+            "corral.yaml:1:55: store.password_file: cannot read \"/nonexistent/pw\": No such \
+             file or directory (os error 2)",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://r', username: app}\n".into(),
+            "corral.yaml:1:50: store.password: needs password",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://r', sentinel_password: hunter2}\n".into(),
+            "corral.yaml:1:59: store.sentinel_password: only for a redis+sentinel:// url",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://r', tls: {}}\n".into(),
+            "corral.yaml:1:45: store.tls: needs a rediss:// url (TLS is built for one redis \
+             server; redis:// would send everything in clear)",
+        ),
+        (
+            "store: {kind: memory, password: hunter2}\n".into(),
+            "corral.yaml:1:33: store.password: the memory store takes no credentials",
+        ),
+        (
+            format!("store: {{kind: nats, url: 'nats://n', creds_file: '{creds}'}}\n"),
+            "corral.yaml:1:50: store.creds_file: not a nats creds file (no -----BEGIN NATS USER \
+             JWT----- block)",
+        ),
+        (
+            "store: {kind: redis, url: 'redis://:a@r'}\nbus: {password: hunter2}\n".into(),
+            "corral.yaml:2:17: bus.password: the bus shares the store's url and so its \
+             credentials; set bus.url to give the bus its own",
+        ),
+        (
+            "store: {kind: nats, url: 'nats://n', tls: {ca_file: /nonexistent/ca.pem}}\n".into(),
+            "corral.yaml:1:53: store.tls.ca_file: cannot read \"/nonexistent/ca.pem\": No such \
+             file or directory (os error 2)",
+        ),
+        (
+            "store: {kind: nats, url: 'nat://u:hunter2@n'}\n".into(),
+            "corral.yaml:1:26: store.url: invalid url \"nat://u:***@n\" for the nats store \
+             (expected nats:// or tls://)",
+        ),
+    ];
+    for (top, expected) in cases {
+        let found = problem(&with_route(&top, ""));
+        assert_eq!(found, expected);
+        assert!(!found.contains("hunter2"), "{found}");
     }
 }
 
@@ -1297,4 +1438,92 @@ fn on_store_error_takes_open_or_closed() {
         problem(&text),
         "corral.yaml:1:29: defaults.on_store_error: unknown value \"maybe\" (expected open or closed)"
     );
+}
+
+#[test]
+fn require_auth_refuses_a_backend_that_proves_no_identity() {
+    assert_eq!(
+        problem(&with_route(
+            "require_auth: true\nstore: {kind: redis, url: 'redis://r:6379'}\n",
+            ""
+        )),
+        "corral.yaml:2:27: store: require_auth is set but the redis store proves no identity \
+         (give a password or token in its url or as store.password / store.token, an \
+         nkey_seed, a creds_file or tls.cert_file)"
+    );
+    // The bus is checked on its own when it has its own url.
+    assert_eq!(
+        problem(&with_route(
+            "store: {kind: redis, url: 'redis://:pw@r'}\n\
+             bus: {kind: nats, url: 'nats://n', require_auth: true}\n",
+            ""
+        )),
+        "corral.yaml:2:24: bus: require_auth is set but the nats bus proves no identity (give a \
+         password or token in its url or as bus.password / bus.token, an nkey_seed, a \
+         creds_file or tls.cert_file)"
+    );
+    // A CA alone proves the server's identity, not corral's.
+    let (_dir, ca) = secret_file("-----BEGIN CERTIFICATE-----\n");
+    assert!(
+        problem(&with_route(
+            &format!(
+                "require_auth: true\nstore: {{kind: nats, url: 'tls://n', tls: {{ca_file: {ca}}}}}\n"
+            ),
+            ""
+        ))
+        .contains("store: require_auth is set")
+    );
+
+    let with_secrets = [
+        "require_auth: true\nstore: {kind: redis, url: 'redis://:pw@r'}\n",
+        "require_auth: true\nstore: {kind: redis, url: 'redis://r', username: a, password: p}\n",
+        "store: {kind: nats, url: 'nats://t0ken@n', require_auth: true}\n",
+        "require_auth: true\nstore: {kind: nats, url: 'nats://n', token: t}\n",
+        // In-process memory has no connection to protect.
+        "require_auth: true\n",
+    ];
+    for top in with_secrets {
+        let config = parse_ok(&with_route(top, ""));
+        assert!(config.require_auth, "{top}");
+    }
+    assert!(!parse_ok(MINIMAL).require_auth);
+}
+
+#[test]
+fn debug_output_never_carries_a_secret() {
+    let text = with_route(
+        "store: {kind: redis, url: 'redis://app:hunter2@r', sentinel_password: x}\n\
+         bus: {kind: nats, url: 'nats://hunter3@n'}\n",
+        "",
+    );
+    let text = text.replace(", sentinel_password: x", "");
+    let config = parse_ok(&text);
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("hunter"), "{printed}");
+    assert!(printed.contains("redis://app:***@r"), "{printed}");
+    let store = crate::store::redis::RedisStoreConfig::new("redis://:hunter2@r", "ns");
+    let bus = crate::bus::nats::NatsBusConfig::new("nats://u:hunter2@n", "ns");
+    let printed = format!("{store:?} {bus:?}");
+    assert!(!printed.contains("hunter"), "{printed}");
+}
+
+#[test]
+fn check_shows_which_credentials_are_used_but_no_secret() {
+    let text = with_route(
+        "require_auth: true\nstore: {kind: redis, url: 'rediss://app:hunter2@r:6380', \
+         tls: {}}\nbus: {kind: nats, url: 'nats://n', username: u, password: hunter3}\n",
+        "",
+    );
+    let shown = describe(&parse_ok(&text));
+    assert!(!shown.contains("hunter"), "{shown}");
+    assert!(shown.contains("rediss://app:***@r:6380"), "{shown}");
+    assert!(
+        shown.contains("store.credentials       tls (system roots)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("bus.credentials         username u, password set"),
+        "{shown}"
+    );
+    assert!(shown.contains("require_auth"), "{shown}");
 }

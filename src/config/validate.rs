@@ -21,6 +21,8 @@ use super::{
 use crate::engine::{ExpiryMode, OnStoreError};
 use crate::store::breaker::BreakerSettings;
 
+mod credentials;
+
 /// Every way a value can be wrong. Each reads after the field's path: `routes[1].ttl: ...`.
 #[derive(Debug, thiserror::Error)]
 enum Invalid {
@@ -438,6 +440,17 @@ impl Checker<'_> {
             None => Some(Limits::default()),
             Some(limits) => self.limits(limits),
         };
+        let (store_credentials, bus_credentials, require_auth) = match (&store, &bus) {
+            (Some(store), Some(bus)) => {
+                let store_credentials = self.store_credentials(file.store.as_ref(), store);
+                let bus_credentials =
+                    self.bus_credentials(file.bus.as_ref(), bus, store, &store_credentials);
+                let require_auth =
+                    self.require_auth(file, (store, &store_credentials), (bus, &bus_credentials));
+                (store_credentials, bus_credentials, require_auth)
+            }
+            _ => Default::default(),
+        };
         Some(Config {
             source: None,
             listen: public?,
@@ -449,6 +462,9 @@ impl Checker<'_> {
             routes: routes?,
             store_limits: store_limits?,
             limits: limits?,
+            store_credentials,
+            bus_credentials,
+            require_auth,
         })
     }
 
@@ -1154,9 +1170,9 @@ fn backend_kind(text: &str) -> Result<Kind, Invalid> {
     }
 }
 
-/// A store or bus url: the schemes this build's redis and nats clients can connect to (no Redis
-/// TLS and no NATS websockets are compiled in, so `rediss://` in every form, `ws://` and `wss://`
-/// are refused here rather than failing at start). A Redis url is parsed whole, in the same way
+/// A store or bus url: the schemes this build's redis and nats clients can connect to (Redis TLS
+/// only to one server, and no NATS websockets, so `rediss+sentinel://`, `rediss+cluster://`,
+/// `ws://` and `wss://` are refused here rather than failing at start). A Redis url is parsed whole, in the same way
 /// the store will read it, so a bad Sentinel or Cluster url is refused here too.
 fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Invalid> {
     let (schemes, accepted): (&[&str], _) = match kind {
@@ -1171,7 +1187,7 @@ fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Inv
                 "rediss+sentinel",
                 "rediss+cluster",
             ],
-            "redis://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://",
+            "redis://, rediss://, redis+unix://, unix://, redis+sentinel:// or redis+cluster://",
         ),
         _ => (&["nats", "tls"], "nats:// or tls://"),
     };
@@ -1190,7 +1206,7 @@ fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Inv
             Ok(text.to_string())
         }
         _ => Err(Invalid::UrlScheme {
-            text: text.to_string(),
+            text: crate::redis_conn::redact(text),
             kind: kind.name(),
             role,
             schemes: accepted,

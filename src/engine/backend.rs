@@ -11,6 +11,7 @@ use crate::bus::memory::{MemoryBus, MemoryBusHub};
 use crate::bus::nats::{NatsBus, NatsBusConfig};
 use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
+use crate::credentials::Credentials;
 use crate::store::Store;
 use crate::store::breaker::BreakerSettings;
 use crate::store::memory::MemoryStore;
@@ -60,6 +61,10 @@ pub struct Backend {
     pub response_timeout: Duration,
     /// When the store's circuit breaker opens, and for how long.
     pub breaker: BreakerSettings,
+    /// The store's credentials and TLS beyond its URL (none by default).
+    pub store_credentials: Credentials,
+    /// The bus's credentials and TLS beyond its URL (none by default).
+    pub bus_credentials: Credentials,
 }
 
 /// Default [`Backend::response_timeout`]: a store on the same network answers in well under a
@@ -128,6 +133,8 @@ impl Backend {
             connect_timeout: DEFAULT_STORE_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_STORE_TIMEOUT,
             breaker: BreakerSettings::default(),
+            store_credentials: Credentials::default(),
+            bus_credentials: Credentials::default(),
         }
     }
 
@@ -135,7 +142,8 @@ impl Backend {
     fn store_announces(&self) -> bool {
         matches!(
             (&self.store, &self.bus),
-            (StoreConfig::Redis { url: store }, BusConfig::Redis { url: bus }) if store == bus
+            (StoreConfig::Redis { url: store }, BusConfig::Redis { url: bus })
+                if store == bus && self.store_credentials == self.bus_credentials
         )
     }
 
@@ -179,6 +187,7 @@ impl Backend {
             let mut config = NatsKvConfig::new(url, namespace);
             config.connect_timeout = self.connect_timeout;
             config.response_timeout = self.response_timeout;
+            config.credentials = self.store_credentials.clone();
             let store = NatsKvStore::connect(config).await?;
             let events = NatsKvEvents::start(&store, sink).await?;
             return Ok((Arc::new(store), Arc::new(events)));
@@ -186,11 +195,13 @@ impl Backend {
         let bus: Arc<dyn Bus> = match &self.bus {
             BusConfig::Memory(hub) => Arc::new(MemoryBus::connect(hub, sink)),
             BusConfig::Redis { url } => {
-                let config = RedisBusConfig::new(url, namespace);
+                let mut config = RedisBusConfig::new(url, namespace);
+                config.credentials = self.bus_credentials.clone();
                 Arc::new(RedisBus::connect(config, sink).await?)
             }
             BusConfig::Nats { url } => {
-                let config = NatsBusConfig::new(url, namespace);
+                let mut config = NatsBusConfig::new(url, namespace);
+                config.credentials = self.bus_credentials.clone();
                 Arc::new(NatsBus::connect(config, sink).await?)
             }
             BusConfig::Store => unreachable!("refused by check()"),
@@ -203,6 +214,7 @@ impl Backend {
                 config.connect_timeout = self.connect_timeout;
                 config.response_timeout = self.response_timeout;
                 config.announce = self.store_announces();
+                config.credentials = self.store_credentials.clone();
                 match RedisStore::connect(config).await {
                     Ok(store) => Arc::new(store),
                     Err(error) => {

@@ -9,9 +9,11 @@
 //! - Cluster: `redis+cluster://[user:password@]host[:port][,host[:port]...]`: seed nodes (port
 //!   6379 by default); the client learns the rest of the cluster from them.
 //!
-//! User names and passwords may be percent-encoded (`%40` for `@`). Any TLS form (`rediss://`,
-//! `rediss+sentinel://`, `rediss+cluster://`) is refused: no TLS client is compiled in, and a
-//! connection that silently went out in clear text would be worse than none.
+//! User names and passwords may be percent-encoded (`%40` for `@`). TLS is built for one server
+//! (`rediss://host[:port][/db]`, checked against the system's roots or the CA of the config's
+//! `tls:` section, see [`crate::credentials::redis`]); `rediss+sentinel://` and
+//! `rediss+cluster://` are refused, as a connection that silently went out in clear text would be
+//! worse than none.
 
 use std::fmt;
 
@@ -94,12 +96,13 @@ pub struct ClusterTarget {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
     #[error(
-        "{0}:// asks for TLS, but no TLS client is compiled in; use {1}:// on a trusted \
-         network, or a local TLS tunnel (stunnel, spiped) to the server"
+        "{0}:// asks for TLS, which corral supports for one server (rediss://) only; use {1}:// \
+         on a trusted network, or a local TLS tunnel (stunnel, spiped) to the servers"
     )]
     Tls(String, &'static str),
     #[error(
-        "unknown scheme {0:?} (expected redis, redis+unix, unix, redis+sentinel or redis+cluster)"
+        "unknown scheme {0:?} (expected redis, rediss, redis+unix, unix, redis+sentinel or \
+         redis+cluster)"
     )]
     Scheme(String),
     #[error("no host")]
@@ -130,12 +133,11 @@ impl Target {
             return Err(TargetError::Scheme(url.to_string()));
         };
         match scheme {
-            "rediss" => Err(TargetError::Tls(scheme.into(), "redis")),
             "rediss+sentinel" => Err(TargetError::Tls(scheme.into(), "redis+sentinel")),
             "rediss+cluster" => Err(TargetError::Tls(scheme.into(), "redis+cluster")),
             "redis+sentinel" => parse_sentinel(rest).map(Target::Sentinel),
             "redis+cluster" => parse_cluster(rest).map(Target::Cluster),
-            "redis" | "redis+unix" | "unix" => {
+            "redis" | "rediss" | "redis+unix" | "unix" => {
                 if rest.is_empty() {
                     return Err(TargetError::NoHost);
                 }
@@ -433,6 +435,7 @@ mod tests {
         for url in [
             "redis://127.0.0.1:6379/",
             "redis://u:p@h/3",
+            "rediss://u:p@h:6380/1",
             "unix:///tmp/r.sock",
         ] {
             assert!(matches!(Target::parse(url), Ok(Target::Single(_))), "{url}");
@@ -442,7 +445,6 @@ mod tests {
     #[test]
     fn bad_urls_say_what_is_wrong() {
         let cases = [
-            ("rediss://h:6379", "no TLS client is compiled in"),
             ("rediss+sentinel://h/m", "use redis+sentinel://"),
             ("rediss+cluster://h", "use redis+cluster://"),
             ("redis+sentinel://h1,h2", "no master name"),

@@ -40,13 +40,14 @@ use super::{
     MAX_INDEXED_PER_TAG, Refresh, Renewed, Selector, Store, StoreError, Token, Touch,
 };
 use crate::bus::{Event, redis_channel};
+use crate::credentials::Credentials;
 use crate::key::KeyHash;
-use crate::redis_conn::{RedisConn, Settings, Target};
+use crate::redis_conn::{RedisConn, Settings};
 
 /// How the store reaches Redis and whether its scripts announce events.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisStoreConfig {
-    /// Any form of [`Target`]: `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
+    /// Any form of [`Target`](crate::redis_conn::Target): `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
     /// `redis+sentinel://...` or `redis+cluster://...`; any password in it is never logged or put
     /// into an error.
     pub url: String,
@@ -62,6 +63,8 @@ pub struct RedisStoreConfig {
     /// [`crate::bus::redis_channel`]`(namespace)`: true when the bus is Redis pub/sub on this same
     /// server, so that event and write are one atomic step.
     pub announce: bool,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl RedisStoreConfig {
@@ -78,7 +81,42 @@ impl RedisStoreConfig {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
             announce: false,
+            credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("announce", &self.announce)
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+/// Without a password nothing is sent at connect, and a server that wants one answers every
+/// command `NOAUTH`: one PING at start turns that (or an ACL user without rights) into a start
+/// error with the server's reason, instead of a store on which every call fails. Other failures
+/// of this PING are left to the calls, which retry them.
+async fn refuse_unauthenticated(conn: &RedisConn, settings: &Settings) -> Result<(), StoreError> {
+    let (mut conn, ping) = (conn.clone(), redis::cmd("PING"));
+    let reply = ping.query_async::<Value>(&mut conn);
+    match tokio::time::timeout(settings.response_timeout, reply).await {
+        Ok(Err(e))
+            if e.code()
+                .is_some_and(|c| matches!(c, "NOAUTH" | "WRONGPASS" | "NOPERM")) =>
+        {
+            Err(StoreError::Unavailable(format!(
+                "redis refused corral: {e}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -174,8 +212,8 @@ impl RedisStore {
     /// Connects (one attempt, bounded by `connect_timeout`); any failure is
     /// [`StoreError::Unavailable`].
     pub async fn connect(config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
-        let target = Target::parse(&config.url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
+        let target = crate::credentials::redis::target(&config.url, &config.credentials)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let settings = Settings {
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
@@ -186,6 +224,7 @@ impl RedisStore {
         let conn = RedisConn::connect(&target, &settings)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        refuse_unauthenticated(&conn, &settings).await?;
         Ok(RedisStore {
             conn,
             scripts: Arc::new(Scripts::new()),

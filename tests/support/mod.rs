@@ -16,6 +16,7 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod raw;
+pub mod secured;
 pub mod servers;
 pub mod stale;
 pub mod topology;

@@ -75,6 +75,8 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use async_nats::{Client, ConnectOptions};
 use async_trait::async_trait;
+
+use crate::credentials::Credentials;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -121,7 +123,7 @@ const HELD_CAPACITY: usize = 65_536;
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// How the store reaches NATS and which namespace it keeps.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsKvConfig {
     /// `nats://[user:password@]host:port` (or several, comma-separated); credentials in it are
     /// never logged or put into an error.
@@ -133,6 +135,8 @@ pub struct NatsKvConfig {
     /// Longest wait for one request's answer (default 1 s); past it a call answers
     /// [`StoreError::Timeout`].
     pub response_timeout: Duration,
+    /// Credentials and TLS beyond what the url carries.
+    pub credentials: Credentials,
 }
 
 impl NatsKvConfig {
@@ -147,7 +151,21 @@ impl NatsKvConfig {
             namespace: namespace.into(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            credentials: Credentials::default(),
         }
+    }
+}
+
+// Written by hand so that a password in the url never reaches a log line.
+impl std::fmt::Debug for NatsKvConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKvConfig")
+            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("credentials", &self.credentials)
+            .finish()
     }
 }
 
@@ -286,6 +304,9 @@ impl NatsKvStore {
             url: url.clone(),
             reason,
         };
+        let options = crate::credentials::nats::apply(options, &config.credentials)
+            .await
+            .map_err(connect_error)?;
         let client = tokio::time::timeout(
             config.connect_timeout * 2,
             options.connect(config.url.as_str()),
