@@ -314,6 +314,14 @@ async fn commit(
     .await;
     match stored {
         Ok(Fenced::Done) => {
+            // The commit as the store accepted it, for a soak run to check one commit per lease.
+            tracing::debug!(
+                target: "corral::lease",
+                %key,
+                token = %token.to_hex(),
+                unix_ms = super::unix_ms(),
+                "committed"
+            );
             if !inner.store.announces() {
                 announce(inner, key, event).await;
             }

@@ -185,6 +185,15 @@ async fn run(
             Ok(Acquired::Empty) => return Conclusion::Empty,
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
+                // One line per lease won, at debug under its own target, so a soak run can pair
+                // every upstream fetch with the lease it ran under (see `corral::lease` in README).
+                tracing::debug!(
+                    target: "corral::lease",
+                    %key,
+                    token = %lease.token.to_hex(),
+                    unix_ms = super::unix_ms(),
+                    "lease acquired"
+                );
                 if waited {
                     // The lease this flight waited on ended without a value: its holder died,
                     // overran, was shut down or purged, and this process takes over the fetch.

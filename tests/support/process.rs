@@ -140,6 +140,25 @@ impl CorralServe {
         self.pid
     }
 
+    /// Freezes the process (SIGSTOP to its own PID) until [`resume`](Self::resume): connections stay
+    /// open, nothing answers, its leases go unrenewed.
+    pub fn pause(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("pause: corral serve is not running");
+        super::servers::stop_child(child, "corral serve");
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("resume: corral serve is not running");
+        super::servers::continue_child(child, "corral serve");
+    }
+
     /// What the process has printed so far (stdout and stderr, interleaved).
     pub fn output(&self) -> String {
         read_lossy(&self.output)

@@ -189,7 +189,7 @@ fn child_is_stopped(pid: u32) -> bool {
 /// SIGSTOPs the child and waits (5 s deadline) until every one of its threads
 /// has stopped: kill(2) returns before a multi-threaded process (nats-server)
 /// is fully stopped, and a thread still running could answer a client.
-fn stop_child(child: &mut Child, what: &str) {
+pub fn stop_child(child: &mut Child, what: &str) {
     assert!(
         signal_child(child, libc::SIGSTOP),
         "pause: SIGSTOP to {what} failed (is it still running?)"
@@ -209,7 +209,7 @@ fn stop_child(child: &mut Child, what: &str) {
 
 /// SIGCONTs the child. The kernel clears the stopped state while delivering
 /// SIGCONT, so there is nothing to wait for.
-fn continue_child(child: &mut Child, what: &str) {
+pub fn continue_child(child: &mut Child, what: &str) {
     assert!(
         signal_child(child, libc::SIGCONT),
         "resume: SIGCONT to {what} failed (is it still running?)"
