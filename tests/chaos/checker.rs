@@ -411,3 +411,197 @@ pub fn check(
     .expect("write the summary");
     summary
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::POLICY;
+    use crate::journal::Journal;
+
+    const T: u64 = 1_800_000_000_000;
+
+    fn fetch(key: &str, n: u64, replica: usize, at_ms: u64) -> Fetch {
+        Fetch {
+            at_ms,
+            key: key.into(),
+            fetch: n,
+            replica,
+            latency_ms: 500,
+            len: 10,
+        }
+    }
+
+    fn lease(key: &str, step: LeaseStep, token: &str, replica: usize, at_ms: u64) -> Lease {
+        Lease {
+            at_ms,
+            step,
+            key: Some(key.into()),
+            digest: format!("digest-of-{key}"),
+            token: token.into(),
+            replica,
+            incarnation: 1,
+        }
+    }
+
+    fn answer(key: &str, fetch: Option<u64>, body: BodyCheck, start_ms: u64, took: u64) -> Answer {
+        Answer {
+            start_ms,
+            end_ms: start_ms + took,
+            key: key.into(),
+            replica: 0,
+            status: Some(200),
+            x_cache: Some("HIT".into()),
+            body,
+            fetch,
+            deadline_ms: POLICY.wait_timeout_ms,
+            error: None,
+        }
+    }
+
+    fn write<R: Serialize>(dir: &Path, name: &str, records: &[R]) {
+        let journal = Journal::create(&dir.join(name));
+        records.iter().for_each(|r| journal.write(r));
+        journal.flush();
+    }
+
+    fn run(fetches: &[Fetch], leases: &[Lease], answers: &[Answer], faults: &[Fault]) -> Summary {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        write(dir.path(), FETCHES, fetches);
+        write(dir.path(), LEASES, leases);
+        write(dir.path(), ANSWERS, answers);
+        write(dir.path(), FAULTS, faults);
+        check(dir.path(), StoreKind::Redis, POLICY, 1_000, 1, 1)
+    }
+
+    /// One healthy fill of `k`: lease, fetch, commit, and an answer with its body.
+    fn healthy_fill() -> (Vec<Fetch>, Vec<Lease>, Vec<Answer>) {
+        (
+            vec![fetch("k", 1, 0, T)],
+            vec![
+                lease("k", LeaseStep::Acquired, "t1", 0, T - 5),
+                lease("k", LeaseStep::Committed, "t1", 0, T + 510),
+            ],
+            vec![answer("k", Some(1), BodyCheck::Good, T + 600, 3)],
+        )
+    }
+
+    #[test]
+    fn a_clean_run_has_no_violations() {
+        let (fetches, leases, answers) = healthy_fill();
+        let summary = run(&fetches, &leases, &answers, &[]);
+        assert_eq!(summary.violations, BTreeMap::new(), "{summary:?}");
+        assert_eq!((summary.fetches, summary.commits), (1, 1));
+    }
+
+    #[test]
+    fn every_broken_promise_is_named() {
+        let (mut fetches, mut leases, mut answers) = healthy_fill();
+        // Another replica fetches while the first fetch runs, without a lease.
+        fetches.push(fetch("k", 2, 1, T + 100));
+        // A fetch while the committed value is fresh, under a lease of its own.
+        fetches.push(fetch("k", 3, 2, T + 2_000));
+        leases.push(lease("k", LeaseStep::Acquired, "t3", 2, T + 1_990));
+        leases.push(lease("k", LeaseStep::Committed, "t3", 2, T + 2_510));
+        // The same token commits twice; a token never acquired commits.
+        leases.push(lease("k", LeaseStep::Committed, "t1", 0, T + 520));
+        leases.push(lease("k", LeaseStep::Committed, "t9", 1, T + 530));
+        answers.push(answer("k", Some(1), BodyCheck::WrongKey, T + 700, 2));
+        answers.push(answer("k", Some(1), BodyCheck::Partial, T + 700, 2));
+        answers.push(answer("k", Some(7), BodyCheck::Good, T + 700, 2));
+        answers.push(answer("k", Some(1), BodyCheck::Good, T + 800, 4_500));
+        answers.push(answer("k", Some(1), BodyCheck::Good, T + 9_000, 2));
+        let summary = run(&fetches, &leases, &answers, &[]);
+        let named: Vec<&str> = summary.violations.keys().map(String::as_str).collect();
+        assert_eq!(
+            named,
+            [
+                "body-never-fetched",
+                "commit-without-fetch",
+                "commit-without-lease",
+                "double-commit",
+                "fetch-while-fresh",
+                "fetch-without-lease",
+                "late",
+                "overlapping-fetches",
+                "partial-body",
+                "stale-answer",
+                "wrong-body",
+            ],
+            "{summary:#?}"
+        );
+    }
+
+    #[test]
+    fn a_store_fault_excuses_extra_fetches_but_a_bus_fault_does_not() {
+        let (mut fetches, mut leases, answers) = healthy_fill();
+        fetches.push(fetch("k", 2, 1, T + 100));
+        leases.push(lease("k", LeaseStep::Acquired, "t2", 1, T + 95));
+        let fault = |target: &str, action, at_ms| Fault {
+            at_ms,
+            action,
+            target: target.into(),
+            pid: 1,
+        };
+        let redis = [
+            fault("redis", Action::Kill, T + 50),
+            fault("redis", Action::Restart, T + 80),
+        ];
+        let summary = run(&fetches, &leases, &answers, &redis);
+        assert_eq!(summary.violations, BTreeMap::new(), "{summary:?}");
+        assert_eq!(summary.fetches_disturbed, 2);
+
+        let nats = [
+            fault("nats", Action::Kill, T + 50),
+            fault("nats", Action::Restart, T + 80),
+        ];
+        let summary = run(&fetches, &leases, &answers, &nats);
+        assert_eq!(
+            summary.violations.keys().collect::<Vec<_>>(),
+            ["overlapping-fetches"],
+            "{summary:?}"
+        );
+    }
+
+    #[test]
+    fn one_replica_never_runs_two_fetches_of_a_key_unless_it_was_killed() {
+        let (mut fetches, mut leases, answers) = healthy_fill();
+        fetches.push(fetch("k", 2, 0, T + 100));
+        leases.push(lease("k", LeaseStep::Acquired, "t2", 0, T + 95));
+        let redis_down = [
+            Fault {
+                at_ms: T - 100,
+                action: Action::Kill,
+                target: "redis".into(),
+                pid: 1,
+            },
+            Fault {
+                at_ms: T + 3_000,
+                action: Action::Restart,
+                target: "redis".into(),
+                pid: 2,
+            },
+        ];
+        let summary = run(&fetches, &leases, &answers, &redis_down);
+        assert_eq!(
+            summary.violations.keys().collect::<Vec<_>>(),
+            ["two-fetches-one-replica"],
+            "{summary:?}"
+        );
+        let killed = [
+            Fault {
+                at_ms: T + 50,
+                action: Action::Kill,
+                target: "replica-0".into(),
+                pid: 1,
+            },
+            Fault {
+                at_ms: T + 90,
+                action: Action::Restart,
+                target: "replica-0".into(),
+                pid: 2,
+            },
+        ];
+        let summary = run(&fetches, &leases, &answers, &killed);
+        assert_eq!(summary.violations, BTreeMap::new(), "{summary:?}");
+    }
+}
