@@ -214,8 +214,13 @@ async fn run(
                         inline: Some(value),
                     }) => {
                         if let Some(entry) = decode(inner, &key, value) {
-                            // Fresh for its ttl from now: the L1 keeps no stale copies.
-                            let ttl = entry.ttl;
+                            // Fresh for what is left of its ttl, so the L1 keeps no stale copies:
+                            // a bus that held the event back (buffered across a reconnect) must
+                            // not stretch the value's life by the delay. The age is read from the
+                            // writer's clock; a writer clock ahead of ours only gives the L1 the
+                            // full ttl it had before, one behind ours only shortens it.
+                            let age = super::unix_ms().saturating_sub(entry.stored_at_ms);
+                            let ttl = entry.ttl.saturating_sub(Duration::from_millis(age));
                             return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
                         }
                     }
