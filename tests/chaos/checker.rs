@@ -172,7 +172,9 @@ pub fn check(
     let replica_fault_between = |replica: usize, from: u64, to: u64| {
         let name = format!("replica-{replica}");
         episodes.iter().any(|e| {
-            e.target == name && e.start <= to && e.end.saturating_add(RECONNECT_MS) >= from
+            e.target == name
+                && e.start <= to + GRACE_MS
+                && e.end.saturating_add(RECONNECT_MS) >= from
         })
     };
     let replica_killed_between = |replica: usize, from: u64, to: u64| {

@@ -194,14 +194,20 @@ impl Cluster {
         replica.process = Some(process);
     }
 
-    fn record(&self, action: Action, target: String, pid: u32) {
+    /// Writes a fault step. A fault's start is stamped before the signal (`at_ms`), its healing
+    /// after the process is back, so the window recorded covers the fault whole.
+    fn record_at(&self, at_ms: u64, action: Action, target: String, pid: u32) {
         self.faults.write(&Fault {
-            at_ms: now_ms(),
+            at_ms,
             action,
             target,
             pid,
         });
         self.faults.flush();
+    }
+
+    fn record(&self, action: Action, target: String, pid: u32) {
+        self.record_at(now_ms(), action, target, pid);
     }
 
     // ------------------------------------------------------------ replica faults ----
@@ -210,10 +216,11 @@ impl Cluster {
         let replica = &mut self.replicas[slot];
         let process = replica.process.take().expect("a running replica");
         let pid = process.pid();
+        let at = now_ms();
         // Dropping a CorralServe SIGKILLs and reaps its own child.
         drop(process);
         let name = replica.name();
-        self.record(Action::Kill, name, pid);
+        self.record_at(at, Action::Kill, name, pid);
     }
 
     pub async fn restart_replica(&mut self, slot: usize) {
@@ -229,9 +236,10 @@ impl Cluster {
     pub fn pause_replica(&mut self, slot: usize) {
         let replica = &mut self.replicas[slot];
         let process = replica.process.as_mut().expect("a running replica");
+        let at = now_ms();
         process.pause();
         let (pid, name) = (process.pid(), replica.name());
-        self.record(Action::Pause, name, pid);
+        self.record_at(at, Action::Pause, name, pid);
     }
 
     pub fn resume_replica(&mut self, slot: usize) {
@@ -245,9 +253,9 @@ impl Cluster {
     // ------------------------------------------------------------ server faults ----
 
     pub fn kill_redis(&mut self) {
-        let pid = self.redis.pid();
+        let (pid, at) = (self.redis.pid(), now_ms());
         self.redis.kill();
-        self.record(Action::Kill, "redis".into(), pid);
+        self.record_at(at, Action::Kill, "redis".into(), pid);
     }
 
     pub async fn restart_redis(&mut self) {
@@ -257,9 +265,10 @@ impl Cluster {
     }
 
     pub fn pause_redis(&mut self) {
+        let at = now_ms();
         self.redis.pause();
         let pid = self.redis.pid();
-        self.record(Action::Pause, "redis".into(), pid);
+        self.record_at(at, Action::Pause, "redis".into(), pid);
     }
 
     pub fn resume_redis(&mut self) {
@@ -269,9 +278,9 @@ impl Cluster {
     }
 
     pub fn kill_nats(&mut self) {
-        let pid = self.nats.pid();
+        let (pid, at) = (self.nats.pid(), now_ms());
         self.nats.kill();
-        self.record(Action::Kill, "nats".into(), pid);
+        self.record_at(at, Action::Kill, "nats".into(), pid);
     }
 
     pub async fn restart_nats(&mut self) {
@@ -281,9 +290,10 @@ impl Cluster {
     }
 
     pub fn pause_nats(&mut self) {
+        let at = now_ms();
         self.nats.pause();
         let pid = self.nats.pid();
-        self.record(Action::Pause, "nats".into(), pid);
+        self.record_at(at, Action::Pause, "nats".into(), pid);
     }
 
     pub fn resume_nats(&mut self) {
