@@ -102,7 +102,13 @@ async fn a_soak_under_random_faults_keeps_every_promise() {
     let urls = cluster.replicas.iter().map(|r| r.url()).collect();
     let running = tokio::spawn(load::run(load, urls, duration, seed, answers.clone()));
     let until_ms = now_ms() + duration.saturating_sub(QUIET_TAIL).as_millis() as u64;
-    let injected = inject(&mut cluster, &mut StdRng::seed_from_u64(seed), until_ms).await;
+    let injected = inject(
+        &mut cluster,
+        store,
+        &mut StdRng::seed_from_u64(seed),
+        until_ms,
+    )
+    .await;
     let sent = running.await.expect("the load ran");
     println!("chaos: {sent} requests sent, {injected} faults injected");
 
@@ -147,7 +153,7 @@ async fn a_soak_under_random_faults_keeps_every_promise() {
 
 /// Injects faults one at a time until `until_ms`: a healthy gap, then one fault held for a while
 /// and healed. Returns how many were injected.
-async fn inject(cluster: &mut Cluster, rng: &mut StdRng, until_ms: u64) -> u64 {
+async fn inject(cluster: &mut Cluster, store: StoreKind, rng: &mut StdRng, until_ms: u64) -> u64 {
     let most = (until_ms.saturating_sub(now_ms())) / GAP_MS.start + 1;
     let mut injected = 0;
     while injected < most {
@@ -157,7 +163,12 @@ async fn inject(cluster: &mut Cluster, rng: &mut StdRng, until_ms: u64) -> u64 {
         }
         let hold = Duration::from_millis(rng.random_range(HOLD_MS));
         let slot = rng.random_range(0..REPLICAS);
-        match rng.random_range(0..6) {
+        // Over the NATS key-value store Redis is not used: its faults would test nothing.
+        let fault = match store {
+            StoreKind::Redis => rng.random_range(0..6),
+            StoreKind::NatsKv => [0, 1, 4, 5][rng.random_range(0..4)],
+        };
+        match fault {
             0 => {
                 cluster.kill_replica(slot);
                 tokio::time::sleep(hold).await;
