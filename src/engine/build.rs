@@ -130,10 +130,14 @@ pub(crate) async fn lead(
                         ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
                     };
                     let sliding = policy.touch().is_some();
+                    let committing = Instant::now();
                     let committed = !lost && commit(inner, &key, token, bytes, life, sliding).await;
                     if committed && !flight.is_invalidated() {
-                        // The L1 keeps a copy only while it is fresh.
-                        inner.l1.insert(key, entry.clone(), life.fresh);
+                        // The L1 keeps a copy only while it is fresh, counted from before the
+                        // commit, so it never outlives the store's copy however late the commit's
+                        // answer is handled.
+                        let fresh = life.fresh.saturating_sub(committing.elapsed());
+                        inner.l1.insert(key, entry.clone(), fresh);
                     }
                     Conclusion::Value {
                         entry,

@@ -102,6 +102,10 @@ async fn run(
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
+        // The store measures a value's remaining ttl somewhere between this instant and its
+        // answer; counting it from here keeps the L1's copy within the store's freshness even when
+        // the answer is handled late (a process frozen or starved meanwhile).
+        let asked_at = Instant::now();
         let answer = match (flight.mode, builder) {
             (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
             _ => peek(inner, &key, policy).await,
@@ -172,6 +176,7 @@ async fn run(
             }
             Ok(Acquired::Hit { ttl_left, .. }) => {
                 let entry = entry.expect("decoded above");
+                let ttl_left = ttl_left.saturating_sub(asked_at.elapsed());
                 let source = if waited {
                     Source::Coalesced
                 } else {
