@@ -14,8 +14,8 @@
 //! - no answer (status, transport error or client timeout) comes later than `wait_timeout` plus a
 //!   tolerance, and no transport error happens, unless the replica that was asked was killed or
 //!   paused meanwhile;
-//! - no 200 serves a body past its freshness (`fetch end + ttl` plus the tolerance) unless a store
-//!   fault happened since that fetch;
+//! - no 200 serves a body past its freshness (its commit, or the fetch's end when no commit was
+//!   logged, plus `ttl`, plus the tolerance) unless a store fault happened since that fetch;
 //! - per key and replica process: never two fetches in flight at once (one flight per key per
 //!   process, store up or down), except across a kill of that replica;
 //! - per key, outside disturbing windows: no two fetches in flight at once (one fetch per lease),
@@ -187,6 +187,18 @@ pub fn check(
     };
 
     // ---------------------------------------------------------------- answers ----
+    let mut commits_by: HashMap<(&str, usize), Vec<u64>> = HashMap::new();
+    for l in leases.iter().filter(|l| l.step == LeaseStep::Committed) {
+        if let Some(key) = &l.key {
+            commits_by
+                .entry((key, l.replica))
+                .or_default()
+                .push(l.at_ms);
+        }
+    }
+    commits_by
+        .values_mut()
+        .for_each(|times| times.sort_unstable());
     let by_fetch: HashMap<(&str, u64), &Fetch> = fetches
         .iter()
         .map(|f| ((f.key.as_str(), f.fetch), f))
@@ -234,7 +246,15 @@ pub fn check(
                 match by_fetch.get(&(a.key.as_str(), fetch)) {
                     None => v.add("body-never-fetched", format!("{what}: fetch {fetch}")),
                     Some(f) => {
-                        let fresh_until = f.at_ms + f.latency_ms + policy.ttl_ms;
+                        // The store keeps a value fresh for `ttl` from its commit: the first
+                        // commit of this key by the fetching replica once the fetch ended (one
+                        // flight per key per process), or the fetch's end if none was logged.
+                        let fetched = f.at_ms + f.latency_ms;
+                        let committed = commits_by
+                            .get(&(f.key.as_str(), f.replica))
+                            .and_then(|times| times.iter().copied().find(|&c| c >= fetched))
+                            .unwrap_or(fetched);
+                        let fresh_until = committed + policy.ttl_ms;
                         if a.start_ms > fresh_until + tolerance_ms
                             && !store_fault_between(f.at_ms, a.start_ms)
                         {
