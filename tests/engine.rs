@@ -231,3 +231,100 @@ on_every_backend! {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch, and no serial retries");
     }
 }
+
+/// A READY event that the bus held back (here: NATS frozen while the leader announced) reaches a
+/// follower after its value's freshness ended. The follower's callers get the value they waited
+/// for, but its L1 must not keep the value for a whole ttl from the late arrival: the next
+/// request goes to the store, finds nothing fresh, and builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ready_event_does_not_keep_its_value_in_the_l1_past_its_freshness() {
+    let mut cluster = support::cluster::Cluster::start(support::cluster::Kind::RedisNats).await;
+    let replicas = cluster.engines(2, "late-event").await;
+    // Only the event may wake the follower: no lease expiry and no poll within the test.
+    let policy = Policy {
+        lease_ttl: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(30),
+        ..Policy::default()
+    };
+    let fresh_for = Duration::from_secs(1);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let builds = Arc::new(AtomicUsize::new(0));
+    let builder: Builder = {
+        let builds = builds.clone();
+        Arc::new(move || {
+            let n = builds.fetch_add(1, Ordering::SeqCst);
+            let mut released = released.clone();
+            Box::pin(async move {
+                if n == 0 {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(20), released.wait_for(|r| *r))
+                            .await;
+                }
+                let mut built = entry(format!("build {n}"));
+                built.ttl = fresh_for;
+                Ok(Built::Shared(built))
+            })
+        })
+    };
+    let leader = {
+        let (engine, policy, builder) = (replicas[0].clone(), policy.clone(), builder.clone());
+        tokio::spawn(async move {
+            engine
+                .fetch(&key("k"), &policy, builder, Duration::from_secs(20))
+                .await
+        })
+    };
+    support::eventually("the lease is held", || async {
+        matches!(
+            replicas[1].status(&key("k")).await,
+            Ok(KeyStatus::Pending { .. })
+        )
+    })
+    .await;
+    let follower = {
+        let (engine, policy, builder) = (replicas[1].clone(), policy.clone(), builder.clone());
+        tokio::spawn(async move {
+            engine
+                .fetch(&key("k"), &policy, builder, Duration::from_secs(20))
+                .await
+        })
+    };
+    // Its flight asked the store and was told to wait for the held lease.
+    support::eventually("the follower waits", || async {
+        replicas[1].metrics().flights_inflight.get() == 1
+            && replicas[1]
+                .metrics()
+                .store_operations
+                .with_label_values(&["acquire", "ok"])
+                .get()
+                >= 1
+    })
+    .await;
+
+    let nats = cluster.nats.as_mut().expect("the NATS bus");
+    nats.pause();
+    release.send(true).expect("the build is waiting");
+    let led = leader.await.unwrap().expect("the leader's answer");
+    assert_eq!(led.entry.body, Bytes::from("build 0"));
+    // The value's freshness passes while its event is held back.
+    sleep(fresh_for + Duration::from_millis(500)).await;
+    nats.resume();
+
+    let waited = follower.await.unwrap().expect("the follower's answer");
+    assert_eq!(
+        waited.entry.body,
+        Bytes::from("build 0"),
+        "the follower got the value it waited for"
+    );
+    let next = replicas[1]
+        .fetch(&key("k"), &policy, builder.clone(), Duration::from_secs(20))
+        .await
+        .expect("the next answer");
+    assert_eq!(
+        next.entry.body,
+        Bytes::from("build 1"),
+        "the follower's L1 served a value past its freshness ({:?})",
+        next.source
+    );
+    assert_eq!(builds.load(Ordering::SeqCst), 2);
+}

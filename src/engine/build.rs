@@ -130,6 +130,7 @@ pub(crate) async fn lead(
                         ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
                     };
                     let sliding = policy.touch().is_some();
+                    let committing = Instant::now();
                     let committed = match lost {
                         true => Committed::Rejected,
                         false => commit(inner, &key, token, bytes, life, sliding).await,
@@ -138,8 +139,11 @@ pub(crate) async fn lead(
                     // process's to serve: kept, later callers here do not fetch it again while the
                     // store is down. A rejected one (the lease was lost, purged) is not kept.
                     if committed != Committed::Rejected && !flight.is_invalidated() {
-                        // The L1 keeps a copy only while it is fresh.
-                        inner.l1.insert(key, entry.clone(), life.fresh);
+                        // The L1 keeps a copy only while it is fresh, counted from before the
+                        // commit, so it never outlives the store's copy however late the commit's
+                        // answer is handled.
+                        let fresh = life.fresh.saturating_sub(committing.elapsed());
+                        inner.l1.insert(key, entry.clone(), fresh);
                     }
                     Conclusion::Value {
                         entry,
@@ -331,6 +335,14 @@ async fn commit(
     .await;
     match stored {
         Ok(Fenced::Done) => {
+            // The commit as the store accepted it, for a soak run to check one commit per lease.
+            tracing::debug!(
+                target: "corral::lease",
+                %key,
+                token = %token.to_hex(),
+                unix_ms = super::unix_ms(),
+                "committed"
+            );
             if !inner.store.announces() {
                 announce(inner, key, event).await;
             }

@@ -114,6 +114,10 @@ async fn run(
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
+        // The store measures a value's remaining ttl somewhere between this instant and its
+        // answer; counting it from here keeps the L1's copy within the store's freshness even when
+        // the answer is handled late (a process frozen or starved meanwhile).
+        let asked_at = Instant::now();
         let (answer, timed_out) = match (flight.mode, builder) {
             (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
             _ => (peek(inner, &key, policy).await, false),
@@ -216,6 +220,7 @@ async fn run(
             }
             Ok(Acquired::Hit { ttl_left, .. }) => {
                 let entry = entry.expect("decoded above");
+                let ttl_left = ttl_left.saturating_sub(asked_at.elapsed());
                 let source = if waited {
                     Source::Coalesced
                 } else {
@@ -229,6 +234,15 @@ async fn run(
             Ok(Acquired::Empty) => return Conclusion::Empty,
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
+                // One line per lease won, at debug under its own target, so a soak run can pair
+                // every upstream fetch with the lease it ran under (see `corral::lease` in README).
+                tracing::debug!(
+                    target: "corral::lease",
+                    %key,
+                    token = %lease.token.to_hex(),
+                    unix_ms = super::unix_ms(),
+                    "lease acquired"
+                );
                 if waited {
                     // The lease this flight waited on ended without a value: its holder died,
                     // overran, was shut down or purged, and this process takes over the fetch.
@@ -249,8 +263,13 @@ async fn run(
                         inline: Some(value),
                     }) => {
                         if let Some(entry) = decode(inner, &key, value) {
-                            // Fresh for its ttl from now: the L1 keeps no stale copies.
-                            let ttl = entry.ttl;
+                            // Fresh for what is left of its ttl, so the L1 keeps no stale copies:
+                            // a bus that held the event back (buffered across a reconnect) must
+                            // not stretch the value's life by the delay. The age is read from the
+                            // writer's clock; a writer clock ahead of ours only gives the L1 the
+                            // full ttl it had before, one behind ours only shortens it.
+                            let age = super::unix_ms().saturating_sub(entry.stored_at_ms);
+                            let ttl = entry.ttl.saturating_sub(Duration::from_millis(age));
                             return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
                         }
                     }
