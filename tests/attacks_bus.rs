@@ -1,5 +1,5 @@
 //! Forged bus events that carry a payload: a READY with an inline value and a FAILED with an error
-//! response, published by someone who can publish on the bus (NATS, or Redis pub/sub) but cannot
+//! response (and an UNCACHEABLE, which would send every waiter to the upstream), published by someone who can publish on the bus (NATS, or Redis pub/sub) but cannot
 //! write the store, while a real lease on the key is live.
 //!
 //! Waiting requests must never be answered with the forged payload: each forged event only sends
@@ -139,6 +139,12 @@ async fn forged_payloads_never_answer_a_wait(backing: &str, forger: impl AsyncFn
         ("ready", Event::ending(key, made_up, ready)),
         ("failed", Event::new(key, failed.clone())),
         ("failed", Event::ending(key, made_up, failed)),
+        // No payload, but taken at its word it would send every waiter to the upstream.
+        ("uncacheable", Event::new(key, EventKind::Uncacheable)),
+        (
+            "uncacheable",
+            Event::ending(key, made_up, EventKind::Uncacheable),
+        ),
     ];
     for (kind, event) in forged {
         let heard = format!("corral_bus_events_total{{kind=\"{kind}\"}}");

@@ -379,3 +379,21 @@ pub trait Store: Send + Sync + 'static {
     /// them: purging those is a no-op).
     async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_id_names_its_token_without_revealing_it() {
+        let token = Token(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let id = token.lease_id();
+        assert_eq!(id, LeaseId::of(token), "the same token, the same name");
+        assert_ne!(id, Token(token.0 + 1).lease_id());
+        assert_ne!(id.0, token.0.to_be_bytes(), "the name is not the token");
+        assert_eq!(LeaseId::from_hex(id.to_hex().as_bytes()), Some(id));
+        assert_eq!(LeaseId::from_hex(b""), None);
+        assert_eq!(LeaseId::from_hex(&[b'z'; 32]), None);
+        assert_eq!(LeaseId::from_hex(&id.to_hex().as_bytes()[..30]), None);
+    }
+}
