@@ -103,12 +103,15 @@ async fn acquire_leads_on_empty_others_wait_and_the_owner_leads_again() {
     assert_eq!(fields["fence"], fence.to_string());
     assert!(fields["start"].parse::<u64>().unwrap() > 0);
 
+    // The lease's public name is kept beside it and told to whoever waits on it, never the token.
+    assert_eq!(fields["id"], first.token.lease_id().to_hex());
     match store.acquire(&k, &lease(secs(5)), None).await.unwrap() {
-        Acquired::Wait { lease_left } => {
+        Acquired::Wait { lease_left, lease } => {
             assert!(
                 lease_left <= secs(5) && lease_left > Duration::ZERO,
                 "{lease_left:?}"
-            )
+            );
+            assert_eq!(lease, Some(first.token.lease_id()));
         }
         other => panic!("another token should wait, got {other:?}"),
     }

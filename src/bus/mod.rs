@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::key::KeyHash;
+use crate::store::LeaseId;
 
 /// Values at or above this many bytes never ride inside an event.
 pub const INLINE_MAX: usize = 16 * 1024;
@@ -51,6 +52,11 @@ pub enum EventKind {
 pub struct Event {
     pub key: KeyHash,
     pub kind: EventKind,
+    /// The lease this event ends, as its leader names it (READY, FAILED, UNCACHEABLE, ABANDONED
+    /// from a leader); `None` for every other event. Anyone who can publish on the bus can claim
+    /// any id, but only the store and the lease's holder know the id of a live lease, and a
+    /// follower trusts a payload only from an event whose id is the one its WAIT reported.
+    pub lease: Option<LeaseId>,
 }
 
 /// Why received bytes were not an event.
@@ -64,7 +70,10 @@ pub enum EventError {
     BadMessage,
 }
 
+/// Events without a lease id (and GENERATION, whose head a Lua script appends digits to).
 const EVENT_VERSION: u8 = 1;
+/// Events bound to the lease they end: the 16-byte lease id follows the key.
+const EVENT_VERSION_LEASE: u8 = 2;
 const READY: u8 = 1;
 const READY_INLINE: u8 = 2;
 const FAILED: u8 = 3;
@@ -79,13 +88,32 @@ const MESSAGE_MAX: usize = 1024;
 
 impl Event {
     pub fn new(key: KeyHash, kind: EventKind) -> Self {
-        Self { key, kind }
+        Self {
+            key,
+            kind,
+            lease: None,
+        }
     }
 
-    /// `version u8 | kind u8 | key [32] | payload`: the inline envelope for READY; for FAILED a
-    /// u16 message length, the UTF-8 message, then the error response's envelope if any; for
-    /// GENERATION the number in decimal digits.
+    /// An event that ends the lease named `lease` (sent by its holder).
+    pub fn ending(key: KeyHash, lease: LeaseId, kind: EventKind) -> Self {
+        Self {
+            key,
+            kind,
+            lease: Some(lease),
+        }
+    }
+
+    /// `version u8 | kind u8 | key [32] | lease id [16], version 2 only | payload`: the inline
+    /// envelope for READY; for FAILED a u16 message length, the UTF-8 message, then the error
+    /// response's envelope if any; for GENERATION the number in decimal digits. Version 1 has no
+    /// lease id; version 2 does (GENERATION and DELETED never carry one).
     pub fn encode(&self) -> Bytes {
+        let ends_lease = !matches!(self.kind, EventKind::Deleted | EventKind::Generation { .. });
+        let (version, lease): (u8, &[u8]) = match &self.lease {
+            Some(lease) if ends_lease => (EVENT_VERSION_LEASE, &lease.0),
+            _ => (EVENT_VERSION, &[]),
+        };
         if let EventKind::Generation { generation } = &self.kind {
             let mut out = Self::generation_head(&self.key).to_vec();
             out.extend_from_slice(generation.to_string().as_bytes());
@@ -94,10 +122,12 @@ impl Event {
         if let EventKind::Failed { message, response } = &self.kind {
             let message = truncate_utf8(message, MESSAGE_MAX);
             let response = response.as_deref().unwrap_or_default();
-            let mut out = BytesMut::with_capacity(36 + message.len() + response.len());
-            out.put_u8(EVENT_VERSION);
+            let mut out =
+                BytesMut::with_capacity(36 + lease.len() + message.len() + response.len());
+            out.put_u8(version);
             out.put_u8(FAILED);
             out.put_slice(self.key.as_bytes());
+            out.put_slice(lease);
             out.put_u16(message.len() as u16);
             out.put_slice(message);
             out.put_slice(response);
@@ -115,10 +145,11 @@ impl Event {
             EventKind::Abandoned => (ABANDONED, &[]),
             EventKind::Deleted => (DELETED, &[]),
         };
-        let mut out = BytesMut::with_capacity(34 + payload.len());
-        out.put_u8(EVENT_VERSION);
+        let mut out = BytesMut::with_capacity(34 + lease.len() + payload.len());
+        out.put_u8(version);
         out.put_u8(tag);
         out.put_slice(self.key.as_bytes());
+        out.put_slice(lease);
         out.put_slice(payload);
         out.freeze()
     }
@@ -136,11 +167,18 @@ impl Event {
         if bytes.len() < 34 {
             return Err(EventError::Truncated);
         }
-        if bytes[0] != EVENT_VERSION {
-            return Err(EventError::Unknown(bytes[0]));
-        }
+        let (lease, payload) = match bytes[0] {
+            EVENT_VERSION => (None, bytes.slice(34..)),
+            EVENT_VERSION_LEASE => {
+                if bytes.len() < 50 {
+                    return Err(EventError::Truncated);
+                }
+                let lease = LeaseId(bytes[34..50].try_into().expect("16 bytes"));
+                (Some(lease), bytes.slice(50..))
+            }
+            other => return Err(EventError::Unknown(other)),
+        };
         let key = KeyHash::from_bytes(bytes[2..34].try_into().expect("32 bytes"));
-        let payload = bytes.slice(34..);
         let kind = match bytes[1] {
             READY if payload.is_empty() => EventKind::Ready { inline: None },
             READY_INLINE => EventKind::Ready {
@@ -173,7 +211,11 @@ impl Event {
             },
             other => return Err(EventError::Unknown(other)),
         };
-        Ok(Self { key, kind })
+        // Only the events that end a lease may name one.
+        if lease.is_some() && matches!(kind, EventKind::Deleted | EventKind::Generation { .. }) {
+            return Err(EventError::Unknown(bytes[1]));
+        }
+        Ok(Self { key, kind, lease })
     }
 }
 
@@ -282,9 +324,29 @@ mod tests {
             },
         ];
         for kind in kinds {
-            let event = Event::new(key(), kind);
+            let event = Event::new(key(), kind.clone());
             assert_eq!(Event::decode(event.encode()), Ok(event));
+            if matches!(kind, EventKind::Deleted | EventKind::Generation { .. }) {
+                continue;
+            }
+            let lease = crate::store::Token(7).lease_id();
+            let bound = Event::ending(key(), lease, kind);
+            assert_eq!(Event::decode(bound.encode()), Ok(bound));
         }
+    }
+
+    #[test]
+    fn a_bound_event_cut_inside_its_lease_id_is_truncated() {
+        let lease = crate::store::Token(7).lease_id();
+        let bytes = Event::ending(key(), lease, EventKind::Abandoned).encode();
+        for len in 34..50 {
+            assert_eq!(
+                Event::decode(bytes.slice(..len)),
+                Err(EventError::Truncated),
+                "cut at {len}"
+            );
+        }
+        assert_eq!(Event::decode(bytes).unwrap().lease, Some(lease));
     }
 
     #[test]

@@ -320,7 +320,7 @@ async fn commit(
     sliding: bool,
 ) -> Committed {
     let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
-    let event = Event::new(*key, EventKind::Ready { inline }).encode();
+    let event = Event::ending(*key, token.lease_id(), EventKind::Ready { inline }).encode();
     let stored = store_call(inner, "commit", || {
         inner.store.commit_fresh(
             key,
@@ -362,7 +362,7 @@ async fn commit(
 
 /// GIVEUP: releases the lease and sets the pass marker.
 async fn give_up(inner: &Inner, key: &KeyHash, token: Token, policy: &Policy) {
-    let event = Event::new(*key, EventKind::Uncacheable).encode();
+    let event = Event::ending(*key, token.lease_id(), EventKind::Uncacheable).encode();
     let done = store_call(inner, "give_up", || {
         inner
             .store
@@ -374,7 +374,7 @@ async fn give_up(inner: &Inner, key: &KeyHash, token: Token, policy: &Policy) {
 
 /// FAIL or ABANDON: releases the lease and announces why.
 async fn release(inner: &Inner, key: &KeyHash, token: Token, kind: EventKind) {
-    let event = Event::new(*key, kind).encode();
+    let event = Event::ending(*key, token.lease_id(), kind).encode();
     let done = store_call(inner, "release", || {
         inner.store.release(key, token, event.clone())
     })

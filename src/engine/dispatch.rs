@@ -52,7 +52,7 @@ impl EventSink for Dispatcher {
             self.l1.invalidate(&event.key);
         }
         if let Some(flight) = self.flights.get(&event.key) {
-            flight.post(event.kind);
+            flight.post(event.kind, event.lease);
         }
     }
 

@@ -11,12 +11,18 @@
 //!            │   to answer with should the refresh fail
 //!            │                                                                 │
 //!            ├── WAIT ──> wait ────────────────────────────────────────────────┘
-//!            │              └── READY(inline) ──> Value, FAILED ──> Failed, UNCACHEABLE ──> Pass
+//!            │              └── READY(inline) ──> Value, FAILED ──> Failed, UNCACHEABLE ──> Pass,
+//!            │                  each only from an event bound to the lease WAIT named
 //!            └── LEAD ──> build (see `build`) ──> Value | Failed | Uncacheable | re-ACQUIRE
 //! ```
 //!
 //! Read flights peek instead of acquiring, so they never lead. A store that cannot be reached
 //! degrades: a build flight builds for its own process's callers without storing anything.
+//!
+//! An event ends a wait with what it carries only when it ends the lease the store named in its
+//! WAIT answer (the event's lease id is that lease's), or when the store vouches for every event
+//! (its bus is its own stream). Any other event, such as one forged on a bus that others can
+//! publish on, is only a hint to look at the store again at once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,7 +38,7 @@ use super::{Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, 
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
-use crate::store::{Acquired, LeaseRequest, Refresh, StoreError, Token};
+use crate::store::{Acquired, LeaseId, LeaseRequest, Refresh, StoreError, Token};
 
 /// Corrupt values in a row after which a flight stops discarding and reports a miss.
 const CORRUPT_LIMIT: u32 = 3;
@@ -78,8 +84,10 @@ pub(crate) async fn drive(
 
 /// Why a waiting flight looks at the store again.
 enum Wake {
-    /// An outcome event for this key.
+    /// An outcome event for this key that ends the lease waited on (or comes from the store).
     Event(EventKind),
+    /// An event that may not be taken at its word: unbound, or bound to another lease.
+    Hint,
     /// The bus reconnected and may have lost events.
     Resync,
     /// The lease the store reported has expired, or the safety poll came due.
@@ -178,7 +186,9 @@ async fn run(
                 }
                 Ok(match refresh {
                     Refresh::Lead { fence } => Acquired::Lead { fence },
-                    Refresh::Elsewhere { lease_left } => Acquired::Wait { lease_left },
+                    Refresh::Elsewhere { lease_left, lease } => {
+                        Acquired::Wait { lease_left, lease }
+                    }
                     // Only a peek finds nobody refreshing, and a read never refreshes.
                     Refresh::Idle => Acquired::Empty,
                 })
@@ -255,10 +265,10 @@ async fn run(
                     (built, _) => built,
                 };
             }
-            Ok(Acquired::Wait { lease_left }) => {
+            Ok(Acquired::Wait { lease_left, lease }) => {
                 waited = true;
                 timer_woke = false;
-                match wait(inner, flight, policy, lease_left).await {
+                match wait(inner, flight, policy, lease_left, lease).await {
                     Wake::Event(EventKind::Ready {
                         inline: Some(value),
                     }) => {
@@ -291,7 +301,7 @@ async fn run(
                         });
                     }
                     Wake::Event(EventKind::Uncacheable) => return Conclusion::Pass,
-                    Wake::Event(_) | Wake::Resync => {}
+                    Wake::Event(_) | Wake::Hint | Wake::Resync => {}
                     Wake::Timer => timer_woke = true,
                     Wake::Unattended => return Conclusion::Unattended,
                     Wake::Closing => return Conclusion::Closed,
@@ -342,8 +352,14 @@ fn decode(inner: &Inner, key: &KeyHash, value: Bytes) -> Option<Entry> {
 }
 
 /// Waits for whichever comes first: an event, the lease's expiry, the safety poll, a resync, or
-/// the last caller leaving.
-async fn wait(inner: &Inner, flight: &Arc<Flight>, policy: &Policy, lease_left: Duration) -> Wake {
+/// the last caller leaving. `lease` is the name of the lease waited on, as the store told it.
+async fn wait(
+    inner: &Inner,
+    flight: &Arc<Flight>,
+    policy: &Policy,
+    lease_left: Duration,
+    lease: Option<LeaseId>,
+) -> Wake {
     let now = Instant::now();
     let expiry = now + lease_left + EXPIRY_MARGIN;
     let poll = now + jitter(policy.poll_interval);
@@ -354,8 +370,12 @@ async fn wait(inner: &Inner, flight: &Arc<Flight>, policy: &Policy, lease_left: 
             return Wake::Closing;
         }
         let mail = flight.take_mail();
-        if let Some(event) = mail.event {
-            return Wake::Event(event);
+        if let Some((event, bound)) = mail.event {
+            if inner.store.events_are_writes() || (bound.is_some() && bound == lease) {
+                return Wake::Event(event);
+            }
+            tracing::debug!(key = %flight.key, ?event, "event not bound to the lease waited on; re-checking the store");
+            return Wake::Hint;
         }
         if mail.resync {
             return Wake::Resync;

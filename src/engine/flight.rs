@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 use crate::bus::EventKind;
 use crate::envelope::Entry;
 use crate::key::KeyHash;
+use crate::store::LeaseId;
 
 /// Shards of the flight table; a power of two well above the core count keeps lock contention low.
 const SHARDS: usize = 64;
@@ -75,8 +76,8 @@ pub(crate) enum Conclusion {
 /// What the bus (or a local delete) told a flight since it last looked.
 #[derive(Default)]
 pub(crate) struct Mailbox {
-    /// The latest outcome event for this key.
-    pub event: Option<EventKind>,
+    /// The latest outcome event for this key, and the lease it says it ends (if any).
+    pub event: Option<(EventKind, Option<LeaseId>)>,
     /// The bus reconnected: re-check even without an event.
     pub resync: bool,
 }
@@ -101,11 +102,11 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    pub fn post(&self, event: EventKind) {
+    pub fn post(&self, event: EventKind, lease: Option<LeaseId>) {
         if event == EventKind::Deleted {
             self.invalidated.store(true, Ordering::SeqCst);
         }
-        self.mailbox.lock().expect("mailbox lock").event = Some(event);
+        self.mailbox.lock().expect("mailbox lock").event = Some((event, lease));
         self.wake.notify_one();
     }
 

@@ -626,7 +626,7 @@ impl Engine {
         let event = Event::new(*key, EventKind::Deleted);
         inner.l1.invalidate(key);
         if let Some(flight) = inner.flights.get(key) {
-            flight.post(EventKind::Deleted);
+            flight.post(EventKind::Deleted, None);
         }
         let encoded = event.encode();
         let existed =

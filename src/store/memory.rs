@@ -82,6 +82,7 @@ impl Slot {
             }
             (Some(held), _) => Refresh::Elsewhere {
                 lease_left: held.expires_at - now,
+                lease: Some(held.token.lease_id()),
             },
             (None, Some((lease, fence))) => {
                 self.lease = Some(Lease {
@@ -271,6 +272,7 @@ impl Store for MemoryStore {
                 Some(held) if held.token == lease.token => Acquired::Lead { fence: held.fence },
                 Some(held) => Acquired::Wait {
                     lease_left: held.expires_at - now,
+                    lease: Some(held.token.lease_id()),
                 },
                 None => {
                     slot.lease = Some(Lease {
@@ -291,6 +293,7 @@ impl Store for MemoryStore {
             read(slot, now, touch, None).unwrap_or_else(|| match &slot.lease {
                 Some(held) => Acquired::Wait {
                     lease_left: held.expires_at - now,
+                    lease: Some(held.token.lease_id()),
                 },
                 None => Acquired::Empty,
             })
@@ -588,13 +591,15 @@ mod tests {
         assert_eq!(
             store.acquire(&key(), &second, None).await,
             Ok(stale(Refresh::Elsewhere {
-                lease_left: Duration::from_secs(1)
+                lease_left: Duration::from_secs(1),
+                lease: Some(first.token.lease_id()),
             }))
         );
         assert_eq!(
             store.peek(&key(), None).await,
             Ok(stale(Refresh::Elsewhere {
-                lease_left: Duration::from_secs(1)
+                lease_left: Duration::from_secs(1),
+                lease: Some(first.token.lease_id()),
             }))
         );
         // A failed refresh leaves the stale value, and the next caller may lead again.

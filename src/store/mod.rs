@@ -63,6 +63,43 @@ impl Token {
     pub fn to_hex(self) -> String {
         format!("{:032x}", self.0)
     }
+
+    /// The public name of the lease this token holds.
+    pub fn lease_id(self) -> LeaseId {
+        LeaseId::of(self)
+    }
+}
+
+/// A lease's public name: the first 16 bytes of the BLAKE3 hash of its owner token.
+///
+/// The store tells it to followers with WAIT, and the events that end the lease carry it, so a
+/// follower can tell the event that ends the lease it waits on from one that anybody with access to
+/// the bus could publish. It reveals nothing of the token, which alone writes under the lease.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct LeaseId(pub [u8; 16]);
+
+impl LeaseId {
+    pub fn of(token: Token) -> Self {
+        let hash = blake3::hash(token.to_hex().as_bytes());
+        Self(hash.as_bytes()[..16].try_into().expect("16 of 32 bytes"))
+    }
+
+    /// 32 lowercase hex digits, as a store keeps it beside the lease.
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    pub fn from_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut out = [0; 16];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let pair = std::str::from_utf8(pair).ok()?;
+            out[i] = u8::from_str_radix(pair, 16).ok()?;
+        }
+        Some(Self(out))
+    }
 }
 
 /// What a flight asks for when it may become the leader.
@@ -100,8 +137,13 @@ pub enum Acquired {
     Pass { ttl_left: Duration },
     /// This caller now holds the lease (acquire only).
     Lead { fence: u64 },
-    /// Another caller holds the lease; it expires in `lease_left` unless renewed.
-    Wait { lease_left: Duration },
+    /// Another caller holds the lease; it expires in `lease_left` unless renewed. `lease` names it
+    /// (`None` for a lease written without a name, such as one left by an older version): only an
+    /// event bound to that name may end the wait with the payload it carries.
+    Wait {
+        lease_left: Duration,
+        lease: Option<LeaseId>,
+    },
     /// Nothing at all (peek only).
     Empty,
 }
@@ -111,8 +153,12 @@ pub enum Acquired {
 pub enum Refresh {
     /// "Stale entry; you lead the refresh": this caller now holds the lease.
     Lead { fence: u64 },
-    /// "Stale entry; someone refreshes": another caller holds the lease, for `lease_left` more.
-    Elsewhere { lease_left: Duration },
+    /// "Stale entry; someone refreshes": another caller holds the lease, for `lease_left` more;
+    /// `lease` names it, as in [`Acquired::Wait`].
+    Elsewhere {
+        lease_left: Duration,
+        lease: Option<LeaseId>,
+    },
     /// Nobody (peek, which never takes a lease; or no value for an early refresh to replace).
     Idle,
 }
@@ -215,6 +261,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether this store publishes the event it is handed as part of the write itself.
     fn announces(&self) -> bool;
+
+    /// Whether the events a process hears with this store are the store's own writes (its bus is
+    /// the store), so that forging one takes write access to the store itself: such events are
+    /// trusted without a lease id. False for a store beside a separate bus, whose events end a
+    /// wait with their payload only when bound to the lease waited on.
+    fn events_are_writes(&self) -> bool {
+        false
+    }
 
     /// The shortest lease TTL this store can keep; a dictionary asking for less is refused when it
     /// is opened. Zero for stores that count in milliseconds.
@@ -330,4 +384,22 @@ pub trait Store: Send + Sync + 'static {
     /// The keys `selector` covers, at most `limit` of them (entries already gone may be among
     /// them: purging those is a no-op).
     async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_id_names_its_token_without_revealing_it() {
+        let token = Token(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let id = token.lease_id();
+        assert_eq!(id, LeaseId::of(token), "the same token, the same name");
+        assert_ne!(id, Token(token.0 + 1).lease_id());
+        assert_ne!(id.0, token.0.to_be_bytes(), "the name is not the token");
+        assert_eq!(LeaseId::from_hex(id.to_hex().as_bytes()), Some(id));
+        assert_eq!(LeaseId::from_hex(b""), None);
+        assert_eq!(LeaseId::from_hex(&[b'z'; 32]), None);
+        assert_eq!(LeaseId::from_hex(&id.to_hex().as_bytes()[..30]), None);
+    }
 }

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use redis::{ErrorKind, ProtocolVersion, RedisError, Script, ServerErrorKind, Value};
 
 use super::{
-    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, MAX_INDEXED_PER_ROUTE,
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseId, LeaseRequest, MAX_INDEXED_PER_ROUTE,
     MAX_INDEXED_PER_TAG, Refresh, Renewed, Selector, Store, StoreError, Token, Touch,
 };
 use crate::bus::{Event, redis_channel};
@@ -302,6 +302,9 @@ impl RedisStore {
             ),
             None => (String::new(), "", 0, "peek"),
         };
+        let lease_id = lease
+            .map(|lease| lease.token.lease_id().to_hex())
+            .unwrap_or_default();
         // A zero sliding ttl would mean "expire now"; treat it as absolute expiry instead. Early
         // mode reads the slack alone: how near the end of its freshness a value must be.
         let (touch_ms, slack_ms) = match touch {
@@ -322,7 +325,8 @@ impl RedisStore {
             .arg(lease_ms)
             .arg(touch_ms)
             .arg(slack_ms)
-            .arg(mode);
+            .arg(mode)
+            .arg(lease_id);
         let reply = self.run(op, &invocation).await?;
         parse_acquired(op, reply)
     }
@@ -436,6 +440,15 @@ fn fence(op: &'static str, item: Option<Value>) -> Result<u64, StoreError> {
     fence.ok_or_else(|| protocol(op, "lease has no valid fence"))
 }
 
+/// The name of the lease waited on; none for a lease written without one (or a malformed one,
+/// which then binds no event).
+fn lease_id(item: Option<Value>) -> Option<LeaseId> {
+    match item {
+        Some(Value::BulkString(hex)) => LeaseId::from_hex(&hex),
+        _ => None,
+    }
+}
+
 fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError> {
     let (tag, mut items) = tagged(op, reply)?;
     Ok(match tag.as_slice() {
@@ -452,6 +465,7 @@ fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError
                 },
                 Some(Value::BulkString(who)) if who == b"WAIT" => Refresh::Elsewhere {
                     lease_left: ttl(op, items.next())?,
+                    lease: lease_id(items.next()),
                 },
                 Some(Value::BulkString(who)) if who == b"IDLE" => Refresh::Idle,
                 other => {
@@ -472,6 +486,7 @@ fn parse_acquired(op: &'static str, reply: Value) -> Result<Acquired, StoreError
         },
         b"WAIT" => Acquired::Wait {
             lease_left: ttl(op, items.next())?,
+            lease: lease_id(items.next()),
         },
         b"LEAD" => Acquired::Lead {
             fence: fence(op, items.next())?,

@@ -52,7 +52,7 @@ pub async fn exactly_one_refresh_leader<'l, S: Store>(
                         assert!(leader.is_none(), "two callers were told to lead");
                         leader = Some(i);
                     }
-                    Refresh::Elsewhere { lease_left } => assert!(lease_left <= leases[i].ttl),
+                    Refresh::Elsewhere { lease_left, .. } => assert!(lease_left <= leases[i].ttl),
                     Refresh::Idle => panic!("acquire never answers idle"),
                 }
             }

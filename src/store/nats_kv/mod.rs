@@ -652,7 +652,10 @@ impl NatsKvStore {
                                 );
                                 Acquired::Lead { fence: *fence }
                             }
-                            _ => Acquired::Wait { lease_left },
+                            _ => Acquired::Wait {
+                                lease_left,
+                                lease: Some(token.lease_id()),
+                            },
                         });
                     }
                 }
@@ -714,7 +717,10 @@ impl NatsKvStore {
                     fence: slot.revision,
                 }))
             }
-            (Some((_, lease_left)), _) => Ok(Some(Refresh::Elsewhere { lease_left })),
+            (Some((holder, lease_left)), _) => Ok(Some(Refresh::Elsewhere {
+                lease_left,
+                lease: Some(holder.lease_id()),
+            })),
             (None, None) => Ok(Some(Refresh::Idle)),
             (None, Some(lease)) => {
                 let Some(message) =
@@ -990,6 +996,11 @@ impl Store for NatsKvStore {
     /// Every write is a message on the bucket's stream, which the consumers of every process
     /// receive: the write is the event.
     fn announces(&self) -> bool {
+        true
+    }
+
+    /// The bus of this store is the bucket's own stream: every event is a write of the store.
+    fn events_are_writes(&self) -> bool {
         true
     }
 

@@ -12,10 +12,14 @@
 -- ARGV[6] 'acquire' (may create the lease), 'peek' (never writes a lease) or 'early' (takes the
 --         lease over a value that is still fresh but within ARGV[5] of its end, for an early
 --         refresh; never over no value, and a value further from its end is a HIT)
+-- ARGV[7] lease id (32 hex digits, a hash of the token; empty in peek mode): kept beside the
+--         lease and told to every caller that waits on it, so that they can tell the events that
+--         end this lease from forged ones
 --
 -- Replies: {'HIT', value, pttl} | {'STALE', value, pttl, 'LEAD', fence} |
--- {'STALE', value, pttl, 'WAIT', lease pttl} | {'STALE', value, pttl, 'IDLE'} | {'PASS', pttl} |
--- {'LEAD', fence} | {'WAIT', pttl} | {'EMPTY'}
+-- {'STALE', value, pttl, 'WAIT', lease pttl, lease id} | {'STALE', value, pttl, 'IDLE'} |
+-- {'PASS', pttl} | {'LEAD', fence} | {'WAIT', pttl, lease id} | {'EMPTY'}
+-- The lease id is missing from a WAIT on a lease written without one.
 -- A HIT's pttl is how long the value stays fresh; a STALE's how long it is still kept. A pttl of
 -- -1 means the key has no expiry (written by something other than corral).
 --
@@ -45,7 +49,8 @@ end
 
 local function create_lease()
   local _, fence, start_ms = clock()
-  redis.call('HSET', KEYS[2], 'token', ARGV[1], 'fence', fence, 'node', ARGV[2], 'start', start_ms)
+  redis.call('HSET', KEYS[2], 'token', ARGV[1], 'fence', fence, 'node', ARGV[2], 'start', start_ms,
+    'id', ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return fence
 end
@@ -77,7 +82,7 @@ if value then
     if mode ~= 'peek' and owner == ARGV[1] then
       return {'STALE', value, pttl, 'LEAD', redis.call('HGET', KEYS[2], 'fence')}
     end
-    return {'STALE', value, pttl, 'WAIT', redis.call('PTTL', KEYS[2])}
+    return {'STALE', value, pttl, 'WAIT', redis.call('PTTL', KEYS[2]), redis.call('HGET', KEYS[2], 'id')}
   end
   if mode == 'peek' then
     return {'STALE', value, pttl, 'IDLE'}
@@ -102,7 +107,7 @@ if owner then
   if not peek and owner == ARGV[1] then
     return {'LEAD', redis.call('HGET', KEYS[2], 'fence')}
   end
-  return {'WAIT', redis.call('PTTL', KEYS[2])}
+  return {'WAIT', redis.call('PTTL', KEYS[2]), redis.call('HGET', KEYS[2], 'id')}
 end
 
 if peek then
