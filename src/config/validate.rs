@@ -10,8 +10,8 @@ use marked_yaml::Spanned;
 use regex::Regex;
 
 use super::schema::{
-    BackendFile, BreakerFile, File, KeyFile, LimitsFile, MatchFile, PolicyFile, QueryFile, RouteFile,
-    Text,
+    BackendFile, BreakerFile, File, KeyFile, LimitsFile, MatchFile, PolicyFile, QueryFile,
+    RouteFile, Text,
 };
 use super::units::{self, format_duration};
 use super::{

@@ -208,7 +208,8 @@ async fn run(
             {
                 failed_rechecks += 1;
                 tracing::debug!(%key, %error, "re-check failed; looking again shortly");
-                match wait(inner, flight, policy, RECHECK_AFTER_ERROR).await {
+                // No lease is known after a failed re-check: any event only sends it back to the store.
+                match wait(inner, flight, policy, RECHECK_AFTER_ERROR, None).await {
                     Wake::Unattended => return Conclusion::Unattended,
                     Wake::Closing => return Conclusion::Closed,
                     _ => timer_woke = false,

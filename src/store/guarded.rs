@@ -127,6 +127,10 @@ impl Store for GuardedStore {
         self.inner.announces()
     }
 
+    fn events_are_writes(&self) -> bool {
+        self.inner.events_are_writes()
+    }
+
     fn min_lease_ttl(&self) -> Duration {
         self.inner.min_lease_ttl()
     }
@@ -253,6 +257,9 @@ mod tests {
             "silent"
         }
         fn announces(&self) -> bool {
+            false
+        }
+        fn events_are_writes(&self) -> bool {
             false
         }
         async fn acquire(

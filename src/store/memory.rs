@@ -255,6 +255,11 @@ impl Store for MemoryStore {
         false
     }
 
+    // Its events ride a separate (memory) bus.
+    fn events_are_writes(&self) -> bool {
+        false
+    }
+
     async fn acquire(
         &self,
         key: &KeyHash,

@@ -265,10 +265,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the events a process hears with this store are the store's own writes (its bus is
     /// the store), so that forging one takes write access to the store itself: such events are
     /// trusted without a lease id. False for a store beside a separate bus, whose events end a
-    /// wait with their payload only when bound to the lease waited on.
-    fn events_are_writes(&self) -> bool {
-        false
-    }
+    /// wait with their payload only when bound to the lease waited on. Required, not defaulted:
+    /// a wrapper that forgot to pass it on would turn every trusted event into a hint.
+    fn events_are_writes(&self) -> bool;
 
     /// The shortest lease TTL this store can keep; a dictionary asking for less is refused when it
     /// is opened. Zero for stores that count in milliseconds.

@@ -548,6 +548,11 @@ impl Store for RedisStore {
         self.announce
     }
 
+    // Its events ride a bus beside it (or its own pub/sub), which others could publish on.
+    fn events_are_writes(&self) -> bool {
+        false
+    }
+
     async fn acquire(
         &self,
         key: &KeyHash,
