@@ -834,19 +834,21 @@ async fn purging_from_the_public_listener_purges_nothing() {
     assert_eq!(proxy.get(0, url).send().await.x_cache(), "MISS");
 
     // The public listener has no admin API and no PURGE of its own: both are requests like any
-    // other, and no route here takes those methods (routes take GET and HEAD by default).
+    // other, and no route here takes those methods (routes take GET and HEAD by default), so both
+    // are a 405 naming the methods the path takes.
     let purge = proxy
         .call(0, Method::from_bytes(b"PURGE").unwrap(), url)
         .send()
         .await;
-    assert_eq!(purge.status, 404, "{:?}", purge.text());
+    assert_eq!(purge.status, 405, "{:?}", purge.text());
+    assert_eq!(purge.header("allow"), Some("GET, HEAD"));
     let api = proxy
         .call(1, Method::POST, "/admin/purge")
         .bearer(TOKEN)
         .json(&serde_json::json!({ "url": url, "method": "GET" }))
         .send()
         .await;
-    assert_eq!(api.status, 404, "{:?}", api.text());
+    assert_eq!(api.status, 405, "{:?}", api.text());
     let api_get = proxy
         .get(1, "/admin/status?url=%2Fkept%3Fx%3D1")
         .bearer(TOKEN)

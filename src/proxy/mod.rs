@@ -233,6 +233,27 @@ pub fn route_for(
         .position(|route| route_matches(route, method, uri.path(), &host))
 }
 
+/// The methods the routes matching a request's path and host take, when none takes its method:
+/// what a `405`'s `Allow` lists. Empty when no route matches the path at all (a `404`).
+fn methods_allowed(config: &Config, uri: &Uri, headers: &HeaderMap) -> Vec<Method> {
+    let host = std::cell::OnceCell::new();
+    let host = || host.get_or_init(|| request_host(uri, headers)).as_deref();
+    let mut allowed: Vec<Method> = Vec::new();
+    for route in &config.routes {
+        let methods = &route.matcher.methods;
+        if let Some(first) = methods.first()
+            && route_matches(route, first, uri.path(), &host)
+        {
+            for method in methods {
+                if !allowed.contains(method) {
+                    allowed.push(method.clone());
+                }
+            }
+        }
+    }
+    allowed
+}
+
 /// The router of the public listener: every path goes to [`handle`].
 pub fn app(proxy: Arc<Proxy>) -> Router {
     Router::new().fallback(handle).with_state(proxy)
@@ -299,12 +320,35 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
             "bad-host",
         ),
         (Ok(()), Some(index)) => answer(&proxy, &snapshot, index, request).await,
-        (Ok(()), None) => plain(
-            StatusCode::NOT_FOUND,
-            "corral: no route matches this request\n".into(),
-            Outcome::Bypass,
-            "no-route",
-        ),
+        (Ok(()), None) => {
+            let allowed = methods_allowed(&snapshot.config, request.uri(), request.headers());
+            if allowed.is_empty() {
+                plain(
+                    StatusCode::NOT_FOUND,
+                    "corral: no route matches this request\n".into(),
+                    Outcome::Bypass,
+                    "no-route",
+                )
+            } else {
+                // A route serves this path, not with this method (a PURGE, or an admin call
+                // sent to the public listener): say which methods it takes.
+                let allow = allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut response = plain(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("corral: this path takes {allow}\n"),
+                    Outcome::Bypass,
+                    "method-not-allowed",
+                );
+                if let Ok(allow) = HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(http::header::ALLOW, allow);
+                }
+                response
+            }
+        }
     };
     response.headers_mut().insert(REQUEST_ID, id.clone());
     let label = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
