@@ -112,6 +112,45 @@ async fn collect(
     out
 }
 
+type Sent = Vec<JoinHandle<(Result<Reply, String>, Duration)>>;
+
+/// Five GETs of `url` to replica 0, which leads the fetch (the upstream holds it), then ten to each
+/// of replicas 1 and 2, once all of them wait as followers: the leader's requests and the
+/// followers'.
+async fn leader_and_followers(
+    http: &Http,
+    stack: &Processes,
+    upstream: &Upstream,
+    url: &str,
+) -> (Sent, Sent) {
+    let leader = send(http, &stack.replicas[0].url(), url, 5);
+    upstream.wait_for_hits(url, 1).await;
+    let mut followers = Vec::new();
+    for i in 1..3 {
+        followers.extend(send(http, &stack.replicas[i].url(), url, 10));
+        let replica = &stack.replicas[i];
+        wait_for_followers(&format!("replica {i}'s requests wait"), 9.0, || {
+            replica.metrics()
+        })
+        .await;
+    }
+    (leader, followers)
+}
+
+/// Waits for the second fetch of `url` and asserts it came within lease_ttl + one poll of the
+/// leader's fault (`what` happened to it at `since`).
+async fn assert_taken_over(upstream: &Upstream, url: &str, since: Instant, what: &str) {
+    upstream.wait_for_hits(url, 2).await;
+    let takeover = since.elapsed();
+    println!(
+        "leader {what}: another replica fetched {takeover:?} later (lease_ttl {LEASE_TTL:?}, poll {POLL:?})"
+    );
+    assert!(
+        takeover <= takeover_bound(),
+        "the takeover came {takeover:?} after the leader was {what}, past lease_ttl + one poll"
+    );
+}
+
 /// Waits until `n` callers wait on a flight they did not start on the process whose metrics
 /// `metrics` reads.
 async fn wait_for_followers<F, Fut>(what: &str, n: f64, metrics: F)
@@ -154,29 +193,11 @@ async fn a_leader_killed_mid_fetch_is_replaced_within_one_lease_and_nothing_part
     let http = Http::new();
     let url = "/held?k=kill";
 
-    let doomed = send(&http, &stack.replicas[0].url(), url, 5);
-    upstream.wait_for_hits(url, 1).await;
-    let mut followers = Vec::new();
-    for i in 1..3 {
-        followers.extend(send(&http, &stack.replicas[i].url(), url, 10));
-        let replica = &stack.replicas[i];
-        wait_for_followers(&format!("replica {i}'s requests wait"), 9.0, || {
-            replica.metrics()
-        })
-        .await;
-    }
+    let (doomed, followers) = leader_and_followers(&http, &stack, &upstream, url).await;
 
     stack.replicas[0].kill();
     let killed = Instant::now();
-    upstream.wait_for_hits(url, 2).await;
-    let takeover = killed.elapsed();
-    println!(
-        "leader killed: another replica fetched {takeover:?} later (lease_ttl {LEASE_TTL:?}, poll {POLL:?})"
-    );
-    assert!(
-        takeover <= takeover_bound(),
-        "the takeover came {takeover:?} after the kill, past lease_ttl + one poll"
-    );
+    assert_taken_over(&upstream, url, killed, "killed").await;
     hold.release();
 
     for (i, (reply, took)) in collect(doomed).await.into_iter().enumerate() {
@@ -219,29 +240,11 @@ async fn a_leader_paused_past_its_lease_is_replaced_and_its_late_commit_is_rejec
     let http = Http::new();
     let url = "/held?k=pause";
 
-    let frozen = send(&http, &stack.replicas[0].url(), url, 5);
-    upstream.wait_for_hits(url, 1).await;
-    let mut followers = Vec::new();
-    for i in 1..3 {
-        followers.extend(send(&http, &stack.replicas[i].url(), url, 10));
-        let replica = &stack.replicas[i];
-        wait_for_followers(&format!("replica {i}'s requests wait"), 9.0, || {
-            replica.metrics()
-        })
-        .await;
-    }
+    let (frozen, followers) = leader_and_followers(&http, &stack, &upstream, url).await;
 
     stack.replicas[0].pause();
     let paused = Instant::now();
-    upstream.wait_for_hits(url, 2).await;
-    let takeover = paused.elapsed();
-    println!(
-        "leader paused: another replica fetched {takeover:?} later (lease_ttl {LEASE_TTL:?}, poll {POLL:?})"
-    );
-    assert!(
-        takeover <= takeover_bound(),
-        "the takeover came {takeover:?} after the pause, past lease_ttl + one poll"
-    );
+    assert_taken_over(&upstream, url, paused, "paused").await;
     // Both fetches answer now: the frozen leader's answer waits in its socket until it thaws.
     hold.release();
     let followers = collect(followers).await;
