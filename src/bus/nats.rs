@@ -72,7 +72,7 @@ impl NatsBusConfig {
 impl std::fmt::Debug for NatsBusConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsBusConfig")
-            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("url", &crate::credentials::redact(&self.url))
             .field("namespace", &self.namespace)
             .field("connect_timeout", &self.connect_timeout)
             .field("credentials", &self.credentials)

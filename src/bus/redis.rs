@@ -101,7 +101,7 @@ impl RedisBusConfig {
 impl std::fmt::Debug for RedisBusConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBusConfig")
-            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("url", &crate::credentials::redact(&self.url))
             .field("namespace", &self.namespace)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)

@@ -12,6 +12,7 @@ use super::{
     Beta, BusSettings, Config, Limits, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings,
     VaryMode,
 };
+use crate::credentials::redact;
 use crate::engine::ExpiryMode;
 
 /// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
@@ -271,25 +272,4 @@ fn describe_route(out: &mut String, route: &Route) {
 fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     let items: Vec<String> = items.map(|i| i.to_string()).collect();
     format!("[{}]", items.join(", "))
-}
-
-/// The url without its password (or token, for a user part with no `:`).
-fn redact(url: &str) -> String {
-    crate::redis_conn::redact(url)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn urls_lose_their_secrets() {
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(
-            redact("redis://default:hunter2@cache:6379/0"),
-            "redis://default:***@cache:6379/0"
-        );
-        assert_eq!(redact("nats://s3cret@nats:4222"), "nats://***@nats:4222");
-        assert_eq!(redact("nats:4222"), "nats:4222");
-    }
 }

@@ -32,8 +32,8 @@ use http::{HeaderName, Method, Uri};
 use regex::Regex;
 
 use crate::credentials::Credentials;
+use crate::credentials::redact;
 use crate::engine::ExpiryMode;
-use crate::redis_conn::redact;
 
 mod describe;
 mod document;

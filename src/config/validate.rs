@@ -1197,7 +1197,7 @@ fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Inv
         return crate::redis_conn::Target::parse(text)
             .map(|_| text.to_string())
             .map_err(|e| Invalid::RedisUrl {
-                text: crate::redis_conn::redact(text),
+                text: crate::credentials::redact(text),
                 reason: e.to_string(),
             });
     }
@@ -1206,7 +1206,7 @@ fn backend_url(text: &str, kind: Kind, role: &'static str) -> Result<String, Inv
             Ok(text.to_string())
         }
         _ => Err(Invalid::UrlScheme {
-            text: crate::redis_conn::redact(text),
+            text: crate::credentials::redact(text),
             kind: kind.name(),
             role,
             schemes: accepted,

@@ -8,10 +8,13 @@
 //! applies it to a Redis target and [`nats`] to a NATS client's options.
 //!
 //! Secrets never reach a log line, an error or `corral check`: [`Secret`] prints as `***`, and
-//! URLs are shown through [`crate::redis_conn::redact`].
+//! URLs are shown through [`redact`].
 
 pub mod nats;
+mod redact;
 pub mod redis;
+
+pub use redact::redact;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use crate::bus::memory::{MemoryBus, MemoryBusHub};
 use crate::bus::nats::{NatsBus, NatsBusConfig};
 use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, redact};
 use crate::store::Store;
 use crate::store::breaker::BreakerSettings;
 use crate::store::memory::MemoryStore;
@@ -241,16 +241,6 @@ pub fn validate_namespace(namespace: &str) -> Result<(), ConnectError> {
     }
 }
 
-/// A URL without any `user:password@` part, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,7 +279,10 @@ mod tests {
         ];
         for (bus, named) in contradicting {
             let error = Backend::new(nats(), bus).check().unwrap_err().to_string();
-            assert!(error.contains("store: nats (nats://kv:4222)"), "{error}");
+            assert!(
+                error.contains("store: nats (nats://user:***@kv:4222)"),
+                "{error}"
+            );
             assert!(error.contains(named), "{error}");
             assert!(!error.contains("secret"), "{error}");
         }

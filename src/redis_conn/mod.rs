@@ -37,7 +37,7 @@ use redis::{
 };
 
 pub use sentinel::SentinelConn;
-pub use target::{Auth, ClusterTarget, Node, SentinelTarget, Target, TargetError, redact};
+pub use target::{Auth, ClusterTarget, Node, SentinelTarget, Target, TargetError};
 
 /// How connections of any form are made.
 #[derive(Clone, Debug)]

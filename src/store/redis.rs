@@ -90,7 +90,7 @@ impl RedisStoreConfig {
 impl std::fmt::Debug for RedisStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStoreConfig")
-            .field("url", &crate::redis_conn::redact(&self.url))
+            .field("url", &crate::credentials::redact(&self.url))
             .field("namespace", &self.namespace)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
