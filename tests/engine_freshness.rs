@@ -228,7 +228,8 @@ fn short_entry(body: String, swr: Duration) -> Entry {
 }
 
 /// A builder whose calls are counted; the first answers, the later ones fail (or answer, with
-/// `heal`), each after `gate` lets it.
+/// `heal`), the second only once `gate` lets it. A fetch the scheduler starts only after that
+/// refresh ended is a later request, which tries again: it must not wait on a gate nobody opens.
 fn short_builder(
     calls: &Arc<AtomicUsize>,
     gate: &Arc<Semaphore>,
@@ -240,11 +241,11 @@ fn short_builder(
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         let gate = gate.clone();
         Box::pin(async move {
-            if n > 1 {
+            if n == 2 {
                 gate.acquire().await.expect("gate open").forget();
-                if !heal {
-                    return Err(BuildError::new("upstream answered 500"));
-                }
+            }
+            if n > 1 && !heal {
+                return Err(BuildError::new("upstream answered 500"));
             }
             Ok(Built::Shared(short_entry(format!("value {n}"), swr)))
         })

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::drive::{announce, retrying, store_call};
+use super::drive::{announce, keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
 use super::{BuildError, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
@@ -138,12 +138,12 @@ pub(crate) async fn lead(
                     // A value the store did not take for want of an answer is still this
                     // process's to serve: kept, later callers here do not fetch it again while the
                     // store is down. A rejected one (the lease was lost, purged) is not kept.
-                    if committed != Committed::Rejected && !flight.is_invalidated() {
+                    if committed != Committed::Rejected {
                         // The L1 keeps a copy only while it is fresh, counted from before the
                         // commit, so it never outlives the store's copy however late the commit's
                         // answer is handled.
                         let fresh = life.fresh.saturating_sub(committing.elapsed());
-                        inner.l1.insert(key, entry.clone(), fresh);
+                        keep(inner, flight, entry.clone(), fresh);
                     }
                     Conclusion::Value {
                         entry,
@@ -412,9 +412,7 @@ pub(crate) async fn degraded(
             let entry = Arc::new(entry);
             // This process's later callers are answered from the L1 for the value's freshness,
             // so an outage costs one fetch per key per process, however long it lasts.
-            if !flight.is_invalidated() {
-                inner.l1.insert(flight.key, entry.clone(), entry.ttl);
-            }
+            keep(inner, flight, entry.clone(), entry.ttl);
             Conclusion::Value {
                 entry,
                 source: Source::Degraded,

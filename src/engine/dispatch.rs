@@ -48,11 +48,11 @@ impl EventSink for Dispatcher {
             self.generations.heard(&event.key, generation);
             return;
         }
-        if event.kind == EventKind::Deleted {
+        let deleted = event.kind == EventKind::Deleted;
+        // Flights first, then the L1, as `Engine::delete` does.
+        self.flights.post(&event.key, event.kind, event.lease);
+        if deleted {
             self.l1.invalidate(&event.key);
-        }
-        if let Some(flight) = self.flights.get(&event.key) {
-            flight.post(event.kind, event.lease);
         }
     }
 

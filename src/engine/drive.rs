@@ -330,15 +330,26 @@ fn serve(
     source: Source,
 ) -> Conclusion {
     let entry = Arc::new(entry);
-    if !flight.is_invalidated() {
-        let l1_ttl = match policy.touch() {
-            // Sliding: come back to the store once per slack so reads keep touching its TTL.
-            Some(touch) => ttl_left.min(touch.slack),
-            None => ttl_left,
-        };
-        inner.l1.insert(flight.key, entry.clone(), l1_ttl);
-    }
+    let l1_ttl = match policy.touch() {
+        // Sliding: come back to the store once per slack so reads keep touching its TTL.
+        Some(touch) => ttl_left.min(touch.slack),
+        None => ttl_left,
+    };
+    keep(inner, flight, entry.clone(), l1_ttl);
     Conclusion::Value { entry, source }
+}
+
+/// Keeps a copy of what `flight` read or built in the L1 for `ttl`, unless a delete of its key
+/// was seen. Checked before the insert and again after it: a delete marks the flight before it
+/// empties the L1, so one that lands in between never leaves the copy behind.
+pub(super) fn keep(inner: &Inner, flight: &Flight, entry: Arc<Entry>, ttl: Duration) {
+    if flight.is_invalidated() {
+        return;
+    }
+    inner.l1.insert(flight.key, entry, ttl);
+    if flight.is_invalidated() {
+        inner.l1.invalidate(&flight.key);
+    }
 }
 
 fn decode(inner: &Inner, key: &KeyHash, value: Bytes) -> Option<Entry> {

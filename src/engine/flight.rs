@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{Notify, watch};
 
@@ -136,9 +136,7 @@ impl Flight {
 }
 
 impl Flight {
-    /// A flight outside the table, for a background refresh: no caller joins it, so no request
-    /// ever waits on it.
-    pub fn detached(key: KeyHash) -> Arc<Self> {
+    fn detached(key: KeyHash) -> Arc<Self> {
         Arc::new(Flight {
             key,
             mode: Mode::Build,
@@ -163,12 +161,68 @@ pub(crate) struct Ticket {
 /// The sharded map from key digest to live flight.
 pub(crate) struct FlightTable {
     shards: Vec<Mutex<HashMap<KeyHash, Arc<Flight>>>>,
+    /// Background refreshes' flights: outside the table, so no caller joins them, but listed so
+    /// that a delete of their key reaches them too.
+    detached: Mutex<HashMap<KeyHash, Vec<Weak<Flight>>>>,
+}
+
+/// A background refresh's flight, listed in the table's detached flights while it lives.
+pub(crate) struct Detached<'a> {
+    table: &'a FlightTable,
+    pub flight: Arc<Flight>,
+}
+
+impl Drop for Detached<'_> {
+    fn drop(&mut self) {
+        let mut detached = self.table.detached.lock().expect("detached flights lock");
+        if let Some(list) = detached.get_mut(&self.flight.key) {
+            list.retain(|other| {
+                !std::ptr::eq(other.as_ptr(), Arc::as_ptr(&self.flight)) && other.strong_count() > 0
+            });
+            if list.is_empty() {
+                detached.remove(&self.flight.key);
+            }
+        }
+    }
 }
 
 impl FlightTable {
     pub fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            detached: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A flight for a background refresh: no caller joins it, so no request ever waits on it, but
+    /// [`FlightTable::post`] still tells it of a delete of its key while the guard lives.
+    pub fn detached(&self, key: KeyHash) -> Detached<'_> {
+        let flight = Flight::detached(key);
+        self.detached
+            .lock()
+            .expect("detached flights lock")
+            .entry(key)
+            .or_default()
+            .push(Arc::downgrade(&flight));
+        Detached {
+            table: self,
+            flight,
+        }
+    }
+
+    /// Posts an event to the live flight of its key; a delete also reaches the key's detached
+    /// flights, so what any of them read before it stays out of the L1.
+    pub fn post(&self, key: &KeyHash, event: EventKind, lease: Option<LeaseId>) {
+        if event == EventKind::Deleted {
+            let detached = self.detached.lock().expect("detached flights lock");
+            for flight in detached.get(key).into_iter().flatten() {
+                if let Some(flight) = flight.upgrade() {
+                    flight.post(EventKind::Deleted, None);
+                }
+            }
+        }
+        if let Some(flight) = self.get(key) {
+            flight.post(event, lease);
         }
     }
 
@@ -271,5 +325,41 @@ impl FlightTable {
             .iter()
             .map(|shard| shard.lock().expect("flight table lock").len())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> KeyHash {
+        KeyHash::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn a_delete_reaches_a_background_refresh_of_its_key_and_no_other() {
+        let table = FlightTable::new();
+        let refresh = table.detached(key(1));
+        let other = table.detached(key(2));
+        table.post(&key(1), EventKind::Abandoned, None);
+        assert!(!refresh.flight.is_invalidated(), "only a delete marks it");
+        table.post(&key(1), EventKind::Deleted, None);
+        assert!(refresh.flight.is_invalidated());
+        assert!(!other.flight.is_invalidated());
+    }
+
+    #[test]
+    fn a_finished_refresh_leaves_nothing_listed() {
+        let table = FlightTable::new();
+        let first = table.detached(key(1));
+        let second = table.detached(key(1));
+        drop(first);
+        table.post(&key(1), EventKind::Deleted, None);
+        assert!(
+            second.flight.is_invalidated(),
+            "the one still running is told"
+        );
+        drop(second);
+        assert!(table.detached.lock().unwrap().is_empty());
     }
 }

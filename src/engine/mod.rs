@@ -624,10 +624,10 @@ impl Engine {
     pub async fn delete(&self, key: &KeyHash) -> Result<bool, EngineError> {
         let inner = &self.inner;
         let event = Event::new(*key, EventKind::Deleted);
+        // Flights first, then the L1: a flight about to keep a value it read before the delete
+        // either sees the mark or puts its copy in before the L1 is emptied (see `drive::keep`).
+        inner.flights.post(key, EventKind::Deleted, None);
         inner.l1.invalidate(key);
-        if let Some(flight) = inner.flights.get(key) {
-            flight.post(EventKind::Deleted, None);
-        }
         let encoded = event.encode();
         let existed =
             drive::store_call(inner, "purge", || inner.store.purge(key, encoded.clone())).await?;

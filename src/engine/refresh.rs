@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::flight::{Conclusion, Flight};
+use super::flight::Conclusion;
 use super::{Builder, Inner, Policy, build};
 use crate::key::KeyHash;
 use crate::store::{LeaseRequest, Refresh, Token};
@@ -158,8 +158,8 @@ async fn run(
     token: Token,
     reason: Reason,
 ) {
-    let flight = Flight::detached(key);
-    let result = match build::lead(inner, &flight, policy, builder, token).await {
+    let detached = inner.flights.detached(key);
+    let result = match build::lead(inner, &detached.flight, policy, builder, token).await {
         Conclusion::Value { .. } => "stored",
         Conclusion::Failed(_) => "failed",
         Conclusion::Uncacheable { .. } => "uncacheable",
