@@ -250,6 +250,41 @@ async fn a_tag_purge_drops_the_keys_whose_answers_carried_the_tag() {
     assert_purged(&proxy, untagged, &seven).await;
 }
 
+/// Index writes replica `i` made (calls of the store's `index`, whatever their result).
+async fn index_calls(proxy: &ProxyCluster, i: usize) -> f64 {
+    let text = proxy.admin(i, Method::GET, "/metrics").send().await.text();
+    support::workload::sample(&text, "corral_store_operations_total", &[("op", "index")])
+}
+
+/// A fill indexes its key before its fetch, for as long as the route keeps a value; only an
+/// answer with tags (or a longer life than the route gives) needs a second index write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_untagged_fill_indexes_its_key_once_and_a_tagged_one_again_with_its_tags() {
+    let upstream = Upstream::start().await.distinct_bodies("/").header(
+        "/reports/tagged",
+        "surrogate-key",
+        "t-1",
+    );
+    let proxy = three_replicas(&upstream).await;
+    let before = index_calls(&proxy, 0).await;
+    let plain = warm(&proxy, "/reports/plain").await;
+    assert_eq!(index_calls(&proxy, 0).await - before, 1.0, "untagged fill");
+    warm(&proxy, "/reports/tagged").await;
+    assert_eq!(index_calls(&proxy, 0).await - before, 3.0, "tagged fill");
+
+    // The one write covers prefix purges, and the tagged key is found by its tag.
+    let answer = purged(
+        &proxy,
+        1,
+        json!({"route": "reports", "prefix": "/reports/plain"}),
+    )
+    .await;
+    assert_eq!(answer["count"], json!(1), "{answer}");
+    assert_purged(&proxy, "/reports/plain", &plain).await;
+    let answer = purged(&proxy, 2, json!({"tag": "t-1"})).await;
+    assert_eq!(answer["count"], json!(1), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purges_that_are_not_a_form_or_name_no_route_are_refused() {
     let upstream = Upstream::start().await;

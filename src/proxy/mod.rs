@@ -934,11 +934,16 @@ impl Fetch {
         };
         // Indexed before the fetch starts, so that a prefix purge from the moment the upstream
         // could have answered finds the key and steals its lease (one store call per fill); kept
-        // as long as the lease can live. Only a fill under the lease: a request's own fetch (a
-        // pass) or a degraded one stores nothing.
-        if crate::engine::build_may_be_stored() {
-            self.index(Vec::new(), route.policy.max_fetch + route.policy.lease_ttl)
-                .await;
+        // as long as the lease can live, or as long as the route keeps a value it stores by its
+        // own settings if that is longer, so that most answers need no second index call before
+        // their commit. Only a fill under the lease: a request's own fetch (a pass) or a degraded
+        // one stores nothing.
+        let may_be_stored = crate::engine::build_may_be_stored();
+        let policy = &route.policy;
+        let indexed_for = (policy.max_fetch + policy.lease_ttl)
+            .max(policy.ttl + policy.stale_while_revalidate.max(policy.stale_if_error));
+        if may_be_stored {
+            self.index(Vec::new(), indexed_for).await;
         }
         // Within the wait timeout of the request that started the fetch, leaving it time to be
         // answered 503 rather than reach its own deadline.
@@ -1001,10 +1006,12 @@ impl Fetch {
                         entry.stale = stale.while_revalidate;
                         entry.stale_if_error = stale.if_error;
                         // Before the commit: a tag purge from now on steals the lease. The index
-                        // lives as long as the entry may still be served.
+                        // lives as long as the entry may still be served; the first call already
+                        // covers an untagged answer that the upstream gave no longer life.
                         let served_for = entry.ttl + entry.stale.max(entry.stale_if_error);
-                        if crate::engine::build_may_be_stored() {
-                            self.index(surrogate_tags(&headers), served_for).await;
+                        let tags = surrogate_tags(&headers);
+                        if may_be_stored && (!tags.is_empty() || served_for > indexed_for) {
+                            self.index(tags, served_for).await;
                         }
                         // Only a `vary: honor` route stores a response that varies outside its key.
                         let outside = vary_outside_key(route, &headers).unwrap_or_default();
