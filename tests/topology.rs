@@ -79,7 +79,7 @@ fn paths(prefix: &str, n: usize) -> Vec<String> {
 // ------------------------------------------------------------------ Sentinel ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failover_during_a_burst_costs_at_most_one_extra_fetch_per_key_and_no_restart() {
+async fn a_failover_during_a_burst_costs_at_most_one_fetch_per_key_per_replica_and_no_restart() {
     let mut sentinels = TestSentinels::start().await;
     let upstream = Upstream::start().await.slow("/reports", 1000 * MS);
     let wait = Duration::from_secs(8);
@@ -114,9 +114,13 @@ async fn a_failover_during_a_burst_costs_at_most_one_extra_fetch_per_key_and_no_
         .iter()
         .map(|p| (p.as_str(), upstream.hits(p)))
         .collect();
+    // While no primary answers, a replica whose followers cannot reach the store fetches the key
+    // itself, once (the degrade promise: at most one fetch per replica while the store is down);
+    // the leader's own fetch is one of those.
     assert!(
-        fetches.values().all(|&n| (1..=2).contains(&n)),
-        "a key in flight when the primary (pid {killed}) died was fetched more than twice: {fetches:?}"
+        fetches.values().all(|&n| (1..=proxy.len()).contains(&n)),
+        "a key in flight when the primary (pid {killed}) died was fetched more than once per \
+         replica: {fetches:?}"
     );
 
     // After: the sentinels promoted the replica, and the same replicas (never restarted) serve
