@@ -30,8 +30,8 @@ mod slots;
 mod upstream;
 mod variant;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -431,6 +431,8 @@ async fn answer(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let (parts, body) = request.into_parts();
+    // Shared with the fetch, which forwards from it only if it runs.
+    let parts = Arc::new(parts);
     let route = &snapshot.config.routes[index];
     let verdict = if route.cache {
         request_verdict(route, &parts.method, &parts.headers)
@@ -504,32 +506,17 @@ async fn answer(
         &parts.headers,
         keyed_body.as_deref(),
     );
-    let keyed_uri = with_query(&parts.uri, kept.as_deref());
-    let Ok(upstream_uri) = target(&route.upstream, &keyed_uri) else {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "corral: the request URI cannot be forwarded\n".into(),
-            Outcome::Bypass,
-            "bad-uri",
-        );
-    };
     let fetch = Arc::new(Fetch {
         proxy: proxy.clone(),
         snapshot: snapshot.clone(),
         route: index,
-        method: parts.method.clone(),
-        uri: upstream_uri,
-        headers: {
-            let mut headers = forward_headers(route, &parts.headers, true, client, "http");
-            if let Some(id) = parts.headers.get(REQUEST_ID) {
-                headers.insert(REQUEST_ID, id.clone());
-            }
-            headers
-        },
+        request: parts.clone(),
+        client,
+        kept,
+        forward: OnceLock::new(),
         body: keyed_body.unwrap_or_default(),
         overflow: Mutex::new(None),
         key: key.hash,
-        path: parts.uri.path().to_owned(),
         stage: Stage::Primary,
         asked: tokio::time::Instant::now(),
     });
@@ -841,21 +828,30 @@ struct Fetch {
     /// The config the request started under (a reload does not change a fetch under way).
     snapshot: Arc<Snapshot>,
     route: usize,
-    method: Method,
-    uri: Uri,
-    /// Already filtered for a cacheable request.
-    headers: HeaderMap,
+    /// The client's request, shared with its handler.
+    request: Arc<http::request::Parts>,
+    client: Option<IpAddr>,
+    /// The query the key kept: only it reaches the upstream.
+    kept: Option<String>,
+    /// What goes upstream, worked out on first use (see [`Fetch::forward`]).
+    forward: OnceLock<Option<Forward>>,
     /// The keyed request body (empty when the route does not key on it).
     body: Bytes,
     /// A response too large to buffer, handed to this fetch's own client to stream.
     overflow: Mutex<Option<Overflow>>,
-    /// The request's (primary) key, and its path, for the purge indexes.
+    /// The request's (primary) key, for the purge indexes (with the request's path).
     key: KeyHash,
-    path: String,
     stage: Stage,
     /// When the request that started this fetch arrived: its wait for an upstream slot ends in
     /// time for that request to be answered 503 before its own wait timeout.
     asked: tokio::time::Instant,
+}
+
+/// What a fetch sends upstream: the upstream URI with only the kept query, and the request's
+/// headers as the route forwards them (already filtered for a cacheable request).
+struct Forward {
+    uri: Uri,
+    headers: HeaderMap,
 }
 
 /// The part of a request's wait timeout left for answering it once a fetch found no upstream
@@ -892,6 +888,26 @@ impl Overflow {
 }
 
 impl Fetch {
+    /// What this fetch sends upstream, worked out on its first use: most requests are answered
+    /// without a fetch, and a hit never pays for forwarding. `None` when the URI cannot be
+    /// forwarded.
+    fn forward(&self) -> Option<&Forward> {
+        self.forward
+            .get_or_init(|| {
+                let route = &self.snapshot.config.routes[self.route];
+                let request = &*self.request;
+                let keyed = with_query(&request.uri, self.kept.as_deref());
+                let uri = target(&route.upstream, &keyed).ok()?;
+                let mut headers =
+                    forward_headers(route, &request.headers, true, self.client, "http");
+                if let Some(id) = request.headers.get(REQUEST_ID) {
+                    headers.insert(REQUEST_ID, id.clone());
+                }
+                Some(Forward { uri, headers })
+            })
+            .as_ref()
+    }
+
     fn builder(self: &Arc<Self>) -> Builder {
         let fetch = self.clone();
         Arc::new(move || {
@@ -906,7 +922,7 @@ impl Fetch {
         let route = &self.snapshot.config.routes[self.route];
         let entry = IndexEntry {
             route: route.name.clone(),
-            path: self.path.clone(),
+            path: self.request.uri.path().to_owned(),
             key: self.key,
             tags,
             ttl,
@@ -927,6 +943,9 @@ impl Fetch {
 
     async fn run(&self) -> Result<Built, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
+        let Some(forward) = self.forward() else {
+            return Err(BuildError::new("the request URI cannot be forwarded"));
+        };
         let body = if self.body.is_empty() {
             Body::empty()
         } else {
@@ -968,9 +987,9 @@ impl Fetch {
             .upstream
             .send(
                 route.upstream_http2,
-                self.method.clone(),
-                self.uri.clone(),
-                self.headers.clone(),
+                self.request.method.clone(),
+                forward.uri.clone(),
+                forward.headers.clone(),
                 body,
             )
             .await;

@@ -7,14 +7,14 @@
 //! variant as a second flight: one fetch per variant cluster-wide, and the answer that revealed the
 //! variation is never fetched twice.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 
-use super::Fetch;
 use super::respond::{VARY_MARKER, VARY_MARKER_ID, internal};
+use super::{Fetch, Forward};
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
 use crate::envelope::Entry;
 use crate::key::{KeyHash, variant_key};
@@ -108,26 +108,32 @@ impl Fetch {
     /// the variant key holds them.
     fn variant(&self, names: Vec<HeaderName>, client: &HeaderMap) -> Fetch {
         let hop_by_hop = crate::policy::connection_named(client);
-        let mut headers = self.headers.clone();
-        for name in &names {
-            headers.remove(name);
-            if !crate::policy::is_hop_by_hop(name, &hop_by_hop) {
-                for value in client.get_all(name) {
-                    headers.append(name.clone(), value.clone());
+        let forward = self.forward().map(|forward| {
+            let mut headers = forward.headers.clone();
+            for name in &names {
+                headers.remove(name);
+                if !crate::policy::is_hop_by_hop(name, &hop_by_hop) {
+                    for value in client.get_all(name) {
+                        headers.append(name.clone(), value.clone());
+                    }
                 }
             }
-        }
+            Forward {
+                uri: forward.uri.clone(),
+                headers,
+            }
+        });
         Fetch {
             proxy: self.proxy.clone(),
             snapshot: self.snapshot.clone(),
             route: self.route,
-            method: self.method.clone(),
-            uri: self.uri.clone(),
-            headers,
+            request: self.request.clone(),
+            client: self.client,
+            kept: self.kept.clone(),
+            forward: OnceLock::from(forward),
             body: self.body.clone(),
             overflow: Mutex::new(None),
             key: self.key,
-            path: self.path.clone(),
             stage: Stage::Variant(names),
             asked: self.asked,
         }
@@ -139,7 +145,10 @@ impl Fetch {
     pub(super) async fn store_variant(&self, entry: Entry, names: Vec<HeaderName>) -> Built {
         let route = &self.snapshot.config.routes[self.route];
         let id = format!("{:032x}", rand::random::<u128>());
-        let variant = variant_key(&self.key, &id, &names, &self.headers);
+        // The headers this fetch sent (it did send: its answer is what is being stored).
+        let unsent = HeaderMap::new();
+        let sent = self.forward().map_or(&unsent, |forward| &forward.headers);
+        let variant = variant_key(&self.key, &id, &names, sent);
         let ttl = entry.ttl;
         let stored: Builder = Arc::new(move || {
             let entry = entry.clone();
