@@ -140,11 +140,17 @@ pub async fn serve_upstream(
 
 fn config_text(options: &DemoOptions, upstream: SocketAddr) -> String {
     let namespace = format!("demo-{:08x}", rand::random::<u32>());
+    // Every replica, the upstream and the clients share this one process: on a busy machine a
+    // store call can outlast the 50 ms default, and the demo would show the degrade path (a
+    // fetch per replica) instead of coalescing. A second is still far inside every deadline.
     let store = match (&options.redis, &options.nats) {
         (None, _) => "store: { kind: memory }\n".to_owned(),
-        (Some(redis), None) => format!("store: {{ kind: redis, url: \"{redis}\" }}\n"),
+        (Some(redis), None) => {
+            format!("store: {{ kind: redis, url: \"{redis}\", timeout: 1s }}\n")
+        }
         (Some(redis), Some(nats)) => format!(
-            "store: {{ kind: redis, url: \"{redis}\" }}\nbus: {{ kind: nats, url: \"{nats}\" }}\n"
+            "store: {{ kind: redis, url: \"{redis}\", timeout: 1s }}\n\
+             bus: {{ kind: nats, url: \"{nats}\" }}\n"
         ),
     };
     format!(
