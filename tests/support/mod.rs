@@ -6,7 +6,7 @@
 //! ([`workload`]) and a real Prometheus ([`prometheus`]); for faults, a TCP proxy that misbehaves on
 //! demand ([`fault`]).
 //!
-//! Include from an integration test with `mod support;`.
+//! Declared once by each test binary (`tests/it/main.rs`, `tests/chaos/main.rs`).
 #![allow(dead_code)]
 
 pub mod cluster;

@@ -1,0 +1,3 @@
+//! The bus backends.
+
+mod contract;

@@ -1,0 +1,5 @@
+//! The engine and the dictionary across replicas, on every backend.
+
+mod dictionary;
+mod freshness;
+mod replicas;
