@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use corral::engine::{Backend, Built, Engine, EngineConfig, Policy};
 use corral::envelope::{decode, encode};
-use corral::key::request_key;
+use corral::http::key::request_key;
+use corral::http::verdict::{RequestVerdict, ResponseVerdict, request_verdict, response_verdict};
 use corral::l1::L1;
 use corral::metrics::Metrics;
-use corral::policy::{RequestVerdict, ResponseVerdict, request_verdict, response_verdict};
 
 /// The operations, by the name the script passes, each with the micro-benchmark it mirrors.
 const OPERATIONS: [(&str, &str); 10] = [

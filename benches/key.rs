@@ -8,7 +8,7 @@ mod common;
 
 use std::hint::black_box;
 
-use corral::key::request_key;
+use corral::http::key::request_key;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {

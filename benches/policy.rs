@@ -9,7 +9,7 @@ mod common;
 use std::hint::black_box;
 use std::time::Duration;
 
-use corral::policy::{RequestVerdict, ResponseVerdict, request_verdict, response_verdict};
+use corral::http::verdict::{RequestVerdict, ResponseVerdict, request_verdict, response_verdict};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {

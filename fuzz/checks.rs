@@ -1,5 +1,5 @@
 //! The properties the fuzz targets check, as plain functions: the cargo-fuzz targets call them
-//! under libFuzzer, and `tests/fuzz_corpus.rs` replays the committed corpus through them on stable
+//! under libFuzzer, and `tests/it/attacks/fuzz_corpus.rs` replays the committed corpus through them on stable
 //! Rust. Each panics when a property breaks.
 //!
 //! Inputs are raw bytes, read by hand (no `arbitrary`), so the same files drive both.
@@ -202,8 +202,8 @@ pub fn request_key(data: &[u8]) {
         return;
     };
     let route = &config.routes[index];
-    let first = corral::key::request_key(route, &method, &uri, &headers, body);
-    let second = corral::key::request_key(route, &method, &uri, &headers, body);
+    let first = corral::http::key::request_key(route, &method, &uri, &headers, body);
+    let second = corral::http::key::request_key(route, &method, &uri, &headers, body);
     assert_eq!(first.key, second.key, "one request, two keys");
 }
 

@@ -28,7 +28,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -44,6 +43,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::key::Key;
+use crate::lifecycle::Phase;
 use crate::proxy::Proxy;
 use crate::purge::Purge;
 use crate::store::{KeyStatus, Selector, valid_tag};
@@ -123,53 +123,6 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
     }
 }
 
-// ------------------------------------------------------------------ lifecycle ----
-
-/// Where a server is in its life, as `/readyz` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// The config is loaded and checked, but the server has not started serving it yet.
-    Starting,
-    /// Both listeners serve the loaded config.
-    Serving,
-    /// Shutdown began: requests in flight finish, a load balancer should send no more.
-    Stopping,
-}
-
-/// A server's [`Phase`], shared by its listeners; one atomic, so `/readyz` stays cheap.
-#[derive(Debug)]
-pub struct Lifecycle(AtomicU8);
-
-impl Lifecycle {
-    /// A lifecycle in [`Phase::Starting`].
-    pub fn new() -> Self {
-        Self(AtomicU8::new(Phase::Starting as u8))
-    }
-
-    pub fn phase(&self) -> Phase {
-        match self.0.load(Ordering::SeqCst) {
-            0 => Phase::Starting,
-            1 => Phase::Serving,
-            _ => Phase::Stopping,
-        }
-    }
-
-    /// Moves to `phase`; a server that began stopping never goes back to serving.
-    pub fn enter(&self, phase: Phase) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
-                (now != Phase::Stopping as u8).then_some(phase as u8)
-            });
-    }
-}
-
-impl Default for Lifecycle {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 // ------------------------------------------------------------------ health check client ----
 
 /// Why [`healthcheck`] found the process unhealthy.
@@ -215,7 +168,7 @@ pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), Healthcheck
         }),
         Ok(Err(error)) => Err(HealthcheckError::Unreachable {
             url: url.to_owned(),
-            reason: with_causes(&error),
+            reason: crate::errors::chain(&error),
         }),
         Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(()),
         Ok(Ok(response)) => Err(HealthcheckError::Status {
@@ -223,20 +176,6 @@ pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), Healthcheck
             status: response.status(),
         }),
     }
-}
-
-/// An error and its causes on one line (the client's own message alone says little).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    // Bounded: error chains are short, but a cyclic one must not loop forever.
-    for _ in 0..8 {
-        let Some(next) = cause else { break };
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
 }
 
 // ------------------------------------------------------------------ admin API ----
@@ -526,8 +465,9 @@ mod tests {
     use axum::extract::State;
     use http::StatusCode;
 
-    use super::{Phase, constant_time_eq, readyz};
+    use super::{constant_time_eq, readyz};
     use crate::engine::{Backend, Engine, EngineConfig};
+    use crate::lifecycle::Phase;
     use crate::proxy::Proxy;
 
     const CONFIG: &str = "store: { kind: memory }\n\

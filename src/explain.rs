@@ -6,8 +6,8 @@ use std::fmt::Write;
 use http::{HeaderMap, Method, Uri};
 
 use crate::config::{Config, PathMatch};
-use crate::key::request_key;
-use crate::policy::{RequestVerdict, request_verdict};
+use crate::http::key::request_key;
+use crate::http::verdict::{RequestVerdict, request_verdict};
 use crate::proxy::route_for;
 
 /// The explanation of one request, as printed.

@@ -401,11 +401,6 @@ impl Metrics {
             ),
             registry,
         };
-        for phase in crate::store::breaker::Phase::ALL {
-            metrics
-                .store_breaker_transitions
-                .with_label_values(&[phase.name()]);
-        }
         for result in ORPHAN_RESULTS {
             metrics.orphan_leases.with_label_values(&[result]);
         }

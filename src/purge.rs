@@ -214,7 +214,7 @@ pub async fn send(
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: admin.to_owned(),
-                reason: crate::proxy::error_chain(&e),
+                reason: crate::errors::chain(&e),
             })?;
         let status = response.status();
         let body = response

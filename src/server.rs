@@ -10,11 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::Phase;
 use crate::bus::memory::MemoryBusHub;
 use crate::config::{BusSettings, Config, StoreSettings};
 use crate::connections::Listener;
 use crate::engine::{Backend, BusConfig, Engine, EngineConfig, StoreConfig};
+use crate::lifecycle::Phase;
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::store::memory::MemoryStore;

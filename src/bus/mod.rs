@@ -1,7 +1,7 @@
 //! The event bus: one subscription per process, dispatched by key digest.
 //!
 //! Events are small: a key digest, an outcome, and the value inline only below
-//! [`INLINE_MAX`] (DESIGN.md I7). A bus delivers what it receives to its [`EventSink`] and tells the
+//! [`INLINE_MAX`] (docs/design.md, I7). A bus delivers what it receives to its [`EventSink`] and tells the
 //! sink to [`EventSink::resync`] whenever it (re)connects after a disconnection, because events may
 //! have been lost while it was away: every live flight then re-checks the store at once.
 //!
@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::key::KeyHash;
-use crate::store::LeaseId;
+use crate::lease::LeaseId;
 
 /// Values at or above this many bytes never ride inside an event.
 pub const INLINE_MAX: usize = 16 * 1024;
@@ -43,7 +43,7 @@ pub enum EventKind {
     /// The key was deleted or purged; L1 copies are dropped and waiters re-elect.
     Deleted,
     /// A whole route was purged: its generation (part of every key of the route) is now
-    /// `generation`. The event's key is the route's [`crate::engine::generation_key`].
+    /// `generation`. The event's key is the route's [`crate::key::generation_key`].
     Generation { generation: u64 },
 }
 
@@ -329,7 +329,7 @@ mod tests {
             if matches!(kind, EventKind::Deleted | EventKind::Generation { .. }) {
                 continue;
             }
-            let lease = crate::store::Token(7).lease_id();
+            let lease = crate::lease::Token(7).lease_id();
             let bound = Event::ending(key(), lease, kind);
             assert_eq!(Event::decode(bound.encode()), Ok(bound));
         }
@@ -337,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_bound_event_cut_inside_its_lease_id_is_truncated() {
-        let lease = crate::store::Token(7).lease_id();
+        let lease = crate::lease::Token(7).lease_id();
         let bytes = Event::ending(key(), lease, EventKind::Abandoned).encode();
         for len in 34..50 {
             assert_eq!(

@@ -13,12 +13,13 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::drive::{announce, keep, retrying, store_call};
+use super::calls::{announce, keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
 use super::{BuildError, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
-use crate::store::{Fenced, Renewed, Token};
+use crate::lease::Token;
+use crate::store::{Fenced, Renewed};
 
 /// Releases a lease with ABANDONED unless disarmed: a build that panics or is cancelled must not
 /// leave its followers waiting for the lease to expire.

@@ -24,7 +24,6 @@
 //! (its bus is its own stream). Any other event, such as one forged on a bus that others can
 //! publish on, is only a hint to look at the store again at once.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,12 +32,14 @@ use bytes::Bytes;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::calls::{keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Mode, Source};
 use super::{Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, orphans, refresh};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
-use crate::store::{Acquired, LeaseId, LeaseRequest, Refresh, StoreError, Token};
+use crate::lease::{LeaseId, Token};
+use crate::store::{Acquired, LeaseRequest, Refresh, StoreError};
 
 /// Corrupt values in a row after which a flight stops discarding and reports a miss.
 const CORRUPT_LIMIT: u32 = 3;
@@ -246,7 +247,7 @@ async fn run(
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
                 // One line per lease won, at debug under its own target, so a soak run can pair
-                // every upstream fetch with the lease it ran under (see `corral::lease` in README).
+                // every upstream fetch with the lease it ran under (see the `corral::lease` target in docs/operations.md).
                 tracing::debug!(
                     target: "corral::lease",
                     %key,
@@ -339,19 +340,6 @@ fn serve(
     Conclusion::Value { entry, source }
 }
 
-/// Keeps a copy of what `flight` read or built in the L1 for `ttl`, unless a delete of its key
-/// was seen. Checked before the insert and again after it: a delete marks the flight before it
-/// empties the L1, so one that lands in between never leaves the copy behind.
-pub(super) fn keep(inner: &Inner, flight: &Flight, entry: Arc<Entry>, ttl: Duration) {
-    if flight.is_invalidated() {
-        return;
-    }
-    inner.l1.insert(flight.key, entry, ttl);
-    if flight.is_invalidated() {
-        inner.l1.invalidate(&flight.key);
-    }
-}
-
 fn decode(inner: &Inner, key: &KeyHash, value: Bytes) -> Option<Entry> {
     match envelope::decode_for(value, key) {
         Ok(entry) => Some(entry),
@@ -440,63 +428,4 @@ async fn acquire(
 async fn peek(inner: &Inner, key: &KeyHash, policy: &Policy) -> Result<Acquired, StoreError> {
     let touch = policy.touch();
     retrying(inner, "peek", || inner.store.peek(key, touch)).await
-}
-
-/// A store call, counted and timed; a client-side timeout is retried (the protocol makes that safe
-/// for acquire, peek and renew: the retry finds its own token).
-pub(crate) async fn retrying<T, F, Fut>(
-    inner: &Inner,
-    op: &'static str,
-    call: F,
-) -> Result<T, StoreError>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let mut attempt = 1;
-    loop {
-        match store_call(inner, op, &call).await {
-            Err(error) if error.is_timeout() && attempt < inner.config.store_attempts => {
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// One store call, counted and timed.
-pub(crate) async fn store_call<T, F, Fut>(
-    inner: &Inner,
-    op: &'static str,
-    call: F,
-) -> Result<T, StoreError>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let started = Instant::now();
-    let result = call().await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(StoreError::Timeout { .. }) => "timeout",
-        Err(StoreError::Unavailable(_)) => "unavailable",
-        Err(StoreError::Protocol(_)) => "protocol",
-        Err(StoreError::CircuitOpen { .. }) => "circuit_open",
-    };
-    inner.metrics.store_call(op, label, started.elapsed());
-    result
-}
-
-/// Publishes an event on the bus (for stores that do not announce themselves). A lost event costs
-/// followers at most one poll interval, so a failure is logged, not retried.
-pub(crate) async fn announce(inner: &Inner, key: &KeyHash, encoded: Bytes) {
-    let started = Instant::now();
-    let published = inner.bus.publish(key, encoded).await;
-    inner
-        .metrics
-        .bus_publish_duration
-        .observe(started.elapsed().as_secs_f64());
-    if let Err(error) = published {
-        tracing::warn!(%key, %error, "could not publish an event; followers will poll");
-    }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 use crate::bus::EventKind;
 use crate::envelope::Entry;
 use crate::key::KeyHash;
-use crate::store::LeaseId;
+use crate::lease::LeaseId;
 
 /// Shards of the flight table; a power of two well above the core count keeps lock contention low.
 const SHARDS: usize = 64;

@@ -12,20 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::key::{KeyBuilder, KeyHash};
-
-/// Tags the digest of a route's generation, so it can never equal a request or dictionary key.
-const GENERATION_KEY_VERSION: &str = "corral/route-generation/1";
-
-/// The digest that GENERATION events about `route` carry (and that the NATS KV store names the
-/// route's generation record by).
-pub fn generation_key(route: &str) -> KeyHash {
-    KeyBuilder::new()
-        .part(GENERATION_KEY_VERSION)
-        .part(route)
-        .finish()
-        .hash
-}
+use crate::key::{KeyHash, generation_key};
 
 #[derive(Default)]
 struct Known {

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::generations::generation_key;
-use super::{Engine, EngineError, Inner, drive};
+use super::{Engine, EngineError, Inner, calls};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
+use crate::key::generation_key;
 use crate::store::{IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector};
 
 /// Single-key purges of one prefix or tag purge in flight at once.
@@ -62,14 +62,14 @@ impl Engine {
     pub async fn purge_route(&self, route: &str) -> Result<u64, EngineError> {
         let inner = &self.inner;
         let key = generation_key(route);
-        let generation = drive::store_call(inner, "bump_generation", || {
+        let generation = calls::store_call(inner, "bump_generation", || {
             inner.store.bump_generation(route, &key)
         })
         .await?;
         inner.generations.raise(route, generation);
         if !inner.store.announces() {
             let event = Event::new(key, EventKind::Generation { generation });
-            drive::announce(inner, &key, event.encode()).await;
+            calls::announce(inner, &key, event.encode()).await;
         }
         Ok(generation)
     }
@@ -83,7 +83,7 @@ impl Engine {
             Selector::Tag(_) => MAX_INDEXED_PER_TAG,
         };
         let keys =
-            drive::store_call(inner, "indexed", || inner.store.indexed(selector, limit)).await?;
+            calls::store_call(inner, "indexed", || inner.store.indexed(selector, limit)).await?;
         let covered = keys.len();
         let mut results = futures::stream::iter(keys)
             .map(|key: KeyHash| async move { self.delete(&key).await })
@@ -98,7 +98,7 @@ impl Engine {
     /// Records a key in the purge indexes (its route's paths, its tags).
     pub async fn index(&self, entry: &IndexEntry) -> Result<(), EngineError> {
         let inner = &self.inner;
-        Ok(drive::store_call(inner, "index", || inner.store.index(entry)).await?)
+        Ok(calls::store_call(inner, "index", || inner.store.index(entry)).await?)
     }
 }
 
@@ -106,7 +106,7 @@ impl Engine {
 async fn load_generations(inner: &Inner) -> bool {
     let mut complete = true;
     for route in inner.generations.routes() {
-        match drive::store_call(inner, "route_generation", || {
+        match calls::store_call(inner, "route_generation", || {
             inner.store.route_generation(&route)
         })
         .await

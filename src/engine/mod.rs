@@ -16,6 +16,7 @@
 
 pub mod backend;
 mod build;
+mod calls;
 pub mod dictionary;
 mod dispatch;
 mod drive;
@@ -40,7 +41,6 @@ pub use backend::{
 };
 pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
 pub use flight::Source;
-pub use generations::generation_key;
 pub use invalidate::Purged;
 
 use crate::bus::{Bus, Event, EventKind};
@@ -616,7 +616,7 @@ impl Engine {
 
     /// Read-only state of `key`; never takes a lease and never changes a TTL.
     pub async fn status(&self, key: &KeyHash) -> Result<KeyStatus, EngineError> {
-        Ok(drive::store_call(&self.inner, "status", || self.inner.store.status(key)).await?)
+        Ok(calls::store_call(&self.inner, "status", || self.inner.store.status(key)).await?)
     }
 
     /// Removes `key` everywhere: the store (stealing any lease, so a running build cannot commit),
@@ -625,14 +625,14 @@ impl Engine {
         let inner = &self.inner;
         let event = Event::new(*key, EventKind::Deleted);
         // Flights first, then the L1: a flight about to keep a value it read before the delete
-        // either sees the mark or puts its copy in before the L1 is emptied (see `drive::keep`).
+        // either sees the mark or puts its copy in before the L1 is emptied (see `calls::keep`).
         inner.flights.post(key, EventKind::Deleted, None);
         inner.l1.invalidate(key);
         let encoded = event.encode();
         let existed =
-            drive::store_call(inner, "purge", || inner.store.purge(key, encoded.clone())).await?;
+            calls::store_call(inner, "purge", || inner.store.purge(key, encoded.clone())).await?;
         if !inner.store.announces() {
-            drive::announce(inner, key, encoded).await;
+            calls::announce(inner, key, encoded).await;
         }
         Ok(existed)
     }

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Inner;
-use super::drive::{announce, store_call};
+use super::calls::{announce, store_call};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
-use crate::store::{Fenced, Token};
+use crate::lease::Token;
+use crate::store::Fenced;
 
 /// Most tokens remembered; past it new ones are not (their leases expire on their own TTL).
 const CAPACITY: usize = 4096;

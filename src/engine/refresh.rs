@@ -30,7 +30,8 @@ use rand::Rng;
 use super::flight::Conclusion;
 use super::{Builder, Inner, Policy, build};
 use crate::key::KeyHash;
-use crate::store::{LeaseRequest, Refresh, Token};
+use crate::lease::Token;
+use crate::store::{LeaseRequest, Refresh};
 
 /// Why a refresh runs in the background (the `reason` label of its metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,7 +123,7 @@ pub(crate) fn on_hit(
         };
         // The store applies the same draw to the value it holds now, on its own clock: a copy
         // that someone already refreshed is not refreshed again.
-        let taken = super::drive::retrying(&inner, "lead_refresh", || {
+        let taken = super::calls::retrying(&inner, "lead_refresh", || {
             inner.store.lead_refresh(&key, &lease, ahead)
         })
         .await;

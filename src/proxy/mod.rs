@@ -49,16 +49,17 @@ use crate::engine::{
     Policy, Source,
 };
 use crate::envelope::Entry;
-use crate::key::{Key, KeyHash, key_with_generation, request_digest, request_digest_and_query};
-use crate::policy::{
-    RequestVerdict, ResponseVerdict, forward_headers, jittered, request_verdict, response_verdict,
-    stale_windows, vary_outside_key,
+use crate::http::forward::forward_headers;
+use crate::http::key::{request_digest, request_digest_and_query};
+use crate::http::verdict::{
+    RequestVerdict, ResponseVerdict, jittered, request_verdict, response_verdict, stale_windows,
+    vary_outside_key,
 };
+use crate::key::{Key, KeyHash, key_with_generation};
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 pub use respond::Outcome;
 use respond::{DETAIL, OVERFLOW, from_entry, internal, plain};
 use slots::UpstreamSlots;
-pub(crate) use upstream::error_chain;
 use upstream::{Buffered, Upstream, target};
 use variant::Stage;
 
@@ -80,7 +81,7 @@ pub struct Proxy {
     /// `Arc` (one uncontended read lock per request), and writers come once per reload.
     live: RwLock<Arc<Snapshot>>,
     /// Whether the server serves its config yet (or is shutting down), for `/readyz`.
-    pub lifecycle: crate::admin::Lifecycle,
+    pub lifecycle: crate::lifecycle::Lifecycle,
     /// Each route's upstream requests in flight on this replica (`max_upstream_fetches`).
     slots: UpstreamSlots,
 }
@@ -128,7 +129,7 @@ impl Proxy {
             engine,
             upstream: Upstream::new(CONNECT_TIMEOUT),
             live: RwLock::new(Arc::new(Snapshot::new(config))),
-            lifecycle: crate::admin::Lifecycle::new(),
+            lifecycle: crate::lifecycle::Lifecycle::new(),
             slots: UpstreamSlots::default(),
         }
     }
@@ -168,7 +169,7 @@ impl Proxy {
         key_with_generation(key, self.engine.generation(&route.name))
     }
 
-    /// [`Proxy::key`], and the query to forward ([`crate::key::forwarded_query`]) from the same
+    /// [`Proxy::key`], and the query to forward ([`crate::http::key::forwarded_query`]) from the same
     /// parsing of the request's query.
     fn key_and_query(
         &self,

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::retire::{Retire, RetiringConnector};
-use crate::policy::strip_hop_by_hop;
+use crate::http::hop_by_hop::strip_hop_by_hop;
 
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -103,7 +103,7 @@ impl Upstream {
             if crate::connections::body_too_large(&e) {
                 UpstreamError::RequestBodyTooLarge
             } else {
-                UpstreamError::Unreachable(error_chain(&e))
+                UpstreamError::Unreachable(crate::errors::chain(&e))
             }
         })?;
         // Two lengths let two parsers read two different bodies (RFC 9112 section 6.1 calls it a
@@ -133,7 +133,7 @@ pub async fn buffer(response: Response<Incoming>, limit: u64) -> Result<Buffered
     let (parts, mut body) = response.into_parts();
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| UpstreamError::Body(error_chain(&e)))?;
+        let frame = frame.map_err(|e| UpstreamError::Body(crate::errors::chain(&e)))?;
         if let Ok(data) = frame.into_data() {
             read.extend_from_slice(&data);
             if read.len() as u64 > limit {
@@ -163,18 +163,6 @@ pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
         .authority(upstream.authority().map_or("", |a| a.as_str()))
         .path_and_query(format!("{base}{path_and_query}"))
         .build()
-}
-
-/// A hyper error with its causes, for messages.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

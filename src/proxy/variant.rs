@@ -1,7 +1,7 @@
 //! Variants: answers that vary on request headers outside the key, on `vary: honor` routes.
 //!
 //! The fetch that brings such an answer commits it under its variant key
-//! ([`crate::key::variant_key`]: the request key's digest, the marker's id and the request's
+//! ([`crate::http::key::variant_key`]: the request key's digest, the marker's id and the request's
 //! values of the named headers) in a flight of its own, under that key's lease, and gives the
 //! request key a marker naming the headers. A request that finds a marker resolves its own
 //! variant as a second flight: one fetch per variant cluster-wide, and the answer that revealed the
@@ -17,7 +17,9 @@ use super::respond::{VARY_MARKER, VARY_MARKER_ID, internal};
 use super::{Fetch, Forward};
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
 use crate::envelope::Entry;
-use crate::key::{KeyHash, variant_key};
+use crate::http::hop_by_hop::{connection_named, is_hop_by_hop};
+use crate::http::key::variant_key;
+use crate::key::KeyHash;
 
 /// Which key a fetch fills.
 #[derive(Clone, Debug)]
@@ -107,12 +109,12 @@ impl Fetch {
     /// the client's values of those headers forwarded whatever the route's forwarding rules, since
     /// the variant key holds them.
     fn variant(&self, names: Vec<HeaderName>, client: &HeaderMap) -> Fetch {
-        let hop_by_hop = crate::policy::connection_named(client);
+        let hop_by_hop = connection_named(client);
         let forward = self.forward().map(|forward| {
             let mut headers = forward.headers.clone();
             for name in &names {
                 headers.remove(name);
-                if !crate::policy::is_hop_by_hop(name, &hop_by_hop) {
+                if !is_hop_by_hop(name, &hop_by_hop) {
                     for value in client.get_all(name) {
                         headers.append(name.clone(), value.clone());
                     }

@@ -13,7 +13,7 @@
 //!   call meets a lost connection or a read-only replica, and when a sentinel announces
 //!   `+switch-master`; writes and lease scripts only ever go to the primary.
 //! - **Cluster**: the redis crate's cluster connection. Every script names only keys of one cache
-//!   key, which share a hash tag (DESIGN.md), so each runs on the one node owning that slot; the
+//!   key, which share a hash tag (docs/design.md), so each runs on the one node owning that slot; the
 //!   client follows MOVED and ASK redirections, and SCRIPT LOAD (the NOSCRIPT fallback) goes to
 //!   every primary.
 //!

@@ -32,6 +32,12 @@ pub struct GuardedStore {
 impl GuardedStore {
     pub fn new(inner: Arc<dyn Store>, settings: BreakerSettings, metrics: Metrics) -> Self {
         metrics.store_breaker_state.set(Phase::Closed as i64);
+        // Every transition's series exists from the start, so a dashboard's rate() sees zero.
+        for phase in Phase::ALL {
+            metrics
+                .store_breaker_transitions
+                .with_label_values(&[phase.name()]);
+        }
         Self {
             inner,
             breaker: Breaker::new(settings),

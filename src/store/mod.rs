@@ -1,6 +1,6 @@
 //! The shared store: values, leases and pass markers, behind one trait.
 //!
-//! Every implementation speaks the same protocol (DESIGN.md, "Store protocol"):
+//! Every implementation speaks the same protocol (docs/design.md, "Store protocol"):
 //!
 //! - [`Store::acquire`] answers HIT / STALE / PASS / LEAD / WAIT, [`Store::peek`] the same without
 //!   ever creating a lease (status and only-if-cached reads).
@@ -49,58 +49,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::key::KeyHash;
-
-/// A lease owner's identity: 128 random bits, fresh for every flight.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct Token(pub u128);
-
-impl Token {
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-
-    /// 32 lowercase hex digits, as stored.
-    pub fn to_hex(self) -> String {
-        format!("{:032x}", self.0)
-    }
-
-    /// The public name of the lease this token holds.
-    pub fn lease_id(self) -> LeaseId {
-        LeaseId::of(self)
-    }
-}
-
-/// A lease's public name: the first 16 bytes of the BLAKE3 hash of its owner token.
-///
-/// The store tells it to followers with WAIT, and the events that end the lease carry it, so a
-/// follower can tell the event that ends the lease it waits on from one that anybody with access to
-/// the bus could publish. It reveals nothing of the token, which alone writes under the lease.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct LeaseId(pub [u8; 16]);
-
-impl LeaseId {
-    pub fn of(token: Token) -> Self {
-        let hash = blake3::hash(token.to_hex().as_bytes());
-        Self(hash.as_bytes()[..16].try_into().expect("16 of 32 bytes"))
-    }
-
-    /// 32 lowercase hex digits, as a store keeps it beside the lease.
-    pub fn to_hex(self) -> String {
-        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
-    }
-
-    pub fn from_hex(hex: &[u8]) -> Option<Self> {
-        if hex.len() != 32 {
-            return None;
-        }
-        let mut out = [0; 16];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let pair = std::str::from_utf8(pair).ok()?;
-            out[i] = u8::from_str_radix(pair, 16).ok()?;
-        }
-        Some(Self(out))
-    }
-}
+pub use crate::lease::{LeaseId, Token};
 
 /// What a flight asks for when it may become the leader.
 #[derive(Clone, Debug)]
@@ -373,7 +322,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds one to the generation of `route` and answers the new one. A store that
     /// [`Store::announces`] also announces it (a [`crate::bus::EventKind::Generation`] event about
-    /// `key`, the route's [`crate::engine::generation_key`]).
+    /// `key`, the route's [`crate::key::generation_key`]).
     async fn bump_generation(&self, route: &str, key: &KeyHash) -> Result<u64, StoreError>;
 
     /// Records `entry` in its route's path index and in the index of each of its tags, each

@@ -1,4 +1,4 @@
-//! The Redis store: the protocol as one Lua script per operation (DESIGN.md, "Store protocol: Redis").
+//! The Redis store: the protocol as one Lua script per operation (docs/design.md, "Store protocol: Redis").
 //!
 //! Each cache key owns three Redis keys that share the hash tag `{<hex digest>}`, so they live in one
 //! Cluster slot and every script can name all of them in KEYS:

@@ -22,7 +22,7 @@ pub fn digests(config: &Path, keys: usize) -> HashMap<String, String> {
         let route = corral::proxy::route_for(&config, &Method::GET, &uri, &headers)
             .map(|index| &config.routes[index])
             .expect("every soak key matches the route");
-        let key = corral::key::request_key(route, &Method::GET, &uri, &headers, None);
+        let key = corral::http::key::request_key(route, &Method::GET, &uri, &headers, None);
         out.insert(key.key.hash.to_hex(), name);
     }
     out

@@ -33,7 +33,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
 use bytes::Bytes;
 
-use crate::store::Token;
+use crate::lease::Token;
 
 /// `lease`, `value`, `pass`, `failed`, `abandoned`, `discarded`, `purged` or `touch`.
 pub(crate) const STATE: &str = "Corral-State";

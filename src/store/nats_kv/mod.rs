@@ -1,4 +1,4 @@
-//! The NATS JetStream KV store (DESIGN.md, "Store protocol: NATS JetStream KV"): leases and values
+//! The NATS JetStream KV store (docs/design.md, "Store protocol: NATS JetStream KV"): leases and values
 //! by revision compare-and-set, per-key TTL on the server, events from the stream itself.
 //!
 //! # Layout
@@ -1289,7 +1289,7 @@ impl Store for NatsKvStore {
 
     /// The route's record is named by its generation key; see `purge.rs`.
     async fn route_generation(&self, route: &str) -> Result<u64, StoreError> {
-        self.read_generation(&crate::engine::generation_key(route))
+        self.read_generation(&crate::key::generation_key(route))
             .await
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corral::bus::{Event, EventKind, EventSink};
-use corral::engine::generation_key;
+use corral::key::generation_key;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::memory::MemoryStore;
 use corral::store::nats_kv::{NatsKvConfig, NatsKvEvents, NatsKvStore};

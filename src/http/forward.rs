@@ -1,0 +1,316 @@
+//! Which of a client's headers reach the upstream, and what corral adds to them.
+//!
+//! # What reaches the upstream
+//!
+//! A cacheable request is fetched once on behalf of everyone who asks for the same key, so the
+//! upstream must see nothing that the key does not: a header outside the key could change the
+//! answer (`Accept-Encoding`, `User-Agent`, `X-Forwarded-Host`, a client's IP for geo-location)
+//! and that answer would then be shared with clients who sent something else. [`forward_headers`]
+//! therefore forwards, for a cacheable request, only:
+//!
+//! - the headers the route keys on;
+//! - the cookies the route keys on, as the key read them, in a rebuilt `Cookie` header;
+//! - when the route keys on the body, `Content-Length` and the body-describing headers it keys with
+//!   it ([`crate::http::key::BODY_HEADERS`]);
+//! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
+//!   every client.
+//!
+//! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
+//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via` nor the body
+//! headers): an upstream can only vary on what it is sent, and each answer it says varies on a
+//! header is stored under a variant key holding that header's value.
+//!
+//! Its query is cut down the same way, to the parameters the key kept
+//! ([`crate::http::key::forwarded_query`]).
+//!
+//! Client-supplied `Forwarded` and `X-Forwarded-*` are dropped with everything else, so a client
+//! cannot poison a shared answer with them, and no `X-Forwarded-For` is added: the fetch is made for
+//! every coalesced client, not for the one that happened to arrive first.
+//!
+//! A bypassed request is the client's own: everything but the hop-by-hop headers is forwarded,
+//! with the client's address appended to `X-Forwarded-For`, and the same `X-Forwarded-Proto` and
+//! `Via`.
+//!
+//! Either way, `Host` reaches the upstream only when the route keys on it (for virtual-hosted
+//! upstreams); otherwise the HTTP client sets it from the route's upstream URI. Headers named in
+//! `Connection` are hop-by-hop, so they never reach the upstream; the key counts them as absent for
+//! the same reason.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use http::header::{self, HeaderName, HeaderValue};
+
+use super::hop_by_hop::{connection_named, is_hop_by_hop};
+use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
+use crate::config::{Route, VaryMode};
+
+/// Whether a cacheable request on a `vary: honor` route forwards this header although the key
+/// does not name it: an upstream's `Vary` can only name headers it was sent. Never the ones a
+/// client could poison a shared answer with (`Forwarded`, `X-Forwarded-*`, `Via`), nor
+/// credentials or body framing, which have their own rules.
+pub(crate) fn variant_header(name: &HeaderName) -> bool {
+    !(*name == header::FORWARDED
+        || *name == header::VIA
+        || *name == header::AUTHORIZATION
+        || *name == header::COOKIE
+        || *name == header::CONTENT_LENGTH
+        || BODY_HEADERS.contains(name)
+        || name.as_str().starts_with("x-forwarded-"))
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const VIA_CORRAL: &str = "1.1 corral";
+
+/// Builds the request headers for the upstream (see the module docs for why each is there).
+///
+/// `cacheable` is whether [`request_verdict`] said `Cache`; `client` is the peer's address (used for
+/// `X-Forwarded-For` on bypassed requests only); `scheme` is the listener's (`http` or `https`).
+pub fn forward_headers(
+    route: &Route,
+    incoming: &HeaderMap,
+    cacheable: bool,
+    client: Option<IpAddr>,
+    scheme: &str,
+) -> HeaderMap {
+    let hop_by_hop = connection_named(incoming);
+    let rebuild_cookies = cacheable && !keys_header(route, &header::COOKIE);
+    let mut out = HeaderMap::new();
+    for (name, value) in incoming {
+        if is_hop_by_hop(name, &hop_by_hop) {
+            continue;
+        }
+        if rebuild_cookies && *name == header::COOKIE {
+            continue;
+        }
+        let keep = if *name == header::HOST {
+            keys_header(route, name)
+        } else if cacheable {
+            in_key(route, name)
+                || (route.key.body && *name == header::CONTENT_LENGTH)
+                || (route.policy.vary == VaryMode::Honor && variant_header(name))
+        } else {
+            true
+        };
+        if keep {
+            out.append(name.clone(), value.clone());
+        }
+    }
+
+    if rebuild_cookies && !route.key.cookies.is_empty() && !hop_by_hop.contains(&header::COOKIE) {
+        // Exactly the name=value pairs the key saw, so the upstream cannot read anything else.
+        let keyed: Vec<Vec<u8>> = request_cookies(incoming)
+            .into_iter()
+            .filter(|c| route.key.cookies.iter().any(|k| k.as_bytes() == c.name))
+            .map(|c| [c.name, b"=", c.value].concat())
+            .collect();
+        if !keyed.is_empty()
+            && let Ok(value) = HeaderValue::from_bytes(&keyed.join(&b"; "[..]))
+        {
+            out.insert(header::COOKIE, value);
+        }
+    }
+
+    if !cacheable && let Some(ip) = client {
+        append_to_list(&mut out, X_FORWARDED_FOR, &ip.to_string());
+    }
+    if let Ok(scheme) = HeaderValue::from_str(scheme) {
+        out.insert(X_FORWARDED_PROTO, scheme);
+    }
+    append_to_list(&mut out, header::VIA, VIA_CORRAL);
+    out
+}
+
+/// Appends `item` to a comma-separated list header, folding earlier lines into one (many
+/// upstreams read only the first line of `X-Forwarded-For`).
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut list: Vec<u8> = Vec::new();
+    for value in headers.get_all(&name) {
+        list.extend_from_slice(value.as_bytes());
+        list.extend_from_slice(b", ");
+    }
+    list.extend_from_slice(item.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&list) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use http::header::ACCEPT;
+
+    use super::*;
+    use crate::http::testing::{headers, names, route, route_with};
+
+    // Forwarding
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+
+    fn forward(route: &Route, cacheable: bool, lines: &[(&str, &str)]) -> HeaderMap {
+        forward_headers(route, &headers(lines), cacheable, Some(CLIENT), "https")
+    }
+
+    fn names_of(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    const CLIENT_HEADERS: &[(&str, &str)] = &[
+        ("host", "public.example"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip"),
+        ("user-agent", "curl/8"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("forwarded", "for=10.0.0.1;host=evil.example"),
+        ("via", "1.1 edge"),
+        ("if-none-match", "\"v1\""),
+        ("connection", "keep-alive, x-hop"),
+        ("x-hop", "1"),
+        ("te", "trailers"),
+    ];
+
+    #[test]
+    fn a_cacheable_request_forwards_only_what_the_key_sees() {
+        let r = route_with(|r| r.key.headers = vec![ACCEPT]);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            ["accept", "via", "x-forwarded-proto"],
+            "{out:?}"
+        );
+        assert_eq!(out["accept"], "application/json");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["via"], "1.1 corral");
+    }
+
+    #[test]
+    fn a_cacheable_request_forwards_client_forwarding_headers_only_when_keyed() {
+        let r = route_with(|r| {
+            r.key.headers = vec![HeaderName::from_static("x-forwarded-host"), header::HOST]
+        });
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(out["x-forwarded-host"], "evil.example");
+        assert_eq!(out["host"], "public.example");
+        assert!(!out.contains_key("x-forwarded-for"));
+        assert!(!out.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn a_cacheable_request_forwards_only_keyed_cookies() {
+        let r = route_with(|r| r.key.cookies = names(&["lang", "theme"]));
+        let out = forward(
+            &r,
+            true,
+            &[("cookie", " lang = en ; sid=1"), ("cookie", "theme=dark")],
+        );
+        assert_eq!(out["cookie"], "lang=en; theme=dark");
+        assert_eq!(out.get_all("cookie").iter().count(), 1);
+
+        let none = forward(&r, true, &[("cookie", "sid=1")]);
+        assert!(!none.contains_key("cookie"));
+
+        let whole = route_with(|r| r.key.headers = vec![header::COOKIE]);
+        let out = forward(&whole, true, &[("cookie", "sid=1; lang=en")]);
+        assert_eq!(out["cookie"], "sid=1; lang=en");
+    }
+
+    #[test]
+    fn a_cacheable_body_request_forwards_how_to_read_the_body() {
+        let r = route_with(|r| r.key.body = true);
+        let out = forward(
+            &r,
+            true,
+            &[
+                ("content-type", "application/json"),
+                ("content-length", "12"),
+                ("content-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+                ("accept", "*/*"),
+            ],
+        );
+        assert_eq!(
+            names_of(&out),
+            [
+                "content-encoding",
+                "content-length",
+                "content-type",
+                "via",
+                "x-forwarded-proto"
+            ]
+        );
+        let plain = forward(&route(), true, &[("content-type", "application/json")]);
+        assert!(!plain.contains_key("content-type"));
+    }
+
+    #[test]
+    fn a_keyed_header_named_in_connection_is_not_forwarded() {
+        let r = route_with(|r| r.key.headers = vec![ACCEPT]);
+        let out = forward(&r, true, &[("accept", "a/b"), ("connection", "accept")]);
+        assert!(!out.contains_key("accept"));
+    }
+
+    #[test]
+    fn a_bypassed_request_forwards_everything_but_hop_by_hop_and_an_unkeyed_host() {
+        let out = forward(&route(), false, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            [
+                "accept",
+                "accept-encoding",
+                "forwarded",
+                "if-none-match",
+                "user-agent",
+                "via",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+            ]
+        );
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 203.0.113.7");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["via"], "1.1 edge, 1.1 corral");
+    }
+
+    #[test]
+    fn a_bypassed_request_keeps_repeated_headers_and_adds_the_client() {
+        let out = forward_headers(
+            &route(),
+            &headers(&[("accept", "a"), ("accept", "b")]),
+            false,
+            Some(CLIENT),
+            "http",
+        );
+        assert_eq!(out.get_all("accept").iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(out["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(out["x-forwarded-proto"], "http");
+
+        let anonymous = forward_headers(&route(), &HeaderMap::new(), false, None, "http");
+        assert!(!anonymous.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn vary_honor_forwards_what_an_upstream_may_vary_on_but_nothing_that_poisons() {
+        use crate::config::VaryMode;
+        let r = route_with(|r| r.policy.vary = VaryMode::Honor);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            [
+                "accept",
+                "accept-encoding",
+                "if-none-match",
+                "user-agent",
+                "via",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["via"], "1.1 corral");
+    }
+}

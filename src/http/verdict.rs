@@ -1,0 +1,279 @@
+//! What may be cached, for how long, and what may be shared (docs/design.md, "HTTP caching rules").
+//!
+//! Safe by default: privacy outranks speed. A response with `Set-Cookie`, `Cache-Control: private`
+//! or `no-store` is never stored and never shared; a request carrying `Authorization` or `Cookie`
+//! that the route does not key on is never answered from, or into, the cache.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+
+use super::cache_control::{CacheControl, comma_list, delta_seconds};
+use super::key::{cookies_keyed, in_key, keys_header};
+use crate::config::{Route, VaryMode};
+use crate::engine::ExpiryMode;
+
+/// Whether a request may use the cache at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestVerdict {
+    /// Key it, coalesce it, answer it from the cache.
+    Cache,
+    /// Straight to the upstream; the reason goes into `Cache-Status: ...; detail=`.
+    Bypass(&'static str),
+}
+
+/// What may happen to an upstream response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseVerdict {
+    /// Store it and share it, fresh for `ttl`.
+    Store { ttl: Duration },
+    /// Never store, never share (GIVEUP + hit-for-pass); the reason goes into `detail=`.
+    Pass(&'static str),
+}
+
+/// Decides whether a request may use the cache on `route`.
+///
+/// Bypass reasons, checked in this order: `route-not-cached`, `method` (GET and HEAD; POST only
+/// when the route keys on the body), `upgrade` (WebSocket and friends), `unkeyed-body` (a body on a
+/// route that does not key on it, e.g. a GET with a search body), `authorization`, `cookie`,
+/// `client-no-store` and `range` (partial responses are not coalesced).
+pub fn request_verdict(route: &Route, method: &Method, headers: &HeaderMap) -> RequestVerdict {
+    use RequestVerdict::{Bypass, Cache};
+
+    if !route.cache {
+        return Bypass("route-not-cached");
+    }
+    let method_ok = *method == Method::GET
+        || *method == Method::HEAD
+        || (*method == Method::POST && route.key.body);
+    if !method_ok {
+        return Bypass("method");
+    }
+    if headers.contains_key(header::UPGRADE) {
+        return Bypass("upgrade");
+    }
+    if !route.key.body && carries_body(headers) {
+        return Bypass("unkeyed-body");
+    }
+    if headers.contains_key(header::AUTHORIZATION) && !keys_header(route, &header::AUTHORIZATION) {
+        return Bypass("authorization");
+    }
+    if headers.contains_key(header::COOKIE) && !cookies_keyed(route, headers) {
+        return Bypass("cookie");
+    }
+    if route.policy.honor_client_no_store && CacheControl::from_headers(headers).has("no-store") {
+        return Bypass("client-no-store");
+    }
+    if headers.contains_key(header::RANGE) {
+        return Bypass("range");
+    }
+    Cache
+}
+
+/// Whether the request says it has a body (a non-zero or unreadable `Content-Length`, or any
+/// `Transfer-Encoding`).
+fn carries_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+/// Decides what may happen to an upstream response (status below 500) on `route`.
+///
+/// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
+/// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
+/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
+/// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
+///
+/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
+/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+///
+/// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
+/// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
+///
+/// Freshness when the route honours `Cache-Control`: `s-maxage`, else `max-age`, else `Expires`
+/// minus `Date`; less the upstream's `Age`; clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should
+/// they cross). Without any of those, or when the route does not honour them, the route's `ttl`.
+pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) -> ResponseVerdict {
+    use ResponseVerdict::{Pass, Store};
+
+    if headers.contains_key(header::SET_COOKIE) {
+        return Pass("set-cookie");
+    }
+    let cc = CacheControl::from_headers(headers);
+    if cc.has("private") {
+        return Pass("private");
+    }
+    if cc.has("no-store") {
+        return Pass("no-store");
+    }
+    match vary(route, headers) {
+        Vary::Star => return Pass("vary-star"),
+        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
+        Vary::OutsideKey
+            if route.policy.vary == VaryMode::Honor
+                && vary_outside_key(route, headers).is_some() => {}
+        Vary::OutsideKey => return Pass("vary"),
+        Vary::WithinKey => {}
+    }
+    if let Some(ttl) = route.policy.error_ttl.get(&status.as_u16()) {
+        return Store { ttl: *ttl };
+    }
+    if !route.policy.cache_statuses.contains(&status.as_u16()) {
+        return Pass("status");
+    }
+    let ttl = if route.policy.honor_cache_control {
+        if cc.has("no-cache") {
+            return Pass("no-cache");
+        }
+        match upstream_freshness(&cc, headers) {
+            Some(lifetime) => lifetime
+                .saturating_sub(age(headers))
+                .max(route.policy.min_ttl)
+                .min(route.policy.max_ttl),
+            None => route.policy.ttl,
+        }
+    } else {
+        route.policy.ttl
+    };
+    if ttl.is_zero() {
+        return Pass("zero-ttl");
+    }
+    Store { ttl }
+}
+
+/// `ttl` cut by a random 0 to `percent` percent (`ttl_jitter`), so entries filled together do not
+/// expire together; never below one millisecond, since a store cannot keep an entry for zero.
+pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duration {
+    if percent == 0 || ttl.is_zero() {
+        return ttl;
+    }
+    let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
+    ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
+}
+
+/// The request headers a response's `Vary` names outside the route's key, sorted and without
+/// repeats (empty when it names none); `None` for `Vary: *` or a name that is not a header name,
+/// which no key can stand for.
+pub fn vary_outside_key(route: &Route, headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for name in comma_list(headers, &header::VARY) {
+        let name = HeaderName::from_bytes(&name).ok()?;
+        if !in_key(route, &name) {
+            names.push(name);
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+/// How long past freshness a stored answer may be served: at once while it is refreshed
+/// (`while_revalidate`), and in place of a failed refresh (`if_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StaleWindows {
+    pub while_revalidate: Duration,
+    pub if_error: Duration,
+}
+
+/// The stale windows of a response the route stores: the route's `stale_while_revalidate` and
+/// `stale_if_error`, or the upstream's directives of the same names when the route honours
+/// `Cache-Control` (RFC 5861).
+///
+/// RFC 9111 §4.2.4: a cache never serves a response stale against `must-revalidate`,
+/// `proxy-revalidate` or `no-cache` (which a route that ignores `Cache-Control` may still have
+/// stored), so those close both windows, whatever the route or the upstream says; `s-maxage`
+/// implies `proxy-revalidate` for a shared cache, so it closes stale-if-error too. A
+/// `stale-while-revalidate` directive sent beside `s-maxage` is the upstream's explicit leave to
+/// serve stale while refreshing, so that one is kept.
+///
+/// A route with sliding expiry has no stale windows: its entries never go stale.
+pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
+    if matches!(route.policy.expiry, ExpiryMode::Sliding { .. }) {
+        return StaleWindows::default();
+    }
+    let cc = CacheControl::from_headers(headers);
+    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("no-cache") {
+        return StaleWindows::default();
+    }
+    let policy = &route.policy;
+    let (mut while_revalidate, mut if_error) =
+        (policy.stale_while_revalidate, policy.stale_if_error);
+    if policy.honor_cache_control {
+        if let Some(window) = cc.seconds("stale-while-revalidate") {
+            while_revalidate = window;
+        }
+        if let Some(window) = cc.seconds("stale-if-error") {
+            if_error = window;
+        }
+    }
+    if cc.has("s-maxage") {
+        if_error = Duration::ZERO;
+    }
+    StaleWindows {
+        while_revalidate,
+        if_error,
+    }
+}
+
+enum Vary {
+    WithinKey,
+    OutsideKey,
+    Star,
+}
+
+fn vary(route: &Route, headers: &HeaderMap) -> Vary {
+    let mut verdict = Vary::WithinKey;
+    for name in comma_list(headers, &header::VARY) {
+        if name == b"*" {
+            return Vary::Star;
+        }
+        match HeaderName::from_bytes(&name) {
+            Ok(name) if in_key(route, &name) => {}
+            _ => verdict = Vary::OutsideKey,
+        }
+    }
+    verdict
+}
+
+/// What the upstream says the response's freshness lifetime is, before `Age`: `s-maxage` (corral
+/// is a shared cache), else `max-age`, else `Expires` minus `Date` (an unreadable `Expires` means
+/// "already expired", RFC 9111 §5.3).
+fn upstream_freshness(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
+    if let Some(lifetime) = cc.seconds("s-maxage").or_else(|| cc.seconds("max-age")) {
+        return Some(lifetime);
+    }
+    let expires = headers.get(header::EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date)
+        .unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+fn http_date(value: &HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
+}
+
+/// The upstream's `Age`: the largest valid value when it sends several (the more cautious reading),
+/// zero when it sends none.
+fn age(headers: &HeaderMap) -> Duration {
+    headers
+        .get_all(header::AGE)
+        .iter()
+        .filter_map(|v| delta_seconds(v.to_str().ok()?.trim()))
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests;
