@@ -45,6 +45,7 @@ fn entry(body_len: usize) -> Entry {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([7; 32]),
+        form: corral::envelope::Form::Answer,
     }
 }
 

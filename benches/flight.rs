@@ -23,6 +23,7 @@ fn entry() -> Entry {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
+        form: corral::envelope::Form::Answer,
     }
 }
 
@@ -52,7 +53,7 @@ fn join(c: &mut Criterion) {
                     // follower, so the measurement is the join and the wake-up, not a race.
                     let release = Arc::new(tokio::sync::Semaphore::new(0));
                     let held = release.clone();
-                    let builder: corral::engine::Builder = Arc::new(move || {
+                    let builder: corral::engine::Builder = Arc::new(move |_| {
                         let held = held.clone();
                         Box::pin(async move {
                             let _permit = held.acquire().await.expect("open");

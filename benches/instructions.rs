@@ -155,7 +155,7 @@ fn flight(callers: u64, iterations: u64) {
             let release = Arc::new(tokio::sync::Semaphore::new(0));
             let held = release.clone();
             let value = value.clone();
-            let builder: corral::engine::Builder = Arc::new(move || {
+            let builder: corral::engine::Builder = Arc::new(move |_| {
                 let (held, value) = (held.clone(), value.clone());
                 Box::pin(async move {
                     let _permit = held.acquire().await.expect("open");

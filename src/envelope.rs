@@ -3,13 +3,17 @@
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! magic "CRL" | version u8 (=2) | key digest [32] | status u16 | stored_at_ms u64 | ttl_ms u64
-//! | stale_ms u64 | stale_if_error_ms u64 | fetch_ms u64
+//! magic "CRL" | version u8 (=3) | form u8 | key digest [32] | status u16 | stored_at_ms u64
+//! | ttl_ms u64 | stale_ms u64 | stale_if_error_ms u64 | fetch_ms u64
 //! | header count u16 | { name_len u16, name, value_len u32, value }* | body_len u64 | body
 //! ```
 //!
-//! Version 1 lacks `stale_if_error_ms` and `fetch_ms`; it still decodes, with both zero (no
-//! stale-if-error window, no early refresh), so entries written before the upgrade keep serving.
+//! `form` is 0 for an answer, 1 for a marker ([`Form`]).
+//!
+//! Older versions still decode, so entries written before an upgrade keep serving. Version 2
+//! lacks `form` (every entry is an answer), except that one holding a header in corral's reserved
+//! `x-corral-` namespace reads as a miss ([`EnvelopeError::Legacy`]). Version 1 also lacks
+//! `stale_if_error_ms` and `fetch_ms`, read as zero (no stale-if-error window, no early refresh).
 //!
 //! Durations are stored as whole milliseconds (see [`encode`]).
 //!
@@ -46,6 +50,37 @@ pub struct Entry {
     pub fetch_time: Duration,
     /// Digest of the canonical key this entry answers; compared on read.
     pub key: KeyHash,
+    /// Whether the entry is an answer or a marker pointing at answers stored elsewhere.
+    pub form: Form,
+}
+
+/// What an entry holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Form {
+    /// An answer, served as it is.
+    #[default]
+    Answer,
+    /// Not an answer: a pointer to answers stored under other keys, whose body says how to find
+    /// them (the proxy's `Vary` marker names the request headers the answers vary on). Never
+    /// served itself.
+    Marker,
+}
+
+impl Form {
+    fn byte(self) -> u8 {
+        match self {
+            Form::Answer => 0,
+            Form::Marker => 1,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Self, EnvelopeError> {
+        match byte {
+            0 => Ok(Form::Answer),
+            1 => Ok(Form::Marker),
+            other => Err(EnvelopeError::BadForm(other)),
+        }
+    }
 }
 
 /// Why an entry could not be written, or stored bytes could not be read as an entry.
@@ -66,19 +101,29 @@ pub enum EnvelopeError {
     Trailing(usize),
     #[error("envelope belongs to another key")]
     ForeignKey,
+    #[error("envelope has an unknown form {0}")]
+    BadForm(u8),
+    /// A version 2 entry with a header in corral's reserved `x-corral-` namespace: written when
+    /// markers were kept in headers. Read as a miss, so the next fetch writes it anew.
+    #[error("envelope is a version 2 entry with a reserved header")]
+    Legacy,
     /// A header name, header value, header count or body does not fit its length prefix.
     #[error("entry does not fit the envelope's length prefixes")]
     TooLarge,
 }
 
 pub const MAGIC: &[u8; 3] = b"CRL";
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The first version, without `stale_if_error` and `fetch_time`; still read.
 const VERSION_1: u8 = 1;
+/// The second version, without the form (every entry an answer); still read.
+const VERSION_2: u8 = 2;
+/// Headers no version 3 entry holds on corral's account (see [`EnvelopeError::Legacy`]).
+const RESERVED_PREFIX: &str = "x-corral-";
 
-/// Bytes before the first header: magic, version, key, status, stored_at, ttl, stale,
+/// Bytes before the first header: magic, version, form, key, status, stored_at, ttl, stale,
 /// stale_if_error, fetch time, count.
-const FIXED_LEN: usize = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8 + 8 + 8 + 2;
+const FIXED_LEN: usize = MAGIC.len() + 1 + 1 + 32 + 2 + 8 + 8 + 8 + 8 + 8 + 2;
 /// The least a header can take: its two length prefixes.
 const HEADER_MIN_LEN: usize = 2 + 4;
 /// The body's length prefix.
@@ -114,6 +159,7 @@ pub fn encode(entry: &Entry) -> Result<Bytes, EnvelopeError> {
     let mut out = BytesMut::with_capacity(len);
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
+    out.put_u8(entry.form.byte());
     out.put_slice(entry.key.as_bytes());
     out.put_u16(entry.status);
     out.put_u64(entry.stored_at_ms);
@@ -155,9 +201,14 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
         return Err(EnvelopeError::BadMagic);
     }
     let version = reader.u8()?;
-    if version != VERSION && version != VERSION_1 {
+    if ![VERSION, VERSION_2, VERSION_1].contains(&version) {
         return Err(EnvelopeError::UnsupportedVersion(version));
     }
+    let form = if version == VERSION {
+        Form::from_byte(reader.u8()?)?
+    } else {
+        Form::Answer
+    };
     let key = KeyHash::from_bytes(reader.array::<32>()?);
     let status = reader.u16()?;
     let stored_at_ms = reader.u64()?;
@@ -186,6 +237,9 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
             .to_owned();
         let value_len = reader.u32()?;
         let value = reader.slice(value_len.into())?;
+        if version == VERSION_2 && name.starts_with(RESERVED_PREFIX) {
+            return Err(EnvelopeError::Legacy);
+        }
         headers.push((name, value));
     }
     let body_len = reader.u64()?;
@@ -201,6 +255,7 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
             stale_if_error,
             fetch_time,
             key,
+            form,
         }),
         extra => Err(EnvelopeError::Trailing(extra)),
     }
@@ -296,6 +351,7 @@ mod tests {
             stale_if_error: Duration::from_secs(300),
             fetch_time: Duration::from_millis(42),
             key: key(7),
+            form: Form::Answer,
         }
     }
 
@@ -447,7 +503,8 @@ mod tests {
             Err(EnvelopeError::Truncated)
         );
         assert_eq!(with(0, b'X'), Err(EnvelopeError::BadMagic));
-        assert_eq!(with(3, 3), Err(EnvelopeError::UnsupportedVersion(3)));
+        assert_eq!(with(3, 4), Err(EnvelopeError::UnsupportedVersion(4)));
+        assert_eq!(with(4, 2), Err(EnvelopeError::BadForm(2)));
         // The first header name starts after the fixed part and its u16 length.
         assert_eq!(with(FIXED_LEN + 2, 0xff), Err(EnvelopeError::BadHeaderName));
         let mut trailing = good.clone();
@@ -465,10 +522,48 @@ mod tests {
         assert_eq!(decode(huge_body.into()), Err(EnvelopeError::Truncated));
     }
 
+    /// `entry` in version 2: version 3 without the form byte.
+    fn version_2(entry: &Entry) -> Vec<u8> {
+        let v3 = encode(entry).unwrap();
+        let mut v2 = v3[..MAGIC.len()].to_vec();
+        v2.push(VERSION_2);
+        v2.extend_from_slice(&v3[MAGIC.len() + 2..]);
+        v2
+    }
+
+    #[test]
+    fn markers_round_trip_and_an_unknown_form_is_refused() {
+        let marker = Entry {
+            form: Form::Marker,
+            ..typical()
+        };
+        let bytes = encode(&marker).unwrap();
+        assert_eq!(decode(bytes.clone()), Ok(marker));
+        let mut unknown = bytes.to_vec();
+        unknown[MAGIC.len() + 1] = 9;
+        assert_eq!(decode(unknown.into()), Err(EnvelopeError::BadForm(9)));
+    }
+
+    #[test]
+    fn version_2_entries_decode_as_answers_unless_they_hold_a_reserved_header() {
+        let entry = typical();
+        assert_eq!(decode(version_2(&entry).into()), Ok(entry.clone()));
+        let mut legacy = entry.clone();
+        legacy
+            .headers
+            .push(("x-corral-vary".into(), Bytes::from_static(b"accept")));
+        assert_eq!(
+            decode(version_2(&legacy).into()),
+            Err(EnvelopeError::Legacy)
+        );
+        // Version 3 holds no header on corral's account: one there is the upstream's own.
+        assert_eq!(decode(encode(&legacy).unwrap()), Ok(legacy));
+    }
+
     #[test]
     fn version_1_entries_still_decode_without_the_new_windows() {
         let entry = typical();
-        let v2 = encode(&entry).unwrap();
+        let v2 = version_2(&entry);
         // Version 1 is version 2 without the two u64s after `stale`.
         let after_stale = MAGIC.len() + 1 + 32 + 2 + 8 + 8 + 8;
         let mut v1 = v2[..after_stale].to_vec();
@@ -518,6 +613,7 @@ mod tests {
                     stale_if_error: Duration::from_millis(sie),
                     fetch_time: Duration::from_millis(fetch),
                     key,
+                    form: Form::Answer,
                 },
             )
     }

@@ -173,6 +173,7 @@ mod tests {
             stale_if_error: Duration::ZERO,
             fetch_time: Duration::ZERO,
             key: KeyBuilder::new().part("k").finish().hash,
+            form: crate::envelope::Form::Answer,
         })
     }
 

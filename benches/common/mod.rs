@@ -110,6 +110,7 @@ pub fn entry(key: KeyHash) -> Entry {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key,
+        form: corral::envelope::Form::Answer,
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::calls::{announce, keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
-use super::{BuildError, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
+use super::{BuildError, BuildRole, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 use crate::lease::Token;
@@ -78,7 +78,7 @@ pub(crate) async fn lead(
     let mut lost = false;
     let started = Instant::now();
     let ending = {
-        let build = AssertUnwindSafe(super::under_lease(builder())).catch_unwind();
+        let build = AssertUnwindSafe(builder(BuildRole::Leader)).catch_unwind();
         tokio::pin!(build);
         let deadline = Instant::now() + policy.max_fetch;
         let every = (policy.lease_ttl / 3).max(std::time::Duration::from_millis(1));
@@ -161,19 +161,18 @@ pub(crate) async fn lead(
                     Conclusion::Uncacheable {
                         owner: flight.owner,
                         entry: Some(entry),
+                        reason: None,
+                        attachment: None,
                     }
                 }
             }
         }
-        Ending::Built(Ok(Built::Private(entry))) => {
+        Ending::Built(Ok(Built::Private(private))) => {
             inner.metrics.build("private");
             if !lost {
                 give_up(inner, &key, token, policy).await;
             }
-            Conclusion::Uncacheable {
-                owner: flight.owner,
-                entry: Some(Arc::new(entry)),
-            }
+            Conclusion::private(flight.owner, private)
         }
         Ending::Built(Err(BuildError { message, response })) => {
             inner.metrics.build("failed");
@@ -404,7 +403,7 @@ pub(crate) async fn degraded(
     policy: &Policy,
     builder: &Builder,
 ) -> Conclusion {
-    let build = AssertUnwindSafe(builder()).catch_unwind();
+    let build = AssertUnwindSafe(builder(BuildRole::Degraded)).catch_unwind();
     match tokio::time::timeout(policy.max_fetch, build).await {
         Ok(Ok(Ok(Built::Shared(mut entry)))) => {
             inner.metrics.build("degraded");
@@ -419,12 +418,9 @@ pub(crate) async fn degraded(
                 source: Source::Degraded,
             }
         }
-        Ok(Ok(Ok(Built::Private(entry)))) => {
+        Ok(Ok(Ok(Built::Private(private)))) => {
             inner.metrics.build("private");
-            Conclusion::Uncacheable {
-                owner: flight.owner,
-                entry: Some(Arc::new(entry)),
-            }
+            Conclusion::private(flight.owner, private)
         }
         Ok(Ok(Err(BuildError { message, response }))) => {
             inner.metrics.build("failed");

@@ -38,7 +38,7 @@ use serde::de::DeserializeOwned;
 use super::{
     Backend, BuildError, Built, ConnectError, Engine, EngineConfig, EngineError, ExpiryMode, Policy,
 };
-use crate::envelope::Entry;
+use crate::envelope::{Entry, Form};
 use crate::key::{KeyBuilder, KeyHash};
 use crate::store::{KeyStatus, StoreError};
 
@@ -209,7 +209,7 @@ where
         let hash = self.key_hash(key)?;
         let ttl = self.config.expiry.duration();
         let build = Arc::new(build);
-        let builder: super::Builder = Arc::new(move || {
+        let builder: super::Builder = Arc::new(move |_role| {
             let run = build();
             Box::pin(async move {
                 let value = run.await.map_err(|e| BuildError::new(e.to_string()))?;
@@ -225,6 +225,7 @@ where
                     stale_if_error: Duration::ZERO,
                     fetch_time: Duration::ZERO,
                     key: KeyHash::from_bytes([0; 32]),
+                    form: Form::Answer,
                 }))
             })
         });

@@ -30,11 +30,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::calls::{keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Mode, Source};
-use super::{Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, orphans, refresh};
+use super::{
+    Attachment, Builder, Failure, FailureCause, Inner, OnStoreError, Policy, build, orphans,
+    refresh,
+};
 use crate::bus::EventKind;
 use crate::envelope::{self, Entry};
 use crate::key::KeyHash;
@@ -60,8 +64,17 @@ pub(crate) async fn drive(
     flight: Arc<Flight>,
     policy: Policy,
     builder: Option<Builder>,
+    handoff: oneshot::Sender<Attachment>,
 ) {
-    let conclusion = run(&inner, &flight, &policy, builder.as_ref()).await;
+    let mut conclusion = run(&inner, &flight, &policy, builder.as_ref()).await;
+    // Only the owner may have a private answer's attachment (a body still streaming, say): it
+    // goes to the owner alone, before the conclusion every caller sees is published.
+    if let Conclusion::Uncacheable { attachment, .. } = &mut conclusion
+        && let Some(attachment) = attachment.take()
+    {
+        // The owner may have left; then nobody needs it.
+        let _ = handoff.send(attachment);
+    }
     let outcome = match &conclusion {
         Conclusion::Value { .. } => "value",
         Conclusion::Failed(_) => "failed",

@@ -56,10 +56,14 @@ pub(crate) enum Conclusion {
     Value { entry: Arc<Entry>, source: Source },
     /// The build failed; everyone gets this failure.
     Failed(super::Failure),
-    /// The answer may not be shared. `entry` is the build's own result, for the caller `owner` only.
+    /// The answer may not be shared. `entry` is the build's own result, for the caller `owner` only,
+    /// with the build's `reason` when it gave one. Its attachment goes to the owner alone, before
+    /// the conclusion is published (see `drive::drive`).
     Uncacheable {
         owner: u64,
         entry: Option<Arc<Entry>>,
+        reason: Option<&'static str>,
+        attachment: Option<super::Attachment>,
     },
     /// A hit-for-pass marker: every caller goes to the source on its own.
     Pass,
@@ -71,6 +75,18 @@ pub(crate) enum Conclusion {
     Unattended,
     /// The engine closed while the flight was waiting.
     Closed,
+}
+
+impl Conclusion {
+    /// The conclusion of a build whose answer is `private` to the flight's `owner`.
+    pub fn private(owner: u64, private: super::Private) -> Self {
+        Conclusion::Uncacheable {
+            owner,
+            entry: Some(Arc::new(private.entry)),
+            reason: Some(private.reason),
+            attachment: private.attachment,
+        }
+    }
 }
 
 /// What the bus (or a local delete) told a flight since it last looked.

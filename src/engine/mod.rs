@@ -14,6 +14,7 @@
 //! The engine speaks bytes ([`Entry`] envelopes); the proxy and the dictionary put their values in
 //! them.
 
+mod answer;
 pub mod backend;
 mod build;
 mod calls;
@@ -26,15 +27,18 @@ mod invalidate;
 mod orphans;
 mod refresh;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub use answer::{
+    Answer, AnswerSource, Attachment, BuildError, BuildFuture, BuildRole, Builder, Built,
+    EngineError, Failure, FailureCause, Private,
+};
 pub use backend::{
     Backend, BusConfig, ConnectError, DEFAULT_STORE_CONNECT_TIMEOUT, DEFAULT_STORE_TIMEOUT,
     StoreConfig,
@@ -49,100 +53,8 @@ use crate::key::KeyHash;
 use crate::l1::L1;
 use crate::metrics::Metrics;
 use crate::store::guarded::GuardedStore;
-use crate::store::{KeyStatus, Store, StoreError, Touch};
+use crate::store::{KeyStatus, Store, Touch};
 use flight::{Conclusion, FlightTable, Mode, Ticket};
-
-/// What a build produced.
-#[derive(Debug, Clone)]
-pub enum Built {
-    /// May be stored and served to everyone for `entry.ttl` (plus `entry.stale`).
-    Shared(Entry),
-    /// Private to the caller whose build produced it; never stored, never handed to anyone else.
-    Private(Entry),
-}
-
-/// A build that failed; its message (and error response, if it has one) reaches every caller
-/// that waited for it, at once.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct BuildError {
-    pub message: String,
-    /// What the source answered (the proxy's upstream 5xx), given to every waiter as it is.
-    pub response: Option<Entry>,
-}
-
-impl BuildError {
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            response: None,
-        }
-    }
-
-    pub fn with_response(message: impl Into<String>, response: Entry) -> Self {
-        Self {
-            message: message.into(),
-            response: Some(response),
-        }
-    }
-}
-
-/// A failed build as its callers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub message: Arc<str>,
-    /// The error response, when the build had one (on other processes: when it was small enough
-    /// to ride in the event).
-    pub response: Option<Arc<Entry>>,
-    pub cause: FailureCause,
-}
-
-/// Why a build failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureCause {
-    /// The build answered an error.
-    Build,
-    /// The build ran past `max_fetch` and was abandoned: its callers get this, while other
-    /// processes' waiters re-elect a leader.
-    Overran,
-    /// The build panicked.
-    Panicked,
-}
-
-impl Failure {
-    pub(crate) fn message(message: impl Into<Arc<str>>) -> Self {
-        Self {
-            message: message.into(),
-            response: None,
-            cause: FailureCause::Build,
-        }
-    }
-
-    pub(crate) fn because(cause: FailureCause, message: impl Into<Arc<str>>) -> Self {
-        Self {
-            cause,
-            ..Self::message(message)
-        }
-    }
-}
-
-impl From<&str> for Failure {
-    fn from(message: &str) -> Self {
-        Self::message(message)
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// The future a builder returns.
-pub type BuildFuture = Pin<Box<dyn Future<Output = Result<Built, BuildError>> + Send>>;
-
-/// Makes the value of one key; may be called again if a lease is lost or a build abandoned.
-pub type Builder = Arc<dyn Fn() -> BuildFuture + Send + Sync>;
 
 /// How an entry expires in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,41 +198,6 @@ impl Readiness {
             self.bus_kind
         )
     }
-}
-
-/// What a caller gets.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub entry: Arc<Entry>,
-    pub source: AnswerSource,
-}
-
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AnswerSource {
-    /// A shared value.
-    Shared(Source),
-    /// The caller's own build, because the key may not be shared (uncacheable or hit-for-pass).
-    Own,
-}
-
-/// Why a caller got no answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    #[error("timed out after {0:?} waiting for the value")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Build(Failure),
-    #[error("nothing is stored under this key")]
-    NotFound,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("the engine is closed")]
-    Closed,
-    /// The key's flight already has `max_followers` waiting; `stale` is a stored copy past its
-    /// freshness that the flight found, if any, for the caller to serve instead.
-    #[error("too many requests are waiting for this key")]
-    TooManyFollowers { stale: Option<Arc<Entry>> },
 }
 
 /// Shared state of one engine.
@@ -475,10 +352,7 @@ impl Engine {
                 policy,
                 builder.as_ref(),
             );
-            return Ok(Answer {
-                entry,
-                source: AnswerSource::Shared(Source::L1),
-            });
+            return Ok(Answer::shared(entry, Source::L1));
         }
         let started = Instant::now();
         let deadline = started + timeout;
@@ -495,8 +369,12 @@ impl Engine {
                 let stale = inner.flights.get(key).and_then(|flight| flight.stale());
                 return Err(EngineError::TooManyFollowers { stale });
             };
+            // The creator owns the flight: a private answer's attachment comes to it alone.
+            let mut handoff = None;
             if ticket.created {
-                self.spawn_driver(&ticket, policy.clone(), builder.clone())
+                let (sender, receiver) = oneshot::channel();
+                handoff = Some(receiver);
+                self.spawn_driver(&ticket, policy.clone(), builder.clone(), sender)
                     .await;
             }
             let owner = ticket.flight.owner;
@@ -511,19 +389,21 @@ impl Engine {
                         Source::Built if owner != caller => Source::Coalesced,
                         other => *other,
                     };
-                    return Ok(Answer {
-                        entry: entry.clone(),
-                        source: AnswerSource::Shared(source),
-                    });
+                    return Ok(Answer::shared(entry.clone(), source));
                 }
                 Conclusion::Failed(failure) => return Err(EngineError::Build(failure.clone())),
                 Conclusion::Uncacheable {
                     owner,
                     entry: Some(entry),
+                    reason,
+                    ..
                 } if *owner == caller => {
+                    // The driver hands the attachment over before it publishes the conclusion.
+                    let attachment = handoff.and_then(|mut receiver| receiver.try_recv().ok());
                     return Ok(Answer {
                         entry: entry.clone(),
-                        source: AnswerSource::Own,
+                        source: AnswerSource::Own { reason: *reason },
+                        attachment,
                     });
                 }
                 Conclusion::Uncacheable { .. } | Conclusion::Pass => {
@@ -541,11 +421,17 @@ impl Engine {
         Err(EngineError::Timeout(timeout))
     }
 
-    async fn spawn_driver(&self, ticket: &Ticket, policy: Policy, builder: Option<Builder>) {
+    async fn spawn_driver(
+        &self,
+        ticket: &Ticket,
+        policy: Policy,
+        builder: Option<Builder>,
+        handoff: oneshot::Sender<Attachment>,
+    ) {
         let inner = self.inner.clone();
         let flight = ticket.flight.clone();
         inner.metrics.flights_inflight.inc();
-        let task = drive::drive(inner.clone(), flight, policy, builder);
+        let task = drive::drive(inner.clone(), flight, policy, builder, handoff);
         let mut drivers = self.inner.drivers.lock().await;
         // Reap finished drivers so the set holds only live ones.
         while drivers.try_join_next().is_some() {}
@@ -597,12 +483,23 @@ impl Engine {
         timeout: Duration,
     ) -> Result<Answer, EngineError> {
         let limit = deadline.min(Instant::now() + policy.max_fetch);
-        match tokio::time::timeout_at(limit, builder()).await {
-            Ok(Ok(Built::Shared(entry) | Built::Private(entry))) => {
+        match tokio::time::timeout_at(limit, builder(BuildRole::Own)).await {
+            Ok(Ok(Built::Shared(entry))) => {
                 self.inner.metrics.build("own");
                 Ok(Answer {
                     entry: Arc::new(entry),
-                    source: AnswerSource::Own,
+                    source: AnswerSource::Own { reason: None },
+                    attachment: None,
+                })
+            }
+            Ok(Ok(Built::Private(private))) => {
+                self.inner.metrics.build("own");
+                Ok(Answer {
+                    entry: Arc::new(private.entry),
+                    source: AnswerSource::Own {
+                        reason: Some(private.reason),
+                    },
+                    attachment: private.attachment,
                 })
             }
             Ok(Err(error)) => Err(EngineError::Build(Failure {
@@ -747,25 +644,6 @@ impl Engine {
     pub async fn sever_bus(&self) {
         self.inner.bus.sever().await;
     }
-}
-
-tokio::task_local! {
-    /// Set while a build runs under the lease, so its value may be stored (see
-    /// [`build_may_be_stored`]).
-    static UNDER_LEASE: ();
-}
-
-/// Whether the build running on this task holds the lease, so that what it returns may be
-/// stored. False for a caller's own build (a pass, an uncacheable key) and for a degraded build
-/// while the store is down: work that only serves a stored value, such as indexing it for
-/// purges, is wasted there (a store call per request, or one that cannot answer).
-pub fn build_may_be_stored() -> bool {
-    UNDER_LEASE.try_with(|_| ()).is_ok()
-}
-
-/// Runs `build` as a build under the lease (see [`build_may_be_stored`]).
-pub(crate) fn under_lease<F: Future>(build: F) -> impl Future<Output = F::Output> {
-    UNDER_LEASE.scope((), build)
 }
 
 /// Milliseconds since the Unix epoch, by the wall clock (only for `stored_at`, shown as `Age`).

@@ -1,24 +1,21 @@
-//! Building client responses: stored entries and pass-through streams, with `Age`, `X-Cache` and
-//! `Cache-Status` (RFC 9211).
+//! The response builder: the one place an answer, a refusal or an error becomes a status, headers,
+//! `Age`, `X-Cache` and `Cache-Status` (RFC 9211), together with the [`Outcome`] the metrics and
+//! the access log count it under.
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt;
 
+use super::upstream::Overflow;
+use crate::engine::{
+    Answer, AnswerSource, Attachment, EngineError, FailureCause, OnStoreError, Source,
+};
 use crate::envelope::Entry;
+use crate::key::KeyHash;
 
-/// Internal header a private entry carries to say why it was not shared; never sent to clients.
-pub const DETAIL: &str = "x-corral-detail";
-/// Internal header marking an answer whose body is too large to buffer and streams instead.
-pub const OVERFLOW: &str = "x-corral-overflow";
-/// Internal header of a vary marker: the entry at a primary key whose response varies on the
-/// request headers it names (comma-separated), each variant stored under its own key. A marker is
-/// never served itself.
-pub const VARY_MARKER: &str = "x-corral-vary";
-/// Internal header of a vary marker: its random id, part of each of its variants' keys.
-pub const VARY_MARKER_ID: &str = "x-corral-vary-id";
-
-/// What `X-Cache` says, for humans.
+/// How a request was answered: what `X-Cache` says, and the metrics label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Hit,
@@ -31,6 +28,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The `X-Cache` word.
     pub fn word(self) -> &'static str {
         match self {
             Outcome::Hit => "HIT",
@@ -41,7 +39,185 @@ impl Outcome {
             Outcome::Bypass => "BYPASS",
         }
     }
+
+    /// The metrics label and the access log's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Stale => "stale",
+            Outcome::Pass => "pass",
+            Outcome::Bypass => "bypass",
+        }
+    }
 }
+
+/// A response for the client, with how it was answered.
+pub(super) struct Answered {
+    pub response: Response<Body>,
+    pub outcome: Outcome,
+    /// The key the request was answered under, when it was keyed (for the access log).
+    pub key: Option<KeyHash>,
+}
+
+impl Answered {
+    /// What the request metrics count it under: `error` for a 5xx answer, whatever its outcome
+    /// (an upstream error shared with every waiter is still an error to its clients).
+    pub fn label(&self) -> &'static str {
+        if self.response.status().is_server_error() {
+            "error"
+        } else {
+            self.outcome.as_str()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the engine's answers and errors
+
+/// The response for an answer the engine gave.
+pub(super) fn answer(answer: Answer, head: bool) -> Answered {
+    let Answer {
+        entry,
+        source,
+        attachment,
+    } = answer;
+    match source {
+        AnswerSource::Shared(source) => {
+            let (outcome, stored, age) = match source {
+                Source::L1 | Source::Store => (Outcome::Hit, false, Some(age(&entry))),
+                Source::Built => (Outcome::Miss, true, Some(0)),
+                Source::Coalesced => (Outcome::Coalesced, false, Some(age(&entry))),
+                Source::Degraded => (Outcome::Miss, false, None),
+                Source::StaleRevalidating | Source::StaleOnError => {
+                    (Outcome::Stale, false, Some(age(&entry)))
+                }
+            };
+            let detail = match source {
+                Source::Degraded => Some("store-unavailable"),
+                Source::StaleRevalidating => Some("stale-while-revalidate"),
+                Source::StaleOnError => Some("stale-if-error"),
+                _ => None,
+            };
+            from_entry(&entry, outcome, stored, detail, age, head)
+        }
+        AnswerSource::Own { reason } => match attachment.and_then(Attachment::take::<Overflow>) {
+            Some(overflow) => streamed(overflow, reason, head),
+            None => from_entry(&entry, Outcome::Pass, false, reason, None, head),
+        },
+    }
+}
+
+/// The response for a request the engine gave no answer, but for a wait timeout on a route that
+/// then goes to the upstream itself (the handler's to do).
+pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bool) -> Answered {
+    match error {
+        EngineError::Build(failure) => match &failure.response {
+            Some(entry) => from_entry(
+                entry,
+                Outcome::Miss,
+                false,
+                Some("upstream-error"),
+                None,
+                head,
+            ),
+            None if failure.cause == FailureCause::Overran => plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "corral: the upstream did not answer in time: {}\n",
+                    failure.message
+                ),
+                Outcome::Miss,
+                "max-fetch",
+            ),
+            None => plain(
+                StatusCode::BAD_GATEWAY,
+                format!("corral: {}\n", failure.message),
+                Outcome::Miss,
+                "upstream-error",
+            ),
+        },
+        EngineError::Timeout(waited) => plain(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "corral: no answer from the upstream within the wait timeout ({})\n",
+                humantime::format_duration(waited)
+            ),
+            Outcome::Coalesced,
+            "wait-timeout",
+        ),
+        EngineError::Closed => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "corral: shutting down\n".into(),
+            Outcome::Bypass,
+            "shutting-down",
+        ),
+        EngineError::TooManyFollowers { stale } => match stale {
+            Some(entry) => from_entry(
+                &entry,
+                Outcome::Stale,
+                false,
+                Some("max-followers"),
+                Some(age(&entry)),
+                head,
+            ),
+            None => busy(
+                "corral: too many requests are waiting for this answer\n",
+                "max-followers",
+            ),
+        },
+        // `on_store_error: closed`: the route will not fetch without the store; the client may
+        // try again shortly (the store's breaker probes it at least once a second).
+        EngineError::Store(error) if on_store_error == OnStoreError::Closed => {
+            let mut answered = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "corral: the cache store is unavailable, and this route does not fetch \
+                     without it: {error}\n"
+                ),
+                Outcome::Miss,
+                "store-unavailable-closed",
+            );
+            retry_after(&mut answered);
+            answered
+        }
+        error => plain(
+            StatusCode::BAD_GATEWAY,
+            format!("corral: {error}\n"),
+            Outcome::Miss,
+            "store-error",
+        ),
+    }
+}
+
+/// A private answer too large to buffer: its head, what was read, and the rest as it streams.
+fn streamed(overflow: Overflow, detail: Option<&str>, head: bool) -> Answered {
+    let body = if head {
+        Body::empty()
+    } else {
+        let prefix = overflow.prefix;
+        let stream = futures::stream::once(async move { Ok::<_, hyper::Error>(prefix) })
+            .chain(overflow.rest.into_data_stream());
+        Body::from_stream(stream)
+    };
+    finish(
+        overflow.status,
+        overflow.headers,
+        body,
+        Outcome::Pass,
+        false,
+        detail,
+    )
+}
+
+/// Seconds since the entry was stored, by the wall clock.
+pub(super) fn age(entry: &Entry) -> u64 {
+    crate::engine::unix_ms().saturating_sub(entry.stored_at_ms) / 1000
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building responses
 
 /// The `Cache-Status` value for an outcome; `stored` says whether the answer is now in the cache.
 pub fn cache_status(outcome: Outcome, stored: bool, detail: Option<&str>) -> String {
@@ -64,13 +240,10 @@ pub fn cache_status(outcome: Outcome, stored: bool, detail: Option<&str>) -> Str
     value
 }
 
-/// The entry's headers as a map, without corral's internal ones.
-pub fn header_map(entry: &Entry) -> HeaderMap {
+/// The entry's headers as a map.
+fn header_map(entry: &Entry) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(entry.headers.len());
     for (name, value) in &entry.headers {
-        if [DETAIL, OVERFLOW, VARY_MARKER, VARY_MARKER_ID].contains(&name.as_str()) {
-            continue;
-        }
         // The value shares the entry's bytes rather than copying them.
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
@@ -82,24 +255,15 @@ pub fn header_map(entry: &Entry) -> HeaderMap {
     headers
 }
 
-/// An internal header's value, if the entry carries it.
-pub fn internal(entry: &Entry, name: &str) -> Option<String> {
-    entry
-        .headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-}
-
 /// A response from an entry.
-pub fn from_entry(
+pub(super) fn from_entry(
     entry: &Entry,
     outcome: Outcome,
     stored: bool,
     detail: Option<&str>,
     age_secs: Option<u64>,
     head: bool,
-) -> Response<Body> {
+) -> Answered {
     let body = if head {
         Body::empty()
     } else {
@@ -114,14 +278,14 @@ pub fn from_entry(
 }
 
 /// A response with corral's headers added.
-pub fn finish(
+pub(super) fn finish(
     status: StatusCode,
     mut headers: HeaderMap,
     body: Body,
     outcome: Outcome,
     stored: bool,
     detail: Option<&str>,
-) -> Response<Body> {
+) -> Answered {
     headers.insert("x-cache", HeaderValue::from_static(outcome.word()));
     let cache_status_value = match (outcome, stored, detail) {
         // The answers nearly every request gets, without building a string each time.
@@ -138,11 +302,15 @@ pub fn finish(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    response
+    Answered {
+        response,
+        outcome,
+        key: None,
+    }
 }
 
 /// A short plain-text answer of corral's own (errors).
-pub fn plain(status: StatusCode, text: String, outcome: Outcome, detail: &str) -> Response<Body> {
+pub(super) fn plain(status: StatusCode, text: String, outcome: Outcome, detail: &str) -> Answered {
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -158,6 +326,36 @@ pub fn plain(status: StatusCode, text: String, outcome: Outcome, detail: &str) -
     )
 }
 
+/// 503 with `Retry-After`: a limit of this replica refused the request; another try, here or on
+/// another replica, may succeed.
+pub(super) fn busy(text: &'static str, detail: &str) -> Answered {
+    let mut answered = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        text.into(),
+        Outcome::Bypass,
+        detail,
+    );
+    retry_after(&mut answered);
+    answered
+}
+
+/// 413: the request body grew past the listener's `max_request_body` while it streamed.
+pub(super) fn body_too_large() -> Answered {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "corral: the request body is too large\n".into(),
+        Outcome::Bypass,
+        "request-too-large",
+    )
+}
+
+fn retry_after(answered: &mut Answered) {
+    answered
+        .response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +367,7 @@ mod tests {
             (Outcome::Coalesced, false),
             (Outcome::Miss, true),
         ] {
-            let response = finish(
+            let answered = finish(
                 StatusCode::OK,
                 HeaderMap::new(),
                 Body::empty(),
@@ -178,7 +376,7 @@ mod tests {
                 None,
             );
             assert_eq!(
-                response.headers()["cache-status"],
+                answered.response.headers()["cache-status"],
                 cache_status(outcome, stored, None).as_str()
             );
         }
@@ -203,5 +401,18 @@ mod tests {
             cache_status(Outcome::Bypass, false, Some("authorization")),
             "corral; fwd=bypass; detail=authorization"
         );
+    }
+
+    #[test]
+    fn a_5xx_answer_counts_as_an_error_whatever_its_outcome() {
+        let shared_error = plain(
+            StatusCode::BAD_GATEWAY,
+            String::new(),
+            Outcome::Miss,
+            "upstream-error",
+        );
+        assert_eq!(shared_error.label(), "error");
+        let refused = plain(StatusCode::NOT_FOUND, String::new(), Outcome::Bypass, "x");
+        assert_eq!(refused.label(), "bypass");
     }
 }

@@ -12,9 +12,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
 
 use super::retire::{Retire, RetiringConnector};
 use crate::http::hop_by_hop::strip_hop_by_hop;
+use crate::metrics::Metrics;
 
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -50,13 +52,17 @@ pub enum Buffered {
         headers: HeaderMap,
         body: Bytes,
     },
-    /// The body is larger than the limit: what was read, and the rest still to stream.
-    Overflow {
-        status: StatusCode,
-        headers: HeaderMap,
-        prefix: Bytes,
-        rest: Incoming,
-    },
+    /// The body is larger than the limit.
+    Overflow(Overflow),
+}
+
+/// A response whose body is larger than the limit: its head, what was read, and the rest still
+/// to stream.
+pub struct Overflow {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub prefix: Bytes,
+    pub rest: Incoming,
 }
 
 impl Upstream {
@@ -137,12 +143,12 @@ pub async fn buffer(response: Response<Incoming>, limit: u64) -> Result<Buffered
         if let Ok(data) = frame.into_data() {
             read.extend_from_slice(&data);
             if read.len() as u64 > limit {
-                return Ok(Buffered::Overflow {
+                return Ok(Buffered::Overflow(Overflow {
                     status: parts.status,
                     headers: parts.headers,
                     prefix: read.freeze(),
                     rest: body,
-                });
+                }));
             }
         }
     }
@@ -151,6 +157,26 @@ pub async fn buffer(response: Response<Incoming>, limit: u64) -> Result<Buffered
         headers: parts.headers,
         body: read.freeze(),
     })
+}
+
+/// Counts one upstream request by route and status class (`error` when nothing came back).
+pub fn observe(metrics: &Metrics, route: &str, status: Option<StatusCode>, asked: Instant) {
+    let class = match status.map(|s| s.as_u16() / 100) {
+        Some(1) => "1xx",
+        Some(2) => "2xx",
+        Some(3) => "3xx",
+        Some(4) => "4xx",
+        Some(5) => "5xx",
+        _ => "error",
+    };
+    metrics
+        .upstream_requests
+        .with_label_values(&[route, class])
+        .inc();
+    metrics
+        .upstream_duration
+        .with_label_values(&[route])
+        .observe(asked.elapsed().as_secs_f64());
 }
 
 /// The upstream URI for a request: the route's upstream, with the request's path and query

@@ -7,16 +7,15 @@
 //! variant as a second flight: one fetch per variant cluster-wide, and the answer that revealed the
 //! variation is never fetched twice.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 
-use super::respond::{VARY_MARKER, VARY_MARKER_ID, internal};
-use super::{Fetch, Forward};
+use super::fetch::{Fetch, Forward, entry};
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
-use crate::envelope::Entry;
+use crate::envelope::{Entry, Form};
 use crate::http::hop_by_hop::{connection_named, is_hop_by_hop};
 use crate::http::key::variant_key;
 use crate::key::KeyHash;
@@ -32,7 +31,9 @@ pub(super) enum Stage {
     Variant(Vec<HeaderName>),
 }
 
-/// What a vary marker says.
+/// What a vary marker says. Stored as a [`Form::Marker`] entry at the primary key, its body the
+/// id, a newline, and the names, comma-separated.
+#[derive(Debug, PartialEq)]
 struct VaryMarker {
     /// Part of every variant key of this marker.
     id: String,
@@ -40,16 +41,32 @@ struct VaryMarker {
     names: Vec<HeaderName>,
 }
 
-/// The marker an entry is, or `None` when it is an answer.
-fn vary_marker(entry: &Entry) -> Option<VaryMarker> {
-    let names = internal(entry, VARY_MARKER)?;
-    Some(VaryMarker {
-        id: internal(entry, VARY_MARKER_ID).unwrap_or_default(),
-        names: names
-            .split(',')
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect(),
-    })
+impl VaryMarker {
+    /// The marker an entry is, or `None` when it is an answer.
+    fn of(entry: &Entry) -> Option<Self> {
+        if entry.form != Form::Marker {
+            return None;
+        }
+        let body = std::str::from_utf8(&entry.body).ok()?;
+        let (id, names) = body.split_once('\n').unwrap_or((body, ""));
+        Some(VaryMarker {
+            id: id.to_owned(),
+            names: names
+                .split(',')
+                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+                .collect(),
+        })
+    }
+
+    /// The marker as the entry stored at the primary key, fresh for `ttl`.
+    fn entry(&self, ttl: Duration) -> Entry {
+        let names: Vec<&str> = self.names.iter().map(HeaderName::as_str).collect();
+        let body = format!("{}\n{}", self.id, names.join(","));
+        Entry {
+            form: Form::Marker,
+            ..entry(StatusCode::OK, &HeaderMap::new(), Bytes::from(body), ttl)
+        }
+    }
 }
 
 /// How a variant's answer is reported, given how the marker before it came: the request that
@@ -77,7 +94,7 @@ impl Fetch {
         let AnswerSource::Shared(through) = primary.source else {
             return None;
         };
-        let marker = vary_marker(&primary.entry)?;
+        let marker = VaryMarker::of(&primary.entry)?;
         let key = variant_key(&self.key, &marker.id, &marker.names, client).hash;
         Some(VariantFetch {
             fetch: self.variant(marker.names, client),
@@ -134,7 +151,6 @@ impl Fetch {
             kept: self.kept.clone(),
             forward: OnceLock::from(forward),
             body: self.body.clone(),
-            overflow: Mutex::new(None),
             key: self.key,
             stage: Stage::Variant(names),
             asked: self.asked,
@@ -152,7 +168,7 @@ impl Fetch {
         let sent = self.forward().map_or(&unsent, |forward| &forward.headers);
         let variant = variant_key(&self.key, &id, &names, sent);
         let ttl = entry.ttl;
-        let stored: Builder = Arc::new(move || {
+        let stored: Builder = Arc::new(move |_role| {
             let entry = entry.clone();
             Box::pin(async move { Ok(Built::Shared(entry)) })
         });
@@ -164,14 +180,6 @@ impl Fetch {
             // The marker still goes in: each variant's first request then fetches it.
             tracing::debug!(%error, route = %route.name, "a variant could not be stored");
         }
-        let mut marker = super::entry(StatusCode::OK, &HeaderMap::new(), Bytes::new(), ttl);
-        let names: Vec<&str> = names.iter().map(HeaderName::as_str).collect();
-        marker
-            .headers
-            .push((VARY_MARKER.into(), Bytes::from(names.join(","))));
-        marker
-            .headers
-            .push((VARY_MARKER_ID.into(), Bytes::from(id)));
-        Built::Shared(marker)
+        Built::Shared(VaryMarker { id, names }.entry(ttl))
     }
 }

@@ -37,6 +37,7 @@ fn entry(body: String) -> Entry {
         stale_if_error: 60 * SECOND,
         fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
+        form: corral::envelope::Form::Answer,
     }
 }
 
@@ -92,7 +93,7 @@ async fn engines(n: usize) -> Vec<Engine> {
 /// `fail` makes them answer an error.
 fn builder(calls: &Arc<AtomicUsize>, gate: &Arc<Semaphore>, fail: bool) -> Builder {
     let (calls, gate) = (calls.clone(), gate.clone());
-    Arc::new(move || {
+    Arc::new(move |_| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         let gate = gate.clone();
         Box::pin(async move {
@@ -237,7 +238,7 @@ fn short_builder(
     heal: bool,
 ) -> Builder {
     let (calls, gate) = (calls.clone(), gate.clone());
-    Arc::new(move || {
+    Arc::new(move |_| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         let gate = gate.clone();
         Box::pin(async move {

@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use corral::engine::{AnswerSource, BuildError, Builder, Built, EngineError, FailureCause, Policy};
+use corral::engine::{
+    AnswerSource, Attachment, BuildError, BuildRole, Builder, Built, EngineError, FailureCause,
+    Policy, Private,
+};
 use corral::envelope::Entry;
 use corral::key::{KeyBuilder, KeyHash};
 use corral::store::KeyStatus;
@@ -26,6 +29,7 @@ fn entry(body: String) -> Entry {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
+        form: corral::envelope::Form::Answer,
     }
 }
 
@@ -33,14 +37,18 @@ fn key(text: &str) -> KeyHash {
     KeyBuilder::new().part(text).finish().hash
 }
 
-/// Each call answers a body no other call answers, after `took`.
+/// Each call answers a body no other call answers, after `took`, with its number attached.
 fn private_builder(calls: &Arc<AtomicUsize>, took: Duration) -> Builder {
     let calls = calls.clone();
-    Arc::new(move || {
+    Arc::new(move |_role| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             sleep(took).await;
-            Ok(Built::Private(entry(format!("private {n}"))))
+            Ok(Built::Private(Private {
+                entry: entry(format!("private {n}")),
+                reason: "test",
+                attachment: Some(Attachment::new(n)),
+            }))
         })
     })
 }
@@ -62,7 +70,10 @@ on_every_backend! {
         let mut bodies = Vec::new();
         for task in tasks {
             let answer = task.await.unwrap().expect("an answer");
-            assert_eq!(answer.source, AnswerSource::Own);
+            assert_eq!(answer.source, AnswerSource::Own { reason: Some("test") });
+            // What the build attached comes with its own answer, and with no other.
+            let n = answer.attachment.and_then(Attachment::take::<usize>).expect("attached");
+            assert_eq!(answer.entry.body, Bytes::from(format!("private {n}")));
             bodies.push(answer.entry.body.clone());
         }
         let distinct: std::collections::HashSet<_> = bodies.iter().collect();
@@ -74,7 +85,7 @@ on_every_backend! {
             .fetch(&key("k"), &policy, private_builder(&calls, Duration::ZERO), Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(later.source, AnswerSource::Own);
+        assert_eq!(later.source, AnswerSource::Own { reason: Some("test") });
         assert_eq!(later.entry.body, Bytes::from("private 30"));
     }
 
@@ -84,33 +95,39 @@ on_every_backend! {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let builder = |private: bool| -> Builder {
             let seen = seen.clone();
-            Arc::new(move || {
-                let seen = seen.clone();
+            Arc::new(move |role: BuildRole| {
+                seen.lock().unwrap().push(role);
                 Box::pin(async move {
-                    // Asked while the build runs, as the proxy's fetch does.
-                    seen.lock().unwrap().push(corral::engine::build_may_be_stored());
                     let answer = entry("x".into());
-                    Ok(if private { Built::Private(answer) } else { Built::Shared(answer) })
+                    Ok(if private {
+                        Built::Private(Private::new(answer, "test"))
+                    } else {
+                        Built::Shared(answer)
+                    })
                 })
             })
         };
         let wait = Duration::from_secs(5);
         // Leads: a private answer leaves a pass marker behind.
         let first = replicas[0].fetch(&key("p"), &policy, builder(true), wait).await.unwrap();
-        assert_eq!(first.source, AnswerSource::Own);
+        assert_eq!(first.source, AnswerSource::Own { reason: Some("test") });
         // Past the marker, a caller builds for itself: nothing of it is stored.
         let own = replicas[1].fetch(&key("p"), &policy, builder(true), wait).await.unwrap();
-        assert_eq!(own.source, AnswerSource::Own);
+        assert_eq!(own.source, AnswerSource::Own { reason: Some("test") });
         // A shareable answer, built under the lease.
         replicas[1].fetch(&key("s"), &policy, builder(false), wait).await.unwrap();
-        assert_eq!(*seen.lock().unwrap(), [true, false, true]);
-        assert!(!corral::engine::build_may_be_stored(), "outside any build");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [BuildRole::Leader, BuildRole::Own, BuildRole::Leader]
+        );
+        assert!(BuildRole::Leader.stores());
+        assert!(!BuildRole::Own.stores() && !BuildRole::Degraded.stores());
     }
 
     async fn a_panicking_build_fails_its_callers_and_releases_the_lease_at_once(cluster) {
         let replicas = cluster.engines(2, "panics").await;
         let policy = Policy { lease_ttl: Duration::from_secs(30), ..Policy::default() };
-        let builder: Builder = Arc::new(|| {
+        let builder: Builder = Arc::new(|_| {
             Box::pin(async {
                 sleep(Duration::from_millis(100)).await;
                 panic!("the build blew up")
@@ -137,7 +154,7 @@ on_every_backend! {
     async fn a_caller_that_stops_waiting_does_not_cancel_the_build(cluster) {
         let replicas = cluster.engines(2, "leaving").await;
         let policy = Policy::default();
-        let builder: Builder = Arc::new(|| {
+        let builder: Builder = Arc::new(|_| {
             Box::pin(async {
                 sleep(Duration::from_millis(400)).await;
                 Ok(Built::Shared(entry("kept".into())))
@@ -154,7 +171,7 @@ on_every_backend! {
     async fn a_failed_build_is_not_stored(cluster) {
         let replicas = cluster.engines(1, "failed").await;
         let policy = Policy::default();
-        let builder: Builder = Arc::new(|| Box::pin(async { Err(BuildError::new("upstream said 503")) }));
+        let builder: Builder = Arc::new(|_| Box::pin(async { Err(BuildError::new("upstream said 503")) }));
         let failed = replicas[0].fetch(&key("k"), &policy, builder, Duration::from_secs(1)).await;
         assert_eq!(failed.unwrap_err(), EngineError::Build("upstream said 503".into()));
         assert_eq!(replicas[0].status(&key("k")).await, Ok(KeyStatus::Empty));
@@ -166,7 +183,7 @@ on_every_backend! {
         let calls = Arc::new(AtomicUsize::new(0));
         let builder: Builder = {
             let calls = calls.clone();
-            Arc::new(move || {
+            Arc::new(move |_| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async move {
                     if n == 0 {
@@ -207,7 +224,7 @@ on_every_backend! {
         let calls = Arc::new(AtomicUsize::new(0));
         let builder: Builder = {
             let calls = calls.clone();
-            Arc::new(move || {
+            Arc::new(move |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async {
                     sleep(Duration::from_millis(300)).await;
@@ -252,7 +269,7 @@ async fn a_late_ready_event_does_not_keep_its_value_in_the_l1_past_its_freshness
     let builds = Arc::new(AtomicUsize::new(0));
     let builder: Builder = {
         let builds = builds.clone();
-        Arc::new(move || {
+        Arc::new(move |_| {
             let n = builds.fetch_add(1, Ordering::SeqCst);
             let mut released = released.clone();
             Box::pin(async move {

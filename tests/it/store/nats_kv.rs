@@ -112,6 +112,7 @@ fn entry(body: Bytes) -> Entry {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key: KeyHash::from_bytes([0; 32]),
+        form: corral::envelope::Form::Answer,
     }
 }
 
@@ -649,7 +650,7 @@ async fn values_over_the_payload_limit_are_each_callers_own_and_nothing_is_store
     let builds = Arc::new(AtomicUsize::new(0));
     let builder: Builder = {
         let builds = builds.clone();
-        Arc::new(move || {
+        Arc::new(move |_| {
             let n = builds.fetch_add(1, Ordering::SeqCst) as u8;
             Box::pin(async move {
                 sleep(Duration::from_millis(300)).await;
@@ -669,7 +670,7 @@ async fn values_over_the_payload_limit_are_each_callers_own_and_nothing_is_store
     let mut bodies = std::collections::HashSet::new();
     for call in calls {
         let answer = call.await.unwrap().expect("an answer");
-        assert_eq!(answer.source, AnswerSource::Own);
+        assert_eq!(answer.source, AnswerSource::Own { reason: None });
         assert_eq!(answer.entry.body.len(), 1536 * 1024);
         bodies.insert(answer.entry.body[0]);
     }
