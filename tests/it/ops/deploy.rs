@@ -409,39 +409,132 @@ async fn haproxy_accepts_the_load_balancer_config() {
 }
 
 /// The Dockerfile builds what Cargo.toml declares and runs the image the way the compose file
-/// and README say.
+/// and docs/operations.md say.
 #[test]
 fn the_dockerfile_matches_the_manifest_and_the_deployment() {
     let dockerfile = read("Dockerfile");
-    // The dependency layer builds a placeholder for every bench target Cargo.toml declares (cargo
-    // refuses a manifest whose targets are missing).
-    let manifest = read("Cargo.toml");
-    // A bench with a `path` of its own (a directory target) gets its own placeholder line; the
-    // others are `benches/<name>.rs`, made by the loop.
-    let bench = Regex::new(r#"\[\[bench\]\]\s*name\s*=\s*"([^"]+)"(?:\s*path\s*=\s*"([^"]+)")?"#)
-        .expect("a valid pattern");
-    let mut benches: Vec<&str> = Vec::new();
-    for target in bench.captures_iter(&manifest) {
-        match target.get(2) {
-            Some(path) => assert!(
-                dockerfile.contains(&format!("> {}", path.as_str())),
-                "the Dockerfile makes no placeholder at {}",
-                path.as_str()
-            ),
-            None => benches.push(target.get(1).expect("a name").as_str()),
+    // The dependency layer: from the build stage's start to its first `cargo build`. It copies
+    // only the manifest, the lockfile and scripts/placeholders, and the RUN that holds that
+    // `cargo build` runs the script first.
+    let stage = dockerfile.find(" AS build").expect("a build stage");
+    let first_build = stage
+        + dockerfile[stage..]
+            .find("cargo build")
+            .expect("a cargo build in the build stage");
+    let layer = &dockerfile[stage..first_build];
+    let mut copied = BTreeSet::new();
+    let mut script_at = None;
+    for copy in layer.lines().filter_map(|line| line.strip_prefix("COPY ")) {
+        let words: Vec<&str> = copy.split_whitespace().collect();
+        let (destination, sources) = words.split_last().expect("a COPY with arguments");
+        for source in sources {
+            copied.insert(*source);
+            if *source == "scripts/placeholders" {
+                script_at = Some(*destination);
+            }
         }
     }
-    let placeholders = Regex::new(r"for bench in ([^;]+);").expect("a valid pattern");
-    let looped = placeholders
-        .captures(&dockerfile)
-        .expect("the placeholder bench loop");
-    let listed: Vec<&str> = looped
-        .get(1)
-        .expect("its list")
-        .as_str()
-        .split_whitespace()
-        .collect();
-    assert_eq!(listed, benches);
+    assert_eq!(
+        copied,
+        BTreeSet::from(["Cargo.lock", "Cargo.toml", "scripts/placeholders"]),
+        "the dependency layer copies the manifest, the lockfile and the placeholder script, nothing else"
+    );
+    let script_at = script_at.expect("scripts/placeholders copied into the build stage");
+    let run = layer
+        .rfind("\nRUN ")
+        .expect("a RUN before the first cargo build")
+        + 1;
+    let command = &layer[run..];
+    assert!(
+        command
+            .lines()
+            .skip(1)
+            .all(|line| line.starts_with(char::is_whitespace)),
+        "the first cargo build is in the RUN that runs the placeholder script:\n{command}"
+    );
+    let runs_script = Regex::new(&format!(r"^RUN (?:sh )?{} \.\s", regex::escape(script_at)))
+        .expect("a valid pattern");
+    assert!(
+        runs_script.is_match(command),
+        "the dependency layer's RUN starts with the placeholder script ({script_at}) over the \
+         manifest:\n{command}"
+    );
+
+    // The script, run on a copy of Cargo.toml alone (all the dependency layer has), leaves a file
+    // at every target the manifest declares. cargo metadata names each target's file, but leaves
+    // out a target without a `path` whose default file is missing (where `cargo build` refuses
+    // the manifest), so the targets are also read from the manifest's tables and compared.
+    let placeholder_dir = tempfile::Builder::new()
+        .prefix("corral-placeholders-")
+        .tempdir()
+        .expect("a temporary directory");
+    // cargo names the targets' files by the directory's canonical path.
+    let dir = placeholder_dir
+        .path()
+        .canonicalize()
+        .expect("the temporary directory's path");
+    let dir = dir.as_path();
+    std::fs::copy(repo().join("Cargo.toml"), dir.join("Cargo.toml")).expect("copy Cargo.toml");
+    let made = std::process::Command::new("sh")
+        .arg(repo().join("scripts/placeholders"))
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/placeholders");
+    assert!(made.status.success(), "scripts/placeholders: {made:?}");
+    let manifest = read("Cargo.toml");
+    let declared = declared_targets(&manifest);
+    assert!(
+        declared.contains(&("bin".to_owned(), "corral".to_owned())),
+        "Cargo.toml declares the corral binary the image builds: {declared:?}"
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let metadata = std::process::Command::new(cargo)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cargo metadata");
+    assert!(metadata.status.success(), "cargo metadata: {metadata:?}");
+    let metadata: Value = serde_json::from_slice(&metadata.stdout).expect("cargo metadata's JSON");
+    let mut found = BTreeSet::new();
+    for target in metadata["packages"][0]["targets"]
+        .as_array()
+        .expect("the targets")
+    {
+        let kind = target["kind"][0].as_str().expect("a kind").to_owned();
+        let name = target["name"].as_str().expect("a name").to_owned();
+        let file = PathBuf::from(target["src_path"].as_str().expect("a source path"));
+        assert!(
+            file.starts_with(dir),
+            "{kind} {name} lies outside the build directory: {}",
+            file.display()
+        );
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+            panic!(
+                "no placeholder for {kind} {name} at {}: {e}",
+                file.display()
+            )
+        });
+        if kind != "lib" {
+            assert!(text.contains("fn main() {}"), "{kind} {name}: {text:?}");
+        }
+        // A [lib] is named after the package unless it says otherwise.
+        let name = if kind == "lib" { String::new() } else { name };
+        found.insert((kind, name));
+    }
+    assert_eq!(
+        found, declared,
+        "the targets cargo sees over the placeholders"
+    );
+
     // Every source the build context must hold (a COPY's words but the last, the destination).
     for copy in dockerfile
         .lines()
@@ -467,6 +560,38 @@ fn the_dockerfile_matches_the_manifest_and_the_deployment() {
     }
     let ignored = read(".dockerignore");
     assert!(ignored.lines().any(|line| line == "target/"));
+}
+
+/// The targets a manifest declares in its tables, `(kind, name)`: `[lib]` (with an empty name)
+/// and each `[[bin]]`, `[[bench]]`, `[[example]]` and `[[test]]`.
+fn declared_targets(manifest: &str) -> BTreeSet<(String, String)> {
+    let name = Regex::new(r#"^name\s*=\s*["']([^"']+)["']"#).expect("a valid pattern");
+    let mut targets = BTreeSet::new();
+    let mut kind: Option<String> = None;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            let header: String = line
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            kind = match header.as_str() {
+                "[lib]" => {
+                    targets.insert(("lib".to_owned(), String::new()));
+                    None
+                }
+                "[[bin]]" | "[[bench]]" | "[[example]]" | "[[test]]" => {
+                    Some(header.trim_matches(|c| c == '[' || c == ']').to_owned())
+                }
+                _ => None,
+            };
+        } else if let (Some(kind), Some(found)) = (&kind, name.captures(line)) {
+            targets.insert((kind.clone(), found[1].to_owned()));
+        }
+    }
+    targets
 }
 
 // ------------------------------------------------------------------ corral, NATS, together ----
