@@ -5,15 +5,18 @@
 //! shows every effective value, inherited or not. Secrets are not shown: the admin token only as
 //! set or not, passwords in store and bus urls as `***`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::Duration;
 
+use super::settings::caching_settings;
 use super::units::{format_duration, format_size};
 use super::{
-    Beta, BusSettings, Config, Limits, OnWaitTimeout, PathMatch, QueryRule, Route, StoreSettings,
-    VaryMode,
+    Beta, BusSettings, Config, Limits, OnWaitTimeout, PathMatch, QueryRule, Route, RoutePolicy,
+    StoreSettings, VaryMode,
 };
 use crate::credentials::redact;
-use crate::engine::ExpiryMode;
+use crate::engine::{ExpiryMode, OnStoreError};
 
 /// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
 const WIDTH: usize = 24;
@@ -180,18 +183,7 @@ fn describe_route(out: &mut String, route: &Route) {
     if route.upstream_http2 {
         line(out, "upstream_http2", &true);
     }
-    // Shown only when set, like the limits; they apply to pass-through routes too.
-    let defaults = super::RoutePolicy::default();
-    if route.policy.max_upstream_fetches != defaults.max_upstream_fetches {
-        line(
-            out,
-            "max_upstream_fetches",
-            &route.policy.max_upstream_fetches,
-        );
-    }
-    if route.cache && route.policy.max_followers != defaults.max_followers {
-        line(out, "max_followers", &route.policy.max_followers);
-    }
+    describe_settings(out, &route.policy, route.cache, Section::Head, &line);
     if !route.cache {
         line(out, "cache", &"false (pass-through)");
         return;
@@ -214,58 +206,146 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "key.cookies", &list(key.cookies.iter()));
     line(out, "key.body", &key.body);
 
-    let p = &route.policy;
-    line(out, "ttl", &format_duration(p.ttl));
-    let expiry = match p.expiry {
+    describe_settings(out, &route.policy, true, Section::Policy, &line);
+}
+
+/// Where in a route's description a setting is shown, and when.
+enum Show<T> {
+    /// Among the policy, always.
+    Always(fn(&T) -> String),
+    /// Among the policy, when it differs from the default (so the common case stays short).
+    WhenSet(fn(&T) -> String),
+    /// Before `cache`, when it differs from the default, for pass-through routes too.
+    Head(fn(&T) -> String),
+    /// Before `cache`, when it differs from the default, for cached routes only.
+    HeadIfCached(fn(&T) -> String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Head,
+    Policy,
+}
+
+type Line<'a> = &'a dyn Fn(&mut String, &str, &dyn std::fmt::Display);
+
+/// One setting's line, if it belongs in `section` and is shown there.
+fn show<T: PartialEq>(
+    out: &mut String,
+    (name, show, value, default): (&str, Show<T>, &T, &T),
+    cached: bool,
+    section: Section,
+    line: Line<'_>,
+) {
+    let set = value != default;
+    let format = match show {
+        Show::Always(format) if section == Section::Policy => format,
+        Show::WhenSet(format) if section == Section::Policy && set => format,
+        Show::Head(format) if section == Section::Head && set => format,
+        Show::HeadIfCached(format) if section == Section::Head && set && cached => format,
+        _ => return,
+    };
+    line(out, name, &format(value));
+}
+
+/// `corral check`'s side of the caching settings ([`super::settings`]).
+macro_rules! describe_settings {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,
+        file: $file:ty, check: $check:expr, show: $show:expr;)*) => {
+        /// The lines of `policy`'s settings that belong in `section`, in the table's order.
+        fn describe_settings(
+            out: &mut String,
+            policy: &RoutePolicy,
+            cached: bool,
+            section: Section,
+            line: Line<'_>,
+        ) {
+            use Show::*;
+            let default = RoutePolicy::default();
+            $(show(
+                out,
+                (stringify!($name), $show, &policy.$name, &default.$name),
+                cached,
+                section,
+                line,
+            );)*
+        }
+    };
+}
+
+caching_settings!(describe_settings);
+
+// ---------------------------------------------------------------------------------------------
+// How each type of setting is shown
+
+fn duration(value: &Duration) -> String {
+    format_duration(*value)
+}
+
+fn expiry(value: &ExpiryMode) -> String {
+    match value {
         ExpiryMode::Absolute => "absolute",
         ExpiryMode::Sliding { .. } => "sliding",
-    };
-    line(out, "expiry", &expiry);
-    line(out, "honor_cache_control", &p.honor_cache_control);
-    line(out, "min_ttl", &format_duration(p.min_ttl));
-    line(out, "max_ttl", &format_duration(p.max_ttl));
-    line(out, "lease_ttl", &format_duration(p.lease_ttl));
-    line(out, "max_fetch", &format_duration(p.max_fetch));
-    line(out, "wait_timeout", &format_duration(p.wait_timeout));
-    let on_wait_timeout = match p.on_wait_timeout {
+    }
+    .to_owned()
+}
+
+fn yes_no(value: &bool) -> String {
+    value.to_string()
+}
+
+fn on_wait_timeout(value: &OnWaitTimeout) -> String {
+    match value {
         OnWaitTimeout::Error => "error",
         OnWaitTimeout::Bypass => "bypass",
-    };
-    line(out, "on_wait_timeout", &on_wait_timeout);
-    line(out, "poll_interval", &format_duration(p.poll_interval));
-    line(out, "max_body", &format_size(p.max_body));
-    line(out, "pass_ttl", &format_duration(p.pass_ttl));
-    line(out, "cache_statuses", &list(p.cache_statuses.iter()));
-    line(out, "honor_client_no_store", &p.honor_client_no_store);
-    // Shown only when set, so the common case stays short.
-    if p.ttl_jitter > 0 {
-        line(out, "ttl_jitter", &format!("{}%", p.ttl_jitter));
     }
-    if !p.error_ttl.is_empty() {
-        let pairs = p
-            .error_ttl
-            .iter()
-            .map(|(status, ttl)| format!("{status}: {}", format_duration(*ttl)));
-        line(
-            out,
-            "error_ttl",
-            &format!("{{{}}}", pairs.collect::<Vec<_>>().join(", ")),
-        );
+    .to_owned()
+}
+
+fn size(value: &u64) -> String {
+    format_size(*value)
+}
+
+// `fn(&T)` for every setting's `T`: here a `Vec`, not a slice.
+#[allow(clippy::ptr_arg)]
+fn statuses(value: &Vec<u16>) -> String {
+    list(value.iter())
+}
+
+fn percent_of(value: &u8) -> String {
+    format!("{value}%")
+}
+
+fn error_ttl(value: &BTreeMap<u16, Duration>) -> String {
+    let pairs = value
+        .iter()
+        .map(|(status, ttl)| format!("{status}: {}", format_duration(*ttl)));
+    format!("{{{}}}", pairs.collect::<Vec<_>>().join(", "))
+}
+
+fn vary(value: &VaryMode) -> String {
+    match value {
+        VaryMode::Key => "key",
+        VaryMode::Honor => "honor",
     }
-    if p.vary == VaryMode::Honor {
-        line(out, "vary", &"honor");
+    .to_owned()
+}
+
+/// The beta, as the file may write it (`true` is a beta of 1).
+fn beta(value: &Option<Beta>) -> String {
+    value.map_or_else(|| "off".to_owned(), |Beta(beta)| beta.to_string())
+}
+
+fn count(value: &usize) -> String {
+    value.to_string()
+}
+
+fn on_store_error(value: &OnStoreError) -> String {
+    match value {
+        OnStoreError::Open => "open",
+        OnStoreError::Closed => "closed",
     }
-    if !p.stale_while_revalidate.is_zero() {
-        let window = format_duration(p.stale_while_revalidate);
-        line(out, "stale_while_revalidate", &window);
-    }
-    if !p.stale_if_error.is_zero() {
-        line(out, "stale_if_error", &format_duration(p.stale_if_error));
-    }
-    // The beta, as the file may write it (`true` is a beta of 1).
-    if let Some(Beta(beta)) = p.early_refresh {
-        line(out, "early_refresh", &beta);
-    }
+    .to_owned()
 }
 
 /// `[a, b]`, as YAML writes a short list.

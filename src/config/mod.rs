@@ -33,12 +33,13 @@ use regex::Regex;
 
 use crate::credentials::Credentials;
 use crate::credentials::redact;
-use crate::engine::ExpiryMode;
+use crate::engine::{ExpiryMode, OnStoreError};
 
 mod describe;
 mod document;
 mod interpolate;
 mod schema;
+mod settings;
 mod units;
 mod validate;
 
@@ -243,63 +244,45 @@ pub enum OnWaitTimeout {
     Bypass,
 }
 
-/// A route's caching settings (the file's `defaults`, overridden per route).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RoutePolicy {
-    /// Freshness when the upstream says nothing (or is not honoured).
-    pub ttl: Duration,
-    /// `Sliding` carries `ttl` as its window.
-    pub expiry: ExpiryMode,
-    /// The upstream's `s-maxage` / `max-age` set freshness (clamped by min_ttl/max_ttl); privacy
-    /// directives are obeyed whatever this says.
-    pub honor_cache_control: bool,
-    /// Lower bound of freshness taken from upstream headers.
-    pub min_ttl: Duration,
-    /// Upper bound of freshness taken from upstream headers.
-    pub max_ttl: Duration,
-    pub lease_ttl: Duration,
-    pub max_fetch: Duration,
-    /// The longest any request waits, the leader's client included.
-    pub wait_timeout: Duration,
-    pub on_wait_timeout: OnWaitTimeout,
-    pub poll_interval: Duration,
-    /// Larger responses stream through and are not stored; also the largest request body read
-    /// for a body key.
-    pub max_body: u64,
-    pub pass_ttl: Duration,
-    /// Upstream statuses that may be stored.
-    pub cache_statuses: Vec<u16>,
-    /// A client's `Cache-Control: no-store` sends its request straight through.
-    pub honor_client_no_store: bool,
-    /// Each stored entry's TTL is cut by a random 0 to this many percent (0 to 100), so keys
-    /// filled together do not all expire together.
-    pub ttl_jitter: u8,
-    /// Negative caching: statuses stored for exactly this long, whether or not `cache_statuses`
-    /// lists them and whatever the upstream's freshness says (privacy still applies). A 5xx listed
-    /// here is stored and shared instead of failing the flight. Empty (the default): off.
-    pub error_ttl: BTreeMap<u16, Duration>,
-    /// What a `Vary` naming request headers outside the key does.
-    pub vary: VaryMode,
-    /// How long past freshness a stored answer is served at once while one background refresh
-    /// runs (zero: off). The upstream's `stale-while-revalidate` directive overrides it when the
-    /// route honours `Cache-Control`.
-    pub stale_while_revalidate: Duration,
-    /// How long past freshness a stored answer stands in for a failed refresh (5xx, unreachable,
-    /// timeout); zero: off. The upstream's `stale-if-error` directive overrides it likewise.
-    pub stale_if_error: Duration,
-    /// Early refresh (probabilistic early expiration): a hit may refresh a fresh answer in the
-    /// background before it expires. `None`: off.
-    pub early_refresh: Option<Beta>,
-    /// Requests that may wait on one key's fetch on one replica besides the one that started it;
-    /// beyond: a stale copy if the store has one, else 503 with `Retry-After`.
-    pub max_followers: usize,
-    /// Upstream requests of this route in flight at once on one replica (fetches under the lease,
-    /// a request's own fetches and pass-throughs alike); beyond, a request waits for a slot within
-    /// its wait timeout, then gets 503.
-    pub max_upstream_fetches: usize,
-    /// What a cacheable request gets while the store cannot be reached: `Open` degrades to one
-    /// fetch per key per replica, `Closed` answers 503.
-    pub on_store_error: crate::engine::OnStoreError,
+/// The effective side of the caching settings ([`settings`]).
+macro_rules! route_policy {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,
+        file: $file:ty, check: $check:expr, show: $show:expr;)*) => {
+        /// A route's caching settings (the file's `defaults`, overridden per route).
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub struct RoutePolicy {
+            $($(#[$doc])* pub $name: $ty,)*
+        }
+
+        impl Default for RoutePolicy {
+            /// The values a route gets when neither it nor `defaults:` says otherwise.
+            fn default() -> Self {
+                RoutePolicy {
+                    $($name: $default,)*
+                }
+            }
+        }
+    };
+}
+
+settings::caching_settings!(route_policy);
+
+impl RoutePolicy {
+    /// What the engine needs of this policy, for the route `label`: the one place a caching
+    /// setting reaches the engine.
+    pub fn engine(&self, label: &str) -> crate::engine::Policy {
+        crate::engine::Policy {
+            expiry: self.expiry,
+            lease_ttl: self.lease_ttl,
+            max_fetch: self.max_fetch,
+            poll_interval: self.poll_interval,
+            pass_ttl: self.pass_ttl,
+            label: label.into(),
+            early_refresh: self.early_refresh.map(|beta| beta.0),
+            max_followers: self.max_followers,
+            on_store_error: self.on_store_error,
+        }
+    }
 }
 
 /// How a route treats a response whose `Vary` names request headers outside its key.
@@ -328,37 +311,6 @@ impl Default for KeyRules {
             headers: Vec::new(),
             cookies: Vec::new(),
             body: false,
-        }
-    }
-}
-
-impl Default for RoutePolicy {
-    /// The values a route gets when neither it nor `defaults:` says otherwise.
-    fn default() -> Self {
-        RoutePolicy {
-            ttl: Duration::from_secs(60),
-            expiry: ExpiryMode::Absolute,
-            honor_cache_control: true,
-            min_ttl: Duration::ZERO,
-            max_ttl: Duration::from_secs(365 * 86_400),
-            lease_ttl: Duration::from_secs(10),
-            max_fetch: Duration::from_secs(30),
-            wait_timeout: Duration::from_secs(10),
-            on_wait_timeout: OnWaitTimeout::Error,
-            poll_interval: Duration::from_secs(1),
-            max_body: 8 << 20,
-            pass_ttl: Duration::from_secs(120),
-            cache_statuses: vec![200, 203, 204, 300, 301, 404, 405, 410, 414, 501],
-            honor_client_no_store: true,
-            ttl_jitter: 0,
-            error_ttl: BTreeMap::new(),
-            vary: VaryMode::Key,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            early_refresh: None,
-            max_followers: 10_000,
-            max_upstream_fetches: 512,
-            on_store_error: crate::engine::OnStoreError::Open,
         }
     }
 }

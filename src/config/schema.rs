@@ -14,6 +14,8 @@ use marked_yaml::Spanned;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+use super::settings::caching_settings;
+
 pub type Text = Spanned<String>;
 
 #[derive(Debug, Deserialize)]
@@ -104,105 +106,45 @@ pub struct L1File {
     pub max_bytes: Option<Text>,
 }
 
-/// The caching settings a route inherits from `defaults:` and may override one by one.
-///
-/// [`RouteFile`] repeats these fields: serde's `flatten` cannot be combined with
-/// `deny_unknown_fields` nor with spans. [`RouteFile::policy`] gathers them back into this type.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyFile {
-    pub ttl: Option<Text>,
-    pub expiry: Option<Text>,
-    pub honor_cache_control: Option<Text>,
-    pub min_ttl: Option<Text>,
-    pub max_ttl: Option<Text>,
-    pub lease_ttl: Option<Text>,
-    pub max_fetch: Option<Text>,
-    pub wait_timeout: Option<Text>,
-    pub on_wait_timeout: Option<Text>,
-    pub poll_interval: Option<Text>,
-    pub max_body: Option<Text>,
-    pub pass_ttl: Option<Text>,
-    pub cache_statuses: Option<Spanned<Vec<Text>>>,
-    pub honor_client_no_store: Option<Text>,
-    pub ttl_jitter: Option<Text>,
-    pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
-    pub vary: Option<Text>,
-    pub stale_while_revalidate: Option<Text>,
-    pub stale_if_error: Option<Text>,
-    pub early_refresh: Option<Text>,
-    pub max_followers: Option<Text>,
-    pub max_upstream_fetches: Option<Text>,
-    pub on_store_error: Option<Text>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteFile {
-    pub name: Option<Text>,
-    #[serde(rename = "match")]
-    pub matcher: Option<Spanned<MatchFile>>,
-    pub upstream: Option<Text>,
-    /// HTTP/2 with prior knowledge (h2c) to this upstream.
-    pub upstream_http2: Option<Text>,
-    pub cache: Option<Text>,
-    pub key: Option<Spanned<KeyFile>>,
-    // The policy overrides: keep in step with `PolicyFile`.
-    pub ttl: Option<Text>,
-    pub expiry: Option<Text>,
-    pub honor_cache_control: Option<Text>,
-    pub min_ttl: Option<Text>,
-    pub max_ttl: Option<Text>,
-    pub lease_ttl: Option<Text>,
-    pub max_fetch: Option<Text>,
-    pub wait_timeout: Option<Text>,
-    pub on_wait_timeout: Option<Text>,
-    pub poll_interval: Option<Text>,
-    pub max_body: Option<Text>,
-    pub pass_ttl: Option<Text>,
-    pub cache_statuses: Option<Spanned<Vec<Text>>>,
-    pub honor_client_no_store: Option<Text>,
-    pub ttl_jitter: Option<Text>,
-    pub error_ttl: Option<Spanned<HashMap<Text, Text>>>,
-    pub vary: Option<Text>,
-    pub stale_while_revalidate: Option<Text>,
-    pub stale_if_error: Option<Text>,
-    pub early_refresh: Option<Text>,
-    pub max_followers: Option<Text>,
-    pub max_upstream_fetches: Option<Text>,
-    pub on_store_error: Option<Text>,
-}
-
-impl RouteFile {
-    /// This route's overrides of `defaults:`.
-    pub fn policy(&self) -> PolicyFile {
-        PolicyFile {
-            ttl: self.ttl.clone(),
-            expiry: self.expiry.clone(),
-            honor_cache_control: self.honor_cache_control.clone(),
-            min_ttl: self.min_ttl.clone(),
-            max_ttl: self.max_ttl.clone(),
-            lease_ttl: self.lease_ttl.clone(),
-            max_fetch: self.max_fetch.clone(),
-            wait_timeout: self.wait_timeout.clone(),
-            on_wait_timeout: self.on_wait_timeout.clone(),
-            poll_interval: self.poll_interval.clone(),
-            max_body: self.max_body.clone(),
-            pass_ttl: self.pass_ttl.clone(),
-            cache_statuses: self.cache_statuses.clone(),
-            honor_client_no_store: self.honor_client_no_store.clone(),
-            ttl_jitter: self.ttl_jitter.clone(),
-            error_ttl: self.error_ttl.clone(),
-            vary: self.vary.clone(),
-            stale_while_revalidate: self.stale_while_revalidate.clone(),
-            stale_if_error: self.stale_if_error.clone(),
-            early_refresh: self.early_refresh.clone(),
-            max_followers: self.max_followers.clone(),
-            max_upstream_fetches: self.max_upstream_fetches.clone(),
-            on_store_error: self.on_store_error.clone(),
+/// The file's side of the caching settings ([`super::settings`]): `PolicyFile` holds what
+/// `defaults:` writes, and `RouteFile` the same fields beside a route's own (serde's `flatten`
+/// cannot be combined with `deny_unknown_fields` nor with spans, so the table writes them twice).
+macro_rules! policy_file {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,
+        file: $file:ty, check: $check:expr, show: $show:expr;)*) => {
+        /// The caching settings a route inherits from `defaults:` and may override one by one.
+        #[derive(Clone, Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct PolicyFile {
+            $(pub $name: Option<$file>,)*
         }
-    }
+
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RouteFile {
+            pub name: Option<Text>,
+            #[serde(rename = "match")]
+            pub matcher: Option<Spanned<MatchFile>>,
+            pub upstream: Option<Text>,
+            /// HTTP/2 with prior knowledge (h2c) to this upstream.
+            pub upstream_http2: Option<Text>,
+            pub cache: Option<Text>,
+            pub key: Option<Spanned<KeyFile>>,
+            $(pub $name: Option<$file>,)*
+        }
+
+        impl RouteFile {
+            /// This route's overrides of `defaults:`.
+            pub fn policy(&self) -> PolicyFile {
+                PolicyFile {
+                    $($name: self.$name.clone(),)*
+                }
+            }
+        }
+    };
 }
+
+caching_settings!(policy_file);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1527,3 +1527,34 @@ fn check_shows_which_credentials_are_used_but_no_secret() {
     );
     assert!(shown.contains("require_auth"), "{shown}");
 }
+
+#[test]
+fn check_shows_every_caching_setting_a_route_sets() {
+    let config = parse_ok(&with_route(
+        "",
+        "    ttl_jitter: 10\n    error_ttl: {404: 5s}\n    vary: honor\n    \
+         stale_while_revalidate: 5s\n    stale_if_error: 7s\n    early_refresh: 2\n    \
+         max_followers: 3\n    max_upstream_fetches: 4\n    on_store_error: closed\n",
+    ));
+    let shown = super::describe(&config);
+    let lines: Vec<String> = shown
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    for expected in [
+        "ttl_jitter 10%",
+        "error_ttl {404: 5s}",
+        "vary honor",
+        "stale_while_revalidate 5s",
+        "stale_if_error 7s",
+        "early_refresh 2",
+        "max_followers 3",
+        "max_upstream_fetches 4",
+        "on_store_error closed",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected:?} not in:\n{shown}"
+        );
+    }
+}

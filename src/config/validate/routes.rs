@@ -1,0 +1,410 @@
+//! The routes: each one's name, match, upstream and key, and its caching settings layered over
+//! `defaults:`, refused where they contradict each other or the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::Method;
+use marked_yaml::Spanned;
+use regex::Regex;
+
+use super::super::schema::{File, KeyFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text};
+use super::super::settings::caching_settings;
+use super::super::units::format_duration;
+use super::super::{
+    Beta, KeyRules, OnWaitTimeout, PathMatch, Place, QueryRule, Route, RouteMatch, RoutePolicy,
+    VaryMode,
+};
+use super::values::*;
+use super::{Checker, Invalid, Set};
+use crate::engine::{ExpiryMode, OnStoreError};
+
+/// Validation's side of the caching settings ([`super::settings`]): a [`Layer`] of the values
+/// one part of the file sets, a layer over another, and a layer's text checked.
+macro_rules! layer {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,
+        file: $file:ty, check: $check:expr, show: $show:expr;)*) => {
+        /// The policy values one layer of the file sets: `defaults:` or a route's overrides.
+        #[derive(Clone, Debug, Default)]
+        struct Layer {
+            $($name: Option<Set<$ty>>,)*
+        }
+
+        impl Layer {
+            /// This layer where it says something, `base` elsewhere.
+            fn over(self, base: &Layer) -> Layer {
+                Layer {
+                    $($name: self.$name.or_else(|| base.$name.clone()),)*
+                }
+            }
+
+            /// The policy this layer makes, with the built-in defaults where nothing was written.
+            fn policy(&self) -> RoutePolicy {
+                let default = RoutePolicy::default();
+                let policy = RoutePolicy {
+                    $($name: self.$name.as_ref().map_or(default.$name, |set| set.value.clone()),)*
+                };
+                // A sliding expiry's window is the route's TTL.
+                let expiry = match policy.expiry {
+                    ExpiryMode::Sliding { .. } => ExpiryMode::Sliding { window: policy.ttl },
+                    absolute => absolute,
+                };
+                RoutePolicy { expiry, ..policy }
+            }
+        }
+
+        impl Checker<'_> {
+            /// The policy values written in one layer, `prefix` naming it (`defaults`,
+            /// `routes[2]`).
+            fn layer(&mut self, file: &PolicyFile, prefix: &str) -> Layer {
+                Layer {
+                    $($name: ($check)(self, &file.$name, format!("{prefix}.{}", stringify!($name))),)*
+                }
+            }
+        }
+    };
+}
+
+caching_settings!(layer);
+
+/// A setting's checker that parses its one text with `parse`.
+fn parsed<T>(
+    parse: fn(&str) -> Result<T, Invalid>,
+) -> impl FnOnce(&mut Checker<'_>, &Option<Text>, String) -> Option<Set<T>> {
+    move |checker, text, path| checker.value(text, &path, parse)
+}
+
+impl Checker<'_> {
+    // ----- routes
+
+    pub(super) fn routes(&mut self, file: &Spanned<File>, nats_store: bool) -> Option<Vec<Route>> {
+        let defaults = match &file.defaults {
+            Some(d) => self.layer(d, "defaults"),
+            None => Layer::default(),
+        };
+        let routes = match &file.routes {
+            Some(routes) if !routes.is_empty() => routes,
+            other => {
+                let place = other.as_ref().map_or(Place::of(file), Place::of);
+                self.report(place, "routes", Invalid::NoRoutes);
+                return None;
+            }
+        };
+        let mut names = HashMap::new();
+        let checked: Vec<_> = (routes.iter().enumerate())
+            .map(|(i, route)| self.route(i, route, &defaults, nats_store, &mut names))
+            .collect();
+        checked.into_iter().collect()
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        route: &Spanned<RouteFile>,
+        defaults: &Layer,
+        nats_store: bool,
+        names: &mut HashMap<String, Place>,
+    ) -> Option<Route> {
+        let at = Place::of(route);
+        let prefix = format!("routes[{i}]");
+        let name = self.route_name(route, &prefix, names);
+        let matcher = self.matcher(route.matcher.as_ref(), at, &prefix);
+        let upstream = self.required(
+            &route.upstream,
+            &format!("{prefix}.upstream"),
+            at,
+            "an absolute http or https url",
+            upstream,
+        );
+        let cache = self.or_default(&route.cache, &format!("{prefix}.cache"), true, boolean);
+        let upstream_http2 = self.or_default(
+            &route.upstream_http2,
+            &format!("{prefix}.upstream_http2"),
+            false,
+            boolean,
+        );
+        let key = match route.key.as_deref() {
+            None => Some(KeyRules::default()),
+            Some(key) => self.key(key, &format!("{prefix}.key")),
+        };
+        let layer = self.layer(&route.policy(), &prefix).over(defaults);
+        let policy = self.policy(&layer, &prefix, nats_store);
+        Some(Route {
+            name: name?,
+            matcher: matcher?,
+            upstream: upstream?,
+            cache: cache?,
+            upstream_http2: upstream_http2?,
+            key: key?,
+            policy: policy?,
+        })
+    }
+
+    fn route_name(
+        &mut self,
+        route: &Spanned<RouteFile>,
+        prefix: &str,
+        names: &mut HashMap<String, Place>,
+    ) -> Option<String> {
+        let path = format!("{prefix}.name");
+        let name = self.required(&route.name, &path, Place::of(route), "a route name", |t| {
+            let ok = (1..=64).contains(&t.len())
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            ok.then(|| t.to_string())
+                .ok_or_else(|| Invalid::RouteName(t.to_string()))
+        })?;
+        let place = route.name.as_ref().map_or(Place::default(), Place::of);
+        if let Some(first) = names.get(&name) {
+            let line = first.line;
+            self.report(place, &path, Invalid::DuplicateName { name, line });
+            return None;
+        }
+        names.insert(name.clone(), place);
+        Some(name)
+    }
+
+    fn matcher(
+        &mut self,
+        file: Option<&Spanned<MatchFile>>,
+        route_at: Place,
+        prefix: &str,
+    ) -> Option<RouteMatch> {
+        let path = format!("{prefix}.match");
+        let Some(file) = file else {
+            self.report(route_at, &path, Invalid::NoPath);
+            return None;
+        };
+        let mut given: Vec<(&'static str, &Text)> = [
+            ("path", &file.path),
+            ("path_prefix", &file.path_prefix),
+            ("path_regex", &file.path_regex),
+        ]
+        .into_iter()
+        .filter_map(|(field, text)| Some((field, text.as_ref().filter(|t| !t.is_empty())?)))
+        .collect();
+        given.sort_by_key(|(_, text)| Place::of(*text));
+        let path_match = match given.as_slice() {
+            [] => {
+                self.report(Place::of(file), &path, Invalid::NoPath);
+                None
+            }
+            [(first, _), (second, text), ..] => {
+                self.report(
+                    Place::of(*text),
+                    &path,
+                    Invalid::SeveralPaths(first, second),
+                );
+                None
+            }
+            [(field, text)] => self.check(text, &format!("{path}.{field}"), |t| match *field {
+                "path" => absolute_path(t).map(PathMatch::Exact),
+                "path_prefix" => absolute_path(t).map(PathMatch::Prefix),
+                _ => Regex::new(t)
+                    .map(PathMatch::Regex)
+                    .map_err(|e| Invalid::Regex(regex_reason(&e))),
+            }),
+        };
+        let methods = match &file.methods {
+            None => Some(vec![Method::GET, Method::HEAD]),
+            Some(list) => {
+                let mut methods = Vec::new();
+                let mut ok = true;
+                for (i, text) in list.iter().enumerate() {
+                    match self.check(text, &format!("{path}.methods[{i}]"), method) {
+                        Some(m) if !methods.contains(&m) => methods.push(m),
+                        Some(_) => {}
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(methods)
+            }
+        };
+        let host = match &file.host {
+            Some(text) if !text.is_empty() => {
+                self.check(text, &format!("{path}.host"), host).map(Some)
+            }
+            _ => Some(None),
+        };
+        Some(RouteMatch {
+            path: path_match?,
+            methods: methods?,
+            host: host?,
+        })
+    }
+
+    fn key(&mut self, file: &KeyFile, path: &str) -> Option<KeyRules> {
+        let query = match &file.query {
+            None => Some(QueryRule::All),
+            Some(query) => match &**query {
+                QueryFile::Word(w) => match w.as_str() {
+                    "" | "all" => Some(QueryRule::All),
+                    "none" => Some(QueryRule::None),
+                    _ => {
+                        let expected = "all, none, {include: [...]} or {exclude: [...]}";
+                        let invalid = Invalid::Word {
+                            text: w.clone(),
+                            expected,
+                        };
+                        self.report(Place::of(query), &format!("{path}.query"), invalid);
+                        None
+                    }
+                },
+                QueryFile::Include(names) => self
+                    .list(names, &format!("{path}.query.include"), query_name)
+                    .map(|names| QueryRule::Include(sorted(names))),
+                QueryFile::Exclude(names) => self
+                    .list(names, &format!("{path}.query.exclude"), query_name)
+                    .map(|names| QueryRule::Exclude(sorted(names))),
+            },
+        };
+        let headers = match &file.headers {
+            None => Some(Vec::new()),
+            Some(list) => self
+                .list(list, &format!("{path}.headers"), header_name)
+                .map(|mut headers| {
+                    headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                    headers.dedup();
+                    headers
+                }),
+        };
+        let cookies = match &file.cookies {
+            None => Some(Vec::new()),
+            Some(list) => self
+                .list(list, &format!("{path}.cookies"), cookie_name)
+                .map(sorted),
+        };
+        let body = self.or_default(&file.body, &format!("{path}.body"), false, boolean);
+        Some(KeyRules {
+            query: query?,
+            headers: headers?,
+            cookies: cookies?,
+            body: body?,
+        })
+    }
+
+    // ----- policy
+
+    /// `cache_statuses: [200, 404]`: statuses corral may store, sorted.
+    fn statuses(
+        &mut self,
+        list: &Option<Spanned<Vec<Text>>>,
+        path: String,
+    ) -> Option<Set<Vec<u16>>> {
+        let list = list.as_ref()?;
+        let value = sorted(self.list(list, &path, status)?);
+        Some(Set {
+            value,
+            place: Place::of(list),
+            path,
+        })
+    }
+
+    /// `error_ttl: {404: 30s, 503: 2s}`, in place.
+    fn error_ttl(
+        &mut self,
+        map: &Option<Spanned<HashMap<Text, Text>>>,
+        path: String,
+    ) -> Option<Set<BTreeMap<u16, Duration>>> {
+        let map = map.as_ref()?;
+        let value = self.error_ttl_map(map, &path)?;
+        Some(Set {
+            value,
+            place: Place::of(map),
+            path,
+        })
+    }
+
+    /// `error_ttl: {404: 30s, 503: 2s}`: any status (a 5xx too), each with a TTL above zero.
+    fn error_ttl_map(
+        &mut self,
+        map: &HashMap<Text, Text>,
+        path: &str,
+    ) -> Option<BTreeMap<u16, Duration>> {
+        let mut entries: Vec<_> = map.iter().collect();
+        entries.sort_by_key(|(status, _)| Place::of(*status));
+        let mut checked = BTreeMap::new();
+        let mut ok = true;
+        for (status, ttl) in entries {
+            let at = format!("{path}.{}", status.as_str());
+            let status = self.check(status, &at, any_status);
+            let ttl = self.check(ttl, &at, positive_duration);
+            match (status, ttl) {
+                (Some(status), Some(ttl)) => {
+                    checked.insert(status, ttl);
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(checked)
+    }
+
+    /// A route's effective policy, refusing values that contradict each other or the store.
+    fn policy(&mut self, layer: &Layer, prefix: &str, nats_store: bool) -> Option<RoutePolicy> {
+        let policy = layer.policy();
+        let mut ok = true;
+        if nats_store
+            && let Some(lease) = &layer.lease_ttl
+            && lease.value < Duration::from_secs(1)
+        {
+            let shown = format_duration(lease.value);
+            self.report(lease.place, &lease.path, Invalid::LeaseBelowNatsUnit(shown));
+            ok = false;
+        }
+        if policy.min_ttl > policy.max_ttl {
+            self.min_above_max(layer, prefix, &policy);
+            ok = false;
+        }
+        if matches!(policy.expiry, ExpiryMode::Sliding { .. }) {
+            for window in [&layer.stale_while_revalidate, &layer.stale_if_error]
+                .into_iter()
+                .flatten()
+                .filter(|window| !window.value.is_zero())
+            {
+                self.report(window.place, &window.path, Invalid::StaleWithSliding);
+                ok = false;
+            }
+        }
+        ok.then_some(policy)
+    }
+
+    /// Reports `min_ttl > max_ttl` at the one of the two this route wrote itself, if either.
+    fn min_above_max(&mut self, layer: &Layer, prefix: &str, policy: &RoutePolicy) {
+        let named = |set: &Option<Set<Duration>>, field: &str| match set {
+            Some(s) => s.path.clone(),
+            None => format!("{field} (default)"),
+        };
+        let (min, max) = (
+            format_duration(policy.min_ttl),
+            format_duration(policy.max_ttl),
+        );
+        let min_path = named(&layer.min_ttl, "min_ttl");
+        let max_path = named(&layer.max_ttl, "max_ttl");
+        let own_max = layer.max_ttl.as_ref().filter(|s| {
+            s.path.starts_with(&format!("{prefix}."))
+                && layer
+                    .min_ttl
+                    .as_ref()
+                    .is_none_or(|m| m.path != format!("{prefix}.min_ttl"))
+        });
+        match own_max {
+            Some(max_set) => {
+                let invalid = Invalid::MaxBelowMin {
+                    value: max,
+                    other: min_path,
+                    other_value: min,
+                };
+                self.report(max_set.place, &max_path, invalid);
+            }
+            None => {
+                let place = layer.min_ttl.as_ref().map_or(Place::default(), |s| s.place);
+                let invalid = Invalid::MinAboveMax {
+                    value: min,
+                    other: max_path,
+                    other_value: max,
+                };
+                self.report(place, &min_path, invalid);
+            }
+        }
+    }
+}
