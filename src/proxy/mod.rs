@@ -96,17 +96,7 @@ impl Snapshot {
         let policies = config
             .routes
             .iter()
-            .map(|route| Policy {
-                expiry: route.policy.expiry,
-                lease_ttl: route.policy.lease_ttl,
-                max_fetch: route.policy.max_fetch,
-                poll_interval: route.policy.poll_interval,
-                pass_ttl: route.policy.pass_ttl,
-                label: route.name.as_str().into(),
-                early_refresh: route.policy.early_refresh.map(|beta| beta.0),
-                max_followers: route.policy.max_followers,
-                on_store_error: route.policy.on_store_error,
-            })
+            .map(|route| route.policy.engine(&route.name))
             .collect();
         Self { config, policies }
     }
