@@ -1,0 +1,383 @@
+//! The [`Store`] protocol on NATS JetStream KV: each operation as the lease writes of
+//! [`super::lease`] and reads of the bucket.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::entry::Record;
+use super::*;
+
+#[async_trait]
+impl Store for NatsKvStore {
+    fn kind(&self) -> &'static str {
+        "nats_kv"
+    }
+
+    /// Every write is a message on the bucket's stream, which the consumers of every process
+    /// receive: the write is the event.
+    fn announces(&self) -> bool {
+        true
+    }
+
+    /// The bus of this store is the bucket's own stream: every event is a write of the store.
+    fn events_are_writes(&self) -> bool {
+        true
+    }
+
+    fn min_lease_ttl(&self) -> Duration {
+        MIN_LEASE_TTL
+    }
+
+    fn max_value_len(&self) -> Option<usize> {
+        Some(self.shared.max_value_len)
+    }
+
+    async fn acquire(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        touch: Option<Touch>,
+    ) -> Result<Acquired, StoreError> {
+        self.bounded(
+            "acquire",
+            self.acquire_or_peek("acquire", key, Some(lease), touch),
+        )
+        .await
+    }
+
+    async fn peek(&self, key: &KeyHash, touch: Option<Touch>) -> Result<Acquired, StoreError> {
+        self.bounded("peek", self.acquire_or_peek("peek", key, None, touch))
+            .await
+    }
+
+    async fn renew(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        self.bounded("renew", async {
+            let mut known = self.held(key, token);
+            if known.as_ref().is_some_and(|held| held.over_value) {
+                return self.renew_over_value(key, token, ttl).await;
+            }
+            let node = known.as_ref().and_then(|held| held.node.clone());
+            for _ in 0..CAS_ROUNDS {
+                let held = match known.take() {
+                    Some(held) => held,
+                    None => {
+                        // Not remembered, or the remembered revision was stale (a renewal whose
+                        // answer was lost may have moved it): find the lease as it is.
+                        let slot = self.read("renew", key).await?;
+                        if matches!(
+                            &slot.record,
+                            Record::Value { lease: Some((holder, _)), .. } if *holder == token
+                        ) {
+                            return self.renew_over_value(key, token, ttl).await;
+                        }
+                        match slot.record {
+                            Record::Lease {
+                                token: holder,
+                                fence,
+                                ..
+                            } if holder == token => Held {
+                                token,
+                                revision: slot.revision,
+                                fence,
+                                node: node.clone(),
+                                over_value: false,
+                            },
+                            _ => {
+                                self.forget(key);
+                                return Ok(Renewed::Lost);
+                            }
+                        }
+                    }
+                };
+                let message = Self::lease_message(
+                    token,
+                    held.node.as_deref(),
+                    ttl,
+                    Some(held.fence),
+                    held.revision,
+                );
+                let written = self.publish("renew", self.entry_subject(key), message);
+                // On a conflict the lease moved (a renewal whose answer was lost, or another
+                // holder): the next round looks.
+                if let Ok(revision) = written.await? {
+                    self.remember(key, Held { revision, ..held });
+                    return Ok(Renewed::Held);
+                }
+            }
+            Err(StoreError::Timeout { op: "renew" })
+        })
+        .await
+    }
+
+    async fn commit_fresh(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        value: Bytes,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        _event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        if value.len() > self.shared.max_value_len {
+            return Err(StoreError::Protocol(format!(
+                "commit: a value of {} bytes is over the server's limit of {}",
+                value.len(),
+                self.shared.max_value_len
+            )));
+        }
+        self.bounded("commit", async {
+            let message = |expected: u64| {
+                let message = PublishMessage::build()
+                    .header(entry::STATE, "value")
+                    .header(entry::TOKEN, token.to_hex())
+                    .header(entry::TTL_MS, millis(ttl).to_string())
+                    .expected_last_subject_sequence(expected)
+                    .payload(value.clone());
+                let message = if fresh < ttl {
+                    message.header(entry::FRESH_MS, millis(fresh).to_string())
+                } else {
+                    message
+                };
+                if sliding {
+                    // Kept until its touch record lapses; see the module docs.
+                    message
+                        .header(entry::SLIDING, "1")
+                        .header(entry::NATS_TTL, "never")
+                } else {
+                    message.header(entry::NATS_TTL, entry::ttl_header(ttl))
+                }
+            };
+            let landed = |record: &Record| {
+                matches!(record, Record::Value { token: Some(writer), .. } if *writer == token)
+            };
+            match self.fenced("commit", key, token, message, landed).await? {
+                Outcome::Done(revision) => {
+                    if sliding && let Err(error) = self.touch(key, revision, ttl).await {
+                        // Without it the value is only swept when some read finds it stale.
+                        tracing::warn!(%key, %error, "could not write a sliding value's first touch");
+                    }
+                    Ok(Fenced::Done)
+                }
+                Outcome::Lost => Ok(Fenced::Lost),
+            }
+        })
+        .await
+    }
+
+    /// The lease rides on the value, as for a stale one (see `entry`); sliding values are not
+    /// refreshed early.
+    async fn lead_refresh(
+        &self,
+        key: &KeyHash,
+        lease: &LeaseRequest,
+        within: Duration,
+    ) -> Result<Refresh, StoreError> {
+        self.bounded("lead_refresh", async {
+            for _ in 0..CAS_ROUNDS {
+                let slot = self.read("lead_refresh", key).await?;
+                let Record::Value {
+                    ttl,
+                    fresh,
+                    sliding: false,
+                    since_ns,
+                    ..
+                } = &slot.record
+                else {
+                    return Ok(Refresh::Idle);
+                };
+                let since = since_ns.unwrap_or(slot.written_ns);
+                let left = entry::left(fresh.unwrap_or(*ttl), since, entry::now_ns());
+                if left > within {
+                    return Ok(Refresh::Idle);
+                }
+                if let Some(refresh) = self
+                    .refresh_over("lead_refresh", key, &slot, Some(lease))
+                    .await?
+                {
+                    return Ok(refresh);
+                }
+            }
+            Err(StoreError::Timeout { op: "lead_refresh" })
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        // The engine hands the event it would have published; here it becomes the tombstone.
+        let (state, message, response) = match Event::decode(event).map(|event| event.kind) {
+            Ok(EventKind::Failed { message, response }) => ("failed", Some(message), response),
+            _ => ("abandoned", None, None),
+        };
+        // An error response rides in the tombstone's payload when it fits; followers fetch it.
+        let response = response.filter(|bytes| bytes.len() <= self.shared.max_value_len);
+        self.bounded("release", async {
+            // A refresh of a stale value ends by putting the value back without its lease.
+            if self.held(key, token).is_none_or(|held| held.over_value)
+                && let Some(done) = self
+                    .release_over_value(key, token, (state, message.as_deref()))
+                    .await?
+            {
+                return Ok(done);
+            }
+            let publish = |expected: u64| {
+                let mut publish = tombstone(state)
+                    .header(entry::TOKEN, token.to_hex())
+                    .expected_last_subject_sequence(expected);
+                if let Some(message) = &message {
+                    publish = publish.header(entry::MESSAGE, entry::escape(message));
+                }
+                if let Some(response) = &response {
+                    publish = publish.payload(response.clone());
+                }
+                publish
+            };
+            let landed = |record: &Record| {
+                matches!(record, Record::Released { token: writer } if *writer == token)
+            };
+            Ok(
+                match self.fenced("release", key, token, publish, landed).await? {
+                    Outcome::Done(_) => Fenced::Done,
+                    Outcome::Lost => Fenced::Lost,
+                },
+            )
+        })
+        .await
+    }
+
+    async fn give_up(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        pass_ttl: Duration,
+        _event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        self.bounded("give_up", async {
+            let message = |expected: u64| {
+                PublishMessage::build()
+                    .header(entry::STATE, "pass")
+                    .header(entry::TOKEN, token.to_hex())
+                    .header(entry::TTL_MS, millis(pass_ttl).to_string())
+                    .header(entry::NATS_TTL, entry::ttl_header(pass_ttl))
+                    .expected_last_subject_sequence(expected)
+            };
+            let landed = |record: &Record| {
+                matches!(record, Record::Pass { token: Some(writer), .. } if *writer == token)
+            };
+            Ok(
+                match self.fenced("give_up", key, token, message, landed).await? {
+                    Outcome::Done(_) => Fenced::Done,
+                    Outcome::Lost => Fenced::Lost,
+                },
+            )
+        })
+        .await
+    }
+
+    async fn purge(&self, key: &KeyHash, _event: Bytes) -> Result<bool, StoreError> {
+        self.bounded("purge", async {
+            let slot = self.read("purge", key).await?;
+            let existed = !matches!(slot.record, Record::Vacant | Record::Released { .. });
+            // Written even when nothing was there: other processes' L1 copies must go.
+            let message = PublishMessage::build()
+                .header(entry::KV_OPERATION, "PURGE")
+                .header(entry::ROLLUP, "sub")
+                .header(entry::STATE, "purged")
+                .header(entry::NATS_TTL, entry::ttl_header(TOMBSTONE_TTL));
+            self.forget(key);
+            self.publish("purge", self.entry_subject(key), message)
+                .await?
+                .map_err(|Conflict| StoreError::Protocol("purge: unexpected conflict".into()))?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError> {
+        self.bounded("discard", async {
+            let slot = self.read("discard", key).await?;
+            match &slot.record {
+                Record::Value { value: stored, .. } if stored == value => {
+                    let message =
+                        tombstone("discarded").expected_last_subject_sequence(slot.revision);
+                    Ok(self
+                        .publish("discard", self.entry_subject(key), message)
+                        .await?
+                        .is_ok())
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    /// The route's record is named by its generation key; see `purge.rs`.
+    async fn route_generation(&self, route: &str) -> Result<u64, StoreError> {
+        self.read_generation(&crate::key::generation_key(route))
+            .await
+    }
+
+    /// The write is the announcement: every process's events consumer hears the record.
+    async fn bump_generation(&self, _route: &str, key: &KeyHash) -> Result<u64, StoreError> {
+        self.raise_generation(key).await
+    }
+
+    async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
+        self.write_index(entry).await
+    }
+
+    async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        self.read_index(selector, limit).await
+    }
+
+    async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {
+        self.bounded("status", async {
+            let slot = self.read("status", key).await?;
+            let now = entry::now_ns();
+            Ok(match &slot.record {
+                Record::Value {
+                    ttl,
+                    sliding,
+                    since_ns,
+                    ..
+                } => {
+                    let ttl_left = match since_ns {
+                        // Published again (under or after a refresh): counts from its first write.
+                        Some(since) => entry::left(*ttl, *since, now),
+                        None => {
+                            self.value_left("status", key, &slot, *ttl, *sliding, None)
+                                .await?
+                        }
+                    };
+                    if ttl_left.is_zero() {
+                        KeyStatus::Empty
+                    } else {
+                        KeyStatus::Exists { ttl_left }
+                    }
+                }
+                Record::Pass { ttl, .. } => match entry::left(*ttl, slot.written_ns, now) {
+                    ttl_left if ttl_left.is_zero() => KeyStatus::Empty,
+                    ttl_left => KeyStatus::Pass { ttl_left },
+                },
+                Record::Lease { ttl, .. } => match Self::lease_left(&slot, *ttl, now) {
+                    Some(lease_left) => KeyStatus::Pending { lease_left },
+                    None => KeyStatus::Empty,
+                },
+                Record::Vacant | Record::Released { .. } => KeyStatus::Empty,
+            })
+        })
+        .await
+    }
+}
