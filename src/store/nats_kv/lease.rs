@@ -12,13 +12,13 @@ use super::*;
 
 impl NatsKvStore {
     /// How long a lease has left before the server surely removed it; `None` once it is stuck
-    /// (see [`STUCK_LEASE`]).
+    /// (see [`STUCK_LEASE`]), i.e. lapsed by [`lapse`]'s rule.
     pub(super) fn lease_left(slot: &Slot, ttl: Duration, now_ns: i128) -> Option<Duration> {
-        let age = slot.age(now_ns);
-        let server = entry::server_ttl(ttl);
-        if age >= server + STUCK_LEASE {
+        if now_ns >= plain_lapse(ttl, slot.written_ns) {
             return None;
         }
+        let age = slot.age(now_ns);
+        let server = entry::server_ttl(ttl);
         Some(
             (server + EXPIRY_SLACK)
                 .checked_sub(age)
@@ -87,6 +87,46 @@ impl NatsKvStore {
             .await?
             .map(|_| ())
             .map_err(|Conflict| StoreError::Protocol("touch: unexpected conflict".into()))
+    }
+
+    /// What `slot` holds for readers (read-only, never a touch): a value, pass marker or lease
+    /// whose lifetime is over is nothing, whether or not the server has removed it yet. Status
+    /// answers it; purge and discard go by it too, so no answer counts what status calls gone.
+    pub(super) async fn status_of(
+        &self,
+        op: &'static str,
+        key: &KeyHash,
+        slot: &Slot,
+    ) -> Result<KeyStatus, StoreError> {
+        let now = entry::now_ns();
+        Ok(match &slot.record {
+            Record::Value {
+                ttl,
+                sliding,
+                since_ns,
+                ..
+            } => {
+                let ttl_left = match since_ns {
+                    // Published again (under or after a refresh): counts from its first write.
+                    Some(since) => entry::left(*ttl, *since, now),
+                    None => self.value_left(op, key, slot, *ttl, *sliding, None).await?,
+                };
+                if ttl_left.is_zero() {
+                    KeyStatus::Empty
+                } else {
+                    KeyStatus::Exists { ttl_left }
+                }
+            }
+            Record::Pass { ttl, .. } => match entry::left(*ttl, slot.written_ns, now) {
+                ttl_left if ttl_left.is_zero() => KeyStatus::Empty,
+                ttl_left => KeyStatus::Pass { ttl_left },
+            },
+            Record::Lease { ttl, .. } => match Self::lease_left(slot, *ttl, now) {
+                Some(lease_left) => KeyStatus::Pending { lease_left },
+                None => KeyStatus::Empty,
+            },
+            Record::Vacant | Record::Released { .. } => KeyStatus::Empty,
+        })
     }
 
     /// A lease message, expecting `expected` as the entry's last revision.
@@ -180,6 +220,7 @@ impl NatsKvStore {
                                         fence: *fence,
                                         node: Some(lease.node.clone()),
                                         over_value: false,
+                                        lapses_ns: plain_lapse(*ttl, slot.written_ns),
                                     },
                                 );
                                 Acquired::Lead { fence: *fence }
@@ -205,6 +246,7 @@ impl NatsKvStore {
                 None,
                 slot.revision,
             );
+            let sent = entry::now_ns();
             match self.publish(op, self.entry_subject(key), message).await? {
                 Ok(revision) => {
                     self.remember(
@@ -215,6 +257,7 @@ impl NatsKvStore {
                             fence: revision,
                             node: Some(lease.node.clone()),
                             over_value: false,
+                            lapses_ns: plain_lapse(lease.ttl, sent),
                         },
                     );
                     return Ok(Acquired::Lead { fence: revision });
@@ -236,21 +279,23 @@ impl NatsKvStore {
         slot: &Slot,
         lease: Option<&LeaseRequest>,
     ) -> Result<Option<Refresh>, StoreError> {
-        let Record::Value { lease: held, .. } = &slot.record else {
+        if !matches!(slot.record, Record::Value { .. }) {
             return Ok(Some(Refresh::Idle));
-        };
-        let live = held
-            .map(|(holder, ttl)| (holder, entry::left(ttl, slot.written_ns, entry::now_ns())))
-            .filter(|(_, left)| !left.is_zero());
+        }
+        let now = entry::now_ns();
+        let live = lapse(slot).filter(|&(_, at)| now < at);
         match (live, lease) {
-            (Some((holder, _)), Some(lease)) if holder == lease.token => {
-                self.remember(key, Self::held_over(lease, slot.revision, slot.revision));
+            (Some((holder, at)), Some(lease)) if holder == lease.token => {
+                self.remember(
+                    key,
+                    Self::held_over(lease, slot.revision, slot.revision, at),
+                );
                 Ok(Some(Refresh::Lead {
                     fence: slot.revision,
                 }))
             }
-            (Some((holder, lease_left)), _) => Ok(Some(Refresh::Elsewhere {
-                lease_left,
+            (Some((holder, at)), _) => Ok(Some(Refresh::Elsewhere {
+                lease_left: Duration::from_nanos(u64::try_from(at - now).unwrap_or(u64::MAX)),
                 lease: Some(holder.lease_id()),
             })),
             (None, None) => Ok(Some(Refresh::Idle)),
@@ -260,9 +305,11 @@ impl NatsKvStore {
                 else {
                     return Ok(Some(Refresh::Idle));
                 };
+                let sent = entry::now_ns();
                 match self.publish(op, self.entry_subject(key), message).await? {
                     Ok(revision) => {
-                        self.remember(key, Self::held_over(lease, revision, revision));
+                        let lapses_ns = riding_lapse(slot, lease.ttl, sent);
+                        self.remember(key, Self::held_over(lease, revision, revision, lapses_ns));
                         Ok(Some(Refresh::Lead { fence: revision }))
                     }
                     Err(Conflict) => Ok(None),
@@ -271,19 +318,26 @@ impl NatsKvStore {
         }
     }
 
-    /// A refresh lease this process holds on a value.
-    pub(super) fn held_over(lease: &LeaseRequest, revision: u64, fence: u64) -> Held {
+    /// A refresh lease this process holds on a value, lapsing at `lapses_ns`.
+    pub(super) fn held_over(
+        lease: &LeaseRequest,
+        revision: u64,
+        fence: u64,
+        lapses_ns: i128,
+    ) -> Held {
         Held {
             token: lease.token,
             revision,
             fence,
             node: Some(lease.node.clone()),
             over_value: true,
+            lapses_ns,
         }
     }
 
     /// Renews a refresh lease riding on a value: the value is published again with the lease's
-    /// new lifetime, if the token still holds it.
+    /// new lifetime, if the token still holds it and it has not lapsed (a lapsed one is free for
+    /// the next caller to take, so it is not its old holder's to extend).
     pub(super) async fn renew_over_value(
         &self,
         key: &KeyHash,
@@ -292,15 +346,17 @@ impl NatsKvStore {
     ) -> Result<Renewed, StoreError> {
         for _ in 0..CAS_ROUNDS {
             let slot = self.read("renew", key).await?;
-            let held = matches!(
+            let riding = matches!(
                 &slot.record,
                 Record::Value { lease: Some((holder, _)), .. } if *holder == token
             );
+            let held = riding && holds(&slot, token, entry::now_ns());
             let message = republish(&slot, Some((token, ttl)), None, slot.revision);
             let (true, Some(message)) = (held, message) else {
                 self.forget(key);
                 return Ok(Renewed::Lost);
             };
+            let sent = entry::now_ns();
             if let Ok(revision) = self
                 .publish("renew", self.entry_subject(key), message)
                 .await?
@@ -314,6 +370,7 @@ impl NatsKvStore {
                         fence,
                         node: None,
                         over_value: true,
+                        lapses_ns: riding_lapse(&slot, ttl, sent),
                     },
                 );
                 return Ok(Renewed::Held);
@@ -324,7 +381,8 @@ impl NatsKvStore {
 
     /// Ends a refresh lease riding on a value without a new value: the value is published again
     /// without it, saying why, so waiters hear the outcome and the stale value stays. `None` when
-    /// the entry holds no such lease of `token` (the caller goes the usual way).
+    /// the entry holds no such lease of `token` (the caller goes the usual way); lost when it
+    /// lapsed (readers already see nobody refreshing, and the value is left as it is).
     pub(super) async fn release_over_value(
         &self,
         key: &KeyHash,
@@ -341,7 +399,8 @@ impl NatsKvStore {
                 return Ok(None);
             }
             self.forget(key);
-            let Some(message) = republish(&slot, None, Some(released), slot.revision) else {
+            let message = republish(&slot, None, Some(released), slot.revision);
+            let (true, Some(message)) = (holds(&slot, token, entry::now_ns()), message) else {
                 return Ok(Some(Fenced::Lost));
             };
             if self
@@ -355,9 +414,10 @@ impl NatsKvStore {
         Err(StoreError::Timeout { op: "release" })
     }
 
-    /// A write that only the lease holder may make: it names the lease's revision (remembered, or
-    /// read), so the server rejects it once the lease is gone. `landed` recognises the write itself
-    /// (by its token), which a try whose answer was lost may have made.
+    /// A write that only the lease holder may make: it names the lease's revision (remembered while
+    /// surely live, or read), so the server rejects it once the lease is gone; a lease still there
+    /// but lapsed by [`lapse`]'s rule is lost too, as readers already report it so. `landed`
+    /// recognises the write itself (by its token), which a try whose answer was lost may have made.
     pub(super) async fn fenced(
         &self,
         op: &'static str,
@@ -366,7 +426,10 @@ impl NatsKvStore {
         message: impl Fn(u64) -> PublishMessage,
         landed: impl Fn(&Record) -> bool,
     ) -> Result<Outcome, StoreError> {
-        let mut expected = self.held(key, token).map(|held| held.revision);
+        let mut expected = self
+            .held(key, token)
+            .filter(Held::live)
+            .map(|held| held.revision);
         let mut timed_out = None;
         for _ in 0..CAS_ROUNDS {
             let revision = match expected.take() {
@@ -380,17 +443,11 @@ impl NatsKvStore {
                         self.forget(key);
                         return Ok(Outcome::Done(slot.revision));
                     }
-                    match slot.record {
-                        Record::Lease { token: holder, .. } if holder == token => slot.revision,
-                        Record::Value {
-                            lease: Some((holder, _)),
-                            ..
-                        } if holder == token => slot.revision,
-                        _ => {
-                            self.forget(key);
-                            return Ok(Outcome::Lost);
-                        }
+                    if !holds(&slot, token, entry::now_ns()) {
+                        self.forget(key);
+                        return Ok(Outcome::Lost);
                     }
+                    slot.revision
                 }
             };
             match self
@@ -436,6 +493,52 @@ impl NatsKvStore {
         })
         .await
     }
+}
+
+/// Who holds the lease in `slot` and when it lapses (server ns, compared with this process's
+/// clock), by the one rule that status, peek, acquire and the holder's own writes all follow, so
+/// that no write lands under a lease a reader already reports lapsed, and none is refused under
+/// one a reader still reports held. `None` when the slot holds no lease.
+pub(super) fn lapse(slot: &Slot) -> Option<(Token, i128)> {
+    match &slot.record {
+        Record::Lease { token, ttl, .. } => Some((*token, plain_lapse(*ttl, slot.written_ns))),
+        Record::Value {
+            lease: Some((holder, ttl)),
+            ..
+        } => Some((*holder, riding_lapse(slot, *ttl, slot.written_ns))),
+        _ => None,
+    }
+}
+
+/// Whether `token` holds a lease in `slot` that has not lapsed at `now_ns`.
+pub(super) fn holds(slot: &Slot, token: Token, now_ns: i128) -> bool {
+    lapse(slot).is_some_and(|(holder, at)| holder == token && now_ns < at)
+}
+
+/// A plain lease of `ttl` written at `written_ns` lapses once it is stuck: the server removes it
+/// sooner (its delete marker is vacant to every reader), and until then it is held.
+pub(super) fn plain_lapse(ttl: Duration, written_ns: i128) -> i128 {
+    after(written_ns, entry::server_ttl(ttl) + STUCK_LEASE)
+}
+
+/// A refresh lease of `ttl` written at `written_ns` over the value in `slot` has no server TTL of
+/// its own: it lapses at the end of its lifetime, or of the value's (which readers then see as
+/// nothing at all), whichever comes first.
+pub(super) fn riding_lapse(slot: &Slot, ttl: Duration, written_ns: i128) -> i128 {
+    let own = after(written_ns, ttl);
+    match &slot.record {
+        Record::Value {
+            ttl: value_ttl,
+            since_ns,
+            ..
+        } => own.min(after(since_ns.unwrap_or(slot.written_ns), *value_ttl)),
+        _ => own,
+    }
+}
+
+/// The instant `d` after `ns`.
+fn after(ns: i128, d: Duration) -> i128 {
+    ns.saturating_add(i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
 }
 
 /// The value in `slot` published again, expecting `expected`: with a refresh lease, or saying its

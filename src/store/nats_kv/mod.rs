@@ -42,6 +42,12 @@
 //! server TTL of its own: readers see it lapse by its timestamp. Early refresh takes the same kind
 //! of lease over a value that is still fresh.
 //!
+//! Whether a lease has lapsed is one rule (`lease::lapse`), for readers and for its holder alike: a
+//! lease that status and acquire no longer report held is lost to its holder's renew, commit,
+//! release and give up, even while its message is still there for a compare-and-set to name (a
+//! refresh lease past its lifetime, a stuck lease the server did not remove). Likewise purge and
+//! discard count a value or pass marker past its lifetime as absent, as status does.
+//!
 //! Sliding expiry never rewrites the value: a read that finds less than `ttl - slack` left writes a
 //! touch record (a small headers-only message on `t.<hex>`, with the value's revision and a server
 //! TTL of the window). A headers-only re-publish of the entry itself is not possible: with history
@@ -159,8 +165,8 @@ impl NatsKvConfig {
 }
 
 // Written by hand so that a password in the url never reaches a log line.
-impl std::fmt::Debug for NatsKvConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for NatsKvConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsKvConfig")
             .field("url", &redact(&self.url))
             .field("namespace", &self.namespace)
@@ -205,6 +211,18 @@ struct Held {
     node: Option<Arc<str>>,
     /// Whether the lease rides on a value (a refresh), rather than being the entry itself.
     over_value: bool,
+    /// When the lease lapses by the rule reads follow (see `lease::lapse`), in server ns: for a
+    /// lease this process wrote, counted from before its publish, so never later than the truth.
+    /// Past it the revision above is not used: the next write reads the entry and applies the rule
+    /// itself, as the server does not reject a write to a lease that lapsed but is still there.
+    lapses_ns: i128,
+}
+
+impl Held {
+    /// Whether the remembered revision may be written to without a read.
+    fn live(&self) -> bool {
+        entry::now_ns() < self.lapses_ns
+    }
 }
 
 /// State shared by clones of the store and by its events.

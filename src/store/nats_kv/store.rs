@@ -59,11 +59,14 @@ impl Store for NatsKvStore {
         ttl: Duration,
     ) -> Result<Renewed, StoreError> {
         self.bounded("renew", async {
-            let mut known = self.held(key, token);
+            let known = self.held(key, token);
             if known.as_ref().is_some_and(|held| held.over_value) {
                 return self.renew_over_value(key, token, ttl).await;
             }
             let node = known.as_ref().and_then(|held| held.node.clone());
+            // A remembered revision is written to without a read only while the lease surely
+            // has not lapsed; past that, the read below decides.
+            let mut known = known.filter(Held::live);
             for _ in 0..CAS_ROUNDS {
                 let held = match known.take() {
                     Some(held) => held,
@@ -71,28 +74,23 @@ impl Store for NatsKvStore {
                         // Not remembered, or the remembered revision was stale (a renewal whose
                         // answer was lost may have moved it): find the lease as it is.
                         let slot = self.read("renew", key).await?;
-                        if matches!(
-                            &slot.record,
-                            Record::Value { lease: Some((holder, _)), .. } if *holder == token
-                        ) {
-                            return self.renew_over_value(key, token, ttl).await;
+                        if !lease::holds(&slot, token, entry::now_ns()) {
+                            self.forget(key);
+                            return Ok(Renewed::Lost);
                         }
                         match slot.record {
                             Record::Lease {
-                                token: holder,
-                                fence,
-                                ..
-                            } if holder == token => Held {
+                                fence, ttl: lasts, ..
+                            } => Held {
                                 token,
                                 revision: slot.revision,
                                 fence,
                                 node: node.clone(),
                                 over_value: false,
+                                lapses_ns: lease::plain_lapse(lasts, slot.written_ns),
                             },
-                            _ => {
-                                self.forget(key);
-                                return Ok(Renewed::Lost);
-                            }
+                            // The only other lease there is: one riding on a value.
+                            _ => return self.renew_over_value(key, token, ttl).await,
                         }
                     }
                 };
@@ -103,11 +101,20 @@ impl Store for NatsKvStore {
                     Some(held.fence),
                     held.revision,
                 );
+                let sent = entry::now_ns();
                 let written = self.publish("renew", self.entry_subject(key), message);
                 // On a conflict the lease moved (a renewal whose answer was lost, or another
                 // holder): the next round looks.
                 if let Ok(revision) = written.await? {
-                    self.remember(key, Held { revision, ..held });
+                    let lapses_ns = lease::plain_lapse(ttl, sent);
+                    self.remember(
+                        key,
+                        Held {
+                            revision,
+                            lapses_ns,
+                            ..held
+                        },
+                    );
                     return Ok(Renewed::Held);
                 }
             }
@@ -289,7 +296,9 @@ impl Store for NatsKvStore {
     async fn purge(&self, key: &KeyHash, _event: Bytes) -> Result<bool, StoreError> {
         self.bounded("purge", async {
             let slot = self.read("purge", key).await?;
-            let existed = !matches!(slot.record, Record::Vacant | Record::Released { .. });
+            // What status calls gone (past its lifetime, not yet removed by the server) was not
+            // there; it is purged all the same.
+            let existed = self.status_of("purge", key, &slot).await? != KeyStatus::Empty;
             // Written even when nothing was there: other processes' L1 copies must go.
             let message = PublishMessage::build()
                 .header(entry::KV_OPERATION, "PURGE")
@@ -308,17 +317,23 @@ impl Store for NatsKvStore {
     async fn discard(&self, key: &KeyHash, value: &Bytes) -> Result<bool, StoreError> {
         self.bounded("discard", async {
             let slot = self.read("discard", key).await?;
-            match &slot.record {
-                Record::Value { value: stored, .. } if stored == value => {
-                    let message =
-                        tombstone("discarded").expected_last_subject_sequence(slot.revision);
-                    Ok(self
-                        .publish("discard", self.entry_subject(key), message)
-                        .await?
-                        .is_ok())
-                }
-                _ => Ok(false),
+            let same =
+                matches!(&slot.record, Record::Value { value: stored, .. } if stored == value);
+            // A value past its lifetime is no longer there to discard: the next acquire leads
+            // over it anyway.
+            if !same
+                || !matches!(
+                    self.status_of("discard", key, &slot).await?,
+                    KeyStatus::Exists { .. }
+                )
+            {
+                return Ok(false);
             }
+            let message = tombstone("discarded").expected_last_subject_sequence(slot.revision);
+            Ok(self
+                .publish("discard", self.entry_subject(key), message)
+                .await?
+                .is_ok())
         })
         .await
     }
@@ -345,38 +360,7 @@ impl Store for NatsKvStore {
     async fn status(&self, key: &KeyHash) -> Result<KeyStatus, StoreError> {
         self.bounded("status", async {
             let slot = self.read("status", key).await?;
-            let now = entry::now_ns();
-            Ok(match &slot.record {
-                Record::Value {
-                    ttl,
-                    sliding,
-                    since_ns,
-                    ..
-                } => {
-                    let ttl_left = match since_ns {
-                        // Published again (under or after a refresh): counts from its first write.
-                        Some(since) => entry::left(*ttl, *since, now),
-                        None => {
-                            self.value_left("status", key, &slot, *ttl, *sliding, None)
-                                .await?
-                        }
-                    };
-                    if ttl_left.is_zero() {
-                        KeyStatus::Empty
-                    } else {
-                        KeyStatus::Exists { ttl_left }
-                    }
-                }
-                Record::Pass { ttl, .. } => match entry::left(*ttl, slot.written_ns, now) {
-                    ttl_left if ttl_left.is_zero() => KeyStatus::Empty,
-                    ttl_left => KeyStatus::Pass { ttl_left },
-                },
-                Record::Lease { ttl, .. } => match Self::lease_left(&slot, *ttl, now) {
-                    Some(lease_left) => KeyStatus::Pending { lease_left },
-                    None => KeyStatus::Empty,
-                },
-                Record::Vacant | Record::Released { .. } => KeyStatus::Empty,
-            })
+            self.status_of("status", key, &slot).await
         })
         .await
     }

@@ -6,15 +6,15 @@
 //! What it proves, on each of them: a key has one lease at a time, which the first caller takes and
 //! every other caller waits on, told its name; a retry with the holder's token finds its own lease;
 //! only the holder's token commits, renews, releases or gives up under it, and a commit is read back
-//! byte for byte until its TTL; leases, values and pass markers end on their own with their TTL;
-//! a stale value is served while exactly one caller refreshes it; purge and discard remove what
-//! they promise and nothing else; route generations count every bump.
+//! byte for byte until its TTL; leases, values and pass markers end on their own with their TTL,
+//! and a lease that lapsed is its holder's no more, even before anyone took it; a stale value is
+//! served while exactly one caller refreshes it; purge and discard remove what they promise and
+//! nothing else, and count nothing that has outlived its TTL; route generations count every bump.
 //!
 //! Where the backends differ by design, the contract asserts what they share, and says so where it
 //! does: NATS KV keeps server TTLs in whole seconds and reports a lease until the server has surely
 //! removed it ([`Backend::lease_slack`]), and it answers a repeated fenced write by the same token
-//! as done (the write it finds is its own earlier one), where the others answer lost. Two
-//! properties that NATS KV does not keep yet are written out at the end, outside the list.
+//! as done (the write it finds is its own earlier one), where the others answer lost.
 //!
 //! Waits for a TTL to run out poll the store, bounded by [`support::patience`]; nothing sleeps.
 
@@ -334,22 +334,14 @@ on_every_store!(
     give_up_leaves_a_pass_marker_that_answers_pass_until_its_ttl,
     a_stale_value_is_served_while_exactly_one_caller_refreshes_it,
     a_refresh_lease_is_renewed_by_its_holder_and_lapses_without_it,
+    a_lapsed_refresh_lease_is_lost_to_its_holder_before_anyone_takes_it,
     an_uncacheable_refresh_takes_the_stale_value_with_it,
     an_early_refresh_takes_the_lease_over_a_value_near_its_end_once,
     a_sliding_read_below_the_slack_restores_the_whole_ttl_and_status_touches_nothing,
     discard_removes_only_the_exact_bytes_it_is_given,
+    an_expired_value_or_pass_marker_is_nothing_to_purge_or_discard,
     route_generations_start_at_zero_and_count_every_bump,
 );
-
-// Left out of the list above: two properties that the memory store, Redis and the Redis Cluster
-// keep and NATS KV breaks (its tests fail). They are written out at the end of this file, ready to
-// join the list once NATS KV keeps them:
-// - a_lapsed_refresh_lease_is_lost_to_its_holder_before_anyone_takes_it: on NATS KV, a refresh
-//   lease riding on a stale value that its own reads already report lapsed (a peek says nobody
-//   refreshes, an acquire would lead) still renews as held and commits as done for its old holder.
-// - an_expired_value_or_pass_marker_is_nothing_to_purge_or_discard: on NATS KV, a value or pass
-//   marker that its own status reports empty (expired by the entry's TTL) but that the server has
-//   not removed yet is purged (or discarded) with the answer that something was there.
 
 async fn the_first_acquire_leads_and_every_other_caller_waits_on_its_named_lease(backend: Backend) {
     let (a, b) = backend.two_stores().await;
@@ -930,6 +922,63 @@ async fn a_refresh_lease_is_renewed_by_its_holder_and_lapses_without_it(backend:
     ));
 }
 
+/// Fenced writes say "lost" for a lease that "expired" ([`Fenced::Lost`]): once a refresh lease
+/// has lapsed (a peek says nobody refreshes the stale value, and the next caller would lead), its
+/// old holder neither commits, renews, releases nor gives up under it, even before anyone else took
+/// it.
+async fn a_lapsed_refresh_lease_is_lost_to_its_holder_before_anyone_takes_it(backend: Backend) {
+    let (a, b) = backend.two_stores().await;
+    let k = key("lapsed refresh");
+    let old = value("old");
+    stale_value(&*a, &k, &old).await;
+    let gone = lease(SHORT);
+    assert!(matches!(
+        a.acquire(&k, &gone, None).await,
+        Ok(Acquired::Stale {
+            refresh: Refresh::Lead { .. },
+            ..
+        })
+    ));
+    eventually("the refresh lease nobody renews to lapse", || async {
+        matches!(
+            b.peek(&k, None).await,
+            Ok(Acquired::Stale {
+                refresh: Refresh::Idle,
+                ..
+            })
+        )
+    })
+    .await;
+    // Nothing its old holder writes under it lands. The commit goes first, while the holder's
+    // process still remembers the lease: on NATS KV, the write that may name the remembered
+    // revision instead of reading the entry.
+    let committed = commit(&*a, &k, &gone, value("late"), KEPT).await;
+    let renewed = a.renew(&k, gone.token, LONG).await;
+    let released = a.release(&k, gone.token, failed(&k, &gone)).await;
+    let gave_up = a
+        .give_up(&k, gone.token, LONG, uncacheable(&k, &gone))
+        .await;
+    assert_eq!(
+        (committed, renewed, released, gave_up),
+        (
+            Ok(Fenced::Lost),
+            Ok(Renewed::Lost),
+            Ok(Fenced::Lost),
+            Ok(Fenced::Lost)
+        ),
+        "commit, renew, release and give up under a refresh lease that lapsed"
+    );
+    // The stale value is untouched, and free for the next caller to refresh.
+    assert!(matches!(
+        b.peek(&k, None).await,
+        Ok(Acquired::Stale { value, refresh: Refresh::Idle, .. }) if value == old
+    ));
+    assert!(matches!(
+        b.acquire(&k, &lease(LONG), None).await,
+        Ok(Acquired::Stale { value, refresh: Refresh::Lead { .. }, .. }) if value == old
+    ));
+}
+
 async fn an_uncacheable_refresh_takes_the_stale_value_with_it(backend: Backend) {
     let (a, b) = backend.two_stores().await;
     let k = key("stale, then uncacheable");
@@ -1090,79 +1139,9 @@ async fn discard_removes_only_the_exact_bytes_it_is_given(backend: Backend) {
     assert!(matches!(b.peek(&k, None).await, Ok(Acquired::Pass { .. })));
 }
 
-async fn route_generations_start_at_zero_and_count_every_bump(backend: Backend) {
-    let (a, b) = backend.two_stores().await;
-    let g = generation_key("reports");
-    assert_eq!(a.route_generation("reports").await, Ok(0));
-    assert_eq!(a.bump_generation("reports", &g).await, Ok(1));
-    assert_eq!(b.bump_generation("reports", &g).await, Ok(2));
-    assert_eq!(b.route_generation("reports").await, Ok(2));
-    assert_eq!(
-        a.route_generation("other").await,
-        Ok(0),
-        "a generation is per route"
-    );
-
-    // Bumps at once, on two connections: every one counts, each answered with its own number.
-    let bumps = futures::future::join_all((0..4).map(|i| {
-        let store = if i % 2 == 0 { &a } else { &b };
-        store.bump_generation("reports", &g)
-    }))
-    .await;
-    let answered: BTreeSet<u64> = bumps.into_iter().map(|bump| bump.expect("bump")).collect();
-    assert_eq!(answered, (3..=6).collect::<BTreeSet<u64>>());
-    assert_eq!(a.route_generation("reports").await, Ok(6));
-    assert_eq!(b.route_generation("reports").await, Ok(6));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Properties NATS KV does not keep yet (not in `on_every_store!`; see the comment there)
-// ---------------------------------------------------------------------------------------------
-
-/// Fenced writes say "lost" for a lease that "expired" ([`Fenced::Lost`]): once a refresh lease
-/// has lapsed (a peek says nobody refreshes the stale value, and the next caller would lead), its
-/// old holder neither renews it nor commits under it, even before anyone else took it.
-#[allow(dead_code)] // fails on NATS KV: renew answers Held and the commit lands
-async fn a_lapsed_refresh_lease_is_lost_to_its_holder_before_anyone_takes_it(backend: Backend) {
-    let (a, b) = backend.two_stores().await;
-    let k = key("lapsed refresh");
-    let old = value("old");
-    stale_value(&*a, &k, &old).await;
-    let gone = lease(SHORT);
-    assert!(matches!(
-        a.acquire(&k, &gone, None).await,
-        Ok(Acquired::Stale {
-            refresh: Refresh::Lead { .. },
-            ..
-        })
-    ));
-    eventually("the refresh lease nobody renews to lapse", || async {
-        matches!(
-            b.peek(&k, None).await,
-            Ok(Acquired::Stale {
-                refresh: Refresh::Idle,
-                ..
-            })
-        )
-    })
-    .await;
-    let renewed = a.renew(&k, gone.token, LONG).await;
-    let committed = commit(&*a, &k, &gone, value("late"), KEPT).await;
-    assert_eq!(
-        (renewed, committed),
-        (Ok(Renewed::Lost), Ok(Fenced::Lost)),
-        "renew and commit under a refresh lease that lapsed"
-    );
-    assert!(matches!(
-        b.peek(&k, None).await,
-        Ok(Acquired::Stale { value, .. }) if value == old
-    ));
-}
-
 /// Purge "answers whether anything was there", discard "whether it was removed": a value or pass
 /// marker that status already reports gone (past its TTL) is nothing, on every store, whether or
 /// not the server has removed it yet.
-#[allow(dead_code)] // fails on NATS KV: all three answer true
 async fn an_expired_value_or_pass_marker_is_nothing_to_purge_or_discard(backend: Backend) {
     let (a, b) = backend.two_stores().await;
     // Not whole seconds: NATS KV's server removes entries on whole seconds (rounded up), so it
@@ -1199,4 +1178,29 @@ async fn an_expired_value_or_pass_marker_is_nothing_to_purge_or_discard(backend:
         (Ok(false), Ok(false), Ok(false)),
         "purge of an expired value, discard of one, purge of a lapsed pass marker"
     );
+}
+
+async fn route_generations_start_at_zero_and_count_every_bump(backend: Backend) {
+    let (a, b) = backend.two_stores().await;
+    let g = generation_key("reports");
+    assert_eq!(a.route_generation("reports").await, Ok(0));
+    assert_eq!(a.bump_generation("reports", &g).await, Ok(1));
+    assert_eq!(b.bump_generation("reports", &g).await, Ok(2));
+    assert_eq!(b.route_generation("reports").await, Ok(2));
+    assert_eq!(
+        a.route_generation("other").await,
+        Ok(0),
+        "a generation is per route"
+    );
+
+    // Bumps at once, on two connections: every one counts, each answered with its own number.
+    let bumps = futures::future::join_all((0..4).map(|i| {
+        let store = if i % 2 == 0 { &a } else { &b };
+        store.bump_generation("reports", &g)
+    }))
+    .await;
+    let answered: BTreeSet<u64> = bumps.into_iter().map(|bump| bump.expect("bump")).collect();
+    assert_eq!(answered, (3..=6).collect::<BTreeSet<u64>>());
+    assert_eq!(a.route_generation("reports").await, Ok(6));
+    assert_eq!(b.route_generation("reports").await, Ok(6));
 }

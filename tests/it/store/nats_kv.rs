@@ -208,6 +208,62 @@ async fn a_dead_leaders_lease_vanishes_on_the_server_and_its_marker_elects_a_new
     leader.abort();
 }
 
+/// A lease the server failed to remove (here: one written without a server TTL) is taken to be
+/// stuck once it outlives its TTL by 5 s: status then reports the key empty and the next caller
+/// may replace it. From that moment its holder's writes under it are lost too, though the
+/// message is still there for the compare-and-set to name.
+#[tokio::test]
+async fn a_stuck_lease_is_lost_to_its_holder_once_status_reports_it_gone() {
+    let nats = TestNats::start().await;
+    let (holder, other) = (store(&nats).await, store(&nats).await);
+    let k = key("stuck");
+    let stuck = lease(secs(1));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Corral-State", "lease");
+    headers.insert("Corral-Token", stuck.token.to_hex().as_str());
+    headers.insert("Corral-Ttl-Ms", "1000");
+    headers.insert("Nats-TTL", "never");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.publish_with_headers(holder.entry_subject(&k), headers, Bytes::new())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(
+        other.status(&k).await,
+        Ok(KeyStatus::Pending { .. })
+    ));
+    support::eventually("the lease to be taken as stuck", || async {
+        other.status(&k).await == Ok(KeyStatus::Empty)
+    })
+    .await;
+
+    let v = Bytes::from_static(b"late");
+    let committed = holder
+        .commit(&k, stuck.token, v, secs(60), false, Bytes::new())
+        .await;
+    let renewed = holder.renew(&k, stuck.token, secs(30)).await;
+    let released = holder.release(&k, stuck.token, Bytes::new()).await;
+    let gave_up = holder
+        .give_up(&k, stuck.token, secs(30), Bytes::new())
+        .await;
+    assert_eq!(
+        (committed, renewed, released, gave_up),
+        (
+            Ok(Fenced::Lost),
+            Ok(Renewed::Lost),
+            Ok(Fenced::Lost),
+            Ok(Fenced::Lost)
+        ),
+        "commit, renew, release and give up under a stuck lease"
+    );
+    assert_eq!(other.raw(&k).await, Ok(None));
+    assert!(matches!(
+        other.acquire(&k, &lease(secs(30)), None).await,
+        Ok(Acquired::Lead { .. })
+    ));
+}
+
 /// Everything the bucket's stream carries reaches the consumer as the event a follower waits for,
 /// the error response of a failure included; lease writes and touches announce nothing.
 #[tokio::test]
