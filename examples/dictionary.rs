@@ -7,7 +7,11 @@
 //! cargo run --example dictionary -- --redis redis://127.0.0.1:6379/
 //! cargo run --example dictionary -- --redis redis://127.0.0.1:6379/ --nats nats://127.0.0.1:4222
 //! cargo run --example dictionary -- --nats-kv nats://127.0.0.1:4222  # NATS only (2.11+, JetStream)
+//! cargo run --no-default-features --example dictionary            # the library alone: no server
 //! ```
+//!
+//! A library user takes `corral = { version = "...", default-features = false }` and adds the
+//! features of the backends it uses (`redis`, `nats`); the memory backend needs none.
 //!
 //! With `--redis` or `--nats-kv`, start it several times at once: the processes coalesce with each
 //! other too, and only one of them prints that it built the report.
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use corral::engine::{Backend, BusConfig, Dictionary, DictionaryConfig, Expiry, StoreConfig};
+use corral::{Backend, BusConfig, Dictionary, DictionaryConfig, Expiry, StoreConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -99,7 +99,7 @@ pub fn envelope(data: &[u8]) {
         stale_if_error,
         fetch_time,
         key: KeyHash::from_bytes(key),
-        form: corral::envelope::Form::Answer,
+        form: envelope::Form::Answer,
     };
     let encoded = envelope::encode(&entry).expect("a small entry encodes");
     assert_eq!(

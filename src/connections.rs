@@ -178,12 +178,9 @@ impl Open {
     }
 
     /// Connections still open.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.tasks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
     }
 
     /// Closes every connection still open, whatever it is doing.
@@ -431,7 +428,10 @@ async fn answer(
             }
         }
     };
-    response.map(|body| Guarded { body, guard })
+    response.map(|body| Guarded {
+        body,
+        _guard: guard,
+    })
 }
 
 /// A request refused by a limit before it reaches the app.
@@ -562,7 +562,8 @@ where
 /// connection, an upstream slot).
 pub struct Guarded<B, G> {
     pub body: B,
-    pub guard: G,
+    /// Never read: it is released when the body is dropped.
+    pub _guard: G,
 }
 
 impl<B, G> hyper::body::Body for Guarded<B, G>

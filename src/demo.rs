@@ -125,7 +125,7 @@ async fn start_upstream(delay: Duration, started: Instant) -> anyhow::Result<Slo
 pub async fn serve_upstream(
     listener: TcpListener,
     delay: Duration,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = slow_upstream(
         delay,

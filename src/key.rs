@@ -1,5 +1,5 @@
 //! A key's identity: canonical bytes → BLAKE3 digest. No HTTP here: turning a request into a key
-//! is [`crate::http::key`]'s job, a dictionary key the dictionary's.
+//! is the HTTP layer's job (`http::key`), a dictionary key the dictionary's.
 //!
 //! The canonical form is a tuple of length-prefixed parts, so `("ab", "c")` and `("a", "bc")` can
 //! never collide. Only the digest ([`KeyHash`]) reaches the store and the bus; the canonical bytes stay
@@ -68,7 +68,7 @@ impl KeyBuilder {
 
     /// A builder with room for `bytes` of canonical form: growing the buffer part by part costs
     /// more than the hash.
-    pub(crate) fn with_capacity(bytes: usize) -> Self {
+    pub fn with_capacity(bytes: usize) -> Self {
         Self {
             canonical: Vec::with_capacity(bytes),
         }
@@ -87,8 +87,9 @@ impl KeyBuilder {
         self.canonical.extend_from_slice(bytes);
     }
 
-    /// Appends what `push(&frame(items))` would, without building the framed list first.
-    pub(crate) fn push_framed(&mut self, items: &[&[u8]]) {
+    /// Appends a list as one part: each item length-prefixed, the whole prefixed by its length.
+    /// (What pushing the framed list would, without building it first.)
+    pub fn push_framed(&mut self, items: &[&[u8]]) {
         let framed: usize = items.iter().map(|item| 8 + item.len()).sum();
         self.canonical
             .extend_from_slice(&(framed as u64).to_be_bytes());
@@ -99,8 +100,9 @@ impl KeyBuilder {
         }
     }
 
-    /// Appends what `push(&presence(values))` would, without building the part first.
-    pub(crate) fn push_presence(&mut self, values: &[&[u8]]) {
+    /// Appends a list that may be absent as one part: `0` when empty (absent), else `1` and the
+    /// framed values, so absent never equals empty.
+    pub fn push_presence(&mut self, values: &[&[u8]]) {
         if values.is_empty() {
             self.push(&[0]);
             return;

@@ -7,66 +7,107 @@
 //!
 //! # Layout
 //!
-//! The request path, in the order a request meets it:
+//! From the bottom up; a module imports only from those above it in this list, never from one
+//! below.
 //!
-//! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name file:line:column).
-//! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one engine
-//!   (or `Server::connect`, then `serve`, with a [`reload::Reloader`] taken in between).
-//! - [`connections`]: each listener's accept loop and the limits of one client connection
-//!   (connection count, slow or idle clients, head and body sizes); draining them at shutdown.
-//! - [`proxy`]: route match, key, policy, then the engine; the upstream client; responses with
-//!   `X-Cache` and `Cache-Status`.
-//! - [`key`]: request (or dictionary key) → canonical length-prefixed bytes → BLAKE3 digest, the only
-//!   identity that leaves a process.
-//! - [`policy`]: what may be cached, for how long, and what may be shared; which headers reach the
-//!   upstream.
-//! - [`admin`]: health, readiness, purge and status; the health check client behind
-//!   `corral healthcheck`.
-//! - [`purge`]: the forms of a purge (URL, path prefix, route, surrogate tag) and the client
-//!   `corral purge` sends them with.
-//! - [`reload`]: SIGHUP and `--watch` re-read the config and switch new requests to it at once.
+//! The engine, always built (the library):
 //!
-//! The engine underneath, which the typed dictionary uses too:
-//!
-//! - [`engine`]: flights (one per key per process), the leader/follower state machine, the spawned
-//!   build task, and the typed dictionary API built on them.
-//! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge, status)
-//!   and its backends: in-process memory, Redis with Lua scripts, and NATS JetStream KV (leases and
-//!   values by revision, with its own events from the bucket's stream). Every call a process makes
-//!   goes through one circuit breaker (`store::breaker`, `store::guarded`), which fails calls fast
-//!   while the store does not answer and probes it once at a time.
-//! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub and
-//!   core NATS.
-//! - [`redis_conn`]: how the Redis store and bus reach Redis: one server, a primary found through
-//!   Sentinel and followed across failovers, or a Redis Cluster (the three URL forms).
-//! - [`credentials`]: passwords, tokens, nkeys, creds files and TLS for the store's and the bus's
-//!   connections, applied to a Redis target or a NATS client; secrets that never print.
+//! - [`key`]: a key's identity: canonical length-prefixed bytes → BLAKE3 digest ([`KeyHash`]),
+//!   the only identity that leaves a process; the route generation key. No HTTP.
+//! - [`lease`]: a lease's two names, the owner's secret [`lease::Token`] and its public
+//!   [`lease::LeaseId`], which the store and the bus both speak of.
 //! - [`envelope`]: the versioned binary format of a stored entry.
-//! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
 //! - [`metrics`]: every metric, registered once.
+//! - [`l1`]: the per-process, byte-weighted in-memory cache in front of the store.
+//! - `redis_conn` (feature `redis`): how the Redis store and bus reach Redis: one server, a primary
+//!   followed through Sentinel, or a Redis Cluster.
+//! - [`credentials`]: passwords, tokens, nkeys, creds files and TLS for the store's and the bus's
+//!   connections; secrets that never print.
+//! - [`bus`]: the [`bus::Bus`] trait for outcome events and its backends: memory, Redis pub/sub,
+//!   core NATS.
+//! - [`store`]: the [`store::Store`] trait (acquire, renew, commit, release, give up, purge,
+//!   status) and its backends: in-process memory, Redis with Lua scripts (feature `redis`), NATS
+//!   JetStream KV (feature `nats`, whose events come from the bucket's stream); the circuit
+//!   breaker every call goes through.
+//! - [`engine`]: flights (one per key per process), the leader/follower state machine, the
+//!   spawned build task, the typed outcomes a build returns and a caller gets, the [`Backend`],
+//!   and the typed [`Dictionary`] built on them.
 //!
-//! Around them: [`explain`] and [`demo`], the `corral explain`, `corral demo` and
-//! `corral demo-upstream` commands.
+//! The proxy and the binary's commands (feature `server`, on by default):
+//!
+//! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name
+//!   file:line:column); every caching setting defined once.
+//! - [`http`]: what a request and a response mean to a shared cache, with no I/O: a request's
+//!   key, the request and response verdicts, `Cache-Control`, hop-by-hop and forwarded headers.
+//! - `lifecycle`: where a server is in its life (starting, serving, stopping).
+//! - `connections`: each listener's accept loop and the limits of one client connection.
+//! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, and the
+//!   response builder (`X-Cache`, `Cache-Status`); the upstream client.
+//! - [`purge`]: the forms of a purge, and the client `corral purge` sends them with.
+//! - [`admin`]: health, readiness, metrics, purge and status; the health check client.
+//! - [`reload`]: SIGHUP and `--watch` re-read the config and switch new requests to it at once.
+//! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one
+//!   engine.
+//! - [`explain`] and [`demo`]: the `corral explain`, `corral demo` and `corral demo-upstream`
+//!   commands.
+//!
+//! # Features
+//!
+//! - `server` (default): the proxy and everything the `corral` binary needs; implies `redis` and
+//!   `nats`.
+//! - `redis`, `nats`: the backends. Without them, [`Backend::redis`] and the NATS backends
+//!   connect to an error that says the feature is off.
+//! - `test-util`: fault hooks for tests (an engine that crashes, a bus that loses its
+//!   subscription).
+//!
+//! With `default-features = false`, the dictionary and the engine build on the memory backend
+//! alone, without an HTTP server, a CLI or log formatting.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
+// The engine, its stores and buses, and the typed dictionary: always built.
 pub mod bus;
-pub mod config;
-pub mod connections;
 pub mod credentials;
-pub mod demo;
 pub mod engine;
 pub mod envelope;
-mod errors;
-pub mod explain;
-pub mod http;
 pub mod key;
 pub mod l1;
 pub mod lease;
-pub mod lifecycle;
 pub mod metrics;
-pub mod proxy;
-pub mod purge;
-pub mod redis_conn;
-pub mod reload;
-pub mod server;
 pub mod store;
+
+#[cfg(feature = "redis")]
+pub(crate) mod redis_conn;
+
+// The proxy and the binary's commands (feature `server`).
+#[cfg(feature = "server")]
+pub mod admin;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub(crate) mod connections;
+#[cfg(feature = "server")]
+pub mod demo;
+#[cfg(feature = "server")]
+mod errors;
+#[cfg(feature = "server")]
+pub mod explain;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub(crate) mod lifecycle;
+#[cfg(feature = "server")]
+pub mod proxy;
+#[cfg(feature = "server")]
+pub mod purge;
+#[cfg(feature = "server")]
+pub mod reload;
+#[cfg(feature = "server")]
+pub mod server;
+
+// The library's API at the root: what a user of the dictionary or the engine names.
+pub use engine::{
+    Backend, BusConfig, Dictionary, DictionaryConfig, DictionaryError, Engine, EngineConfig,
+    EngineError, Expiry, Policy, Status, StoreConfig,
+};
+pub use key::{Key, KeyBuilder, KeyHash};

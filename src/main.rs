@@ -1,5 +1,7 @@
 //! The `corral` command: a thin front end over the library.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -101,7 +101,7 @@ impl Server {
     /// 2. Requests in flight get `limits.shutdown_grace` to finish.
     /// 3. The engine closes: every lease still held is abandoned (other replicas' followers
     ///    re-elect at once rather than after `lease_ttl`) and requests still waiting get 503.
-    /// 4. Connections still open get [`LAST_WORDS`] to deliver those answers, then are closed;
+    /// 4. Connections still open get `LAST_WORDS` (1 s) to deliver those answers, then are closed;
     ///    the admin listener closes last.
     pub async fn serve(
         self,

@@ -40,6 +40,7 @@ impl Service {
 }
 
 impl Drop for Service {
+    #[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
     fn drop(&mut self) {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: a plain signal to the process this handle started and has not yet reaped.
@@ -145,7 +146,7 @@ pub struct CorralSetup<'a> {
     pub l1_bytes: u64,
 }
 
-pub fn corral(binary: &Path, setup: &CorralSetup) -> anyhow::Result<Service> {
+pub fn corral(binary: &Path, setup: &CorralSetup<'_>) -> anyhow::Result<Service> {
     let (port, admin) = (free_port()?, free_port()?);
     let dir = tempfile::tempdir()?;
     let config = format!(

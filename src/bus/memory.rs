@@ -58,8 +58,10 @@ pub struct MemoryBus {
     hub: MemoryBusHub,
     /// Asks the delivery task to drop its receiver and take a fresh one (fault injection); the
     /// reply says the fresh receiver is in place.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     sever_tx: mpsc::Sender<oneshot::Sender<()>>,
     /// Told about a sever after the fresh receiver is in place.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     sink: Arc<dyn EventSink>,
     /// The delivery task and its shutdown signal.
     tasks: Tasks,
@@ -145,6 +147,7 @@ impl Bus for MemoryBus {
 
     /// Drops the delivery task's receiver (events queued for it are lost), subscribes afresh, then
     /// resyncs: the same sequence as a networked bus losing and regaining its subscription.
+    #[cfg(any(test, feature = "test-util"))]
     async fn sever(&self) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.sever_tx.send(done_tx).await.is_err() {

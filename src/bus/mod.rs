@@ -12,7 +12,9 @@
 //! bucket's stream, where every write of the store is its own event.
 
 pub mod memory;
+#[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
 pub mod redis;
 pub(crate) mod tasks;
 
@@ -270,7 +272,7 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Fault injection for tests: drop the current subscription connection (or stop delivering) as a
     /// network fault would, and recover the way the bus recovers from one.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-util"))]
     async fn sever(&self);
 }
 

@@ -114,6 +114,7 @@ pub struct NatsBus {
     shared: Arc<Shared>,
     /// Asks the delivery task to drop and remake the subscription (fault injection); the reply
     /// comes once the new one is confirmed and the sink was told to resync.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     sever_tx: mpsc::Sender<oneshot::Sender<()>>,
     /// The delivery task and the connection-events task.
     tasks: Tasks,
@@ -367,6 +368,7 @@ impl Bus for NatsBus {
 
     /// Unsubscribes, subscribes afresh, waits until the server has the new subscription, and
     /// resyncs: what a disconnection does, without touching the connection.
+    #[cfg(any(test, feature = "test-util"))]
     async fn sever(&self) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.sever_tx.send(done_tx).await.is_err() {

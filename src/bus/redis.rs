@@ -12,7 +12,7 @@
 //! [`PushKind::Disconnection`] frame) marks the bus disconnected and wakes a second task that drives
 //! recovery itself: with backoff, until it succeeds or the bus closes, it sends `PING` through the
 //! manager (which makes it reconnect and resubscribe), reads the new connection's `CLIENT ID` (for
-//! [`Bus::sever`]), and subscribes once more explicitly, so that the server's confirmation comes
+//! `Bus::sever`), and subscribes once more explicitly, so that the server's confirmation comes
 //! from the connection the manager uses now (subscribing twice is harmless). Only then is the bus
 //! connected again, and [`EventSink::resync`] is called once for that recovery: events published
 //! while the subscription was gone are covered by every live flight re-checking the store.
@@ -25,7 +25,7 @@
 //!
 //! # Sentinel and Cluster
 //!
-//! The URL may be any form of [`Target`](crate::redis_conn::Target). With Sentinel, the subscription is made on the primary
+//! The URL may be any form of Redis URL. With Sentinel, the subscription is made on the primary
 //! the sentinels name at the time, and a new manager (so a new lookup) replaces one that lost its
 //! connection; when the publishing connection follows a failover (`+switch-master` or a lost
 //! primary), the subscription moves too, followed by a resync.
@@ -69,7 +69,7 @@ const MANAGER_RETRIES: usize = 6;
 /// How to reach Redis and which namespace's events to carry.
 #[derive(Clone)]
 pub struct RedisBusConfig {
-    /// Any form of [`Target`](crate::redis_conn::Target) (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
+    /// Any form of Redis URL (`redis://`, `redis+sentinel://`, `redis+cluster://`). Both
     /// connections speak RESP3 whatever it says: the
     /// subscription needs push frames, and the publishing connection then notices a disconnection
     /// at once and reconnects before the next publish needs it.
@@ -118,7 +118,7 @@ struct Shared {
     channel: String,
     /// Whether the subscription is in place; read by [`Bus::connected`].
     connected: AtomicBool,
-    /// `CLIENT ID` of the subscription connection (0: unknown), so that [`Bus::sever`] kills exactly
+    /// `CLIENT ID` of the subscription connection (0: unknown), so that `Bus::sever` kills exactly
     /// our connection and not another process's.
     client_id: AtomicI64,
     /// The server the subscription connection was made to (the ids above are per server).
@@ -497,6 +497,7 @@ impl Bus for RedisBus {
 
     /// Kills our subscription connection (by its `CLIENT ID`, on the server it is connected to);
     /// recovery then runs as after any disconnection, ending with one resync.
+    #[cfg(any(test, feature = "test-util"))]
     async fn sever(&self) {
         let id = self.shared.client_id.load(Ordering::SeqCst);
         let server = lock(&self.shared.subscribed_on).clone();

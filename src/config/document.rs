@@ -206,7 +206,7 @@ fn steps(path: &str) -> Vec<Step<'_>> {
     steps
 }
 
-fn child<'n>(node: &'n Node, step: &Step) -> Option<&'n Node> {
+fn child<'n>(node: &'n Node, step: &Step<'_>) -> Option<&'n Node> {
     match (step, node) {
         (Step::Key(k), Node::Mapping(m)) => m.get_node(k),
         (Step::Index(i), Node::Sequence(s)) => s.get_node(*i),
@@ -214,7 +214,7 @@ fn child<'n>(node: &'n Node, step: &Step) -> Option<&'n Node> {
     }
 }
 
-fn child_mut<'n>(node: &'n mut Node, step: &Step) -> Option<&'n mut Node> {
+fn child_mut<'n>(node: &'n mut Node, step: &Step<'_>) -> Option<&'n mut Node> {
     match (step, node) {
         (Step::Key(k), Node::Mapping(m)) => m.get_mut(*k),
         (Step::Index(i), Node::Sequence(s)) => s.get_mut(*i),
@@ -236,7 +236,7 @@ fn walk<'n>(root: &'n Node, path: &str) -> (&'n Node, &'n Node) {
 
 /// Removes the `key: value` entry that holds what `steps` lead to (the last key along them that
 /// exists), so that serde can go on past it; `false` when there is none.
-fn remove_entry(root: &mut Node, steps: &[Step]) -> bool {
+fn remove_entry(root: &mut Node, steps: &[Step<'_>]) -> bool {
     let mut node = &*root;
     let mut resolved = 0;
     for step in steps {

@@ -182,7 +182,7 @@ impl<'de> Deserialize<'de> for QueryFile {
         impl<'de> Visitor<'de> for QueryVisitor {
             type Value = QueryFile;
 
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("all, none, {include: [...]} or {exclude: [...]}")
             }
 

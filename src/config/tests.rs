@@ -169,7 +169,7 @@ fn a_minimal_file_gets_every_default() {
     assert_eq!(route.key.query, QueryRule::All);
     let policy = &route.policy;
     assert_eq!(policy.ttl, secs(60));
-    assert_eq!(policy.expiry, crate::engine::ExpiryMode::Absolute);
+    assert_eq!(policy.expiry, ExpiryMode::Absolute);
     assert!(policy.honor_cache_control);
     assert_eq!(policy.min_ttl, Duration::ZERO);
     assert_eq!(policy.max_ttl, secs(365 * 86_400));
@@ -197,13 +197,10 @@ fn routes_inherit_defaults_and_override_them_one_by_one() {
     );
     let (a, b) = (&config.routes[0].policy, &config.routes[1].policy);
     assert_eq!(a.ttl, secs(300));
-    assert_eq!(a.expiry, crate::engine::ExpiryMode::Absolute);
+    assert_eq!(a.expiry, ExpiryMode::Absolute);
     assert_eq!(a.on_wait_timeout, OnWaitTimeout::Bypass);
     assert_eq!(a.max_body, 1_000_000);
-    assert_eq!(
-        b.expiry,
-        crate::engine::ExpiryMode::Sliding { window: secs(300) }
-    );
+    assert_eq!(b.expiry, ExpiryMode::Sliding { window: secs(300) });
     assert_eq!((b.min_ttl, b.max_ttl), (secs(1), secs(3600)));
     assert_eq!(b.lease_ttl, secs(10));
 }
@@ -1055,14 +1052,14 @@ fn check_shows_jitter_error_ttl_and_vary_only_when_set() {
         "",
         "    ttl_jitter: 10%\n    error_ttl: {503: 2s, 404: 30s}\n    vary: honor\n",
     ));
-    let shown = super::describe(&set);
+    let shown = describe(&set);
     assert!(shown.contains("  ttl_jitter            10%\n"), "{shown}");
     assert!(
         shown.contains("  error_ttl             {404: 30s, 503: 2s}\n"),
         "{shown}"
     );
     assert!(shown.contains("  vary                  honor\n"), "{shown}");
-    let unset = super::describe(&parse_ok(&with_route("", "")));
+    let unset = describe(&parse_ok(&with_route("", "")));
     for label in ["ttl_jitter", "error_ttl", "vary"] {
         assert!(!unset.contains(label), "{unset}");
     }
@@ -1074,13 +1071,13 @@ fn check_shows_stale_windows_and_early_refresh_only_when_set() {
         "",
         "    stale_while_revalidate: 30s\n    stale_if_error: 10m\n    early_refresh: 2.5\n",
     ));
-    let shown = super::describe(&set);
+    let shown = describe(&set);
     assert!(shown.contains("  stale_while_revalidate 30s\n"), "{shown}");
     assert!(shown.contains("  stale_if_error        10m\n"), "{shown}");
     assert!(shown.contains("  early_refresh         2.5\n"), "{shown}");
-    let on = super::describe(&parse_ok(&with_route("", "    early_refresh: true\n")));
+    let on = describe(&parse_ok(&with_route("", "    early_refresh: true\n")));
     assert!(on.contains("  early_refresh         1\n"), "{on}");
-    let unset = super::describe(&parse_ok(&with_route("", "")));
+    let unset = describe(&parse_ok(&with_route("", "")));
     for label in ["stale_while_revalidate", "stale_if_error", "early_refresh"] {
         assert!(!unset.contains(label), "{unset}");
     }
@@ -1100,9 +1097,9 @@ fn stale_windows_and_early_refresh_inherit_and_override() {
     let [a, b, c] = [0, 1, 2].map(|i| config.routes[i].policy.clone());
     assert_eq!(a.stale_while_revalidate, secs(30));
     assert_eq!(a.stale_if_error, secs(600));
-    assert_eq!(a.early_refresh, Some(crate::config::Beta(1.0)));
+    assert_eq!(a.early_refresh, Some(Beta(1.0)));
     assert_eq!(b.stale_if_error, Duration::ZERO);
-    assert_eq!(b.early_refresh, Some(crate::config::Beta(2.5)));
+    assert_eq!(b.early_refresh, Some(Beta(2.5)));
     assert_eq!(c.early_refresh, None);
     let plain = parse_ok(&with_route("", ""));
     assert_eq!(
@@ -1213,10 +1210,7 @@ fn store_limits_default_to_tens_of_milliseconds_and_a_breaker() {
         config.store_limits.breaker.open_for,
         Duration::from_millis(500)
     );
-    assert_eq!(
-        config.routes[0].policy.on_store_error,
-        crate::engine::OnStoreError::Open
-    );
+    assert_eq!(config.routes[0].policy.on_store_error, OnStoreError::Open);
 }
 
 #[test]
@@ -1333,10 +1327,10 @@ fn nats_takes_one_way_of_proving_who_it_is() {
 
 #[test]
 fn check_shows_the_limits_that_differ_from_the_defaults() {
-    let unset = super::describe(&parse_ok(&with_route("", "")));
+    let unset = describe(&parse_ok(&with_route("", "")));
     assert!(!unset.contains("limits."), "{unset}");
     assert!(!unset.contains("max_followers"), "{unset}");
-    let set = super::describe(&parse_ok(&with_route(
+    let set = describe(&parse_ok(&with_route(
         "limits: {max_connections: 5, max_uri_length: 2KiB, shutdown_grace: 3s}\n",
         "    max_followers: 7\n    max_upstream_fetches: 2\n",
     )));
@@ -1536,7 +1530,7 @@ fn check_shows_every_caching_setting_a_route_sets() {
          stale_while_revalidate: 5s\n    stale_if_error: 7s\n    early_refresh: 2\n    \
          max_followers: 3\n    max_upstream_fetches: 4\n    on_store_error: closed\n",
     ));
-    let shown = super::describe(&config);
+    let shown = describe(&config);
     let lines: Vec<String> = shown
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))

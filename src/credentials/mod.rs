@@ -10,8 +10,10 @@
 //! Secrets never reach a log line, an error or `corral check`: [`Secret`] prints as `***`, and
 //! URLs are shown through [`redact`].
 
+#[cfg(feature = "nats")]
 pub mod nats;
 mod redact;
+#[cfg(feature = "redis")]
 pub mod redis;
 
 pub use redact::redact;

@@ -1,4 +1,4 @@
-//! Credentials and TLS applied to a Redis [`Target`].
+//! Credentials and TLS applied to a Redis target (one server, Sentinel or Cluster).
 //!
 //! The config's fields and the URL's user part are the same credentials written two ways; the
 //! config refuses a file that writes both, so here the fields simply take their place. TLS is

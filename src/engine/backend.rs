@@ -8,15 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bus::memory::{MemoryBus, MemoryBusHub};
-use crate::bus::nats::{NatsBus, NatsBusConfig};
-use crate::bus::redis::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, EventSink};
 use crate::credentials::{Credentials, redact};
 use crate::store::Store;
 use crate::store::breaker::BreakerSettings;
 use crate::store::memory::MemoryStore;
-use crate::store::nats_kv::{NatsKvConfig, NatsKvError, NatsKvEvents, NatsKvStore};
-use crate::store::redis::{RedisStore, RedisStoreConfig};
+#[cfg(feature = "nats")]
+use crate::store::nats_kv::NatsKvError;
 
 /// Where values and leases live.
 #[derive(Clone)]
@@ -97,8 +95,12 @@ pub enum ConnectError {
     Store(#[from] crate::store::StoreError),
     #[error("could not connect the bus: {0}")]
     Bus(#[from] crate::bus::BusError),
+    #[cfg(feature = "nats")]
     #[error("could not start the NATS KV store: {0}")]
     NatsKv(#[from] NatsKvError),
+    /// The backend's feature (`redis`, `nats`) was left out of this build.
+    #[error("this build of corral has no {0} backend (its cargo feature `{0}` is off)")]
+    NotBuilt(&'static str),
 }
 
 impl Backend {
@@ -111,7 +113,7 @@ impl Backend {
     }
 
     /// Redis for both store and bus: one server, Sentinel or Cluster, by the URL's form
-    /// ([`crate::redis_conn::Target`]).
+    /// (`redis://`, `redis+sentinel://`, `redis+cluster://`).
     pub fn redis(url: impl Into<String>) -> Self {
         let url = url.into();
         Self::new(
@@ -139,6 +141,7 @@ impl Backend {
     }
 
     /// Whether the store publishes events itself (a Redis store with a bus on the same Redis).
+    #[cfg(feature = "redis")]
     fn store_announces(&self) -> bool {
         matches!(
             (&self.store, &self.bus),
@@ -184,47 +187,131 @@ impl Backend {
         validate_namespace(namespace)?;
         self.check()?;
         if let StoreConfig::Nats { url } = &self.store {
-            let mut config = NatsKvConfig::new(url, namespace);
-            config.connect_timeout = self.connect_timeout;
-            config.response_timeout = self.response_timeout;
-            config.credentials = self.store_credentials.clone();
-            let store = NatsKvStore::connect(config).await?;
-            let events = NatsKvEvents::start(&store, sink).await?;
-            return Ok((Arc::new(store), Arc::new(events)));
+            return self.nats_kv_store(url, namespace, sink).await;
         }
         let bus: Arc<dyn Bus> = match &self.bus {
             BusConfig::Memory(hub) => Arc::new(MemoryBus::connect(hub, sink)),
-            BusConfig::Redis { url } => {
-                let mut config = RedisBusConfig::new(url, namespace);
-                config.credentials = self.bus_credentials.clone();
-                Arc::new(RedisBus::connect(config, sink).await?)
-            }
-            BusConfig::Nats { url } => {
-                let mut config = NatsBusConfig::new(url, namespace);
-                config.credentials = self.bus_credentials.clone();
-                Arc::new(NatsBus::connect(config, sink).await?)
-            }
+            BusConfig::Redis { url } => self.redis_bus(url, namespace, sink).await?,
+            BusConfig::Nats { url } => self.nats_bus(url, namespace, sink).await?,
             BusConfig::Store => unreachable!("refused by check()"),
         };
         let store: Arc<dyn Store> = match &self.store {
             StoreConfig::Memory(store) => Arc::new(store.clone()),
             StoreConfig::Nats { .. } => unreachable!("connected above"),
-            StoreConfig::Redis { url } => {
-                let mut config = RedisStoreConfig::new(url, namespace);
-                config.connect_timeout = self.connect_timeout;
-                config.response_timeout = self.response_timeout;
-                config.announce = self.store_announces();
-                config.credentials = self.store_credentials.clone();
-                match RedisStore::connect(config).await {
-                    Ok(store) => Arc::new(store),
-                    Err(error) => {
-                        bus.close().await;
-                        return Err(error.into());
-                    }
+            StoreConfig::Redis { url } => match self.redis_store(url, namespace).await {
+                Ok(store) => store,
+                Err(error) => {
+                    bus.close().await;
+                    return Err(error);
                 }
-            }
+            },
         };
         Ok((store, bus))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each backend, or the error that says it was left out of this build
+
+#[cfg(feature = "redis")]
+impl Backend {
+    async fn redis_bus(
+        &self,
+        url: &str,
+        namespace: &str,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Arc<dyn Bus>, ConnectError> {
+        use crate::bus::redis::{RedisBus, RedisBusConfig};
+        let mut config = RedisBusConfig::new(url, namespace);
+        config.credentials = self.bus_credentials.clone();
+        Ok(Arc::new(RedisBus::connect(config, sink).await?))
+    }
+
+    async fn redis_store(
+        &self,
+        url: &str,
+        namespace: &str,
+    ) -> Result<Arc<dyn Store>, ConnectError> {
+        use crate::store::redis::{RedisStore, RedisStoreConfig};
+        let mut config = RedisStoreConfig::new(url, namespace);
+        config.connect_timeout = self.connect_timeout;
+        config.response_timeout = self.response_timeout;
+        config.announce = self.store_announces();
+        config.credentials = self.store_credentials.clone();
+        Ok(Arc::new(RedisStore::connect(config).await?))
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+impl Backend {
+    async fn redis_bus(
+        &self,
+        _url: &str,
+        _namespace: &str,
+        _sink: Arc<dyn EventSink>,
+    ) -> Result<Arc<dyn Bus>, ConnectError> {
+        Err(ConnectError::NotBuilt("redis"))
+    }
+
+    async fn redis_store(
+        &self,
+        _url: &str,
+        _namespace: &str,
+    ) -> Result<Arc<dyn Store>, ConnectError> {
+        Err(ConnectError::NotBuilt("redis"))
+    }
+}
+
+#[cfg(feature = "nats")]
+impl Backend {
+    async fn nats_bus(
+        &self,
+        url: &str,
+        namespace: &str,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Arc<dyn Bus>, ConnectError> {
+        use crate::bus::nats::{NatsBus, NatsBusConfig};
+        let mut config = NatsBusConfig::new(url, namespace);
+        config.credentials = self.bus_credentials.clone();
+        Ok(Arc::new(NatsBus::connect(config, sink).await?))
+    }
+
+    /// A NATS KV store, connected first; its consumer of the bucket's stream is its bus.
+    async fn nats_kv_store(
+        &self,
+        url: &str,
+        namespace: &str,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<(Arc<dyn Store>, Arc<dyn Bus>), ConnectError> {
+        use crate::store::nats_kv::{NatsKvConfig, NatsKvEvents, NatsKvStore};
+        let mut config = NatsKvConfig::new(url, namespace);
+        config.connect_timeout = self.connect_timeout;
+        config.response_timeout = self.response_timeout;
+        config.credentials = self.store_credentials.clone();
+        let store = NatsKvStore::connect(config).await?;
+        let events = NatsKvEvents::start(&store, sink).await?;
+        Ok((Arc::new(store), Arc::new(events)))
+    }
+}
+
+#[cfg(not(feature = "nats"))]
+impl Backend {
+    async fn nats_bus(
+        &self,
+        _url: &str,
+        _namespace: &str,
+        _sink: Arc<dyn EventSink>,
+    ) -> Result<Arc<dyn Bus>, ConnectError> {
+        Err(ConnectError::NotBuilt("nats"))
+    }
+
+    async fn nats_kv_store(
+        &self,
+        _url: &str,
+        _namespace: &str,
+        _sink: Arc<dyn EventSink>,
+    ) -> Result<(Arc<dyn Store>, Arc<dyn Bus>), ConnectError> {
+        Err(ConnectError::NotBuilt("nats"))
     }
 }
 

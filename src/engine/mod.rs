@@ -623,9 +623,10 @@ impl Engine {
         }
     }
 
-    /// Fault injection: stops this engine as a crash would. Running builds and renewals stop,
-    /// nothing is released, committed or announced; leases stay in the store until they expire.
-    #[doc(hidden)]
+    /// Fault injection (feature `test-util`): stops this engine as a crash would. Running builds
+    /// and renewals stop, nothing is released, committed or announced; leases stay in the store
+    /// until they expire.
+    #[cfg(any(test, feature = "test-util"))]
     pub async fn crash(&self) {
         let inner = &self.inner;
         inner.crashed.store(true, Ordering::SeqCst);
@@ -639,8 +640,8 @@ impl Engine {
         inner.bus.close().await;
     }
 
-    /// Fault injection: drop the bus subscription as a network fault would.
-    #[doc(hidden)]
+    /// Fault injection (feature `test-util`): drop the bus subscription as a network fault would.
+    #[cfg(any(test, feature = "test-util"))]
     pub async fn sever_bus(&self) {
         self.inner.bus.sever().await;
     }

@@ -65,7 +65,7 @@ const VIA_CORRAL: &str = "1.1 corral";
 
 /// Builds the request headers for the upstream (see the module docs for why each is there).
 ///
-/// `cacheable` is whether [`request_verdict`] said `Cache`; `client` is the peer's address (used for
+/// `cacheable` is whether [`request_verdict`](super::verdict::request_verdict) said `Cache`; `client` is the peer's address (used for
 /// `X-Forwarded-For` on bypassed requests only); `scheme` is the listener's (`http` or `https`).
 pub fn forward_headers(
     route: &Route,

@@ -89,7 +89,7 @@ impl Direct<'_> {
             Ok(Ok(response)) => {
                 let (parts, body) = response.into_parts();
                 // The slot is held until the answer has streamed through.
-                let body = crate::connections::Guarded { body, guard: slot };
+                let body = crate::connections::Guarded { body, _guard: slot };
                 respond::finish(
                     parts.status,
                     parts.headers,

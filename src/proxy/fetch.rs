@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, StatusCode, Uri};
 
 use super::upstream::{self, Buffered, Overflow, target};
-use super::variant::Stage;
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
@@ -24,7 +23,7 @@ use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 
 /// The request id header: accepted from the client when sane, else generated; sent upstream and
 /// back to the client.
-pub(super) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).
@@ -55,6 +54,17 @@ pub(super) struct Fetch {
     /// When the request that started this fetch arrived: its wait for an upstream slot ends in
     /// time for that request to be answered 503 before its own wait timeout.
     pub asked: tokio::time::Instant,
+}
+
+/// Which key a fetch fills.
+#[derive(Clone, Debug)]
+pub(super) enum Stage {
+    /// The request's own key. On a `vary: honor` route, a response that varies on headers outside
+    /// the key is committed under its variant key, and the primary key gets a marker naming them.
+    Primary,
+    /// One variant of a primary key whose marker names these headers; a response that varies on
+    /// anything else is not stored.
+    Variant(Vec<HeaderName>),
 }
 
 /// What a fetch sends upstream: the upstream URI with only the kept query, and the request's

@@ -14,10 +14,9 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::direct::Direct;
-use super::fetch::{Fetch, REQUEST_ID};
+use super::fetch::{Fetch, REQUEST_ID, Stage};
 use super::respond::{self, Answered, Outcome, body_too_large, plain};
 use super::route::{methods_allowed, route_for};
-use super::variant::Stage;
 use super::{Proxy, Snapshot, authority};
 use crate::config::{Config, OnWaitTimeout, Route};
 use crate::engine::EngineError;

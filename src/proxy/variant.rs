@@ -13,23 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 
-use super::fetch::{Fetch, Forward, entry};
+use super::fetch::{Fetch, Forward, Stage, entry};
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
 use crate::envelope::{Entry, Form};
 use crate::http::hop_by_hop::{connection_named, is_hop_by_hop};
 use crate::http::key::variant_key;
 use crate::key::KeyHash;
-
-/// Which key a fetch fills.
-#[derive(Clone, Debug)]
-pub(super) enum Stage {
-    /// The request's own key. On a `vary: honor` route, a response that varies on headers outside
-    /// the key is committed under its variant key, and the primary key gets a marker naming them.
-    Primary,
-    /// One variant of a primary key whose marker names these headers; a response that varies on
-    /// anything else is not stored.
-    Variant(Vec<HeaderName>),
-}
 
 /// What a vary marker says. Stored as a [`Form::Marker`] entry at the primary key, its body the
 /// id, a newline, and the names, comma-separated.

@@ -190,11 +190,6 @@ impl SentinelConn {
         self.shared.changes.subscribe()
     }
 
-    /// `host:port` of the primary in use.
-    pub fn primary_addr(&self) -> String {
-        self.shared.current().addr
-    }
-
     async fn request(&self, cmd: &Cmd) -> RedisResult<Value> {
         let primary = self.shared.current();
         let mut manager = primary.manager;

@@ -39,7 +39,9 @@
 pub mod breaker;
 pub mod guarded;
 pub mod memory;
+#[cfg(feature = "nats")]
 pub mod nats_kv;
+#[cfg(feature = "redis")]
 pub mod redis;
 
 use std::sync::Arc;

@@ -47,7 +47,7 @@ use crate::redis_conn::{RedisConn, Settings};
 /// How the store reaches Redis and whether its scripts announce events.
 #[derive(Clone)]
 pub struct RedisStoreConfig {
-    /// Any form of [`Target`](crate::redis_conn::Target): `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
+    /// Any form of Redis URL: `redis://[user:password@]host:port[/db]` (or `redis+unix://`),
     /// `redis+sentinel://...` or `redis+cluster://...`; any password in it is never logged or put
     /// into an error.
     pub url: String,
@@ -87,8 +87,8 @@ impl RedisStoreConfig {
 }
 
 // Written by hand so that a password in the url never reaches a log line.
-impl std::fmt::Debug for RedisStoreConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreConfig")
             .field("url", &crate::credentials::redact(&self.url))
             .field("namespace", &self.namespace)

@@ -12,6 +12,7 @@ use support::{TestNats, TestRedis, eventually};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// True when no process with this pid exists any more (not even a zombie).
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 fn pid_gone(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence; nothing is delivered.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };

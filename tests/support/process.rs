@@ -147,6 +147,7 @@ impl CorralServe {
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) to this process, by its own PID, while it is
     /// unreaped; answers whether it was sent.
+    #[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
     pub fn signal(&mut self, signal: libc::c_int) -> bool {
         let Some(child) = self.child.as_mut() else {
             return false;

@@ -98,6 +98,7 @@ type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
 /// leave servers behind. The death signal fires when the *thread* that forked
 /// the child exits, which is why all children are forked from a thread that
 /// lives as long as the process.
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 pub fn spawn_child(mut cmd: Command) -> io::Result<Child> {
     #[cfg(target_os = "linux")]
     {
@@ -157,6 +158,7 @@ fn stdio_file(dir: &Path, name: &str) -> anyhow::Result<(File, File)> {
 /// Sends `sig` to the child if it has not been reaped yet. A child that has
 /// exited but was not reaped is a zombie whose pid cannot be reused, so this
 /// never signals an unrelated process.
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 fn signal_child(child: &mut Child, sig: libc::c_int) -> bool {
     match child.try_wait() {
         Ok(None) => {
@@ -171,6 +173,7 @@ fn signal_child(child: &mut Child, sig: libc::c_int) -> bool {
 /// Whether the (unreaped) child is currently in a group stop. Uses
 /// `WNOWAIT`, so the state change is only looked at, not consumed, and the
 /// child is never reaped behind `std::process::Child`'s back.
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 fn child_is_stopped(pid: u32) -> bool {
     // SAFETY: waitid on our own child with WNOHANG|WNOWAIT only reads state
     // into a zeroed siginfo_t.
@@ -227,7 +230,7 @@ fn kill_and_reap(child: &mut Child) -> Option<ExitStatus> {
 async fn with_retries<T, F, Fut>(what: &str, tries: usize, mut attempt: F) -> T
 where
     F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    Fut: Future<Output = anyhow::Result<T>>,
 {
     let mut errors = Vec::new();
     for i in 0..tries {
@@ -318,10 +321,7 @@ impl TestRedis {
         this
     }
 
-    fn spawn_and_wait(
-        &self,
-        port: u16,
-    ) -> impl std::future::Future<Output = anyhow::Result<Child>> + 'static {
+    fn spawn_and_wait(&self, port: u16) -> impl Future<Output = anyhow::Result<Child>> + 'static {
         let bin = self.bin.clone();
         let dir = self.dir.path().to_path_buf();
         async move {
@@ -667,10 +667,7 @@ impl TestNats {
         this
     }
 
-    fn spawn_and_wait(
-        &self,
-        port: u16,
-    ) -> impl std::future::Future<Output = anyhow::Result<Child>> + 'static {
+    fn spawn_and_wait(&self, port: u16) -> impl Future<Output = anyhow::Result<Child>> + 'static {
         let bin = self.bin.clone();
         let name = self.name.clone();
         let dir = self.dir.path().to_path_buf();

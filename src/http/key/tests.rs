@@ -1,5 +1,4 @@
 use super::*;
-use crate::http::testing;
 
 #[test]
 fn in_place_parts_are_the_bytes_of_the_built_ones() {
@@ -18,18 +17,18 @@ fn in_place_parts_are_the_bytes_of_the_built_ones() {
 #[test]
 fn the_digest_alone_is_the_digest_of_the_key_explain_shows() {
     use crate::http::testing::headers;
-    let route = testing::route_with(|r| {
-        r.key.query = QueryRule::Include(testing::names(&["q", "page"]));
+    let route = route_with(|r| {
+        r.key.query = QueryRule::Include(names(&["q", "page"]));
         r.key.headers = vec![header::ACCEPT];
-        r.key.cookies = testing::names(&["locale"]);
+        r.key.cookies = names(&["locale"]);
         r.key.body = true;
     });
-    let uri: http::Uri = "/s?page=2&utm=x&%71=a+b&Q=1".parse().unwrap();
+    let uri: Uri = "/s?page=2&utm=x&%71=a+b&Q=1".parse().unwrap();
     let request = headers(&[("accept", "a/b"), ("cookie", "locale=en; other=1")]);
     for body in [None, Some(&b"{}"[..])] {
         assert_eq!(
-            request_digest(&route, &http::Method::GET, &uri, &request, body),
-            request_key(&route, &http::Method::GET, &uri, &request, body).key
+            request_digest(&route, &Method::GET, &uri, &request, body),
+            request_key(&route, &Method::GET, &uri, &request, body).key
         );
     }
 }
@@ -438,7 +437,7 @@ fn a_body_key_includes_how_to_read_the_body() {
 fn parts_explain_the_key_in_order() {
     let r = route_with(|r| {
         r.key.query = QueryRule::Include(names(&["a", "b"]));
-        r.key.headers = vec![http::header::ACCEPT];
+        r.key.headers = vec![header::ACCEPT];
         r.key.cookies = names(&["session"]);
         r.key.body = true;
     });
@@ -488,10 +487,10 @@ fn a_request_key_never_equals_a_dictionary_key_of_the_same_words() {
 #[test]
 fn the_upstream_gets_only_the_query_the_key_kept() {
     let fwd = |rule: QueryRule, uri: &str| {
-        let uri: http::Uri = uri.parse().unwrap();
-        let route = testing::route_with(|r| r.key.query = rule.clone());
+        let uri: Uri = uri.parse().unwrap();
+        let route = route_with(|r| r.key.query = rule.clone());
         let (_, with_key) =
-            request_digest_and_query(&route, &http::Method::GET, &uri, &HeaderMap::new(), None);
+            request_digest_and_query(&route, &Method::GET, &uri, &HeaderMap::new(), None);
         let alone = forwarded_query(&rule, &uri);
         assert_eq!(with_key, alone, "one parsing of the query, or two, agree");
         alone

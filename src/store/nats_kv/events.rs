@@ -216,6 +216,7 @@ pub struct NatsKvEvents {
     shared: Arc<Shared>,
     /// Asks the task to drop and recreate the consumer (fault injection); answered once the new
     /// one exists and the sink was told to resync.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     sever_tx: mpsc::Sender<oneshot::Sender<()>>,
     /// The delivery task.
     tasks: Tasks,
@@ -562,6 +563,7 @@ impl Bus for NatsKvEvents {
     }
 
     /// Drops the consumer, creates a new one and resyncs: what a lost consumer does.
+    #[cfg(any(test, feature = "test-util"))]
     async fn sever(&self) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.sever_tx.send(done_tx).await.is_err() {

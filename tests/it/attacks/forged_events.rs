@@ -97,7 +97,7 @@ fn forged_envelope(key: KeyHash, status: u16) -> Bytes {
         stale_if_error: Duration::ZERO,
         fetch_time: Duration::ZERO,
         key,
-        form: corral::envelope::Form::Answer,
+        form: envelope::Form::Answer,
     })
     .expect("encode the forged envelope")
 }

@@ -129,6 +129,7 @@ impl HeldUpstream {
 
 /// Raises this process's soft limit on open files (inherited by the processes it starts) to at
 /// least `need`, within the hard limit; panics with both limits if the hard one is lower.
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 fn raise_nofile(need: u64) {
     // SAFETY: getrlimit/setrlimit on this process with a valid, initialised struct.
     unsafe {

@@ -156,7 +156,7 @@ async fn assert_taken_over(upstream: &Upstream, url: &str, since: Instant, what:
 async fn wait_for_followers<F, Fut>(what: &str, n: f64, metrics: F)
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = String>,
+    Fut: Future<Output = String>,
 {
     eventually(what, || async {
         metric_sum(&metrics().await, "corral_followers_waiting", &[]) >= n

@@ -375,6 +375,7 @@ async fn serve(file: &Path, listen: (SocketAddr, SocketAddr)) -> CorralServe {
     CorralServe::start(file, listen.0, listen.1, ConfigFrom::Flag).await
 }
 
+#[allow(unsafe_code)] // test harness: signals and process limits, see SAFETY below
 fn sighup(process: &CorralServe) {
     let pid = libc::pid_t::try_from(process.pid()).expect("a pid");
     // SAFETY: kill(2) with a valid signal number; it signals only our own child, by its PID.
