@@ -36,14 +36,7 @@ impl Direct<'_> {
             );
         };
         let mut headers = forward_headers(self.route, self.headers, false, self.client, "http");
-        // A GET's or HEAD's body is never forwarded, so neither is its framing.
-        let body = if *self.method == Method::GET || *self.method == Method::HEAD {
-            headers.remove(http::header::CONTENT_LENGTH);
-            headers.remove(http::header::TRANSFER_ENCODING);
-            Body::empty()
-        } else {
-            body
-        };
+        let body = forwarded_body(self.method, &mut headers, body);
         let policy = &self.route.policy;
         let metrics = self.proxy.engine.metrics();
         let until = tokio::time::Instant::now() + policy.wait_timeout;
@@ -107,5 +100,16 @@ impl Direct<'_> {
                 "upstream-unreachable",
             ),
         }
+    }
+}
+
+/// The body sent on: none for a GET or HEAD, whose body is never forwarded (nor its framing).
+fn forwarded_body(method: &Method, headers: &mut HeaderMap, body: Body) -> Body {
+    if *method == Method::GET || *method == Method::HEAD {
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.remove(http::header::TRANSFER_ENCODING);
+        Body::empty()
+    } else {
+        body
     }
 }
