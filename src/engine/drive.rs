@@ -260,7 +260,8 @@ async fn run(
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
                 // One line per lease won, at debug under its own target, so a soak run can pair
-                // every upstream fetch with the lease it ran under (see the `corral::lease` target in docs/operations.md).
+                // every upstream fetch with the lease it ran under (see the `corral::lease` target
+                // in docs/operations.md).
                 tracing::debug!(
                     target: "corral::lease",
                     %key,

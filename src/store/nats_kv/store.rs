@@ -296,9 +296,6 @@ impl Store for NatsKvStore {
     async fn purge(&self, key: &KeyHash, _event: Bytes) -> Result<bool, StoreError> {
         self.bounded("purge", async {
             let slot = self.read("purge", key).await?;
-            // What status calls gone (past its lifetime, not yet removed by the server) was not
-            // there; it is purged all the same.
-            let existed = self.status_of("purge", key, &slot).await? != KeyStatus::Empty;
             // Written even when nothing was there: other processes' L1 copies must go.
             let message = PublishMessage::build()
                 .header(entry::KV_OPERATION, "PURGE")
@@ -309,6 +306,14 @@ impl Store for NatsKvStore {
             self.publish("purge", self.entry_subject(key), message)
                 .await?
                 .map_err(|Conflict| StoreError::Protocol("purge: unexpected conflict".into()))?;
+            // What status calls gone (past its lifetime, not yet removed by the server) was not
+            // there. Counted after the purge, so that a failed count (a sliding value's touch
+            // record is one more read) never keeps the purge from happening; the answer then
+            // falls back to what the entry held.
+            let existed = match self.status_of("purge", key, &slot).await {
+                Ok(status) => status != KeyStatus::Empty,
+                Err(_) => !matches!(slot.record, Record::Vacant | Record::Released { .. }),
+            };
             Ok(existed)
         })
         .await
