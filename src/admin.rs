@@ -56,6 +56,9 @@ pub fn app(proxy: Arc<Proxy>) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/purge", post(purge))
         .route("/admin/status", get(status))
+        // Around every route and the fallback, so an `/admin/*` call that no handler took (or
+        // that was refused) is audited too.
+        .layer(axum::middleware::from_fn(audit))
         .with_state(proxy)
 }
 
@@ -120,6 +123,96 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
         )
             .into_response(),
         (Ok(()), _) => (StatusCode::OK, format!("ready\n{report}")).into_response(),
+    }
+}
+
+// ------------------------------------------------------------------ audit ----
+
+/// The largest admin request body read (a purge is a few hundred bytes; this is axum's own
+/// default limit for a body extractor, which the purge handler would apply anyway).
+const ADMIN_BODY_LIMIT: usize = 2 << 20;
+
+/// One audit line (target `corral::audit`) per call of the admin API: who called (the client's
+/// address and a fingerprint of the token it presented, never the token), what it asked (method,
+/// path, query, and for a purge its form and target, never a body-keyed purge's headers or
+/// body), and the status it was answered.
+async fn audit(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !request.uri().path().starts_with("/admin/") {
+        return next.run(request).await;
+    }
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |info| info.0.to_string());
+    let token = token_fingerprint(request.headers());
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let (request, purge) = match read_purge(request).await {
+        Ok(read) => read,
+        Err(refused) => {
+            let response = refused.into_response();
+            audited(&client, &token, &method, &uri, "", response.status());
+            return response;
+        }
+    };
+    let response = next.run(request).await;
+    audited(&client, &token, &method, &uri, &purge, response.status());
+    response
+}
+
+fn audited(client: &str, token: &str, method: &Method, uri: &Uri, purge: &str, status: StatusCode) {
+    tracing::info!(
+        target: "corral::audit",
+        client,
+        token,
+        method = %method,
+        path = uri.path(),
+        query = uri.query().unwrap_or(""),
+        purge,
+        status = status.as_u16(),
+        "admin call"
+    );
+}
+
+/// A purge's body, read (bounded) and put back for the handler, with what it names; other
+/// requests pass untouched.
+async fn read_purge(
+    request: axum::extract::Request,
+) -> Result<(axum::extract::Request, String), Refusal> {
+    if request.method() != Method::POST || request.uri().path() != "/admin/purge" {
+        return Ok((request, String::new()));
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, ADMIN_BODY_LIMIT)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, format!("bad body: {e}")))?;
+    let purge = match Purge::parse(&bytes) {
+        Ok(Purge::Url { url, method, .. }) => {
+            format!("url {} {url}", method.as_deref().unwrap_or("GET"))
+        }
+        Ok(Purge::Prefix { route, prefix }) => format!("route {route} prefix {prefix}"),
+        Ok(Purge::Route { route }) => format!("route {route}"),
+        Ok(Purge::Tag { tag }) => format!("tag {tag}"),
+        Err(_) => "malformed".to_owned(),
+    };
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    Ok((request, purge))
+}
+
+/// `sha256:` and the first 8 hex digits of the SHA-256 of the bearer token presented (`none`
+/// without one): enough to tell callers apart and to match a token an operator holds
+/// (`printf %s "$TOKEN" | sha256sum`), too little to recover or replay it.
+fn token_fingerprint(headers: &HeaderMap) -> String {
+    use sha2::Digest;
+    let presented = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => "none".to_owned(),
+        Some(token) => {
+            let digest = sha2::Sha256::digest(token.as_bytes());
+            format!("sha256:{}", &hex::encode(digest)[..8])
+        }
     }
 }
 

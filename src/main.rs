@@ -51,6 +51,10 @@ enum Command {
         /// Also reload whenever the config file changes (checked every second).
         #[arg(long, env = "CORRAL_WATCH")]
         watch: bool,
+        /// Exit 1 when the store or the bus cannot be reached at start, instead of serving by
+        /// each route's on_store_error and connecting them in the background.
+        #[arg(long, env = "CORRAL_REQUIRE_BACKENDS")]
+        require_backends: bool,
     },
     /// Validate a config and print the effective routes.
     Check {
@@ -73,7 +77,7 @@ enum Command {
     /// Purge cached answers through a running proxy's admin API, by URL, path prefix, route or tag.
     Purge {
         /// The admin listener's URL.
-        #[arg(long, env = "CORRAL_ADMIN", default_value = "http://127.0.0.1:8081")]
+        #[arg(long, env = "CORRAL_ADMIN", default_value_t = config::default_admin_url())]
         admin: String,
         /// The environment variable that holds the admin token.
         #[arg(long, default_value = "CORRAL_ADMIN_TOKEN")]
@@ -113,6 +117,9 @@ enum Command {
         /// Keep running after the burst and print URLs to try.
         #[arg(long)]
         serve: bool,
+        /// Also print the replicas' logs (an access line per request); RUST_LOG sets their levels.
+        #[arg(long, short = 'v')]
+        verbose: bool,
     },
     /// Exit 0 when the admin listener's /healthz answers 200, else 1 (for container health checks).
     Healthcheck {
@@ -120,7 +127,7 @@ enum Command {
         #[arg(
             long,
             env = "CORRAL_HEALTHCHECK_URL",
-            default_value = "http://127.0.0.1:8081/healthz"
+            default_value_t = format!("{}/healthz", config::default_admin_url())
         )]
         url: String,
         /// How long the check may take, connecting included.
@@ -140,38 +147,118 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "corral=info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    init_logs(cli.log_format, &cli.command);
+    let report = Report(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("corral: cannot start the runtime: {error}");
+            report.fatal(format_args!("corral: cannot start the runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(cli.command, report))
 }
 
-async fn run(command: Command) -> ExitCode {
+/// Logs to stderr, as text or JSON lines. Text is coloured only for a terminal, and never when
+/// `NO_COLOR` is set (<https://no-color.org>). JSON lines carry `timestamp`, `level`, `target`,
+/// `message` and the event's own fields at the top level, so a log pipeline reads every field
+/// without unnesting; an event inside a span carries that span's fields under `span`.
+///
+/// RUST_LOG sets the levels (default `corral=info`), except for `corral demo` without
+/// `--verbose`, which prints its own report and only warnings besides.
+fn init_logs(format: LogFormat, command: &Command) {
+    use tracing_subscriber::EnvFilter;
+    let quiet_demo = matches!(command, Command::Demo { verbose: false, .. });
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(filter) if !quiet_demo => filter,
+        _ if quiet_demo => EnvFilter::new("corral=warn"),
+        _ => EnvFilter::new("corral=info"),
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+            logs.with_ansi(terminal && !no_color).init();
+        }
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// Where a command's fatal errors go: a plain line for people, or an error event (a JSON line
+/// like every other) for a log pipeline.
+#[derive(Clone, Copy)]
+struct Report(LogFormat);
+
+impl Report {
+    fn fatal(self, message: std::fmt::Arguments<'_>) {
+        match self.0 {
+            LogFormat::Text => eprintln!("{message}"),
+            LogFormat::Json => tracing::error!("{message}"),
+        }
+    }
+
+    /// Every problem of a refused config, each at its `file:line:column`.
+    fn refused(self, errors: &config::ConfigError) {
+        match self.0 {
+            LogFormat::Text => eprintln!("{errors}"),
+            LogFormat::Json => {
+                for problem in &errors.problems {
+                    tracing::error!(
+                        file = %problem.file,
+                        line = problem.line,
+                        column = problem.column,
+                        "{problem}"
+                    );
+                }
+            }
+        }
+        self.fatal(format_args!(
+            "corral: the configuration was refused; nothing was started"
+        ));
+    }
+}
+
+async fn run(command: Command, report: Report) -> ExitCode {
     match command {
-        Command::Serve { config, watch } => {
-            let Some(config) = load(&config) else {
+        Command::Serve {
+            config,
+            watch,
+            require_backends,
+        } => {
+            tracing::info!(
+                phase = "starting",
+                version = env!("CARGO_PKG_VERSION"),
+                config = %config.display(),
+                "starting corral {}",
+                env!("CARGO_PKG_VERSION")
+            );
+            let Some(config) = load(&config, report) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            serve(config, watch).await
+            let backends = if require_backends {
+                Backends::Required
+            } else {
+                Backends::InBackground
+            };
+            serve(config, watch, backends, report).await
         }
         Command::Check { config: path } => {
-            let Some(config) = load(&path) else {
+            let Some(config) = load(&path, report) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            println!("{}: ok", path.display());
+            println!(
+                "{}: ok (digest {})",
+                path.display(),
+                config::digest(&config)
+            );
             print!("{}", config::describe(&config));
             ExitCode::SUCCESS
         }
@@ -181,7 +268,7 @@ async fn run(command: Command) -> ExitCode {
             headers,
             url,
         } => {
-            let Some(config) = load(&config) else {
+            let Some(config) = load(&config, report) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
             match request(&method, &headers, &url) {
@@ -193,7 +280,7 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(message) => {
-                    eprintln!("corral explain: {message}");
+                    report.fatal(format_args!("corral explain: {message}"));
                     ExitCode::from(EXIT_CONFIG)
                 }
             }
@@ -206,7 +293,16 @@ async fn run(command: Command) -> ExitCode {
             route,
             prefix,
             tag,
-        } => purge(&admin, &token_env, url, method, route, prefix, tag).await,
+        } => match purge(&admin, &token_env, url, method, route, prefix, tag).await {
+            Ok(answer) => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Err((code, message)) => {
+                report.fatal(format_args!("corral purge: {message}"));
+                code
+            }
+        },
         Command::Demo {
             requests,
             delay,
@@ -214,6 +310,7 @@ async fn run(command: Command) -> ExitCode {
             redis,
             nats,
             serve,
+            verbose: _,
         } => {
             let options = corral::demo::DemoOptions {
                 requests,
@@ -226,7 +323,7 @@ async fn run(command: Command) -> ExitCode {
             match corral::demo::run(options).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(error) => {
-                    eprintln!("corral demo: {error:#}");
+                    report.fatal(format_args!("corral demo: {error:#}"));
                     ExitCode::FAILURE
                 }
             }
@@ -235,20 +332,22 @@ async fn run(command: Command) -> ExitCode {
             match corral::admin::healthcheck(&url, timeout).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    eprintln!("corral healthcheck: {error}");
+                    report.fatal(format_args!("corral healthcheck: {error}"));
                     ExitCode::FAILURE
                 }
             }
         }
-        Command::DemoUpstream { listen, delay } => demo_upstream(listen, delay).await,
+        Command::DemoUpstream { listen, delay } => demo_upstream(listen, delay, report).await,
     }
 }
 
-async fn demo_upstream(listen: std::net::SocketAddr, delay: Duration) -> ExitCode {
+async fn demo_upstream(listen: std::net::SocketAddr, delay: Duration, report: Report) -> ExitCode {
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("corral demo-upstream: cannot listen on {listen}: {error}");
+            report.fatal(format_args!(
+                "corral demo-upstream: cannot listen on {listen}: {error}"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -262,13 +361,13 @@ async fn demo_upstream(listen: std::net::SocketAddr, delay: Duration) -> ExitCod
     match corral::demo::serve_upstream(listener, delay, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("corral demo-upstream: {error}");
+            report.fatal(format_args!("corral demo-upstream: {error}"));
             ExitCode::FAILURE
         }
     }
 }
 
-/// `corral purge`: one purge through the admin API; prints its answer.
+/// `corral purge`: one purge through the admin API; its answer, or the exit code and why not.
 async fn purge(
     admin: &str,
     token_env: &str,
@@ -277,7 +376,7 @@ async fn purge(
     route: Option<String>,
     prefix: Option<String>,
     tag: Option<String>,
-) -> ExitCode {
+) -> Result<String, (ExitCode, String)> {
     use corral::purge::Purge;
     let purge = match (url, route, prefix, tag) {
         (Some(url), None, None, None) => Purge::Url {
@@ -290,72 +389,79 @@ async fn purge(
         (None, Some(route), None, None) => Purge::Route { route },
         (None, None, None, Some(tag)) => Purge::Tag { tag },
         _ => {
-            eprintln!("corral purge: name one of --url, --route (with or without --prefix), --tag");
-            return ExitCode::from(EXIT_USAGE);
+            let usage = "name one of --url, --route (with or without --prefix), --tag";
+            return Err((ExitCode::from(EXIT_USAGE), usage.to_owned()));
         }
     };
     let token = match std::env::var(token_env) {
         Ok(token) if !token.is_empty() => token,
         _ => {
-            eprintln!("corral purge: the admin token is not set: put it in ${token_env}");
-            return ExitCode::from(EXIT_USAGE);
+            let unset = format!("the admin token is not set: put it in ${token_env}");
+            return Err((ExitCode::from(EXIT_USAGE), unset));
         }
     };
-    match corral::purge::send(admin, &token, &purge).await {
-        Ok(answer) => {
-            println!("{answer}");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("corral purge: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    corral::purge::send(admin, &token, &purge)
+        .await
+        .map(|answer| answer.to_string())
+        .map_err(|error| (ExitCode::FAILURE, error.to_string()))
 }
 
-/// Loads and validates a config, printing every problem on failure.
-fn load(path: &std::path::Path) -> Option<Config> {
+/// Loads and validates a config, reporting every problem on failure.
+fn load(path: &std::path::Path, report: Report) -> Option<Config> {
     match config::load(path) {
         Ok(config) => Some(config),
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("corral: the configuration was refused; nothing was started");
+            report.refused(&errors);
             None
         }
     }
 }
 
-async fn serve(config: Config, watch: bool) -> ExitCode {
+/// Whether `corral serve` needs its store and bus up to start.
+#[derive(Clone, Copy)]
+enum Backends {
+    /// `--require-backends`: exit 1 naming the one that is down.
+    Required,
+    /// Serve degraded, connecting them in the background.
+    InBackground,
+}
+
+async fn serve(config: Config, watch: bool, backends: Backends, report: Report) -> ExitCode {
     let public = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("corral: cannot listen on {}: {error}", config.listen);
+            report.fatal(format_args!(
+                "corral: cannot listen on {}: {error}",
+                config.listen
+            ));
             return ExitCode::FAILURE;
         }
     };
     let admin = match TcpListener::bind(config.admin.listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("corral: cannot listen on {}: {error}", config.admin.listen);
+            report.fatal(format_args!(
+                "corral: cannot listen on {}: {error}",
+                config.admin.listen
+            ));
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(
-        public = %public.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-        admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-        "corral is starting: connecting to the store and the bus"
-    );
     let backend = corral::server::backend_for(&config);
-    let server = match corral::server::Server::connect(config, &backend).await {
+    let server = match backends {
+        Backends::Required => corral::server::Server::connect(config, &backend).await,
+        Backends::InBackground => corral::server::Server::start(config, &backend).await,
+    };
+    let server = match server {
         Ok(server) => server,
         Err(error) => {
-            eprintln!("corral: {error}");
+            report.fatal(format_args!("corral: {error}"));
             return ExitCode::FAILURE;
         }
     };
     if let Some(reloader) = server.reloader() {
         if let Err(error) = corral::reload::on_sighup(reloader.clone()) {
-            eprintln!("corral: cannot listen for SIGHUP: {error}");
+            report.fatal(format_args!("corral: cannot listen for SIGHUP: {error}"));
             return ExitCode::FAILURE;
         }
         if watch {
@@ -365,7 +471,7 @@ async fn serve(config: Config, watch: bool) -> ExitCode {
     match server.serve(public, admin, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("corral: {error}");
+            report.fatal(format_args!("corral: {error}"));
             ExitCode::FAILURE
         }
     }
@@ -414,4 +520,31 @@ fn request(
         map.insert(http::header::HOST, host);
     }
     Ok((method, uri, map))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// The CLI clients look where a config without `admin.listen` listens.
+    #[test]
+    fn the_clients_default_to_the_admin_listeners_default_address() {
+        let admin = corral::config::DEFAULT_ADMIN_LISTEN;
+        let no_admin = "store: { kind: memory }\nroutes:\n  - name: r\n    \
+                        match: { path_prefix: / }\n    upstream: http://127.0.0.1:9\n";
+        let config = corral::config::parse(no_admin, "t.yaml").expect("a valid config");
+        assert_eq!(config.admin.listen, admin);
+        match Cli::try_parse_from(["corral", "healthcheck"]).map(|cli| cli.command) {
+            Ok(Command::Healthcheck { url, .. }) => {
+                assert_eq!(url, format!("http://{admin}/healthz"));
+            }
+            _ => panic!("corral healthcheck parses"),
+        }
+        match Cli::try_parse_from(["corral", "purge", "--tag", "t"]).map(|cli| cli.command) {
+            Ok(Command::Purge { admin: url, .. }) => assert_eq!(url, format!("http://{admin}")),
+            _ => panic!("corral purge parses"),
+        }
+    }
 }

@@ -57,7 +57,10 @@ impl Reloader {
             Ok(new) => new,
             Err(error) => {
                 tracing::error!(
+                    reload = "refused",
                     file = %self.path.display(),
+                    reason = %error,
+                    running_digest = %config::digest(&self.proxy.config()),
                     "config reload refused, the running config stays:\n{error}"
                 );
                 // Counted after the log line, so whoever sees the count finds the line.
@@ -73,14 +76,23 @@ impl Reloader {
             .engine
             .track_generations(new.routes.iter().map(|route| route.name.as_str()))
             .await;
+        let digest = config::digest(&new);
         self.proxy.replace(new);
         if needs_restart.is_empty() {
-            tracing::info!(file = %self.path.display(), routes, "config reloaded");
+            tracing::info!(
+                reload = "applied",
+                file = %self.path.display(),
+                routes,
+                config_digest = %digest,
+                "config reloaded"
+            );
         } else {
             let settings = needs_restart.join(", ");
             tracing::warn!(
+                reload = "applied",
                 file = %self.path.display(),
                 routes,
+                config_digest = %digest,
                 needs_restart = %settings,
                 "config reloaded, but these changed settings need a restart to take effect: {settings}"
             );
@@ -179,7 +191,7 @@ mod tests {
     use super::*;
 
     const BASE: &str = "listen: 127.0.0.1:8080
-admin: { listen: 127.0.0.1:9090 }
+admin: { listen: 127.0.0.1:8081 }
 namespace: a
 store: { kind: redis, url: redis://127.0.0.1:6379 }
 l1: { max_bytes: 1MiB }
@@ -195,8 +207,8 @@ routes:
     fn fixed_settings_keep_their_running_value_and_are_named() {
         let running = parsed(BASE);
         let changed = BASE
+            .replace("127.0.0.1:8081", "127.0.0.1:8082")
             .replace("127.0.0.1:8080", "127.0.0.1:8081")
-            .replace("127.0.0.1:9090", "127.0.0.1:9091")
             .replace("namespace: a", "namespace: b")
             .replace("6379", "6380")
             .replace("1MiB", "2MiB")

@@ -67,11 +67,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Connects the engine for `config` on `backend`.
+    /// Connects the engine for `config` on `backend`; a store or bus that cannot be reached is an
+    /// error (`corral serve --require-backends`).
     pub async fn connect(config: Config, backend: &Backend) -> Result<Server, ServeError> {
-        let mut engine_config = EngineConfig::new(config.namespace.clone());
-        engine_config.l1_max_bytes = config.l1_max_bytes;
-        let engine = Engine::connect(engine_config, backend).await?;
+        let engine = Engine::connect(engine_config(&config), backend).await?;
+        Self::on(config, engine).await
+    }
+
+    /// Starts the engine for `config` on `backend` even when its store or bus cannot be reached
+    /// now: it serves by each route's `on_store_error` meanwhile, reports the outage on `/readyz`,
+    /// and connects them in the background (see [`Engine::start`]).
+    pub async fn start(config: Config, backend: &Backend) -> Result<Server, ServeError> {
+        let engine = Engine::start(engine_config(&config), backend).await?;
+        Self::on(config, engine).await
+    }
+
+    async fn on(config: Config, engine: Engine) -> Result<Server, ServeError> {
         let proxy = Arc::new(Proxy::new(Arc::new(config), engine.clone()));
         // Before the first request: a route purged as a whole is keyed by its current generation.
         engine
@@ -110,15 +121,23 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Server { engine, proxy } = self;
+        let addresses = (listener.local_addr(), admin.local_addr());
         let limits = proxy.config().limits.clone();
         let (stop, stopped) = watch::channel(false);
         // Weak: a server that stopped on its own must not be kept alive by a shutdown never sent.
         let serving = Arc::downgrade(&proxy);
+        let grace = limits.shutdown_grace;
         tokio::spawn(async move {
             shutdown.await;
             if let Some(proxy) = serving.upgrade() {
                 proxy.lifecycle.enter(Phase::Stopping);
             }
+            tracing::info!(
+                phase = "draining",
+                grace = ?grace,
+                "draining: /readyz answers 503, new connections are refused, requests in flight \
+                 have {grace:?} to finish"
+            );
             stop.send_replace(true);
         });
         let metrics = engine.metrics().clone();
@@ -130,6 +149,7 @@ impl Server {
         );
         // The config is loaded and both listeners are bound: from here `/readyz` asks the store and bus.
         proxy.lifecycle.enter(Phase::Serving);
+        announce_ready(&proxy, addresses);
         // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.
         let (admin_stop, admin_stopped) = watch::channel(false);
         let admin = tokio::spawn(
@@ -159,8 +179,44 @@ impl Server {
         {
             admin.close().await;
         }
+        tracing::info!(phase = "stopped", "stopped");
         Ok(())
     }
+}
+
+/// The "ready" lifecycle line: where it listens, what it serves (the config's digest, as
+/// `corral check` prints it) and on which store and bus.
+fn announce_ready(proxy: &Proxy, (public, admin): (Address, Address)) {
+    let config = proxy.config();
+    let address = |addr: Address| addr.map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+    tracing::info!(
+        phase = "ready",
+        version = env!("CARGO_PKG_VERSION"),
+        public = %address(public),
+        admin = %address(admin),
+        config_digest = %crate::config::digest(&config),
+        routes = config.routes.len(),
+        store = proxy.engine.store().kind(),
+        "ready: serving the config"
+    );
+}
+
+/// A listener's bound address, as `local_addr` answers it.
+type Address = std::io::Result<std::net::SocketAddr>;
+
+fn engine_config(config: &Config) -> EngineConfig {
+    let mut engine_config = EngineConfig::new(config.namespace.clone());
+    engine_config.l1_max_bytes = config.l1_max_bytes;
+    engine_config
+}
+
+/// The longest a shutdown takes with `limits`: the grace for requests in flight, the bound on
+/// abandoning leases, and the last words of the public and then the admin connections. A
+/// supervisor's stop timeout (compose's `stop_grace_period`, Kubernetes'
+/// `terminationGracePeriodSeconds`) must be at least this, or it kills the process mid-drain and
+/// its leases are left to expire instead of being handed over.
+pub fn drain_bound(limits: &crate::config::Limits) -> Duration {
+    limits.shutdown_grace + CLOSE_BOUND + LAST_WORDS + LAST_WORDS
 }
 
 /// The backend a config names (a memory store is this process's own).

@@ -21,6 +21,14 @@ use crate::engine::{ExpiryMode, OnStoreError};
 /// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
 const WIDTH: usize = 24;
 
+/// A short fingerprint of the effective config (the first 12 hex digits of the BLAKE3 digest of
+/// its [`describe`] text, so it holds no secret): replicas logging the same digest serve the same
+/// settings, and `corral check` prints it for a file before it is rolled out.
+pub fn digest(config: &Config) -> String {
+    let hex = blake3::hash(describe(config).as_bytes()).to_hex();
+    hex[..12].to_owned()
+}
+
 /// Describes `config`: the listeners and backends, then one block per route in match order.
 pub fn describe(config: &Config) -> String {
     let mut out = String::new();

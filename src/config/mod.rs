@@ -43,8 +43,20 @@ mod settings;
 mod units;
 mod validate;
 
-pub use describe::describe;
+pub use describe::{describe, digest};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
+
+/// `admin.listen` when the file leaves it out: loopback only, on the port the shipped configs,
+/// the image and the `corral healthcheck` and `corral purge` clients all use.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8081,
+));
+
+/// The admin listener's URL at [`DEFAULT_ADMIN_LISTEN`], where the CLI clients look by default.
+pub fn default_admin_url() -> String {
+    format!("http://{DEFAULT_ADMIN_LISTEN}")
+}
 
 /// A checked configuration.
 #[derive(Clone, Debug)]

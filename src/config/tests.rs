@@ -8,7 +8,7 @@ use super::*;
 /// The example from the file format's documentation, word for word.
 const EXAMPLE: &str = r#"listen: 0.0.0.0:8080              # public listener
 admin:
-  listen: 127.0.0.1:9090          # /healthz /readyz /admin/* (and /metrics later)
+  listen: 127.0.0.1:8081          # /healthz /readyz /admin/* (and /metrics later)
   token: ${CORRAL_ADMIN_TOKEN}    # bearer token for /admin/*
 namespace: corral                 # replicas with the same namespace and store coalesce together
 store:
@@ -102,7 +102,7 @@ fn the_documented_example_parses_to_what_it_says() {
 
     assert_eq!(config.source, None);
     assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
-    assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.admin.listen, "127.0.0.1:8081".parse().unwrap());
     assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
     assert_eq!(config.namespace, "corral");
     assert_eq!(
@@ -153,7 +153,7 @@ fn the_documented_example_parses_to_what_it_says() {
 fn a_minimal_file_gets_every_default() {
     let config = parse_ok(MINIMAL);
     assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
-    assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.admin.listen, "127.0.0.1:8081".parse().unwrap());
     assert_eq!(config.admin.token, None);
     assert_eq!(config.namespace, "corral");
     assert_eq!(config.store, StoreSettings::Memory);
@@ -817,7 +817,7 @@ fn describe_shows_every_effective_value() {
     let config = parse_with_env(&text, "corral.yaml", &env).unwrap();
     let expected = "\
 listen                  0.0.0.0:8080
-admin.listen            127.0.0.1:9090
+admin.listen            127.0.0.1:8081
 admin.token             set
 namespace               corral
 store                   redis redis://default:***@127.0.0.1:6379

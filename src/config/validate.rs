@@ -261,15 +261,19 @@ impl Checker<'_> {
 
     fn config(&mut self, file: &Spanned<File>) -> Option<Config> {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
         let public = self.or_default(&file.listen, "listen", any(8080), listen);
         let admin = match file.admin.as_deref() {
             None => Some(AdminSettings {
-                listen: local(9090),
+                listen: super::DEFAULT_ADMIN_LISTEN,
                 token: None,
             }),
             Some(admin) => self
-                .or_default(&admin.listen, "admin.listen", local(9090), listen)
+                .or_default(
+                    &admin.listen,
+                    "admin.listen",
+                    super::DEFAULT_ADMIN_LISTEN,
+                    listen,
+                )
                 .map(|listen| AdminSettings {
                     listen,
                     token: admin

@@ -1,5 +1,7 @@
-//! Which store and bus an engine talks to, and connecting to them in the right order: the bus
-//! subscription first, so that no flight can ACQUIRE before its process listens.
+//! Which store and bus an engine talks to, and connecting to them: both are up before the engine
+//! exists, so no flight can ACQUIRE before its process listens. An error names the part that is
+//! down (store or bus) and its server. [`super::Engine::start`] starts an engine without them and
+//! connects in the background instead.
 //!
 //! A NATS KV store carries its own events (the bucket's stream), so its bus is the store's
 //! consumer; a bus setting that says otherwise is refused rather than half-used.
@@ -91,13 +93,20 @@ pub enum ConnectError {
         min: Duration,
         store: &'static str,
     },
-    #[error("could not connect the store: {0}")]
-    Store(#[from] crate::store::StoreError),
-    #[error("could not connect the bus: {0}")]
-    Bus(#[from] crate::bus::BusError),
+    /// `backend` names the store's kind and redacted URL, so an outage says which server is down.
+    #[error("could not connect the store ({backend}): {error}")]
+    Store {
+        backend: String,
+        error: crate::store::StoreError,
+    },
+    #[error("could not connect the bus ({backend}): {error}")]
+    Bus {
+        backend: String,
+        error: crate::bus::BusError,
+    },
     #[cfg(feature = "nats")]
-    #[error("could not start the NATS KV store: {0}")]
-    NatsKv(#[from] NatsKvError),
+    #[error("could not connect the store ({backend}): {error}")]
+    NatsKv { backend: String, error: NatsKvError },
     /// The backend's feature (`redis`, `nats`) was left out of this build.
     #[error("this build of corral has no {0} backend (its cargo feature `{0}` is off)")]
     NotBuilt(&'static str),
@@ -177,7 +186,7 @@ impl Backend {
         }
     }
 
-    /// Subscribes the bus (delivering to `sink`), then connects the store; a NATS KV store is
+    /// Connects the store, then subscribes the bus (delivering to `sink`); a NATS KV store is
     /// connected first and then its consumer is made, which is its subscription.
     pub(crate) async fn connect(
         &self,
@@ -189,29 +198,97 @@ impl Backend {
         if let StoreConfig::Nats { url } = &self.store {
             return self.nats_kv_store(url, namespace, sink).await;
         }
-        let bus: Arc<dyn Bus> = match &self.bus {
-            BusConfig::Memory(hub) => Arc::new(MemoryBus::connect(hub, sink)),
-            BusConfig::Redis { url } => self.redis_bus(url, namespace, sink).await?,
-            BusConfig::Nats { url } => self.nats_bus(url, namespace, sink).await?,
-            BusConfig::Store => unreachable!("refused by check()"),
-        };
-        let store: Arc<dyn Store> = match &self.store {
-            StoreConfig::Memory(store) => Arc::new(store.clone()),
-            StoreConfig::Nats { .. } => unreachable!("connected above"),
-            StoreConfig::Redis { url } => match self.redis_store(url, namespace).await {
-                Ok(store) => store,
-                Err(error) => {
-                    bus.close().await;
-                    return Err(error);
-                }
-            },
-        };
+        // The store first, so that an outage of one server holding both is named as the store's;
+        // no flight exists before both are up, so the bus subscribing second loses nothing.
+        let store = self.connect_store(namespace).await?;
+        let bus = self.connect_bus(namespace, sink).await?;
         Ok((store, bus))
+    }
+
+    /// Connects the store alone (not a NATS KV store, whose events come with it: see
+    /// [`Backend::connect`]).
+    pub(crate) async fn connect_store(
+        &self,
+        namespace: &str,
+    ) -> Result<Arc<dyn Store>, ConnectError> {
+        match &self.store {
+            StoreConfig::Memory(store) => Ok(Arc::new(store.clone())),
+            StoreConfig::Nats { .. } => unreachable!("a NATS KV store connects with its events"),
+            StoreConfig::Redis { url } => self.redis_store(url, namespace).await,
+        }
+    }
+
+    /// Subscribes the bus alone (not a NATS KV store's events).
+    pub(crate) async fn connect_bus(
+        &self,
+        namespace: &str,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Arc<dyn Bus>, ConnectError> {
+        match &self.bus {
+            BusConfig::Memory(hub) => Ok(Arc::new(MemoryBus::connect(hub, sink))),
+            BusConfig::Redis { url } => self.redis_bus(url, namespace, sink).await,
+            BusConfig::Nats { url } => self.nats_bus(url, namespace, sink).await,
+            BusConfig::Store => unreachable!("refused by check()"),
+        }
+    }
+
+    /// The store as errors and logs name it: its kind and redacted URL.
+    pub fn store_name(&self) -> String {
+        match &self.store {
+            StoreConfig::Memory(_) => "memory".to_owned(),
+            StoreConfig::Redis { url } => format!("redis at {}", redact(url)),
+            StoreConfig::Nats { url } => format!("nats_kv at {}", redact(url)),
+        }
+    }
+
+    /// The bus as errors and logs name it.
+    pub fn bus_name(&self) -> String {
+        match (&self.store, &self.bus) {
+            (StoreConfig::Nats { url }, _) => {
+                format!("the nats_kv store's stream at {}", redact(url))
+            }
+            (_, BusConfig::Memory(_)) => "memory".to_owned(),
+            (_, BusConfig::Redis { url }) => format!("redis pub/sub at {}", redact(url)),
+            (_, BusConfig::Nats { url }) => format!("nats at {}", redact(url)),
+            (_, BusConfig::Store) => "the store's events".to_owned(),
+        }
+    }
+}
+
+impl ConnectError {
+    /// Whether the error is a server that could not be reached or refused corral now (worth
+    /// trying again), rather than settings that can never work (a namespace, a contradiction, a
+    /// backend left out of the build).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ConnectError::Store { .. } => true,
+            ConnectError::Bus { error, .. } => {
+                !matches!(error, crate::bus::BusError::InvalidNamespace(_))
+            }
+            #[cfg(feature = "nats")]
+            ConnectError::NatsKv { error, .. } => {
+                !matches!(error, NatsKvError::InvalidNamespace(_))
+            }
+            ConnectError::InvalidNamespace(_)
+            | ConnectError::Contradiction(_)
+            | ConnectError::LeaseTtlTooShort { .. }
+            | ConnectError::NotBuilt(_) => false,
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Each backend, or the error that says it was left out of this build
+
+impl Backend {
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
+    fn bus_error(&self, error: crate::bus::BusError) -> ConnectError {
+        ConnectError::Bus {
+            backend: self.bus_name(),
+            error,
+        }
+    }
+}
 
 #[cfg(feature = "redis")]
 impl Backend {
@@ -224,7 +301,10 @@ impl Backend {
         use crate::bus::redis::{RedisBus, RedisBusConfig};
         let mut config = RedisBusConfig::new(url, namespace);
         config.credentials = self.bus_credentials.clone();
-        Ok(Arc::new(RedisBus::connect(config, sink).await?))
+        match RedisBus::connect(config, sink).await {
+            Ok(bus) => Ok(Arc::new(bus)),
+            Err(error) => Err(self.bus_error(error)),
+        }
     }
 
     async fn redis_store(
@@ -238,7 +318,13 @@ impl Backend {
         config.response_timeout = self.response_timeout;
         config.announce = self.store_announces();
         config.credentials = self.store_credentials.clone();
-        Ok(Arc::new(RedisStore::connect(config).await?))
+        match RedisStore::connect(config).await {
+            Ok(store) => Ok(Arc::new(store)),
+            Err(error) => Err(ConnectError::Store {
+                backend: self.store_name(),
+                error,
+            }),
+        }
     }
 }
 
@@ -273,7 +359,10 @@ impl Backend {
         use crate::bus::nats::{NatsBus, NatsBusConfig};
         let mut config = NatsBusConfig::new(url, namespace);
         config.credentials = self.bus_credentials.clone();
-        Ok(Arc::new(NatsBus::connect(config, sink).await?))
+        match NatsBus::connect(config, sink).await {
+            Ok(bus) => Ok(Arc::new(bus)),
+            Err(error) => Err(self.bus_error(error)),
+        }
     }
 
     /// A NATS KV store, connected first; its consumer of the bucket's stream is its bus.
@@ -288,8 +377,12 @@ impl Backend {
         config.connect_timeout = self.connect_timeout;
         config.response_timeout = self.response_timeout;
         config.credentials = self.store_credentials.clone();
-        let store = NatsKvStore::connect(config).await?;
-        let events = NatsKvEvents::start(&store, sink).await?;
+        let named = |error| ConnectError::NatsKv {
+            backend: self.store_name(),
+            error,
+        };
+        let store = NatsKvStore::connect(config).await.map_err(named)?;
+        let events = NatsKvEvents::start(&store, sink).await.map_err(named)?;
         Ok((Arc::new(store), Arc::new(events)))
     }
 }

@@ -9,6 +9,8 @@
 //! - `generations`: per-route generations, the O(1) purge of a whole route.
 //! - `invalidate`: purges beyond one key (a route, a path prefix, a surrogate tag).
 //! - [`backend`]: which store and bus an engine talks to, and connecting to them.
+//! - `connecting`: starting without a store or bus that is down, and connecting it in the
+//!   background.
 //! - [`dictionary`]: the typed, serde-based "build once, read many" dictionary.
 //!
 //! The engine speaks bytes ([`Entry`] envelopes); the proxy and the dictionary put their values in
@@ -18,6 +20,7 @@ mod answer;
 pub mod backend;
 mod build;
 mod calls;
+mod connecting;
 pub mod dictionary;
 mod dispatch;
 mod drive;
@@ -200,6 +203,14 @@ impl Readiness {
     }
 }
 
+/// Whether an engine needs its store and bus up to start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backends {
+    Required,
+    /// Connects what is down in the background (see `connecting`).
+    InBackground,
+}
+
 /// Shared state of one engine.
 pub(crate) struct Inner {
     pub config: EngineConfig,
@@ -250,8 +261,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Connects to the backend's store and bus (subscribing before anything else happens).
+    /// Connects to the backend's store and bus (subscribing before anything else happens); a
+    /// store or bus that cannot be reached is an error.
     pub async fn connect(config: EngineConfig, backend: &Backend) -> Result<Self, ConnectError> {
+        Self::open(config, backend, Backends::Required).await
+    }
+
+    /// Like [`Engine::connect`], but a store or bus that cannot be reached now does not stop the
+    /// engine: it serves as it would through an outage at run time (each policy's
+    /// [`OnStoreError`], followers polling) while the missing part is connected in the
+    /// background. Settings that can never work are still an error.
+    pub async fn start(config: EngineConfig, backend: &Backend) -> Result<Self, ConnectError> {
+        Self::open(config, backend, Backends::InBackground).await
+    }
+
+    async fn open(
+        config: EngineConfig,
+        backend: &Backend,
+        backends: Backends,
+    ) -> Result<Self, ConnectError> {
         let metrics = Metrics::new();
         let flights = Arc::new(FlightTable::new());
         let l1 = L1::new(config.l1_max_bytes, metrics.clone());
@@ -262,7 +290,10 @@ impl Engine {
             metrics.clone(),
             generations.clone(),
         ));
-        let (store, bus) = backend.connect(&config.namespace, sink).await?;
+        let (store, bus) = match backends {
+            Backends::Required => backend.connect(&config.namespace, sink).await?,
+            Backends::InBackground => connecting::start(backend, &config.namespace, sink).await?,
+        };
         let guarded = Arc::new(GuardedStore::new(store, backend.breaker, metrics.clone()));
         Ok(Self {
             inner: Arc::new(Inner {

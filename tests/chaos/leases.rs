@@ -46,7 +46,8 @@ pub fn read(
         if value["target"] != "corral::lease" {
             continue;
         }
-        let fields = &value["fields"];
+        // JSON log lines carry the event's fields at the top level.
+        let fields = &value;
         let step = match fields["message"].as_str() {
             Some("lease acquired") => LeaseStep::Acquired,
             Some("committed") => LeaseStep::Committed,

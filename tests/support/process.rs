@@ -64,6 +64,31 @@ impl CorralServe {
         from: ConfigFrom,
         env: &[(&str, &str)],
     ) -> CorralServe {
+        let mut this = Self::spawn(config, public, admin, from, env);
+        this.wait_answering(&["/healthz", "/readyz"]).await;
+        this
+    }
+
+    /// Like [`start_with_env`](Self::start_with_env), but waits only for `/healthz`: for a
+    /// process that is expected not to be ready (a route that answers 503 without its store).
+    pub async fn start_live(
+        config: &Path,
+        public: SocketAddr,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> CorralServe {
+        let mut this = Self::spawn(config, public, admin, ConfigFrom::Flag, env);
+        this.wait_answering(&["/healthz"]).await;
+        this
+    }
+
+    fn spawn(
+        config: &Path,
+        public: SocketAddr,
+        admin: SocketAddr,
+        from: ConfigFrom,
+        env: &[(&str, &str)],
+    ) -> CorralServe {
         let output = config.with_extension("output.log");
         let out = std::fs::File::create(&output).expect("create the process output file");
         let err = out.try_clone().expect("clone the output file handle");
@@ -80,23 +105,21 @@ impl CorralServe {
         cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = spawn_child(cmd).unwrap_or_else(|e| panic!("run {}: {e}", corral_bin()));
-        let mut this = CorralServe {
+        CorralServe {
             pid: child.id(),
             child: Some(child),
             public,
             admin,
             output,
-        };
-        this.wait_ready().await;
-        this
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_answering(&mut self, paths: &[&str]) {
         let http = Http::new();
         let patience = patience();
         let deadline = Deadline::after(patience);
         let max_probes = patience.as_millis() / READY_POLL.as_millis() + 1;
-        for path in ["/healthz", "/readyz"] {
+        for path in paths {
             let url = format!("{}{path}", self.admin_url());
             let mut last: String;
             let mut probes = 0u128;

@@ -599,3 +599,38 @@ async fn version_prints_the_crate_version() {
         format!("corral {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+// ------------------------------------------------------- admin defaults ----
+
+/// The admin listener's default address and the CLI clients' default agree: `corral serve` on a
+/// config without `admin:` answers `corral healthcheck` run with no flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_with_no_flags_finds_a_serve_with_no_admin_setting() {
+    let default = corral::config::DEFAULT_ADMIN_LISTEN;
+    assert_eq!(default, loopback(8081));
+    assert!(
+        std::net::TcpListener::bind(default).is_ok(),
+        "{default} is taken on this machine; this test needs it free"
+    );
+    let dir = temp_dir();
+    let public = loopback(free_port());
+    let yaml = format!(
+        "listen: {public}\nstore: {{ kind: memory }}\nroutes:\n  - name: r\n    \
+         match: {{ path_prefix: / }}\n    upstream: http://127.0.0.1:9\n"
+    );
+    let file = write(dir.path(), "no-admin.yaml", &yaml);
+    let _proxy = CorralServe::start(&file, public, default, ConfigFrom::Flag).await;
+
+    let mut cmd = command(&["healthcheck"]);
+    cmd.env_remove("CORRAL_HEALTHCHECK_URL");
+    let output = tokio::time::timeout(patience(), cmd.output())
+        .await
+        .expect("healthcheck finishes")
+        .expect("run corral healthcheck");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "corral healthcheck with no flags: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

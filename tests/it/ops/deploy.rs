@@ -355,6 +355,30 @@ fn the_compose_file_mounts_files_that_exist_where_each_program_reads_them() {
     );
 }
 
+/// Compose gives each replica more time to stop than its drain can take with the deployment's
+/// config, so a `docker compose stop` or a rolling update never kills one mid-drain.
+#[test]
+fn the_compose_stop_grace_period_covers_the_drain() {
+    let compose = yaml("docker-compose.yml");
+    let config = corral::config::parse(
+        &read("deploy/corral/corral.yaml"),
+        "deploy/corral/corral.yaml",
+    )
+    .expect("the deployment's config parses with its defaults");
+    let drain = corral::server::drain_bound(&config.limits);
+    for replica in ["corral-1", "corral-2", "corral-3"] {
+        let period = compose["services"][replica]["stop_grace_period"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{replica} has no stop_grace_period"));
+        let period = corral::config::parse_duration(period)
+            .unwrap_or_else(|e| panic!("{replica}: stop_grace_period {period:?}: {e}"));
+        assert!(
+            period >= drain,
+            "{replica}: stop_grace_period {period:?} is shorter than the drain ({drain:?})"
+        );
+    }
+}
+
 /// The load balancer sends to exactly the compose file's replicas, on the port they listen on.
 #[test]
 fn the_load_balancer_sends_to_every_replica() {

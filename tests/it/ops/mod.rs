@@ -1,10 +1,12 @@
 //! What operators and deployments rely on: the CLI, credentials, dashboards, the container files,
-//! metrics, readiness and logs, reload and shutdown.
+//! metrics, readiness and logs, starting without the store or bus, reload and shutdown.
 
+mod backends;
 mod cli;
 mod credentials;
 mod dashboards;
 mod deploy;
+mod logs;
 mod metrics;
 mod operations;
 mod reload;
