@@ -256,25 +256,62 @@ impl Backend {
 }
 
 impl ConnectError {
-    /// Whether the error is a server that could not be reached or refused corral now (worth
-    /// trying again), rather than settings that can never work (a namespace, a contradiction, a
-    /// backend left out of the build).
+    /// Whether the store or bus did not answer (down, cut off, not started yet): worth trying
+    /// again in the background. A server that answered and refused corral (its credentials, its
+    /// certificate, a server too old or without JetStream) is not: that needs an operator, and
+    /// a replica that started anyway would look ready while it coalesces nothing. Nor are
+    /// settings that can never work (a namespace, a contradiction, a backend left out of the
+    /// build).
     pub fn is_unreachable(&self) -> bool {
+        use crate::bus::BusError;
+        use crate::store::StoreError;
         match self {
-            ConnectError::Store { .. } => true,
-            ConnectError::Bus { error, .. } => {
-                !matches!(error, crate::bus::BusError::InvalidNamespace(_))
-            }
+            ConnectError::Store { error, .. } => match error {
+                StoreError::Unavailable(reason) | StoreError::Protocol(reason) => {
+                    !refused_corral(reason)
+                }
+                StoreError::Timeout { .. } | StoreError::CircuitOpen { .. } => true,
+            },
+            ConnectError::Bus { error, .. } => match error {
+                BusError::Unavailable(reason) => !refused_corral(reason),
+                BusError::Timeout { .. } => true,
+                BusError::InvalidNamespace(_) => false,
+            },
             #[cfg(feature = "nats")]
-            ConnectError::NatsKv { error, .. } => {
-                !matches!(error, NatsKvError::InvalidNamespace(_))
-            }
+            ConnectError::NatsKv { error, .. } => match error {
+                NatsKvError::Connect { reason, .. }
+                | NatsKvError::Bucket { reason, .. }
+                | NatsKvError::Consumer { reason, .. } => !refused_corral(reason),
+                NatsKvError::InvalidNamespace(_)
+                | NatsKvError::ServerTooOld { .. }
+                | NatsKvError::NoJetStream { .. } => false,
+            },
             ConnectError::InvalidNamespace(_)
             | ConnectError::Contradiction(_)
             | ConnectError::LeaseTtlTooShort { .. }
             | ConnectError::NotBuilt(_) => false,
         }
     }
+}
+
+/// Whether a connect error's text is a server refusing corral's credentials or certificate: the
+/// Redis replies (`WRONGPASS`, `NOAUTH`, `NOPERM`, and the store's own "redis refused corral"),
+/// NATS's `authorization violation` and `authentication` errors, and TLS certificate failures.
+/// The clients hand these over as text, so the words are what there is to go by.
+fn refused_corral(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    [
+        "wrongpass",
+        "noauth",
+        "noperm",
+        "refused corral",
+        "authorization violation",
+        "authentication",
+        "certificate",
+        "unknownissuer",
+    ]
+    .iter()
+    .any(|word| reason.contains(word))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,6 +503,33 @@ mod tests {
             assert!(error.contains(named), "{error}");
             assert!(!error.contains("secret"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_server_that_did_not_answer_is_retried_one_that_refused_corral_is_not() {
+        use crate::bus::BusError;
+        use crate::store::StoreError;
+        let store = |reason: &str| ConnectError::Store {
+            backend: "redis at redis://r:6379/".into(),
+            error: StoreError::Unavailable(reason.into()),
+        };
+        let bus = |error| ConnectError::Bus {
+            backend: "nats at nats://n:4222".into(),
+            error,
+        };
+        assert!(store("redis at 127.0.0.1:1: Connection refused (os error 111)").is_unreachable());
+        assert!(bus(BusError::Timeout { op: "connect" }).is_unreachable());
+        for refused in [
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "redis refused corral: NOAUTH Authentication required.",
+            "invalid peer certificate: UnknownIssuer",
+        ] {
+            assert!(!store(refused).is_unreachable(), "{refused}");
+        }
+        let violation = BusError::Unavailable("nats connect: authorization violation".into());
+        assert!(!bus(violation).is_unreachable());
+        assert!(!bus(BusError::InvalidNamespace("a.b".into())).is_unreachable());
+        assert!(!ConnectError::Contradiction("x".into()).is_unreachable());
     }
 
     #[test]

@@ -65,7 +65,13 @@ pub(crate) async fn start(
     );
     match (connected_store, connected_bus) {
         (Ok(store), Ok(bus)) => Ok((store, bus)),
-        (Err(error), _) | (_, Err(error)) if !error.is_unreachable() => Err(error),
+        (Err(error), connected_bus) if !error.is_unreachable() => {
+            if let Ok(bus) = connected_bus {
+                bus.close().await;
+            }
+            Err(error)
+        }
+        (_, Err(error)) if !error.is_unreachable() => Err(error),
         (connected_store, connected_bus) => {
             match connected_store {
                 Ok(connected) => store.connected(connected),
