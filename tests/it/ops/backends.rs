@@ -200,6 +200,34 @@ async fn serve_starts_with_the_bus_down_and_subscribes_once_it_is_up() {
     );
 }
 
+/// Started with its NATS KV store down (store and events are one connection), a replica is
+/// ready, degraded, and connects both once NATS is up on that port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_with_the_nats_kv_store_down_and_connects_once_it_is_up() {
+    let mut nats = TestNats::start().await;
+    nats.kill();
+    let upstream = Upstream::start().await;
+    let backing = format!("store: {{ kind: nats, url: \"{}\" }}", nats.url());
+    let replicas = ServeReplicas::start(1, &config(&backing, "open", &upstream)).await;
+    let http = Http::new();
+    let (status, text) = readyz(&http, &replicas[0]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.starts_with("ready, degraded") && text.contains("nats_kv store"),
+        "{text}"
+    );
+
+    nats.restart().await;
+    wait_fully_ready(&http, &replicas[0]).await;
+    assert!(
+        replicas[0]
+            .output()
+            .contains("connected the store (nats_kv at"),
+        "{}",
+        replicas[0].output()
+    );
+}
+
 /// `corral serve --require-backends` with its config.
 async fn serve_requiring_backends(yaml: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("a temporary directory");

@@ -571,10 +571,59 @@ fn assert_demo_report(run: &Run, requests: usize) {
     }
 }
 
+/// The demo's output as the README's quick start shows it: the code block after
+/// `cargo run --release -- demo`, with every number written `N` (timings vary, and a request
+/// sent late on a loaded machine is a HIT; `assert_demo_report` checks the numbers that matter).
+fn readme_demo() -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read README.md");
+    let after = readme
+        .split_once("cargo run --release -- demo\n```")
+        .expect("the README runs the demo")
+        .1;
+    let block = after
+        .split_once("```\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the README shows the demo's output in a code block")
+        .0;
+    numbers_elided(block)
+}
+
+fn numbers_elided(text: &str) -> String {
+    Regex::new(r"\d+")
+        .expect("a valid pattern")
+        .replace_all(text, "N")
+        .into_owned()
+}
+
+/// The default demo fetches once, prints what the README shows (but the numbers), and
+/// nothing on stderr but its progress bar: no log line of its replicas.
 #[tokio::test]
-async fn the_demo_fetches_once_for_its_whole_burst() {
+async fn the_demo_fetches_once_for_its_whole_burst_and_prints_what_the_readme_shows() {
     let run = corral_within(DEMO_LIMIT, &["demo"]).await;
     assert_demo_report(&run, 300);
+    assert_eq!(numbers_elided(&run.stdout), readme_demo());
+    let progress = Regex::new(r"\r  \[[#.]{30}\] \d+/300").expect("a valid pattern");
+    let rest = progress.replace_all(&run.stderr, "");
+    assert!(
+        rest.trim().is_empty(),
+        "stderr beyond the progress bar: {rest:?}"
+    );
+}
+
+/// `--verbose` adds the replicas' logs: an access line per request.
+#[tokio::test]
+async fn the_verbose_demo_prints_the_access_lines_too() {
+    let mut cmd = command(&["demo", "--verbose", "--requests", "5", "--delay", "50ms"]);
+    cmd.env("RUST_LOG", "corral=info");
+    let output = tokio::time::timeout(DEMO_LIMIT, cmd.output())
+        .await
+        .expect("the demo finishes")
+        .expect("run corral demo");
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let access = stderr.matches("corral::access").count();
+    assert_eq!(access, 5, "one access line per request:\n{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
