@@ -24,7 +24,8 @@
 //!
 //! `/admin/*` needs `Authorization: Bearer <token>` (401 without or with a wrong one; compared in
 //! constant time); with no token configured it answers 403, so an open admin API is never the
-//! default.
+//! default. Every `/admin/*` call, refused or not, leaves one audit line (target `corral::audit`)
+//! from one layer around the router, so no handler can forget it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
