@@ -192,8 +192,9 @@ fn init_logs(format: LogFormat, command: &Command) {
     }
 }
 
-/// Where a command's fatal errors go: a plain line for people, or an error event (a JSON line
-/// like every other) for a log pipeline.
+/// Where a command's fatal errors go: a plain line for people, or an `ERROR` line shaped like
+/// every other JSON log line for a log pipeline. Written directly rather than through the log
+/// filter, so that no `RUST_LOG` can hide why the process stopped.
 #[derive(Clone, Copy)]
 struct Report(LogFormat);
 
@@ -201,7 +202,7 @@ impl Report {
     fn fatal(self, message: std::fmt::Arguments<'_>) {
         match self.0 {
             LogFormat::Text => eprintln!("{message}"),
-            LogFormat::Json => tracing::error!("{message}"),
+            LogFormat::Json => error_line(&message.to_string(), serde_json::Map::new()),
         }
     }
 
@@ -211,12 +212,11 @@ impl Report {
             LogFormat::Text => eprintln!("{errors}"),
             LogFormat::Json => {
                 for problem in &errors.problems {
-                    tracing::error!(
-                        file = %problem.file,
-                        line = problem.line,
-                        column = problem.column,
-                        "{problem}"
-                    );
+                    let mut place = serde_json::Map::new();
+                    place.insert("file".into(), problem.file.clone().into());
+                    place.insert("line".into(), problem.line.into());
+                    place.insert("column".into(), problem.column.into());
+                    error_line(&problem.to_string(), place);
                 }
             }
         }
@@ -224,6 +224,16 @@ impl Report {
             "corral: the configuration was refused; nothing was started"
         ));
     }
+}
+
+/// One JSON `ERROR` line on stderr, with the fields the JSON log lines carry.
+fn error_line(message: &str, mut fields: serde_json::Map<String, serde_json::Value>) {
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    fields.insert("timestamp".into(), now.to_string().into());
+    fields.insert("level".into(), "ERROR".into());
+    fields.insert("target".into(), "corral".into());
+    fields.insert("message".into(), message.into());
+    eprintln!("{}", serde_json::Value::Object(fields));
 }
 
 async fn run(command: Command, report: Report) -> ExitCode {
