@@ -326,6 +326,9 @@ fn load(path: &std::path::Path) -> Option<Config> {
 }
 
 async fn serve(config: Config, watch: bool) -> ExitCode {
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "the configuration asks for something to think twice about");
+    }
     let public = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {
