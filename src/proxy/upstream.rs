@@ -33,6 +33,9 @@ use crate::config::{Config, Protocol, Route, UpstreamSettings};
 use crate::http::hop_by_hop::strip_hop_by_hop;
 use crate::metrics::Metrics;
 
+/// How deep [`classify`] looks into an error's causes (a chain is a handful long).
+const MAX_CAUSES: usize = 16;
+
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
@@ -309,14 +312,24 @@ fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
         return UpstreamError::RequestBodyTooLarge;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(cause) = source {
+    let mut depth = 0;
+    while let Some(cause) = source.filter(|_| depth < MAX_CAUSES) {
         if let Some(timed_out) = cause.downcast_ref::<ConnectTimedOut>() {
             return UpstreamError::Timeout(Timeout::Connect, timed_out.0);
         }
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
             return UpstreamError::Tls(tls.to_string());
         }
-        source = cause.source();
+        // An io::Error's `source` skips the error it wraps, which may be rustls's (wrapped twice
+        // by the TLS connector): look inside it instead.
+        source = match cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+        depth += 1;
     }
     UpstreamError::Unreachable(crate::errors::chain(&error))
 }
