@@ -26,10 +26,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 pub struct UpstreamSettings {
     /// HTTP/1.1 (or HTTP/2 when TLS negotiates it), or HTTP/2 with prior knowledge.
     pub protocol: Protocol,
-    /// TCP connect and, for https, the TLS handshake.
-    pub connect_timeout: Duration,
-    /// From sending the request (its connect included) to the response head.
-    pub response_header_timeout: Duration,
+    /// TCP connect and, for https, the TLS handshake. `None` when it is not shorter than
+    /// `max_fetch`, which then bounds the connect alone (two timers of one length would race,
+    /// and a failed fetch is not the overrun that lets another replica take the key over).
+    pub connect_timeout: Option<Duration>,
+    /// From sending the request (its connect included) to the response head; `None` likewise.
+    pub response_header_timeout: Option<Duration>,
     /// Longest silence between two chunks of the response body.
     pub read_timeout: Duration,
     pub tls: UpstreamTls,
@@ -52,8 +54,8 @@ impl Default for UpstreamSettings {
         let policy = super::RoutePolicy::default();
         UpstreamSettings {
             protocol: Protocol::Negotiated,
-            connect_timeout: policy.connect_timeout,
-            response_header_timeout: policy.response_header_timeout,
+            connect_timeout: Some(policy.connect_timeout),
+            response_header_timeout: None,
             read_timeout: policy.read_timeout,
             tls: UpstreamTls::default(),
             headers: UpstreamHeaders::default(),

@@ -51,8 +51,9 @@ fn an_https_upstream_is_taken_with_the_default_roots() {
     let config = parse_ok(&route("https://api.example.com", ""));
     let settings = &config.routes[0].upstream_settings;
     assert!(settings.tls.is_default());
-    assert_eq!(settings.connect_timeout, Duration::from_secs(5));
-    assert_eq!(settings.response_header_timeout, Duration::from_secs(30));
+    assert_eq!(settings.connect_timeout, Some(Duration::from_secs(5)));
+    // As long as max_fetch: max_fetch alone bounds the wait for the head.
+    assert_eq!(settings.response_header_timeout, None);
     assert_eq!(settings.read_timeout, Duration::from_secs(30));
 }
 
@@ -143,10 +144,23 @@ fn timeouts_are_bounded_by_max_fetch() {
         "    max_fetch: 10s\n    connect_timeout: 2s\n",
     ));
     let settings = &config.routes[0].upstream_settings;
-    assert_eq!(settings.connect_timeout, Duration::from_secs(2));
-    // Left out, a default longer than max_fetch follows it.
-    assert_eq!(settings.response_header_timeout, Duration::from_secs(10));
+    assert_eq!(settings.connect_timeout, Some(Duration::from_secs(2)));
+    // Left out, a default longer than max_fetch follows it, and max_fetch's own timer bounds it.
+    assert_eq!(
+        config.routes[0].policy.response_header_timeout,
+        Duration::from_secs(10)
+    );
+    assert_eq!(settings.response_header_timeout, None);
     assert_eq!(settings.read_timeout, Duration::from_secs(10));
+    let config = parse_ok(&route(
+        "http://127.0.0.1:1",
+        "    response_header_timeout: 3s\n",
+    ));
+    let settings = &config.routes[0].upstream_settings;
+    assert_eq!(
+        settings.response_header_timeout,
+        Some(Duration::from_secs(3))
+    );
 
     let found = problem(&route(
         "http://127.0.0.1:1",

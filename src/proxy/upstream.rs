@@ -254,12 +254,18 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         *request.headers_mut() = headers;
         apply_headers(settings, &uri, request.headers_mut());
-        let timeout = settings.response_header_timeout;
-        let sent = tokio::time::timeout(timeout, client.client.request(request)).await;
-        let mut response = match sent {
-            Err(_elapsed) => return Err(UpstreamError::Timeout(Timeout::ResponseHeader, timeout)),
-            Ok(sent) => sent.map_err(classify)?,
+        let sending = client.client.request(request);
+        let sent = match settings.response_header_timeout {
+            Some(timeout) => match tokio::time::timeout(timeout, sending).await {
+                Ok(sent) => sent,
+                Err(_elapsed) => {
+                    return Err(UpstreamError::Timeout(Timeout::ResponseHeader, timeout));
+                }
+            },
+            // max_fetch bounds it (the engine's deadline, or the pass-through's own).
+            None => sending.await,
         };
+        let mut response = sent.map_err(classify)?;
         // Two lengths let two parsers read two different bodies (RFC 9112 section 6.1 calls it a
         // likely smuggling attempt): the answer is refused, and its connection carries nothing
         // more (hyper would pool it: the chunked body it read was complete).
@@ -379,11 +385,11 @@ impl RouteClient {
 #[error("connect_timeout ({}) elapsed", humantime::format_duration(*.0))]
 struct ConnectTimedOut(Duration);
 
-/// The route's connector, bounded by its `connect_timeout`.
+/// The route's connector, bounded by its `connect_timeout` when it has one of its own.
 #[derive(Clone)]
 struct Timed {
     inner: HttpsConnector<RetiringConnector>,
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -402,6 +408,9 @@ impl Service<Uri> for Timed {
         let connecting = self.inner.call(uri);
         let timeout = self.timeout;
         Box::pin(async move {
+            let Some(timeout) = timeout else {
+                return connecting.await;
+            };
             match tokio::time::timeout(timeout, connecting).await {
                 Ok(connected) => connected,
                 Err(_elapsed) => Err(Box::new(ConnectTimedOut(timeout)) as BoxError),
@@ -549,6 +558,38 @@ pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_message_names_its_detail_on_every_replica() {
+        let second = Duration::from_secs(1);
+        let cases = [
+            (
+                UpstreamError::Timeout(Timeout::Connect, second),
+                "connect-timeout",
+            ),
+            (
+                UpstreamError::Timeout(Timeout::ResponseHeader, second),
+                "response-header-timeout",
+            ),
+            (
+                UpstreamError::Timeout(Timeout::Read, second),
+                "read-timeout",
+            ),
+            (UpstreamError::Tls("UnknownIssuer".into()), "upstream-tls"),
+            (
+                UpstreamError::Unreachable("refused".into()),
+                "upstream-error",
+            ),
+        ];
+        for (error, detail) in cases {
+            assert_eq!(failure_detail(&error.to_string()), detail, "{error}");
+        }
+        assert_eq!(
+            UpstreamError::Timeout(Timeout::Read, second).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(failure_detail("upstream answered 503"), "upstream-error");
+    }
 
     #[test]
     fn target_appends_path_and_query_to_the_upstream_path() {

@@ -99,13 +99,14 @@ impl Checker<'_> {
             Some(file) => self.upstream_headers(file, &format!("{prefix}.upstream_headers")),
         };
         let policy = policy?;
+        let armed = |timeout: std::time::Duration| (timeout < policy.max_fetch).then_some(timeout);
         Some(UpstreamSettings {
             protocol: match http2? {
                 true => Protocol::Http2,
                 false => Protocol::Negotiated,
             },
-            connect_timeout: policy.connect_timeout,
-            response_header_timeout: policy.response_header_timeout,
+            connect_timeout: armed(policy.connect_timeout),
+            response_header_timeout: armed(policy.response_header_timeout),
             read_timeout: policy.read_timeout,
             tls: tls?,
             headers: headers?,
