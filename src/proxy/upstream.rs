@@ -95,7 +95,9 @@ impl UpstreamError {
     /// The `reason` label of `corral_upstream_errors_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            UpstreamError::Unreachable(_) | UpstreamError::RequestBodyTooLarge => "connect",
+            UpstreamError::Unreachable(_) => "connect",
+            // Never counted (see `Upstream::send`); named for completeness.
+            UpstreamError::RequestBodyTooLarge => "request_body",
             UpstreamError::Tls(_) => "tls",
             UpstreamError::Timeout(Timeout::Connect, _) => "connect_timeout",
             UpstreamError::Timeout(which, _) => which.setting(),
@@ -222,8 +224,10 @@ impl Upstream {
             };
             response.map(|body| IdleTimed::new(body, read))
         });
-        if let Err(error) = &result {
-            self.failed(route, &uri, error);
+        match &result {
+            // The client's fault, not the upstream's: answered 413, not counted here.
+            Err(UpstreamError::RequestBodyTooLarge) | Ok(_) => {}
+            Err(error) => self.failed(route, &uri, error),
         }
         result
     }

@@ -403,3 +403,29 @@ async fn alpn_brings_http2_to_an_origin_that_offers_it() {
     assert_eq!(seen[0].version, Version::HTTP_2, "{seen:?}");
     assert_eq!(seen[0].path, "/h2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_host_is_the_name_sni_sends_and_the_certificate_must_carry() {
+    let pki = Pki::new();
+    let issued = pki.issue(&["api.internal"], false);
+    let origin = TlsOrigin::start(OriginTls {
+        issued: &issued,
+        alpn: &[b"http/1.1"],
+        client_ca: None,
+    })
+    .await;
+    let ca = pki.write("ca.pem", &pki.ca_pem());
+    // Reached by address; named by `host:`, which the certificate carries.
+    let route = format!(
+        "    host: api.internal\n    tls: {{ ca_file: {} }}\n",
+        ca.display()
+    );
+    let upstream = format!("https://127.0.0.1:{}", origin.port());
+    let proxy = serve(pki.dir(), &upstream, &route, &[]).await;
+    let reply = Http::new()
+        .get(format!("{}/named", proxy.url()))
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", proxy.output());
+    assert_eq!(origin.seen().len(), 1);
+}
