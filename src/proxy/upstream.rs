@@ -50,6 +50,8 @@ pub struct Upstream {
 struct RouteClient {
     settings: Arc<UpstreamSettings>,
     client: Client<Timed, Body>,
+    /// Which client this is (a kept pool keeps its number), for tests.
+    id: u64,
 }
 
 /// Which timeout of a route fired.
@@ -176,11 +178,14 @@ impl Upstream {
             .routes
             .iter()
             .map(|route| {
-                let kept = clients
-                    .get(&route.name)
-                    .filter(|known| known.settings == route.upstream_settings)
-                    .cloned();
-                let client = kept.unwrap_or_else(|| RouteClient::new(route));
+                let client = match clients.get(&route.name) {
+                    // The new config's own value, so its requests find it by pointer.
+                    Some(known) if known.settings == route.upstream_settings => RouteClient {
+                        settings: route.upstream_settings.clone(),
+                        ..known.clone()
+                    },
+                    _ => RouteClient::new(route),
+                };
                 (route.name.clone(), client)
             })
             .collect();
@@ -188,11 +193,16 @@ impl Upstream {
     }
 
     /// The client of `route`: the prepared one, or (for a request still under a config a reload
-    /// replaced) one made for it.
+    /// replaced with other settings) one made for it.
     fn client(&self, route: &Route) -> RouteClient {
         let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
         match clients.get(&route.name) {
-            Some(known) if Arc::ptr_eq(&known.settings, &route.upstream_settings) => known.clone(),
+            Some(known)
+                if Arc::ptr_eq(&known.settings, &route.upstream_settings)
+                    || known.settings == route.upstream_settings =>
+            {
+                known.clone()
+            }
             _ => RouteClient::new(route),
         }
     }
@@ -375,9 +385,11 @@ impl RouteClient {
         if settings.protocol == Protocol::Http2 {
             builder.http2_only(true);
         }
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         RouteClient {
             client: builder.build(connector),
             settings,
+            id: MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -562,6 +574,30 @@ pub fn target(upstream: &Uri, request: &Uri) -> Result<Uri, http::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(route_lines: &str) -> Config {
+        let text = format!(
+            "routes:\n  - name: a\n    match: {{path_prefix: /}}\n    upstream: http://127.0.0.1:1\n{route_lines}"
+        );
+        crate::config::parse(&text, "corral.yaml").expect("a valid config")
+    }
+
+    #[test]
+    fn a_reload_keeps_the_pool_of_a_route_whose_upstream_settings_did_not_change() {
+        let first = config("    connect_timeout: 2s\n");
+        let upstream = Upstream::new(&first, &Metrics::new());
+        let before = upstream.client(&first.routes[0]).id;
+        // Equal settings, another value: the pool is kept, and found by the new config.
+        let same = config("    connect_timeout: 2s\n    ttl: 5m\n");
+        upstream.prepare(&same);
+        assert_eq!(upstream.client(&same.routes[0]).id, before);
+        assert_eq!(upstream.client(&first.routes[0]).id, before);
+        let other = config("    connect_timeout: 3s\n");
+        upstream.prepare(&other);
+        let after = upstream.client(&other.routes[0]).id;
+        assert_ne!(after, before);
+        assert_eq!(upstream.client(&other.routes[0]).id, after);
+    }
 
     #[test]
     fn a_failure_message_names_its_detail_on_every_replica() {
