@@ -50,7 +50,7 @@ pub struct Upstream {
 struct RouteClient {
     settings: Arc<UpstreamSettings>,
     client: Client<Timed, Body>,
-    /// Which client this is (a kept pool keeps its number), for tests.
+    /// Which client this is (a kept pool keeps its number), for the debug log and tests.
     id: u64,
 }
 
@@ -184,7 +184,12 @@ impl Upstream {
                         settings: route.upstream_settings.clone(),
                         ..known.clone()
                     },
-                    _ => RouteClient::new(route),
+                    _ => {
+                        let made = RouteClient::new(route);
+                        tracing::debug!(route = %route.name, client = made.id,
+                            "a new upstream client and pool for the route");
+                        made
+                    }
                 };
                 (route.name.clone(), client)
             })
