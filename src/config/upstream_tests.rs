@@ -283,3 +283,48 @@ fn forward_headers_join_the_key_unless_unkeyed_which_warns() {
         "{found}"
     );
 }
+
+#[test]
+fn every_other_upstream_mistake_is_placed() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let d = dir.path().display();
+    let https = "https://127.0.0.1:1";
+    let cases = [
+        (
+            format!(
+                "    tls:\n      cert_file: {d}/leaf.pem\n      key: x\n      key_file: {d}/leaf.key\n"
+            ),
+            "corral.yaml:8:17: routes[0].tls.key: set either key or key_file, not both",
+        ),
+        (
+            format!("    tls:\n      key_file: {d}/leaf.key\n"),
+            "corral.yaml:6:17: routes[0].tls.cert_file: needs tls.cert_file",
+        ),
+        (
+            format!("    upstream_headers:\n      set_file: {{X-Key: {d}/missing}}\n"),
+            "corral.yaml:6:25: routes[0].upstream_headers.set.X-Key: cannot read",
+        ),
+        (
+            "    upstream_headers:\n      set: {X-Key: a}\n      set_file: {x-key: /dev/null}\n"
+                .to_string(),
+            "corral.yaml:7:18: routes[0].upstream_headers.set.x-key: x-key is listed twice",
+        ),
+        (
+            "    forward_headers: [{name: X-A, unkeyed: maybe}]\n".to_string(),
+            "corral.yaml:5:44: routes[0].forward_headers[0].unkeyed: expected true or false",
+        ),
+        (
+            "    forward_headers: [X-A, x-a]\n".to_string(),
+            "corral.yaml:5:28: routes[0].forward_headers[1]: x-a is listed twice",
+        ),
+        (
+            "    forward_headers: [Host]\n".to_string(),
+            "corral.yaml:5:23: routes[0].forward_headers[0]: host is corral's to set",
+        ),
+    ];
+    for (lines, wanted) in cases {
+        let found = problem(&route(https, &lines));
+        assert!(found.starts_with(wanted), "{found}\nwanted: {wanted}");
+    }
+}
