@@ -1,5 +1,6 @@
-//! A route's upstream timeouts: an origin that accepts and never answers meets
-//! `response_header_timeout`, one that stalls in the middle of a body meets `read_timeout`. Each is
+//! A route's upstream timeouts: a TLS handshake that never completes meets `connect_timeout`, an
+//! origin that accepts and never answers meets `response_header_timeout`, one that stalls in the
+//! middle of a body meets `read_timeout`. Each is
 //! a 504 naming the timeout in `Cache-Status`, counted in `corral_upstream_errors_total` and
 //! logged.
 
@@ -55,9 +56,15 @@ impl Stalling {
 }
 
 async fn stalled(head: &'static [u8], route: &str, timeout: &str, detail: &str) {
+    stalled_on("http", head, route, timeout, detail).await;
+}
+
+/// A request through a route to a [`Stalling`] origin on `scheme`: answered 504 naming
+/// `timeout`, counted once and logged.
+async fn stalled_on(scheme: &str, head: &'static [u8], route: &str, timeout: &str, detail: &str) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let origin = Stalling::start(head).await;
-    let upstream = format!("http://127.0.0.1:{}", origin.port);
+    let upstream = format!("{scheme}://127.0.0.1:{}", origin.port);
     let proxy = serve(dir.path(), &upstream, route, &[]).await;
 
     let (done, finished) = oneshot::channel();
@@ -109,6 +116,19 @@ async fn an_origin_that_stalls_mid_body_meets_the_read_timeout() {
         "    max_fetch: 20s\n    read_timeout: 300ms\n",
         "read_timeout",
         "read-timeout",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_completes_meets_the_connect_timeout() {
+    // The origin takes the TCP connection and never answers the ClientHello.
+    stalled_on(
+        "https",
+        b"",
+        "    max_fetch: 20s\n    connect_timeout: 300ms\n    response_header_timeout: 10s\n",
+        "connect_timeout",
+        "connect-timeout",
     )
     .await;
 }
