@@ -379,10 +379,13 @@ impl RouteClient {
             Some(name) => tls.with_server_name_resolver(FixedServerNameResolver::new(name)),
             None => tls,
         };
+        // ALPN: h2 then http/1.1, or h2 alone for a route that speaks nothing else.
+        let tls = match settings.protocol {
+            Protocol::Negotiated => tls.enable_all_versions(),
+            Protocol::Http2 => tls.enable_http2(),
+        };
         let connector = Timed {
-            inner: tls
-                .enable_all_versions()
-                .wrap_connector(RetiringConnector::new(http)),
+            inner: tls.wrap_connector(RetiringConnector::new(http)),
             timeout: settings.connect_timeout,
         };
         let mut builder = Client::builder(TokioExecutor::new());

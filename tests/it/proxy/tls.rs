@@ -429,3 +429,37 @@ async fn the_route_host_is_the_name_sni_sends_and_the_certificate_must_carry() {
     assert_eq!(reply.status, 200, "{}", proxy.output());
     assert_eq!(origin.seen().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_http2_over_tls_offers_only_h2() {
+    let pki = Pki::new();
+    let issued = pki.issue(&["localhost"], false);
+    let tls = OriginTls {
+        issued: &issued,
+        alpn: &[b"h2", b"http/1.1"],
+        client_ca: None,
+    };
+    let (origin, proxy) = behind_proxy(&pki, tls, "    upstream_http2: true\n", &[]).await;
+    let reply = Http::new()
+        .get(format!("{}/only-h2", proxy.url()))
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", proxy.output());
+    assert_eq!(origin.seen()[0].version, Version::HTTP_2);
+
+    // An origin that speaks only HTTP/1.1 is refused at the handshake, not misread.
+    let pki = Pki::new();
+    let issued = pki.issue(&["localhost"], false);
+    let tls = OriginTls {
+        issued: &issued,
+        alpn: &[b"http/1.1"],
+        client_ca: None,
+    };
+    let (origin, proxy) = behind_proxy(&pki, tls, "    upstream_http2: true\n", &[]).await;
+    let reply = Http::new()
+        .get(format!("{}/only-h2", proxy.url()))
+        .send()
+        .await;
+    assert_eq!(reply.status, 502, "{}", proxy.output());
+    assert!(origin.seen().is_empty());
+}
