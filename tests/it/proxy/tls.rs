@@ -124,6 +124,17 @@ pub(super) struct OriginTls<'a> {
     pub client_ca: Option<String>,
 }
 
+impl<'a> OriginTls<'a> {
+    /// `issued`, offering `alpn`, asking no client certificate.
+    pub fn offering(issued: &'a Issued, alpn: &'a [&'a [u8]]) -> Self {
+        OriginTls {
+            issued,
+            alpn,
+            client_ca: None,
+        }
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -265,11 +276,7 @@ async fn behind_proxy(
 async fn a_verified_https_upstream_is_fetched_once_and_cached() {
     let pki = Pki::new();
     let issued = pki.issue(&["localhost"], false);
-    let tls = OriginTls {
-        issued: &issued,
-        alpn: &[b"http/1.1"],
-        client_ca: None,
-    };
+    let tls = OriginTls::offering(&issued, &[b"http/1.1"]);
     let (origin, proxy) = behind_proxy(&pki, tls, "", &[]).await;
 
     let http = Http::new();
@@ -292,12 +299,7 @@ async fn fetch_through(
     ca: &str,
     server_name: Option<&str>,
 ) -> (support::http::Reply, String) {
-    let origin = TlsOrigin::start(OriginTls {
-        issued,
-        alpn: &[b"http/1.1"],
-        client_ca: None,
-    })
-    .await;
+    let origin = TlsOrigin::start(OriginTls::offering(issued, &[b"http/1.1"])).await;
     let ca = pki.write("trusted.pem", ca);
     let mut route = format!("    tls:\n      ca_file: {}\n", ca.display());
     if let Some(name) = server_name {
@@ -389,11 +391,7 @@ async fn a_client_certificate_reaches_an_origin_that_requires_one() {
 async fn alpn_brings_http2_to_an_origin_that_offers_it() {
     let pki = Pki::new();
     let issued = pki.issue(&["localhost"], false);
-    let tls = OriginTls {
-        issued: &issued,
-        alpn: &[b"h2", b"http/1.1"],
-        client_ca: None,
-    };
+    let tls = OriginTls::offering(&issued, &[b"h2", b"http/1.1"]);
     let (origin, proxy) = behind_proxy(&pki, tls, "", &[]).await;
 
     let reply = Http::new().get(format!("{}/h2", proxy.url())).send().await;
@@ -408,12 +406,7 @@ async fn alpn_brings_http2_to_an_origin_that_offers_it() {
 async fn the_route_host_is_the_name_sni_sends_and_the_certificate_must_carry() {
     let pki = Pki::new();
     let issued = pki.issue(&["api.internal"], false);
-    let origin = TlsOrigin::start(OriginTls {
-        issued: &issued,
-        alpn: &[b"http/1.1"],
-        client_ca: None,
-    })
-    .await;
+    let origin = TlsOrigin::start(OriginTls::offering(&issued, &[b"http/1.1"])).await;
     let ca = pki.write("ca.pem", &pki.ca_pem());
     // Reached by address; named by `host:`, which the certificate carries.
     let route = format!(
@@ -434,11 +427,7 @@ async fn the_route_host_is_the_name_sni_sends_and_the_certificate_must_carry() {
 async fn upstream_http2_over_tls_offers_only_h2() {
     let pki = Pki::new();
     let issued = pki.issue(&["localhost"], false);
-    let tls = OriginTls {
-        issued: &issued,
-        alpn: &[b"h2", b"http/1.1"],
-        client_ca: None,
-    };
+    let tls = OriginTls::offering(&issued, &[b"h2", b"http/1.1"]);
     let (origin, proxy) = behind_proxy(&pki, tls, "    upstream_http2: true\n", &[]).await;
     let reply = Http::new()
         .get(format!("{}/only-h2", proxy.url()))
@@ -450,11 +439,7 @@ async fn upstream_http2_over_tls_offers_only_h2() {
     // An origin that speaks only HTTP/1.1 is refused at the handshake, not misread.
     let pki = Pki::new();
     let issued = pki.issue(&["localhost"], false);
-    let tls = OriginTls {
-        issued: &issued,
-        alpn: &[b"http/1.1"],
-        client_ca: None,
-    };
+    let tls = OriginTls::offering(&issued, &[b"http/1.1"]);
     let (origin, proxy) = behind_proxy(&pki, tls, "    upstream_http2: true\n", &[]).await;
     let reply = Http::new()
         .get(format!("{}/only-h2", proxy.url()))
