@@ -437,6 +437,9 @@ enum Backends {
 }
 
 async fn serve(config: Config, watch: bool, backends: Backends, report: Report) -> ExitCode {
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "the configuration asks for something to think twice about");
+    }
     let public = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {

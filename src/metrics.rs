@@ -38,6 +38,18 @@ pub const LEASE_EVENTS: [&str; 6] = [
 /// The `status_class` label of `corral_upstream_requests_total` (`error`: no answer came back).
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
+/// The `reason` label of `corral_upstream_errors_total`: why an upstream request gave no whole
+/// answer.
+pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
+    "connect",
+    "connect_timeout",
+    "tls",
+    "response_header_timeout",
+    "read_timeout",
+    "body",
+    "framing",
+];
+
 /// The `kind` label of `corral_bus_events_total`.
 pub const BUS_EVENT_KINDS: [&str; 6] = [
     "ready",
@@ -126,6 +138,8 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Upstream latency to the response head, by route, in seconds.
     pub upstream_duration: HistogramVec,
+    /// Upstream requests that failed, by route and reason ([`UPSTREAM_ERROR_REASONS`]).
+    pub upstream_errors: IntCounterVec,
     /// 1 while the bus subscription is connected (refreshed at scrape).
     pub bus_connected: IntGauge,
     /// 1 while the store answered its last probe (refreshed at scrape).
@@ -336,6 +350,11 @@ impl Metrics {
                 &["route", "status_class"],
             ),
             upstream_duration,
+            upstream_errors: counter_vec(
+                "corral_upstream_errors_total",
+                "Upstream requests that gave no whole answer, by route and reason (connect, connect_timeout, tls, response_header_timeout, read_timeout, body, framing).",
+                &["route", "reason"],
+            ),
             bus_connected: gauge(
                 "corral_bus_connected",
                 "Whether the bus subscription is connected (1) or not (0), as of this scrape.",
@@ -444,6 +463,9 @@ impl Metrics {
             self.upstream_requests.with_label_values(&[route, class]);
         }
         self.wait_timeouts.with_label_values(&[route]);
+        for reason in UPSTREAM_ERROR_REASONS {
+            self.upstream_errors.with_label_values(&[route, reason]);
+        }
         for reason in REFRESH_REASONS {
             for result in REFRESH_RESULTS {
                 self.background_refreshes

@@ -12,8 +12,8 @@ use std::time::Duration;
 use super::settings::caching_settings;
 use super::units::{format_duration, format_size};
 use super::{
-    Beta, BusSettings, Config, Limits, OnWaitTimeout, PathMatch, QueryRule, Route, RoutePolicy,
-    StoreSettings, VaryMode,
+    Beta, BusSettings, Config, KeySource, Limits, OnWaitTimeout, PathMatch, QueryRule, Route,
+    RoutePolicy, StoreSettings, VaryMode,
 };
 use crate::credentials::redact;
 use crate::engine::{ExpiryMode, OnStoreError};
@@ -32,6 +32,9 @@ pub fn digest(config: &Config) -> String {
 /// Describes `config`: the listeners and backends, then one block per route in match order.
 pub fn describe(config: &Config) -> String {
     let mut out = String::new();
+    for warning in &config.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
         let _ = writeln!(out, "{label:<WIDTH$}{value}");
     };
@@ -191,6 +194,7 @@ fn describe_route(out: &mut String, route: &Route) {
     if route.upstream_http2 {
         line(out, "upstream_http2", &true);
     }
+    describe_upstream(out, route, &line);
     describe_settings(out, &route.policy, route.cache, Section::Head, &line);
     if !route.cache {
         line(out, "cache", &"false (pass-through)");
@@ -215,6 +219,61 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "key.body", &key.body);
 
     describe_settings(out, &route.policy, true, Section::Policy, &line);
+}
+
+/// A route's TLS, headers and `Host`, when set: header values and keys only as `***`.
+fn describe_upstream(out: &mut String, route: &Route, line: Line<'_>) {
+    let settings = &route.upstream_settings;
+    let tls = &settings.tls;
+    if !tls.is_default() {
+        let mut parts = Vec::new();
+        if let Some(ca) = &tls.ca_file {
+            parts.push(format!("ca_file {}", ca.display()));
+        }
+        if let Some(cert) = &tls.cert_file {
+            parts.push(format!("cert_file {}", cert.display()));
+        }
+        match &tls.key {
+            Some(KeySource::File(path)) => parts.push(format!("key_file {}", path.display())),
+            Some(KeySource::Inline) => parts.push("key ***".into()),
+            None => {}
+        }
+        if let Some(name) = &tls.server_name {
+            parts.push(format!("server_name {name}"));
+        }
+        line(out, "tls", &parts.join(", "));
+    }
+    if let Some(host) = settings.host.as_ref().and_then(|h| h.to_str().ok()) {
+        line(out, "host", &format!("{host} (sent upstream)"));
+    }
+    let headers = &settings.headers;
+    let hidden = |list: &[(http::HeaderName, http::HeaderValue)]| {
+        list.iter()
+            .map(|(name, _)| format!("{name}: ***"))
+            .collect::<Vec<_>>()
+    };
+    if !headers.set.is_empty() {
+        line(
+            out,
+            "upstream_headers.set",
+            &hidden(&headers.set).join(", "),
+        );
+    }
+    if !headers.add.is_empty() {
+        line(
+            out,
+            "upstream_headers.add",
+            &hidden(&headers.add).join(", "),
+        );
+    }
+    if !headers.remove.is_empty() {
+        let names = list(headers.remove.iter().map(|h| h.as_str()));
+        line(out, "upstream_headers.remove", &names);
+    }
+    if !route.forward_unkeyed.is_empty() {
+        let names = list(route.forward_unkeyed.iter().map(|h| h.as_str()));
+        line(out, "forward_headers", &format!("{names} (unkeyed)"));
+    }
 }
 
 /// Where in a route's description a setting is shown, and when.

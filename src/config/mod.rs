@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
@@ -41,10 +42,12 @@ mod interpolate;
 mod schema;
 mod settings;
 mod units;
+mod upstream;
 mod validate;
 
 pub use describe::{describe, digest};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
+pub use upstream::{KeySource, Protocol, UpstreamHeaders, UpstreamSettings, UpstreamTls};
 
 /// `admin.listen` when the file leaves it out: loopback only, on the port the shipped configs,
 /// the image and the `corral healthcheck` and `corral purge` clients all use.
@@ -86,6 +89,9 @@ pub struct Config {
     /// `require_auth` was set (anywhere), and validation found every backend it covers proving
     /// an identity.
     pub require_auth: bool,
+    /// What the file allows but should think twice about, each at its place: `corral check`
+    /// prints them and the server logs them at start.
+    pub warnings: Vec<Problem>,
 }
 
 /// The listeners' limits (`limits:`): every connection and request head is bounded, so a slow or
@@ -207,6 +213,13 @@ pub struct Route {
     pub cache: bool,
     pub key: KeyRules,
     pub policy: RoutePolicy,
+    /// TLS, timeouts and headers of the upstream requests: one value shared by every server
+    /// the route sends to.
+    pub upstream_settings: Arc<UpstreamSettings>,
+    /// Client headers a cacheable fetch forwards although the key does not hold them
+    /// (`forward_headers` marked `unkeyed`): the first requester's value is sent for everyone.
+    /// Those the key holds are in [`KeyRules::headers`].
+    pub forward_unkeyed: Vec<HeaderName>,
 }
 
 #[derive(Clone, Debug)]
@@ -396,7 +409,10 @@ pub fn parse_with_env(
     let file = document::read(text, env, &mut problems);
     let config = file.and_then(|file| validate::validate(file, &mut problems));
     match config {
-        Some(config) if problems.is_empty() => Ok(config),
+        Some(mut config) if problems.is_empty() => {
+            config.warnings = std::mem::take(&mut problems.warnings);
+            Ok(config)
+        }
         _ => Err(problems.into_error()),
     }
 }
@@ -414,6 +430,8 @@ struct Place {
 struct Problems {
     file: String,
     list: Vec<Problem>,
+    /// Warnings: reported, not refused.
+    warnings: Vec<Problem>,
     /// Field paths already reported: one problem per field is enough, and a second one is
     /// usually a consequence of the first (a value of the wrong shape is also "missing"; a
     /// mistyped `path_prefx` leaves its `match` with no path).
@@ -425,6 +443,7 @@ impl Problems {
         Problems {
             file: file.to_string(),
             list: Vec::new(),
+            warnings: Vec::new(),
             reported: Vec::new(),
         }
     }
@@ -459,6 +478,16 @@ impl Problems {
         self.list.is_empty()
     }
 
+    /// Records a warning about the field at `path`.
+    fn warn(&mut self, place: Place, path: &str, message: impl std::fmt::Display) {
+        self.warnings.push(Problem {
+            file: self.file.clone(),
+            line: place.line,
+            column: place.column,
+            message: format!("{path}: {message}"),
+        });
+    }
+
     /// The problems in file order.
     fn into_error(mut self) -> ConfigError {
         self.list.sort_by_key(|p| (p.line, p.column));
@@ -470,3 +499,5 @@ impl Problems {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upstream_tests;

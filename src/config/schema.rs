@@ -100,6 +100,70 @@ pub struct TlsFile {
     pub key_file: Option<Text>,
 }
 
+/// A route's `tls:`: what it trusts besides the usual roots, what it shows, the name it checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    pub ca_file: Option<Text>,
+    pub cert_file: Option<Text>,
+    pub key_file: Option<Text>,
+    /// The key's PEM text itself (usually `${VAR}`).
+    pub key: Option<Text>,
+    pub server_name: Option<Text>,
+}
+
+/// `upstream_headers: {set: {...}, add: {...}, remove: [...]}`; `set_file`/`add_file` read each
+/// value from a file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamHeadersFile {
+    pub set: Option<Spanned<HashMap<Text, Text>>>,
+    pub set_file: Option<Spanned<HashMap<Text, Text>>>,
+    pub add: Option<Spanned<HashMap<Text, Text>>>,
+    pub add_file: Option<Spanned<HashMap<Text, Text>>>,
+    pub remove: Option<Vec<Text>>,
+}
+
+/// One of `forward_headers:`: a name (keyed), or `{name: ..., unkeyed: true}`.
+#[derive(Debug)]
+pub enum ForwardFile {
+    Name(String),
+    Entry(ForwardEntryFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardEntryFile {
+    pub name: Option<Text>,
+    pub unkeyed: Option<Text>,
+}
+
+// Written by hand for the same reason as `QueryFile`'s.
+impl<'de> Deserialize<'de> for ForwardFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ForwardVisitor;
+
+        impl<'de> Visitor<'de> for ForwardVisitor {
+            type Value = ForwardFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a header name or {name: ..., unkeyed: true}")
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<ForwardFile, E> {
+                Ok(ForwardFile::Name(name.to_string()))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<ForwardFile, M::Error> {
+                ForwardEntryFile::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ForwardFile::Entry)
+            }
+        }
+
+        deserializer.deserialize_any(ForwardVisitor)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct L1File {
@@ -130,6 +194,14 @@ macro_rules! policy_file {
             pub upstream_http2: Option<Text>,
             pub cache: Option<Text>,
             pub key: Option<Spanned<KeyFile>>,
+            /// TLS to an https upstream.
+            pub tls: Option<Spanned<UpstreamTlsFile>>,
+            /// Headers added to, or removed from, every upstream request.
+            pub upstream_headers: Option<Spanned<UpstreamHeadersFile>>,
+            /// The `Host` sent upstream instead of the upstream url's.
+            pub host: Option<Text>,
+            /// Client headers forwarded on cacheable fetches.
+            pub forward_headers: Option<Spanned<Vec<Spanned<ForwardFile>>>>,
             $(pub $name: Option<$file>,)*
         }
 

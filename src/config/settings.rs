@@ -108,6 +108,18 @@ macro_rules! caching_settings {
             /// waits for a slot within its wait timeout, then gets 503.
             max_upstream_fetches: usize = 512,
                 file: Text, check: parsed(count), show: Head(count);
+            /// Longest wait to connect to the upstream: TCP and, for https, the TLS handshake.
+            /// At most `max_fetch`; left out, 5s or `max_fetch` if shorter.
+            connect_timeout: Duration = Duration::from_secs(5),
+                file: Text, check: parsed(positive_duration), show: Head(duration);
+            /// Longest wait from sending a request upstream (its connect included) to the
+            /// response head. At most `max_fetch`; left out, 30s or `max_fetch` if shorter.
+            response_header_timeout: Duration = Duration::from_secs(30),
+                file: Text, check: parsed(positive_duration), show: Head(duration);
+            /// Longest silence between two chunks of an upstream response body. At most
+            /// `max_fetch`; left out, 30s or `max_fetch` if shorter.
+            read_timeout: Duration = Duration::from_secs(30),
+                file: Text, check: parsed(positive_duration), show: Head(duration);
             /// What a cacheable request gets while the store cannot be reached: `Open` degrades
             /// to one fetch per key per replica, `Closed` answers 503.
             on_store_error: OnStoreError = OnStoreError::Open,

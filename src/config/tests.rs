@@ -418,7 +418,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits, require_auth)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker, username, password, password_file, token, token_file, nkey_seed, nkey_seed_file, creds_file, sentinel_username, sentinel_password, sentinel_password_file, tls, require_auth)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, on_store_error)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, tls, upstream_headers, host, forward_headers, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, connect_timeout, response_header_timeout, read_timeout, on_store_error)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -857,17 +857,6 @@ route everything-else
   cache                 false (pass-through)
 ";
     assert_eq!(describe(&config), expected);
-}
-
-#[test]
-fn https_upstreams_are_refused_until_the_client_speaks_tls() {
-    let text = "routes:\n  - name: a\n    match: {path_prefix: /}\n    upstream: https://api.example.com\n";
-    let found = problem(text);
-    assert!(found.starts_with("corral.yaml:4:15: "), "{found}");
-    assert!(
-        found.contains("https upstreams are not supported yet"),
-        "{found}"
-    );
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::store::breaker::BreakerSettings;
 
 mod credentials;
 mod routes;
+mod upstream;
 mod values;
 
 use values::*;
@@ -327,6 +328,7 @@ impl Checker<'_> {
             store_credentials,
             bus_credentials,
             require_auth,
+            warnings: Vec::new(),
         })
     }
 

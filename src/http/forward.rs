@@ -8,7 +8,9 @@
 //! and that answer would then be shared with clients who sent something else. [`forward_headers`]
 //! therefore forwards, for a cacheable request, only:
 //!
-//! - the headers the route keys on;
+//! - the headers the route keys on (`forward_headers` names join them);
+//! - the headers `forward_headers` marks `unkeyed`: the first requester's value is sent for
+//!   everyone who shares the answer, which `corral check` warns about;
 //! - the cookies the route keys on, as the key read them, in a rebuilt `Cookie` header;
 //! - when the route keys on the body, `Content-Length` and the body-describing headers it keys with
 //!   it ([`crate::http::key::BODY_HEADERS`]);
@@ -88,6 +90,7 @@ pub fn forward_headers(
             keys_header(route, name)
         } else if cacheable {
             in_key(route, name)
+                || route.forward_unkeyed.contains(name)
                 || (route.key.body && *name == header::CONTENT_LENGTH)
                 || (route.policy.vary == VaryMode::Honor && variant_header(name))
         } else {
@@ -187,6 +190,18 @@ mod tests {
         assert_eq!(out["accept"], "application/json");
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["via"], "1.1 corral");
+    }
+
+    #[test]
+    fn an_unkeyed_forwarded_header_reaches_the_upstream_outside_the_key() {
+        let r = route_with(|r| r.forward_unkeyed = vec![header::USER_AGENT]);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(
+            names_of(&out),
+            ["user-agent", "via", "x-forwarded-proto"],
+            "{out:?}"
+        );
+        assert_eq!(out["user-agent"], "curl/8");
     }
 
     #[test]

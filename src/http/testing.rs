@@ -45,6 +45,8 @@ pub fn route() -> Route {
             honor_client_no_store: true,
             ..RoutePolicy::default()
         },
+        upstream_settings: Default::default(),
+        forward_unkeyed: Vec::new(),
     }
 }
 

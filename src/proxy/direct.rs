@@ -55,13 +55,9 @@ impl Direct<'_> {
         let asked = tokio::time::Instant::now();
         let sent = tokio::time::timeout(
             policy.max_fetch,
-            self.proxy.upstream.send(
-                self.route.upstream_http2,
-                self.method.clone(),
-                uri,
-                headers,
-                body,
-            ),
+            self.proxy
+                .upstream
+                .send(self.route, self.method.clone(), uri, headers, body),
         )
         .await;
         let status = match &sent {
@@ -94,10 +90,13 @@ impl Direct<'_> {
             }
             Ok(Err(UpstreamError::RequestBodyTooLarge)) => body_too_large(),
             Ok(Err(error)) => plain(
-                StatusCode::BAD_GATEWAY,
+                error.status(),
                 format!("corral: {error}\n"),
                 Outcome::Bypass,
-                "upstream-unreachable",
+                match upstream::failure_detail(&error.to_string()) {
+                    "upstream-error" => "upstream-unreachable",
+                    detail => detail,
+                },
             ),
         }
     }

@@ -198,7 +198,7 @@ impl Fetch {
             .proxy
             .upstream
             .send(
-                route.upstream_http2,
+                route,
                 self.request.method.clone(),
                 forward.uri.clone(),
                 forward.headers.clone(),
@@ -207,10 +207,10 @@ impl Fetch {
             .await;
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
-        let response = sent.map_err(|error| unreachable_error(error.to_string()))?;
+        let response = sent.map_err(|error| unreachable_error(&error))?;
         upstream::buffer(response, route.policy.max_body)
             .await
-            .map_err(|error| unreachable_error(error.to_string()))
+            .map_err(|error| unreachable_error(&error))
     }
 
     /// What a whole answer is: a failure for everyone, shared (and stored), or private to the
@@ -305,10 +305,11 @@ fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
     tags
 }
 
-/// The failure every waiter gets when the upstream cannot be reached.
-fn unreachable_error(message: String) -> BuildError {
+/// The failure every waiter gets when the upstream cannot be reached (504 when it timed out).
+fn unreachable_error(error: &upstream::UpstreamError) -> BuildError {
+    let message = error.to_string();
     let mut response = entry(
-        StatusCode::BAD_GATEWAY,
+        error.status(),
         &HeaderMap::new(),
         Bytes::from(format!("corral: {message}\n")),
         Duration::ZERO,

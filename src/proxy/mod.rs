@@ -42,7 +42,6 @@ mod upstream;
 mod variant;
 
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use axum::Router;
 use http::{HeaderMap, Method, Uri};
@@ -56,9 +55,6 @@ pub use respond::Outcome;
 pub use route::route_for;
 use slots::UpstreamSlots;
 use upstream::Upstream;
-
-/// How long connecting to an upstream may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a request needs; shared by every request of one replica.
 pub struct Proxy {
@@ -106,8 +102,8 @@ impl Proxy {
     pub fn new(config: Arc<Config>, engine: Engine) -> Self {
         add_routes(&engine, &config);
         Self {
+            upstream: Upstream::new(&config, engine.metrics()),
             engine,
-            upstream: Upstream::new(CONNECT_TIMEOUT),
             live: RwLock::new(Arc::new(Snapshot::new(config))),
             lifecycle: crate::lifecycle::Lifecycle::new(),
             slots: UpstreamSlots::default(),
@@ -132,6 +128,7 @@ impl Proxy {
     /// with. The caller has decided what of `config` may change without a restart.
     pub fn replace(&self, config: Config) {
         add_routes(&self.engine, &config);
+        self.upstream.prepare(&config);
         let snapshot = Arc::new(Snapshot::new(Arc::new(config)));
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
     }

@@ -118,7 +118,7 @@ pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bo
                 entry,
                 Outcome::Miss,
                 false,
-                Some("upstream-error"),
+                Some(super::upstream::failure_detail(&failure.message)),
                 None,
                 head,
             ),
@@ -197,8 +197,9 @@ fn streamed(overflow: Overflow, detail: Option<&str>, head: bool) -> Answered {
         Body::empty()
     } else {
         let prefix = overflow.prefix;
-        let stream = futures::stream::once(async move { Ok::<_, hyper::Error>(prefix) })
-            .chain(overflow.rest.into_data_stream());
+        let stream =
+            futures::stream::once(async move { Ok::<_, super::upstream::ReadError>(prefix) })
+                .chain(overflow.rest.into_data_stream());
         Body::from_stream(stream)
     };
     finish(

@@ -2,6 +2,7 @@
 //! `defaults:`, refused where they contradict each other or the store.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -123,12 +124,29 @@ impl Checker<'_> {
             false,
             boolean,
         );
-        let key = match route.key.as_deref() {
+        let mut key = match route.key.as_deref() {
             None => Some(KeyRules::default()),
             Some(key) => self.key(key, &format!("{prefix}.key")),
         };
+        let forward = self.forward_headers(
+            route.forward_headers.as_ref(),
+            &format!("{prefix}.forward_headers"),
+        );
+        // A keyed forwarded header is a key header: the key holds it, so the fetch may send it.
+        if let (Some(key), Some((keyed, _))) = (&mut key, &forward) {
+            key.headers.extend(keyed.iter().cloned());
+            key.headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            key.headers.dedup();
+        }
         let layer = self.layer(&route.policy(), &prefix).over(defaults);
         let policy = self.policy(&layer, &prefix, nats_store);
+        let settings = self.upstream_settings(
+            route,
+            &prefix,
+            upstream.as_ref(),
+            upstream_http2,
+            policy.as_ref(),
+        );
         Some(Route {
             name: name?,
             matcher: matcher?,
@@ -137,6 +155,8 @@ impl Checker<'_> {
             upstream_http2: upstream_http2?,
             key: key?,
             policy: policy?,
+            upstream_settings: Arc::new(settings?),
+            forward_unkeyed: forward?.1,
         })
     }
 
@@ -341,8 +361,34 @@ impl Checker<'_> {
 
     /// A route's effective policy, refusing values that contradict each other or the store.
     fn policy(&mut self, layer: &Layer, prefix: &str, nats_store: bool) -> Option<RoutePolicy> {
-        let policy = layer.policy();
+        let mut policy = layer.policy();
         let mut ok = true;
+        // Each upstream timeout bounds one part of a fetch that max_fetch bounds whole: one
+        // written longer is refused, a default longer is cut to it.
+        let max_fetch = policy.max_fetch;
+        for timeout in [
+            &layer.connect_timeout,
+            &layer.response_header_timeout,
+            &layer.read_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|timeout| timeout.value > max_fetch)
+        {
+            let invalid = Invalid::MinAboveMax {
+                value: format_duration(timeout.value),
+                other: layer
+                    .max_fetch
+                    .as_ref()
+                    .map_or("max_fetch (default)".to_string(), |set| set.path.clone()),
+                other_value: format_duration(max_fetch),
+            };
+            self.report(timeout.place, &timeout.path, invalid);
+            ok = false;
+        }
+        policy.connect_timeout = policy.connect_timeout.min(max_fetch);
+        policy.response_header_timeout = policy.response_header_timeout.min(max_fetch);
+        policy.read_timeout = policy.read_timeout.min(max_fetch);
         if nats_store
             && let Some(lease) = &layer.lease_ttl
             && lease.value < Duration::from_secs(1)

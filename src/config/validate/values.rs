@@ -266,10 +266,6 @@ pub(super) fn upstream(text: &str) -> Result<Uri, Invalid> {
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
         return Err(bad("must be an absolute http or https url"));
     }
-    if uri.scheme_str() == Some("https") {
-        // The upstream client speaks plain HTTP only; refusing here beats a 502 on every request.
-        return Err(bad("https upstreams are not supported yet: use http"));
-    }
     if uri.query().is_some() {
         return Err(bad("must not carry a query"));
     }

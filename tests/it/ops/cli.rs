@@ -404,6 +404,7 @@ async fn the_example_configs_pass_check() {
             "distributed.yaml",
             &["reports", "filtered", "search", "rest"][..],
         ),
+        ("upstreams.yaml", &["weather"][..]),
     ] {
         let file = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("config")
@@ -416,6 +417,7 @@ async fn the_example_configs_pass_check() {
             "CORRAL_ADMIN_TOKEN",
             "REDIS_URL",
             "NATS_URL",
+            "WEATHER_API_KEY",
         ] {
             cmd.env_remove(var);
         }
