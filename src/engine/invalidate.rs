@@ -38,15 +38,16 @@ impl Engine {
         self.inner.generations.get(route)
     }
 
-    /// Keys `routes` by their generations: reads each from the store now, and again whenever the
-    /// bus resyncs (events may have been lost) or a read failed. A route not tracked here is keyed
+    /// Keys `routes` by their generations: reads each from the store now, again whenever the bus
+    /// resyncs (events may have been lost) or a read failed, and one route whenever a GENERATION
+    /// event names it (the event's number is never taken: only the store's). A route not tracked here is keyed
     /// at generation 0 whatever the store says. A store that does not answer now is logged and
     /// retried in the background.
     pub async fn track_generations<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
         for route in routes {
             self.inner.generations.track(route);
         }
-        let complete = load_generations(&self.inner).await;
+        let complete = load_generations(&self.inner, self.inner.generations.routes()).await;
         if !self
             .inner
             .generations_followed
@@ -57,16 +58,19 @@ impl Engine {
     }
 
     /// Purges a whole route in O(1): bumps its generation in the store, so every key of the old
-    /// generation is unreachable on every process (those entries expire on their own TTL).
-    /// Answers the new generation.
+    /// generation is unreachable on every process (those entries expire on their own TTL). This
+    /// process keys the route by the new generation before it answers; the others re-read it when
+    /// they hear the GENERATION event (or at their next resync, if the event is lost). Answers the
+    /// new generation.
     pub async fn purge_route(&self, route: &str) -> Result<u64, EngineError> {
         let inner = &self.inner;
         let key = generation_key(route);
+        let ticket = inner.generations.ticket();
         let generation = calls::store_call(inner, "bump_generation", || {
             inner.store.bump_generation(route, &key)
         })
         .await?;
-        inner.generations.raise(route, generation);
+        inner.generations.set(route, generation, ticket);
         if !inner.store.announces() {
             let event = Event::new(key, EventKind::Generation { generation });
             calls::announce(inner, &key, event.encode()).await;
@@ -102,16 +106,19 @@ impl Engine {
     }
 }
 
-/// Reads every tracked generation from the store; false when some read failed.
-async fn load_generations(inner: &Inner) -> bool {
+/// Reads `routes`' generations from the store and sets them; false when some read failed.
+async fn load_generations(inner: &Inner, routes: Vec<Arc<str>>) -> bool {
     let mut complete = true;
-    for route in inner.generations.routes() {
+    for route in routes {
+        let ticket = inner.generations.ticket();
         match calls::store_call(inner, "route_generation", || {
             inner.store.route_generation(&route)
         })
         .await
         {
-            Ok(generation) => inner.generations.raise(&route, generation),
+            Ok(generation) => {
+                inner.generations.set(&route, generation, ticket);
+            }
             Err(error) => {
                 complete = false;
                 tracing::warn!(%route, %error, "could not read the route's generation; retrying");
@@ -121,19 +128,32 @@ async fn load_generations(inner: &Inner) -> bool {
     complete
 }
 
-/// Re-reads generations after each bus resync, and after a failed read; ends with the engine.
+/// Re-reads every generation after each bus resync and after a failed read, and the routes
+/// GENERATION events named after each prompt; ends with the engine.
 async fn follow_generations(inner: Weak<Inner>, mut complete: bool) {
-    let (mut resyncs, mut shutdown) = match inner.upgrade() {
+    let (mut wake, mut shutdown) = match inner.upgrade() {
         Some(inner) => (inner.generations.subscribe(), inner.shutdown.subscribe()),
         None => return,
     };
+    let mut seen = *wake.borrow_and_update();
     loop {
         tokio::select! {
-            changed = resyncs.changed() => if changed.is_err() { return },
+            changed = wake.changed() => if changed.is_err() { return },
             changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return },
             () = tokio::time::sleep(GENERATION_RETRY), if !complete => {}
         }
+        let now = *wake.borrow_and_update();
         let Some(inner) = inner.upgrade() else { return };
-        complete = load_generations(&inner).await;
+        // Taken before the reads, so a prompt that lands during them is read again next time.
+        let prompted = inner.generations.take_prompted();
+        let everything = !complete || now.resyncs != seen.resyncs;
+        seen = now;
+        let routes = if everything {
+            inner.generations.routes()
+        } else {
+            prompted
+        };
+        // A failed read (of one route or of all) is retried as a read of all.
+        complete = load_generations(&inner, routes).await;
     }
 }

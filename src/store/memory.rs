@@ -398,11 +398,13 @@ impl Store for MemoryStore {
     }
 
     async fn bump_generation(&self, route: &str, _key: &KeyHash) -> Result<u64, StoreError> {
-        Ok(self.with(|state, _| {
+        self.with(|state, _| {
             let generation = state.generations.entry(route.to_owned()).or_insert(0);
-            *generation += 1;
-            *generation
-        }))
+            *generation = generation.checked_add(1).ok_or_else(|| {
+                StoreError::Protocol("bump_generation: the generation is at its maximum".into())
+            })?;
+            Ok(*generation)
+        })
     }
 
     async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {

@@ -61,7 +61,11 @@ impl NatsKvStore {
         self.bounded("bump_generation", async {
             for _ in 0..CAS_ROUNDS {
                 let (revision, generation) = self.generation_record("bump_generation", key).await?;
-                let next = generation + 1;
+                // Only a writer of the store could have put the record this high; refuse rather
+                // than wrap to a generation that was used before.
+                let next = generation.checked_add(1).ok_or_else(|| {
+                    StoreError::Protocol("bump_generation: the generation is at its maximum".into())
+                })?;
                 let message = PublishMessage::build()
                     .header(GENERATION, next.to_string())
                     .expected_last_subject_sequence(revision);

@@ -211,3 +211,124 @@ async fn forged_payloads_on_the_redis_bus_never_answer_a_wait() {
     forged_payloads_never_answer_a_wait(&backing, async || Forger::Redis(redis.client().await))
         .await;
 }
+
+// ------------------------------------------------------------------ forged GENERATION ----
+
+/// The digest replica `i` keys `url` with now.
+async fn key_on(proxy: &ProxyCluster, i: usize, url: &str) -> String {
+    let status = proxy.status(i, TOKEN, url).await;
+    assert_eq!(status.status, 200, "{}", status.text());
+    status.json()["key"].as_str().expect("a key").to_owned()
+}
+
+/// A GENERATION event with the largest number, about the route `rest`, published by someone who
+/// can publish on the bus but not write the store. It may cost a store read of the route's
+/// generation; it must not move any replica's keys, nor make a later route purge a no-op that
+/// answers "purged", nor make a restarted replica key the route apart from the others.
+async fn a_forged_generation_moves_nothing(backing: &str, forger: impl AsyncFnOnce() -> Forger) {
+    let upstream = Upstream::start().await.distinct_bodies("/gen");
+    let yaml = fill(
+        CONFIG,
+        &[("backing", backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/gen/report";
+    let old = proxy.get(0, url).send().await.text();
+    for i in 0..2 {
+        assert_eq!(
+            proxy.get(i, url).send().await.text(),
+            old,
+            "replica {i} warm"
+        );
+    }
+    let keys = [key_on(&proxy, 0, url).await, key_on(&proxy, 1, url).await];
+    assert_eq!(keys[0], keys[1]);
+
+    let heard = "corral_bus_events_total{kind=\"generation\"}";
+    let reads = "corral_store_operations_total{op=\"route_generation\",result=\"ok\"}";
+    let mut before = Vec::new();
+    for i in 0..2 {
+        before.push((
+            metric(&proxy, i, heard).await,
+            metric(&proxy, i, reads).await,
+        ));
+    }
+    let mut forger = forger().await;
+    let route = corral::key::generation_key("rest");
+    let forged = Event::new(
+        route,
+        EventKind::Generation {
+            generation: u64::MAX,
+        },
+    );
+    forger.publish(&route, forged.encode()).await;
+    for (i, (heard_before, reads_before)) in before.into_iter().enumerate() {
+        eventually(
+            &format!("replica {i} hears the forged GENERATION and re-reads the store"),
+            || async {
+                metric(&proxy, i, heard).await > heard_before
+                    && metric(&proxy, i, reads).await > reads_before
+            },
+        )
+        .await;
+        assert_eq!(key_on(&proxy, i, url).await, keys[i], "replica {i} moved");
+    }
+
+    // A route purge takes effect, and says so truthfully.
+    let reply = proxy
+        .admin(0, Method::POST, "/admin/purge")
+        .bearer(TOKEN)
+        .json(&serde_json::json!({"route": "rest"}))
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let answer = reply.json();
+    assert_eq!(answer["purged"], serde_json::json!(true), "{answer}");
+    assert_eq!(answer["generation"], serde_json::json!(1), "{answer}");
+    assert_eq!(answer["previous"], serde_json::json!(0), "{answer}");
+    let fresh = proxy.get(0, url).send().await;
+    assert_eq!(fresh.x_cache(), "MISS", "the purge changed nothing");
+    assert_ne!(fresh.text(), old);
+    eventually("replica 1 drops the purged route", || async {
+        proxy.get(1, url).send().await.text() == fresh.text()
+    })
+    .await;
+    assert_eq!(
+        upstream.hits(url),
+        2,
+        "one fetch before the purge, one after"
+    );
+
+    // A replica that starts now keys the route as the others do.
+    let late = ProxyCluster::start(1, &yaml, None).await;
+    let now = key_on(&proxy, 0, url).await;
+    assert_ne!(now, keys[0], "the purge changed the key");
+    assert_eq!(key_on(&proxy, 1, url).await, now);
+    assert_eq!(key_on(&late, 0, url).await, now, "a restarted replica");
+    assert_eq!(late.get(0, url).send().await.text(), fresh.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_generation_on_the_nats_bus_moves_nothing() {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
+        redis.url(),
+        nats.url()
+    );
+    a_forged_generation_moves_nothing(&backing, async || {
+        Forger::Nats(
+            async_nats::connect(nats.url())
+                .await
+                .expect("connect to NATS"),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_generation_on_the_redis_bus_moves_nothing() {
+    let redis = TestRedis::start().await;
+    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
+    a_forged_generation_moves_nothing(&backing, async || Forger::Redis(redis.client().await)).await;
+}
