@@ -4,17 +4,27 @@
 //! A prefix or tag purge is a loop of single-key purges ([`Engine::delete`]), each of which steals
 //! the key's lease (so a fill still running cannot commit) and drops every process's L1 copy
 //! through the bus; it runs [`PURGE_CONCURRENCY`] of them at once.
+//!
+//! An invalidation after a successful unsafe request ([`Engine::invalidate`]) has nobody to answer
+//! a failure to: when the store does not take it, every process's L1 copy is dropped through the
+//! bus at once, and the store purge is retried in the background with backoff for up to
+//! [`INVALIDATION_RETRY_WINDOW`]; one that still fails is counted in
+//! `corral_invalidations_failed_total`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
 
+use tokio::time::Instant;
+
 use super::{Engine, EngineError, Inner, calls};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 use crate::key::generation_key;
-use crate::store::{IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector};
+use crate::store::{
+    IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector, StoreError,
+};
 
 /// Single-key purges of one prefix or tag purge in flight at once.
 const PURGE_CONCURRENCY: usize = 16;
@@ -22,6 +32,22 @@ const PURGE_CONCURRENCY: usize = 16;
 /// Pause before reading generations again after a read failed (store down at start or after a
 /// resync).
 const GENERATION_RETRY: Duration = Duration::from_secs(1);
+
+/// How long an invalidation the store did not take keeps being retried.
+pub const INVALIDATION_RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// First pause before retrying an invalidation; doubled up to [`INVALIDATION_RETRY_MAX_DELAY`].
+const INVALIDATION_RETRY_DELAY: Duration = Duration::from_millis(100);
+const INVALIDATION_RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// What [`Engine::invalidate`] did before it answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The store took the purge; `existed` says whether anything was stored.
+    Purged { existed: bool },
+    /// The store did not answer: every L1 copy was dropped, and the store purge is being retried
+    /// in the background.
+    Retrying,
+}
 
 /// What a purge of many keys did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +72,13 @@ impl Engine {
     pub async fn track_generations<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
         for route in routes {
             self.inner.generations.track(route);
+            // Every series an alert on lost invalidations may watch exists from the start.
+            for reason in crate::metrics::INVALIDATION_FAILURES {
+                self.inner
+                    .metrics
+                    .invalidations_failed
+                    .with_label_values(&[route, reason]);
+            }
         }
         let complete = load_generations(&self.inner, self.inner.generations.routes()).await;
         if !self
@@ -99,10 +132,79 @@ impl Engine {
         Ok(Purged { existed, covered })
     }
 
+    /// Purges `key` of `route` after a successful unsafe request to it: as [`Engine::delete`]; if
+    /// the store does not take it, announces the delete on the bus (so every L1 copy drops now)
+    /// and retries the store purge in the background (see the module docs).
+    pub async fn invalidate(&self, route: &str, key: &KeyHash) -> Invalidation {
+        let error = match self.delete(key).await {
+            Ok(existed) => return Invalidation::Purged { existed },
+            Err(EngineError::Store(error)) => error,
+            Err(other) => StoreError::Unavailable(other.to_string()),
+        };
+        let inner = &self.inner;
+        tracing::warn!(%route, %key, %error, "the store did not take an invalidation; retrying");
+        // A store that announces its own writes did not write, so nobody announced the delete.
+        calls::announce(inner, key, Event::new(*key, EventKind::Deleted).encode()).await;
+        let (engine, route, key) = (self.clone(), Arc::<str>::from(route), *key);
+        super::refresh::spawn(inner, async move { engine.retry_invalidation(&route, &key, error).await });
+        Invalidation::Retrying
+    }
+
+    /// Retries [`Engine::delete`] of `key` with backoff until it lands, the window closes or the
+    /// engine closes; counts what did not land.
+    async fn retry_invalidation(&self, route: &str, key: &KeyHash, mut last: StoreError) {
+        let inner = &self.inner;
+        let deadline = Instant::now() + INVALIDATION_RETRY_WINDOW;
+        let mut shutdown = inner.shutdown.subscribe();
+        let mut delay = INVALIDATION_RETRY_DELAY;
+        let reason = loop {
+            let pause = delay.min(deadline.saturating_duration_since(Instant::now()));
+            if pause.is_zero() {
+                break failure_reason(&last);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait_for(|closing| *closing) => break "shutdown",
+            }
+            match tokio::time::timeout_at(deadline, self.delete(key)).await {
+                Ok(Ok(existed)) => {
+                    inner
+                        .metrics
+                        .purged_keys
+                        .with_label_values(&["unsafe_method"])
+                        .inc_by(u64::from(existed));
+                    tracing::info!(%route, %key, "an invalidation landed on a retry");
+                    return;
+                }
+                Ok(Err(EngineError::Store(error))) => last = error,
+                Ok(Err(other)) => last = StoreError::Unavailable(other.to_string()),
+                Err(_) => last = StoreError::Timeout { op: "purge" },
+            }
+            delay = (delay * 2).min(INVALIDATION_RETRY_MAX_DELAY);
+        };
+        inner
+            .metrics
+            .invalidations_failed
+            .with_label_values(&[route, reason])
+            .inc();
+        tracing::error!(%route, %key, %reason, error = %last,
+            "an invalidation was lost: the store did not take it; stored copies stay until they expire");
+    }
+
     /// Records a key in the purge indexes (its route's paths, its tags).
     pub async fn index(&self, entry: &IndexEntry) -> Result<(), EngineError> {
         let inner = &self.inner;
         Ok(calls::store_call(inner, "index", || inner.store.index(entry)).await?)
+    }
+}
+
+/// The `reason` label of `corral_invalidations_failed_total` for the last error.
+fn failure_reason(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Timeout { .. } => "timeout",
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Protocol(_) => "protocol",
+        StoreError::CircuitOpen { .. } => "circuit_open",
     }
 }
 

@@ -45,7 +45,7 @@ pub use backend::{
 };
 pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
 pub use flight::Source;
-pub use invalidate::Purged;
+pub use invalidate::{INVALIDATION_RETRY_WINDOW, Invalidation, Purged};
 
 use crate::bus::{Bus, Event, EventKind};
 use crate::envelope::Entry;
