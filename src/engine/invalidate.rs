@@ -22,9 +22,7 @@ use super::{Engine, EngineError, Inner, calls};
 use crate::bus::{Event, EventKind};
 use crate::key::KeyHash;
 use crate::key::generation_key;
-use crate::store::{
-    IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector, StoreError,
-};
+use crate::store::{IndexEntry, MAX_INDEXED_PER_ROUTE, MAX_INDEXED_PER_TAG, Selector, StoreError};
 
 /// Single-key purges of one prefix or tag purge in flight at once.
 const PURGE_CONCURRENCY: usize = 16;
@@ -146,7 +144,9 @@ impl Engine {
         // A store that announces its own writes did not write, so nobody announced the delete.
         calls::announce(inner, key, Event::new(*key, EventKind::Deleted).encode()).await;
         let (engine, route, key) = (self.clone(), Arc::<str>::from(route), *key);
-        super::refresh::spawn(inner, async move { engine.retry_invalidation(&route, &key, error).await });
+        super::refresh::spawn(inner, async move {
+            engine.retry_invalidation(&route, &key, error).await
+        });
         Invalidation::Retrying
     }
 

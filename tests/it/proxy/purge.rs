@@ -12,9 +12,9 @@ use std::sync::Mutex;
 
 use http::Method;
 use serde_json::{Value, json};
+use support::fault::{Fault, FaultProxy};
 use support::http::Reply;
 use support::proxy::{ProxyCluster, fill};
-use support::fault::{Fault, FaultProxy};
 use support::servers::free_port;
 use support::upstream::Upstream;
 use support::{TestNats, TestRedis, eventually, patience};
@@ -760,10 +760,13 @@ async fn an_invalidation_still_failing_after_the_retry_window_is_counted() {
     }
     store.link.restore();
     // Nothing retries any more: the stored copy is what the counter says was lost.
-    eventually("the store answers again, still holding the copy", || async {
-        let status = proxy.status(0, TOKEN, url).await;
-        status.status == 200 && status.json()["status"] == json!("EXISTS")
-    })
+    eventually(
+        "the store answers again, still holding the copy",
+        || async {
+            let status = proxy.status(0, TOKEN, url).await;
+            status.status == 200 && status.json()["status"] == json!("EXISTS")
+        },
+    )
     .await;
     assert_eq!(lost_invalidations(&proxy, 0).await, 2.0);
 }
@@ -788,7 +791,11 @@ async fn an_admin_purge_the_store_did_not_take_answers_503() {
     // Once the store answers again (the breaker lets a call through), the copy is still there.
     eventually("a purge goes through once the store is back", || async {
         let reply = purge(&proxy, 0, json!({"url": "/reports/a"})).await;
-        assert!(reply.status == 200 || reply.status == 503, "{}", reply.text());
+        assert!(
+            reply.status == 200 || reply.status == 503,
+            "{}",
+            reply.text()
+        );
         reply.status == 200 && reply.json()["purged"] == json!(true)
     })
     .await;
