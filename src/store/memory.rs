@@ -411,7 +411,7 @@ impl Store for MemoryStore {
         self.with(|state, now| {
             let expires = now + entry.ttl;
             let paths = state.paths.entry(entry.route.clone()).or_default();
-            let member = (entry.path.clone(), entry.key);
+            let member = (super::indexed_path(&entry.path).to_owned(), entry.key);
             index_into(paths, member, expires, now, MAX_INDEXED_PER_ROUTE);
             for tag in &entry.tags {
                 let keys = state.tags.entry(tag.clone()).or_default();
@@ -426,10 +426,11 @@ impl Store for MemoryStore {
     async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
         Ok(self.with(|state, now| match selector {
             Selector::Prefix { route, prefix } => {
+                let prefix = super::indexed_path(prefix);
                 state.paths.get(route).map_or(Vec::new(), |paths| {
                     paths
-                        .range((prefix.clone(), KeyHash::from_bytes([0; 32]))..)
-                        .take_while(|((path, _), _)| path.starts_with(prefix.as_str()))
+                        .range((prefix.to_owned(), KeyHash::from_bytes([0; 32]))..)
+                        .take_while(|((path, _), _)| path.starts_with(prefix))
                         .filter(|(_, at)| **at > now)
                         .map(|((_, key), _)| *key)
                         .take(limit)

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use super::entry;
 use super::{CAS_ROUNDS, Conflict, NatsKvStore};
 use crate::key::KeyHash;
-use crate::store::{IndexEntry, Selector, StoreError};
+use crate::store::{IndexEntry, Selector, StoreError, indexed_path};
 
 /// Header of a generation record: the generation in decimal.
 pub(crate) const GENERATION: &str = "Corral-Generation";
@@ -89,7 +89,7 @@ impl NatsKvStore {
             let key = entry.key.to_hex();
             let ttl = entry::ttl_header(entry.ttl);
             let path = PublishMessage::build()
-                .header(PATH, entry::escape(&entry.path))
+                .header(PATH, entry::escape(indexed_path(&entry.path)))
                 .header(entry::NATS_TTL, ttl.clone());
             let subject = format!(
                 "{}ip.{}.{key}",
@@ -121,7 +121,7 @@ impl NatsKvStore {
         let (filter, prefix) = match selector {
             Selector::Prefix { route, prefix } => (
                 format!("{}ip.{}.*", self.shared.prefix, hex::encode(route)),
-                Some(prefix.as_str()),
+                Some(indexed_path(prefix)),
             ),
             Selector::Tag(tag) => (
                 format!("{}it.{}.*", self.shared.prefix, hex::encode(tag)),
