@@ -17,6 +17,7 @@ use corral::key::KeyHash;
 use corral::store::Token;
 use http::Method;
 use support::proxy::{ProxyCluster, fill};
+use support::secured::{SecuredServer, nats_conf, redis_plain};
 use support::upstream::Upstream;
 use support::{TestNats, TestRedis, eventually};
 
@@ -331,4 +332,178 @@ async fn a_forged_generation_on_the_redis_bus_moves_nothing() {
     let redis = TestRedis::start().await;
     let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
     a_forged_generation_moves_nothing(&backing, async || Forger::Redis(redis.client().await)).await;
+}
+
+// --------------------------------------------------------------------- least privilege ----
+//
+// The grants docs/backends.md gives ("Least privilege"), for namespace `forge`: corral runs with
+// them, and another client of the same servers, without them, can neither publish an event
+// corral would take nor write corral's keys.
+
+/// The Redis ACL of corral's user, as documented.
+const CORRAL_ACL: [&str; 6] = [
+    "resetkeys",
+    "~forge:*",
+    "resetchannels",
+    "&forge:*",
+    "+@all",
+    "-@dangerous",
+];
+
+/// Forged DELETEs heard by replica 1 (any forged one that got through shows here).
+async fn deletes_heard(proxy: &ProxyCluster) -> f64 {
+    metric(proxy, 1, "corral_bus_events_total{kind=\"deleted\"}").await
+}
+
+/// After an attempt to publish that the server refused: a real purge is heard exactly once, so
+/// the refused event never arrived.
+async fn only_the_real_purge_is_heard(proxy: &ProxyCluster, url: &str, before: f64) {
+    let purged = proxy.purge(0, TOKEN, url).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    eventually("replica 1 hears the real purge", || async {
+        deletes_heard(proxy).await > before
+    })
+    .await;
+    assert_eq!(deletes_heard(proxy).await, before + 1.0, "one DELETE heard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_corrals_grants_gets_noperm_and_corral_hears_nothing() {
+    let redis = SecuredServer::redis(|port| {
+        let mut args = vec![
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "corral",
+            "on",
+            ">corral-pw",
+        ];
+        args.extend(CORRAL_ACL);
+        args.extend([
+            "--user",
+            "app",
+            "on",
+            ">app-pw",
+            "~app:*",
+            "&app:*",
+            "+@all",
+            "-@dangerous",
+        ]);
+        redis_plain(port, &args)
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: redis, url: 'redis://corral:corral-pw@127.0.0.1:{}/' }}",
+        redis.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    // Corral works with the documented grants: both replicas ready, a fill shared.
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    assert_eq!(proxy.get(1, url).send().await.x_cache(), "HIT");
+    let key = KeyHash::from_hex(
+        proxy.status(0, TOKEN, url).await.json()["key"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let client =
+        redis::Client::open(format!("redis://app:app-pw@127.0.0.1:{}/", redis.port())).unwrap();
+    let mut app = client.get_multiplexed_async_connection().await.unwrap();
+    let before = deletes_heard(&proxy).await;
+    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(redis_channel("forge"))
+        .arg(Event::new(key, EventKind::Deleted).encode().as_ref())
+        .query_async(&mut app)
+        .await;
+    let refused = published.expect_err("the app user published on corral's channel");
+    assert!(
+        refused.to_string().to_lowercase().contains("noperm"),
+        "{refused}"
+    );
+    let written: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(format!("forge:{{{}}}:v", key.to_hex()))
+        .arg("forged")
+        .query_async(&mut app)
+        .await;
+    let refused = written.expect_err("the app user wrote corral's key");
+    assert!(
+        refused.to_string().to_lowercase().contains("noperm"),
+        "{refused}"
+    );
+
+    only_the_real_purge_is_heard(&proxy, url, before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_user_without_corrals_permissions_is_refused_and_corral_hears_nothing() {
+    let nats = SecuredServer::nats(|port, dir| {
+        let users = r#"authorization {
+  users: [
+    { user: corral, password: "corral-pw", permissions: { publish: ["forge.>"], subscribe: ["forge.>"] } }
+    { user: app, password: "app-pw", permissions: { publish: ["app.>"], subscribe: ["app.>", "_INBOX.>"] } }
+  ]
+}"#;
+        nats_conf(port, dir, users)
+    })
+    .await;
+    let redis = TestRedis::start().await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"nats://127.0.0.1:{}\", username: corral, password: corral-pw }}",
+        redis.url(),
+        nats.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    let key = KeyHash::from_hex(
+        proxy.status(0, TOKEN, url).await.json()["key"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let app = async_nats::ConnectOptions::with_user_and_password("app".into(), "app-pw".into())
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = errors_tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{}", nats.port()))
+        .await
+        .expect("the app user connects");
+    let before = deletes_heard(&proxy).await;
+    app.publish(
+        nats_subject("forge", &key),
+        Event::new(key, EventKind::Deleted).encode(),
+    )
+    .await
+    .expect("queued");
+    app.flush().await.expect("flush");
+    let refused = tokio::time::timeout(support::patience(), errors.recv())
+        .await
+        .expect("the server refuses within patience")
+        .expect("an error");
+    assert!(
+        refused.to_lowercase().contains("permissions violation"),
+        "{refused}"
+    );
+
+    only_the_real_purge_is_heard(&proxy, url, before).await;
 }
