@@ -507,3 +507,64 @@ async fn a_nats_user_without_corrals_permissions_is_refused_and_corral_hears_not
 
     only_the_real_purge_is_heard(&proxy, url, before).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corral_runs_on_the_nats_kv_store_with_the_documented_permissions() {
+    let nats = SecuredServer::nats(|port, dir| {
+        let users = r#"authorization {
+  users: [
+    { user: corral, password: "corral-pw", permissions: {
+        publish: ["$JS.API.>", "$KV.corral_forge.>", "$JS.ACK.>", "$JS.FC.>"],
+        subscribe: ["_INBOX.>"] } }
+    { user: app, password: "app-pw", permissions: { publish: ["app.>"], subscribe: ["app.>", "_INBOX.>"] } }
+  ]
+}"#;
+        nats_conf(port, dir, users)
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: nats, url: \"nats://127.0.0.1:{}\", username: corral, password: corral-pw }}",
+        nats.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    eventually("replica 1 answers from the bucket", || async {
+        proxy.get(1, url).send().await.status == 200 && upstream.hits(url) == 1
+    })
+    .await;
+    let purged = proxy.purge(0, TOKEN, url).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(purged.json()["purged"], serde_json::json!(true));
+
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let app = async_nats::ConnectOptions::with_user_and_password("app".into(), "app-pw".into())
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = errors_tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{}", nats.port()))
+        .await
+        .expect("the app user connects");
+    app.publish("$KV.corral_forge.forged", "x".into())
+        .await
+        .expect("queued");
+    app.flush().await.expect("flush");
+    let refused = tokio::time::timeout(support::patience(), errors.recv())
+        .await
+        .expect("the server refuses within patience")
+        .expect("an error");
+    assert!(
+        refused.to_lowercase().contains("permissions violation"),
+        "{refused}"
+    );
+}
