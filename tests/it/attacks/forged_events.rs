@@ -5,6 +5,11 @@
 //! Waiting requests must never be answered with the forged payload: each forged event only sends
 //! the waiting flight back to the store (which still reports the live lease), and the real answer
 //! reaches everyone once the real fetch commits, from one upstream fetch.
+//!
+//! Events about a key or route rather than a lease: a forged GENERATION (even the largest number)
+//! only prompts a re-read of the route's generation from the store, and a forged DELETED costs L1
+//! copies, nothing more. Last, the least-privilege grants of docs/backends.md: corral runs with
+//! them, and a client without them cannot publish an event corral takes.
 
 use crate::support;
 
@@ -567,4 +572,71 @@ async fn corral_runs_on_the_nats_kv_store_with_the_documented_permissions() {
         refused.to_lowercase().contains("permissions violation"),
         "{refused}"
     );
+}
+
+// --------------------------------------------------------------------- forged DELETED ----
+
+/// A forged DELETED costs the replicas their L1 copy of the key, nothing more: the stored value
+/// stays, and the next request is answered from the store, not from a new fetch.
+async fn a_forged_delete_costs_an_l1_copy_only(
+    backing: &str,
+    forger: impl AsyncFnOnce() -> Forger,
+) {
+    let upstream = Upstream::start().await.distinct_bodies("/del");
+    let yaml = fill(
+        CONFIG,
+        &[("backing", backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/del/report";
+    let old = proxy.get(0, url).send().await.text();
+    assert_eq!(proxy.get(1, url).send().await.text(), old);
+    let key = KeyHash::from_hex(&key_on(&proxy, 0, url).await).expect("hex");
+
+    let before = deletes_heard(&proxy).await;
+    let mut forger = forger().await;
+    forger
+        .publish(&key, Event::new(key, EventKind::Deleted).encode())
+        .await;
+    eventually("replica 1 hears the forged DELETED", || async {
+        deletes_heard(&proxy).await > before
+    })
+    .await;
+    let status = proxy.status(1, TOKEN, url).await;
+    assert_eq!(
+        status.json()["status"],
+        serde_json::json!("EXISTS"),
+        "{}",
+        status.text()
+    );
+    let reply = proxy.get(1, url).send().await;
+    assert_eq!(reply.x_cache(), "HIT");
+    assert_eq!(reply.text(), old);
+    assert_eq!(upstream.hits(url), 1, "no fetch because of a forged delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delete_on_the_nats_bus_costs_an_l1_copy_only() {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
+        redis.url(),
+        nats.url()
+    );
+    a_forged_delete_costs_an_l1_copy_only(&backing, async || {
+        Forger::Nats(
+            async_nats::connect(nats.url())
+                .await
+                .expect("connect to NATS"),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delete_on_the_redis_bus_costs_an_l1_copy_only() {
+    let redis = TestRedis::start().await;
+    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
+    a_forged_delete_costs_an_l1_copy_only(&backing, async || Forger::Redis(redis.client().await))
+        .await;
 }
