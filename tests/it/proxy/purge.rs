@@ -674,13 +674,16 @@ async fn on_a_store_that_stalls(upstream: &Upstream) -> (ProxyCluster, Stalling)
     (proxy, servers)
 }
 
-/// The value of one sample on replica `i` (0 when absent).
-async fn sample(proxy: &ProxyCluster, i: usize, name: &str) -> f64 {
+/// Store purges that failed on replica `i`, whatever the error.
+async fn failed_purges(proxy: &ProxyCluster, i: usize) -> f64 {
     let text = proxy.admin(i, Method::GET, "/metrics").send().await.text();
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|line| {
+            line.starts_with("corral_store_operations_total{op=\"purge\"")
+                && !line.contains("result=\"ok\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Lost invalidations of route `reports` on replica `i`, whatever the reason.
@@ -703,14 +706,13 @@ async fn an_invalidation_the_stalled_store_missed_lands_once_it_is_back() {
     let (proxy, store) = on_a_store_that_stalls(&upstream).await;
     let url = "/reports/doc?id=7";
     let old = warm(&proxy, url).await;
-    let failed = "corral_store_operations_total{op=\"purge\",result=\"unavailable\"}";
-    let before = sample(&proxy, 0, failed).await;
+    let before = failed_purges(&proxy, 0).await;
 
     store.link.set(Fault::Reset);
     let put = proxy.call(0, Method::PUT, url).body("new").send().await;
     assert_eq!(put.status, 200, "{}", put.text());
     assert!(
-        sample(&proxy, 0, failed).await > before,
+        failed_purges(&proxy, 0).await > before,
         "the store took the purge while paused"
     );
     // Replica 1's copy dropped although the store never took the purge: with the store down it
@@ -801,4 +803,44 @@ async fn an_admin_purge_the_store_did_not_take_answers_503() {
     .await;
     let again = purged(&proxy, 0, json!({"url": "/reports/a"})).await;
     assert_eq!(again["purged"], json!(false), "nothing was left: {again}");
+}
+
+/// The same on the NATS KV store, whose stream is also the bus: a PUT's invalidation that the
+/// unreachable server missed lands once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_the_unreachable_nats_kv_store_missed_lands_once_it_is_back() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let nats = TestNats::start().await;
+    let link = FaultProxy::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let on_nats_kv = CONFIG.replace(
+        "store: { kind: redis, url: \"{{redis}}\" }\nbus: { kind: nats, url: \"{{nats}}\" }",
+        "store: { kind: nats, url: \"{{nats}}\" }",
+    );
+    assert_ne!(on_nats_kv, CONFIG);
+    let yaml = fill(
+        &on_nats_kv,
+        &[
+            ("upstream", &upstream.url()),
+            ("nats", &format!("nats://{}", link.addr())),
+        ],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/reports/doc?id=9";
+    warm(&proxy, url).await;
+
+    link.set(Fault::Reset);
+    let put = proxy.call(0, Method::PUT, url).body("new").send().await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert!(
+        failed_purges(&proxy, 0).await > 0.0,
+        "the store took the purge while unreachable"
+    );
+    link.restore();
+
+    eventually("the purge lands in the store", || async {
+        let status = proxy.status(0, TOKEN, url).await;
+        status.status == 200 && status.json()["status"] == json!("EMPTY")
+    })
+    .await;
+    assert_eq!(lost_invalidations(&proxy, 0).await, 0.0);
 }
