@@ -246,7 +246,7 @@ async fn purge(
                     "purged": true,
                     "route": route,
                     "generation": generation,
-                    "previous": generation - 1,
+                    "previous": generation.saturating_sub(1),
                 }),
                 Err(error) => return failed(error),
             }
