@@ -72,12 +72,13 @@ pub const LIMITS: [&str; 7] = [
     "upstream_fetches",
 ];
 /// The `reason` label of `corral_invalidations_failed_total`.
-pub const INVALIDATION_FAILURES: [&str; 5] = [
+pub const INVALIDATION_FAILURES: [&str; 6] = [
     "timeout",
     "unavailable",
     "protocol",
     "circuit_open",
     "shutdown",
+    "overflow",
 ];
 
 /// The `result` label of `corral_orphan_leases_total`.
@@ -169,8 +170,8 @@ pub struct Metrics {
     pub orphan_leases: IntCounterVec,
     /// Invalidations after a successful unsafe request that the store never took, even after
     /// retrying for the whole retry window, by route and reason (the last error: `timeout`,
-    /// `unavailable`, `protocol`, `circuit_open`; or `shutdown`). Stored copies of their keys stay
-    /// until they expire.
+    /// `unavailable`, `protocol`, `circuit_open`; or `shutdown`, or `overflow` when too many were
+    /// being retried already). Stored copies of their keys stay until they expire.
     pub invalidations_failed: IntCounterVec,
 }
 

@@ -11,6 +11,7 @@
 //! [`INVALIDATION_RETRY_WINDOW`]; one that still fails is counted in
 //! `corral_invalidations_failed_total`.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub const INVALIDATION_RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// First pause before retrying an invalidation; doubled up to [`INVALIDATION_RETRY_MAX_DELAY`].
 const INVALIDATION_RETRY_DELAY: Duration = Duration::from_millis(100);
 const INVALIDATION_RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Most invalidations retried at once per process; past it (a long outage under many writes) a
+/// failed invalidation is counted as lost at once, with reason `overflow`.
+pub(crate) const MAX_RETRYING_INVALIDATIONS: usize = 1024;
 
 /// What [`Engine::invalidate`] did before it answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +86,7 @@ impl Engine {
         if !self
             .inner
             .generations_followed
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
+            .swap(true, Ordering::SeqCst)
         {
             tokio::spawn(follow_generations(Arc::downgrade(&self.inner), complete));
         }
@@ -143,9 +147,19 @@ impl Engine {
         tracing::warn!(%route, %key, %error, "the store did not take an invalidation; retrying");
         // A store that announces its own writes did not write, so nobody announced the delete.
         calls::announce(inner, key, Event::new(*key, EventKind::Deleted).encode()).await;
+        let retrying = inner.retrying_invalidations.fetch_add(1, Ordering::SeqCst);
+        if retrying >= MAX_RETRYING_INVALIDATIONS {
+            inner.retrying_invalidations.fetch_sub(1, Ordering::SeqCst);
+            lost(inner, route, key, "overflow", &error);
+            return Invalidation::Retrying;
+        }
         let (engine, route, key) = (self.clone(), Arc::<str>::from(route), *key);
         super::refresh::spawn(inner, async move {
-            engine.retry_invalidation(&route, &key, error).await
+            engine.retry_invalidation(&route, &key, error).await;
+            engine
+                .inner
+                .retrying_invalidations
+                .fetch_sub(1, Ordering::SeqCst);
         });
         Invalidation::Retrying
     }
@@ -182,13 +196,7 @@ impl Engine {
             }
             delay = (delay * 2).min(INVALIDATION_RETRY_MAX_DELAY);
         };
-        inner
-            .metrics
-            .invalidations_failed
-            .with_label_values(&[route, reason])
-            .inc();
-        tracing::error!(%route, %key, %reason, error = %last,
-            "an invalidation was lost: the store did not take it; stored copies stay until they expire");
+        lost(inner, route, key, reason, &last);
     }
 
     /// Records a key in the purge indexes (its route's paths, its tags).
@@ -196,6 +204,17 @@ impl Engine {
         let inner = &self.inner;
         Ok(calls::store_call(inner, "index", || inner.store.index(entry)).await?)
     }
+}
+
+/// Counts and logs an invalidation given up.
+fn lost(inner: &Inner, route: &str, key: &KeyHash, reason: &str, error: &StoreError) {
+    inner
+        .metrics
+        .invalidations_failed
+        .with_label_values(&[route, reason])
+        .inc();
+    tracing::error!(%route, %key, %reason, %error,
+        "an invalidation was lost: the store did not take it; stored copies stay until they expire");
 }
 
 /// The `reason` label of `corral_invalidations_failed_total` for the last error.

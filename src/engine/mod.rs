@@ -233,6 +233,9 @@ pub(crate) struct Inner {
     pub background: std::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Keys this process is refreshing early.
     pub refreshing: refresh::Refreshing,
+    /// Invalidations being retried in the background right now (at most
+    /// [`invalidate::MAX_RETRYING_INVALIDATIONS`]).
+    pub retrying_invalidations: std::sync::atomic::AtomicUsize,
 }
 
 /// How many keys the "value too large" log remembers, so that it logs once per key without
@@ -284,6 +287,7 @@ impl Engine {
                 generations_followed: AtomicBool::new(false),
                 background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
                 refreshing: refresh::Refreshing::default(),
+                retrying_invalidations: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
