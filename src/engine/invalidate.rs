@@ -82,13 +82,19 @@ impl Engine {
                     .with_label_values(&[route, reason]);
             }
         }
+        // Subscribed before the first read, so a prompt or resync that lands during it (or
+        // before the task first runs) still wakes the task.
+        let mut wake = self.inner.generations.subscribe();
+        let seen = *wake.borrow_and_update();
         let complete = load_generations(&self.inner, self.inner.generations.routes()).await;
-        if !self
-            .inner
-            .generations_followed
-            .swap(true, Ordering::SeqCst)
-        {
-            tokio::spawn(follow_generations(Arc::downgrade(&self.inner), complete));
+        if !self.inner.generations_followed.swap(true, Ordering::SeqCst) {
+            let follow = Follow {
+                inner: Arc::downgrade(&self.inner),
+                wake,
+                seen,
+                shutdown: self.inner.shutdown.subscribe(),
+            };
+            tokio::spawn(follow_generations(follow, complete));
         }
     }
 
@@ -249,14 +255,28 @@ async fn load_generations(inner: &Inner, routes: Vec<Arc<str>>) -> bool {
     complete
 }
 
+/// What the tracking task follows, taken before the first read of the generations.
+struct Follow {
+    inner: Weak<Inner>,
+    /// Prompts and resyncs, subscribed before the first read.
+    wake: tokio::sync::watch::Receiver<super::generations::Wake>,
+    /// The prompts and resyncs the first read covered.
+    seen: super::generations::Wake,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Re-reads every generation after each bus resync and after a failed read, and the routes
 /// GENERATION events named after each prompt; ends with the engine.
-async fn follow_generations(inner: Weak<Inner>, mut complete: bool) {
-    let (mut wake, mut shutdown) = match inner.upgrade() {
-        Some(inner) => (inner.generations.subscribe(), inner.shutdown.subscribe()),
-        None => return,
-    };
-    let mut seen = *wake.borrow_and_update();
+async fn follow_generations(follow: Follow, mut complete: bool) {
+    let Follow {
+        inner,
+        mut wake,
+        mut seen,
+        mut shutdown,
+    } = follow;
+    if *shutdown.borrow_and_update() {
+        return;
+    }
     loop {
         tokio::select! {
             changed = wake.changed() => if changed.is_err() { return },
