@@ -5,17 +5,19 @@
 //!   bounded probe) and the bus is subscribed; else 503 with the reason. It turns 503 again as soon
 //!   as shutdown begins, so a load balancer stops sending before the listeners close.
 //! - `POST /admin/purge`, in one of the forms of [`crate::purge::Purge`]; each removes its keys
-//!   everywhere (store, in-flight leases, every replica's L1):
+//!   everywhere (store, in-flight leases, every replica's L1). `"purged"` says whether the
+//!   store changed: false when none of the keys had anything stored.
 //!   - `{"url": "/reports?x=1", "method": "GET", "headers": {...}, "body": "..."}`: the request is
-//!     keyed by its route's rules; answers `{"purged": true, "key": "<digest>", "count": 0|1}`.
+//!     keyed by its route's rules; answers `{"purged": <count is 1>, "key": "<digest>", "count":
+//!     0|1}`.
 //!   - `{"route": "reports", "prefix": "/reports/2024/"}` and `{"tag": "user-42"}`: the keys the
-//!     store's indexes name; answers `{"purged": true, "count": <keys that existed>, "covered":
-//!     <keys indexed>}`.
-//!   - `{"route": "reports"}`: bumps the route's generation (O(1), so no count); answers
-//!     `{"purged": true, "route": "reports", "generation": <new generation>}`.
+//!     store's indexes name; answers `{"purged": <count above 0>, "count": <keys that existed>,
+//!     "covered": <keys indexed>}`.
+//!   - `{"route": "reports"}`: bumps the route's generation in the store (O(1), so no count);
+//!     answers `{"purged": true, "route": "reports", "generation": <new>, "previous": <new - 1>}`.
 //!
 //!   An unknown route is 404; a body that is none of the forms, or a route that does not cache,
-//!   is 400.
+//!   is 400; a store that did not answer is 503 (nothing is known to be purged).
 //! - `GET /admin/status?url=<url-encoded path and query>[&method=GET]`: read-only
 //!   `{"status": "EMPTY|PENDING|EXISTS|PASS", "key": "<digest>"}`.
 //!
@@ -321,7 +323,7 @@ async fn purge(
             };
             match proxy.engine.delete(&key.hash).await {
                 Ok(existed) => json!({
-                    "purged": true,
+                    "purged": existed,
                     "key": key.hash.to_hex(),
                     "count": usize::from(existed),
                 }),
@@ -333,9 +335,13 @@ async fn purge(
                 return refused.into_response();
             }
             match proxy.engine.purge_route(&route).await {
-                Ok(generation) => {
-                    json!({"purged": true, "route": route, "generation": generation})
-                }
+                // The store's count went up by one: every key of the previous generation is gone.
+                Ok(generation) => json!({
+                    "purged": true,
+                    "route": route,
+                    "generation": generation,
+                    "previous": generation.saturating_sub(1),
+                }),
                 Err(error) => return failed(error),
             }
         }
@@ -349,7 +355,7 @@ async fn purge(
             };
             match proxy.engine.purge_selected(&selector).await {
                 Ok(done) => json!({
-                    "purged": true,
+                    "purged": done.existed > 0,
                     "route": route,
                     "prefix": prefix,
                     "count": done.existed,
@@ -374,7 +380,7 @@ async fn purge(
                 .await
             {
                 Ok(done) => json!({
-                    "purged": true,
+                    "purged": done.existed > 0,
                     "tag": tag,
                     "count": done.existed,
                     "covered": done.covered,

@@ -83,6 +83,16 @@ pub const LIMITS: [&str; 7] = [
     "followers",
     "upstream_fetches",
 ];
+/// The `reason` label of `corral_invalidations_failed_total`.
+pub const INVALIDATION_FAILURES: [&str; 6] = [
+    "timeout",
+    "unavailable",
+    "protocol",
+    "circuit_open",
+    "shutdown",
+    "overflow",
+];
+
 /// The `result` label of `corral_orphan_leases_total`.
 pub const ORPHAN_RESULTS: [&str; 2] = ["released", "absent"];
 
@@ -172,6 +182,11 @@ pub struct Metrics {
     /// Leases a timed-out ACQUIRE may have left behind, released (or found gone) once the store
     /// answered again, by result (`released`: it was there; `absent`: it was not).
     pub orphan_leases: IntCounterVec,
+    /// Invalidations after a successful unsafe request that the store never took, even after
+    /// retrying for the whole retry window, by route and reason (the last error: `timeout`,
+    /// `unavailable`, `protocol`, `circuit_open`; or `shutdown`, or `overflow` when too many were
+    /// being retried already). Stored copies of their keys stay until they expire.
+    pub invalidations_failed: IntCounterVec,
 }
 
 impl Metrics {
@@ -417,6 +432,11 @@ impl Metrics {
                 "corral_orphan_leases_total",
                 "Leases a timed-out ACQUIRE may have created, released once the store answered again, by result (released, absent).",
                 &["result"],
+            ),
+            invalidations_failed: counter_vec(
+                "corral_invalidations_failed_total",
+                "Invalidations after unsafe requests the store never took, even after retrying, by route and reason.",
+                &["route", "reason"],
             ),
             registry,
         };

@@ -15,13 +15,14 @@
 //! resyncs. If the subscription itself ends, it is made again (with backoff) and resynced.
 //!
 //! The same round trip ends [`NatsBus::connect`], so the server has the subscription before the
-//! engine is handed the bus.
+//! engine is handed the bus. It depends on nobody else on the server: a request "nobody answers"
+//! would hang on any other client that listens on `>` and stays silent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Message, RequestErrorKind, Subscriber};
+use async_nats::{Client, ConnectOptions, Message, Subscriber};
 use async_trait::async_trait;
 
 use crate::credentials::Credentials;
@@ -97,8 +98,8 @@ struct Shared {
     sink: Arc<dyn EventSink>,
     /// Prefix of every key's subject.
     namespace: String,
-    /// Subject of the confirming round trip; nobody subscribes to it, so the server answers
-    /// "no responders" once it has processed what came before.
+    /// Prefix of the subjects of the confirming round trips (`<namespace>.bus.sync`); each round
+    /// trip adds a unique token, so only its own subscription hears it.
     sync_subject: String,
     /// Whether the client's connection is up (from its events).
     link_up: AtomicBool,
@@ -200,18 +201,31 @@ impl Shared {
     }
 
     /// A round trip through the server: when it returns, the server has processed everything this
-    /// client sent before it (subscriptions included).
+    /// client sent before it (subscriptions included). A message to a subject of its own, heard
+    /// back: whoever else listens (a `>` reader) cannot delay or answer it.
     async fn sync(&self) -> Result<(), BusError> {
-        let request = self.client.request(self.sync_subject.clone(), Bytes::new());
-        match tokio::time::timeout(self.connect_timeout, request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
-            Ok(Err(e)) if e.kind() == RequestErrorKind::TimedOut => {
-                Err(BusError::Timeout { op: "sync" })
-            }
-            Ok(Err(e)) => Err(BusError::Unavailable(format!("nats sync: {e}"))),
-            Err(_) => Err(BusError::Timeout { op: "sync" }),
-        }
+        let unique = self.client.new_inbox();
+        let token = unique.rsplit('.').next().unwrap_or(&unique);
+        let subject = format!("{}.{token}", self.sync_subject);
+        let round_trip = async {
+            let mut probe = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BusError::Unavailable(format!("nats sync: {e}")))?;
+            self.client
+                .publish(subject, Bytes::new())
+                .await
+                .map_err(|e| BusError::Unavailable(format!("nats sync: {e}")))?;
+            let heard = probe.next().await;
+            let _ = probe.unsubscribe().await;
+            heard
+                .map(drop)
+                .ok_or_else(|| BusError::Unavailable("nats sync: subscription ended".into()))
+        };
+        tokio::time::timeout(self.connect_timeout, round_trip)
+            .await
+            .map_err(|_| BusError::Timeout { op: "sync" })?
     }
 
     fn on_message(&self, message: Message) {

@@ -13,7 +13,7 @@ pub(crate) struct Dispatcher {
     flights: Arc<FlightTable>,
     l1: L1,
     metrics: Metrics,
-    /// Route generations, raised by GENERATION events and re-read after a resync.
+    /// Route generations, re-read from the store on a GENERATION event and after a resync.
     generations: Arc<Generations>,
 }
 
@@ -44,8 +44,10 @@ impl EventSink for Dispatcher {
             EventKind::Generation { .. } => "generation",
         };
         self.metrics.bus_events.with_label_values(&[kind]).inc();
-        if let EventKind::Generation { generation } = event.kind {
-            self.generations.heard(&event.key, generation);
+        if let EventKind::Generation { .. } = event.kind {
+            // A prompt to re-read the route's generation from the store, never a number to take:
+            // anyone who can publish on the bus can send one.
+            self.generations.heard(&event.key);
             return;
         }
         let deleted = event.kind == EventKind::Deleted;

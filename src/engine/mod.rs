@@ -48,7 +48,7 @@ pub use backend::{
 };
 pub use dictionary::{Dictionary, DictionaryConfig, DictionaryError, Expiry, Status};
 pub use flight::Source;
-pub use invalidate::Purged;
+pub use invalidate::{INVALIDATION_RETRY_WINDOW, Invalidation, Purged};
 
 use crate::bus::{Bus, Event, EventKind};
 use crate::envelope::Entry;
@@ -244,6 +244,9 @@ pub(crate) struct Inner {
     pub background: std::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Keys this process is refreshing early.
     pub refreshing: refresh::Refreshing,
+    /// Invalidations being retried in the background right now (at most
+    /// [`invalidate::MAX_RETRYING_INVALIDATIONS`]).
+    pub retrying_invalidations: std::sync::atomic::AtomicUsize,
 }
 
 /// How many keys the "value too large" log remembers, so that it logs once per key without
@@ -315,6 +318,7 @@ impl Engine {
                 generations_followed: AtomicBool::new(false),
                 background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
                 refreshing: refresh::Refreshing::default(),
+                retrying_invalidations: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }

@@ -173,8 +173,9 @@ async fn run(
         .inc();
 }
 
-/// Spawns a refresh among the engine's background tasks, which closing waits for.
-fn spawn(inner: &Inner, task: impl Future<Output = ()> + Send + 'static) {
+/// Spawns a refresh (or another task that outlives its caller) among the engine's background
+/// tasks, which closing waits for.
+pub(super) fn spawn(inner: &Inner, task: impl Future<Output = ()> + Send + 'static) {
     let mut background = inner
         .background
         .lock()

@@ -47,7 +47,7 @@ use axum::Router;
 use http::{HeaderMap, Method, Uri};
 
 use crate::config::Config;
-use crate::engine::{Engine, Policy};
+use crate::engine::{Engine, Invalidation, Policy};
 use crate::http::key::{request_digest, request_digest_and_query};
 use crate::key::{Key, key_with_generation};
 pub use handler::handle;
@@ -178,13 +178,14 @@ impl Proxy {
             let key = self.key(route, &method, uri, headers, body);
             let metrics = self.engine.metrics();
             metrics.purges.with_label_values(&["unsafe_method"]).inc();
-            match self.engine.delete(&key.hash).await {
-                Ok(existed) => metrics
+            // A store that does not take it now: the engine retries it and counts a loss.
+            if let Invalidation::Purged { existed } =
+                self.engine.invalidate(&route.name, &key.hash).await
+            {
+                metrics
                     .purged_keys
                     .with_label_values(&["unsafe_method"])
-                    .inc_by(u64::from(existed)),
-                Err(error) => tracing::warn!(route = %route.name, path = uri.path(), %error,
-                    "could not purge a URL after an unsafe request to it"),
+                    .inc_by(u64::from(existed));
             }
         }
     }

@@ -398,18 +398,20 @@ impl Store for MemoryStore {
     }
 
     async fn bump_generation(&self, route: &str, _key: &KeyHash) -> Result<u64, StoreError> {
-        Ok(self.with(|state, _| {
+        self.with(|state, _| {
             let generation = state.generations.entry(route.to_owned()).or_insert(0);
-            *generation += 1;
-            *generation
-        }))
+            *generation = generation.checked_add(1).ok_or_else(|| {
+                StoreError::Protocol("bump_generation: the generation is at its maximum".into())
+            })?;
+            Ok(*generation)
+        })
     }
 
     async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
         self.with(|state, now| {
             let expires = now + entry.ttl;
             let paths = state.paths.entry(entry.route.clone()).or_default();
-            let member = (entry.path.clone(), entry.key);
+            let member = (super::indexed_path(&entry.path).to_owned(), entry.key);
             index_into(paths, member, expires, now, MAX_INDEXED_PER_ROUTE);
             for tag in &entry.tags {
                 let keys = state.tags.entry(tag.clone()).or_default();
@@ -424,10 +426,11 @@ impl Store for MemoryStore {
     async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
         Ok(self.with(|state, now| match selector {
             Selector::Prefix { route, prefix } => {
+                let prefix = super::indexed_path(prefix);
                 state.paths.get(route).map_or(Vec::new(), |paths| {
                     paths
-                        .range((prefix.clone(), KeyHash::from_bytes([0; 32]))..)
-                        .take_while(|((path, _), _)| path.starts_with(prefix.as_str()))
+                        .range((prefix.to_owned(), KeyHash::from_bytes([0; 32]))..)
+                        .take_while(|((path, _), _)| path.starts_with(prefix))
                         .filter(|(_, at)| **at > now)
                         .map(|((_, key), _)| *key)
                         .take(limit)

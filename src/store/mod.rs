@@ -187,6 +187,25 @@ pub enum Selector {
 /// Most keys one route's path index keeps; past it the entries that expire soonest are forgotten
 /// (a prefix purge then misses them; they still expire on their own TTL).
 pub const MAX_INDEXED_PER_ROUTE: usize = 100_000;
+/// Most bytes of a path a route's path index keeps per key (see [`indexed_path`]), so the index
+/// is bounded in bytes as well as in keys, whatever the paths clients send.
+pub const MAX_INDEXED_PATH_LEN: usize = 256;
+
+/// What a path index keeps of `path`, and what a prefix purge looks up of its prefix: the first
+/// [`MAX_INDEXED_PATH_LEN`] bytes, cut back to a character boundary. A prefix that fits is
+/// matched exactly; a longer one matches every key whose path shares its first
+/// [`MAX_INDEXED_PATH_LEN`] bytes (a purge of those may drop more than it names, never less).
+pub fn indexed_path(path: &str) -> &str {
+    if path.len() <= MAX_INDEXED_PATH_LEN {
+        return path;
+    }
+    let mut end = MAX_INDEXED_PATH_LEN;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
 /// Most keys one tag's index keeps; past it the entries that expire soonest are forgotten.
 pub const MAX_INDEXED_PER_TAG: usize = 10_000;
 /// Most surrogate tags indexed per response; the rest are ignored.
@@ -327,18 +346,35 @@ pub trait Store: Send + Sync + 'static {
     /// `key`, the route's [`crate::key::generation_key`]).
     async fn bump_generation(&self, route: &str, key: &KeyHash) -> Result<u64, StoreError>;
 
-    /// Records `entry` in its route's path index and in the index of each of its tags, each
-    /// extended to live at least `entry.ttl`.
+    /// Records `entry` in its route's path index (under [`indexed_path`] of its path) and in the
+    /// index of each of its tags, each extended to live at least `entry.ttl`.
     async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError>;
 
     /// The keys `selector` covers, at most `limit` of them (entries already gone may be among
-    /// them: purging those is a no-op).
+    /// them: purging those is a no-op). A prefix is looked up as [`indexed_path`] of it.
     async fn indexed(&self, selector: &Selector, limit: usize) -> Result<Vec<KeyHash>, StoreError>;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_indexed_path_is_bounded_and_keeps_every_prefix_that_fits() {
+        let long = format!("/{}", "é".repeat(MAX_INDEXED_PATH_LEN));
+        let kept = indexed_path(&long);
+        assert!(kept.len() <= MAX_INDEXED_PATH_LEN && long.starts_with(kept));
+        assert!(kept.len() > MAX_INDEXED_PATH_LEN - 2, "cut on a boundary");
+        assert_eq!(indexed_path("/short"), "/short");
+        // Whatever a prefix is, the kept prefix is a prefix of the kept path.
+        for cut in [1, 10, 255, 256, 257, 300, long.len()] {
+            let mut cut = cut.min(long.len());
+            while !long.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            assert!(indexed_path(&long).starts_with(indexed_path(&long[..cut])));
+        }
+    }
 
     #[test]
     fn a_lease_id_names_its_token_without_revealing_it() {

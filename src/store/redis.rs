@@ -728,7 +728,7 @@ impl Store for RedisStore {
 
     async fn index(&self, entry: &IndexEntry) -> Result<(), StoreError> {
         let ttl = millis(entry.ttl);
-        let mut member = entry.path.as_bytes().to_vec();
+        let mut member = super::indexed_path(&entry.path).as_bytes().to_vec();
         member.push(0);
         member.extend_from_slice(entry.key.to_hex().as_bytes());
         let mut invocation = self.scripts.index.prepare_invoke();
@@ -759,7 +759,7 @@ impl Store for RedisStore {
                 invocation = self.scripts.indexed_prefix.prepare_invoke();
                 invocation
                     .key(self.route_key_name(route, "px"))
-                    .arg(prefix.as_str())
+                    .arg(super::indexed_path(prefix))
                     .arg(limit);
             }
             Selector::Tag(tag) => {

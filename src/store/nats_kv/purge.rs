@@ -21,7 +21,7 @@ use futures::StreamExt;
 use super::entry;
 use super::{CAS_ROUNDS, Conflict, NatsKvStore};
 use crate::key::KeyHash;
-use crate::store::{IndexEntry, Selector, StoreError};
+use crate::store::{IndexEntry, Selector, StoreError, indexed_path};
 
 /// Header of a generation record: the generation in decimal.
 pub(crate) const GENERATION: &str = "Corral-Generation";
@@ -61,7 +61,11 @@ impl NatsKvStore {
         self.bounded("bump_generation", async {
             for _ in 0..CAS_ROUNDS {
                 let (revision, generation) = self.generation_record("bump_generation", key).await?;
-                let next = generation + 1;
+                // Only a writer of the store could have put the record this high; refuse rather
+                // than wrap to a generation that was used before.
+                let next = generation.checked_add(1).ok_or_else(|| {
+                    StoreError::Protocol("bump_generation: the generation is at its maximum".into())
+                })?;
                 let message = PublishMessage::build()
                     .header(GENERATION, next.to_string())
                     .expected_last_subject_sequence(revision);
@@ -85,7 +89,7 @@ impl NatsKvStore {
             let key = entry.key.to_hex();
             let ttl = entry::ttl_header(entry.ttl);
             let path = PublishMessage::build()
-                .header(PATH, entry::escape(&entry.path))
+                .header(PATH, entry::escape(indexed_path(&entry.path)))
                 .header(entry::NATS_TTL, ttl.clone());
             let subject = format!(
                 "{}ip.{}.{key}",
@@ -117,7 +121,7 @@ impl NatsKvStore {
         let (filter, prefix) = match selector {
             Selector::Prefix { route, prefix } => (
                 format!("{}ip.{}.*", self.shared.prefix, hex::encode(route)),
-                Some(prefix.as_str()),
+                Some(indexed_path(prefix)),
             ),
             Selector::Tag(tag) => (
                 format!("{}it.{}.*", self.shared.prefix, hex::encode(tag)),

@@ -5,6 +5,11 @@
 //! Waiting requests must never be answered with the forged payload: each forged event only sends
 //! the waiting flight back to the store (which still reports the live lease), and the real answer
 //! reaches everyone once the real fetch commits, from one upstream fetch.
+//!
+//! Events about a key or route rather than a lease: a forged GENERATION (even the largest number)
+//! only prompts a re-read of the route's generation from the store, and a forged DELETED costs L1
+//! copies, nothing more. Last, the least-privilege grants of docs/backends.md: corral runs with
+//! them, and a client without them cannot publish an event corral takes.
 
 use crate::support;
 
@@ -17,6 +22,7 @@ use corral::key::KeyHash;
 use corral::store::Token;
 use http::Method;
 use support::proxy::{ProxyCluster, fill};
+use support::secured::{SecuredServer, nats_conf, redis_plain};
 use support::upstream::Upstream;
 use support::{TestNats, TestRedis, eventually};
 
@@ -209,5 +215,428 @@ async fn forged_payloads_on_the_redis_bus_never_answer_a_wait() {
     let redis = TestRedis::start().await;
     let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
     forged_payloads_never_answer_a_wait(&backing, async || Forger::Redis(redis.client().await))
+        .await;
+}
+
+// ------------------------------------------------------------------ forged GENERATION ----
+
+/// The digest replica `i` keys `url` with now.
+async fn key_on(proxy: &ProxyCluster, i: usize, url: &str) -> String {
+    let status = proxy.status(i, TOKEN, url).await;
+    assert_eq!(status.status, 200, "{}", status.text());
+    status.json()["key"].as_str().expect("a key").to_owned()
+}
+
+/// A GENERATION event with the largest number, about the route `rest`, published by someone who
+/// can publish on the bus but not write the store. It may cost a store read of the route's
+/// generation; it must not move any replica's keys, nor make a later route purge a no-op that
+/// answers "purged", nor make a restarted replica key the route apart from the others.
+async fn a_forged_generation_moves_nothing(backing: &str, forger: impl AsyncFnOnce() -> Forger) {
+    let upstream = Upstream::start().await.distinct_bodies("/gen");
+    let yaml = fill(
+        CONFIG,
+        &[("backing", backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/gen/report";
+    let old = proxy.get(0, url).send().await.text();
+    for i in 0..2 {
+        assert_eq!(
+            proxy.get(i, url).send().await.text(),
+            old,
+            "replica {i} warm"
+        );
+    }
+    let keys = [key_on(&proxy, 0, url).await, key_on(&proxy, 1, url).await];
+    assert_eq!(keys[0], keys[1]);
+
+    let heard = "corral_bus_events_total{kind=\"generation\"}";
+    let reads = "corral_store_operations_total{op=\"route_generation\",result=\"ok\"}";
+    let mut before = Vec::new();
+    for i in 0..2 {
+        before.push((
+            metric(&proxy, i, heard).await,
+            metric(&proxy, i, reads).await,
+        ));
+    }
+    let mut forger = forger().await;
+    let route = corral::key::generation_key("rest");
+    let forged = Event::new(
+        route,
+        EventKind::Generation {
+            generation: u64::MAX,
+        },
+    );
+    forger.publish(&route, forged.encode()).await;
+    for (i, (heard_before, reads_before)) in before.into_iter().enumerate() {
+        eventually(
+            &format!("replica {i} hears the forged GENERATION and re-reads the store"),
+            || async {
+                metric(&proxy, i, heard).await > heard_before
+                    && metric(&proxy, i, reads).await > reads_before
+            },
+        )
+        .await;
+        assert_eq!(key_on(&proxy, i, url).await, keys[i], "replica {i} moved");
+    }
+
+    // A route purge takes effect, and says so truthfully.
+    let reply = proxy
+        .admin(0, Method::POST, "/admin/purge")
+        .bearer(TOKEN)
+        .json(&serde_json::json!({"route": "rest"}))
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let answer = reply.json();
+    assert_eq!(answer["purged"], serde_json::json!(true), "{answer}");
+    assert_eq!(answer["generation"], serde_json::json!(1), "{answer}");
+    assert_eq!(answer["previous"], serde_json::json!(0), "{answer}");
+    let fresh = proxy.get(0, url).send().await;
+    assert_eq!(fresh.x_cache(), "MISS", "the purge changed nothing");
+    assert_ne!(fresh.text(), old);
+    eventually("replica 1 drops the purged route", || async {
+        proxy.get(1, url).send().await.text() == fresh.text()
+    })
+    .await;
+    assert_eq!(
+        upstream.hits(url),
+        2,
+        "one fetch before the purge, one after"
+    );
+
+    // A replica that starts now keys the route as the others do.
+    let late = ProxyCluster::start(1, &yaml, None).await;
+    let now = key_on(&proxy, 0, url).await;
+    assert_ne!(now, keys[0], "the purge changed the key");
+    assert_eq!(key_on(&proxy, 1, url).await, now);
+    assert_eq!(key_on(&late, 0, url).await, now, "a restarted replica");
+    assert_eq!(late.get(0, url).send().await.text(), fresh.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_generation_on_the_nats_bus_moves_nothing() {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
+        redis.url(),
+        nats.url()
+    );
+    a_forged_generation_moves_nothing(&backing, async || {
+        Forger::Nats(
+            async_nats::connect(nats.url())
+                .await
+                .expect("connect to NATS"),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_generation_on_the_redis_bus_moves_nothing() {
+    let redis = TestRedis::start().await;
+    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
+    a_forged_generation_moves_nothing(&backing, async || Forger::Redis(redis.client().await)).await;
+}
+
+// --------------------------------------------------------------------- least privilege ----
+//
+// The grants docs/backends.md gives ("Least privilege"), for namespace `forge`: corral runs with
+// them, and another client of the same servers, without them, can neither publish an event
+// corral would take nor write corral's keys.
+
+/// The Redis ACL of corral's user, as documented.
+const CORRAL_ACL: [&str; 6] = [
+    "resetkeys",
+    "~forge:*",
+    "resetchannels",
+    "&forge:*",
+    "+@all",
+    "-@dangerous",
+];
+
+/// Forged DELETEs heard by replica 1 (any forged one that got through shows here).
+async fn deletes_heard(proxy: &ProxyCluster) -> f64 {
+    metric(proxy, 1, "corral_bus_events_total{kind=\"deleted\"}").await
+}
+
+/// After an attempt to publish that the server refused: a real purge is heard exactly once, so
+/// the refused event never arrived.
+async fn only_the_real_purge_is_heard(proxy: &ProxyCluster, url: &str, before: f64) {
+    let purged = proxy.purge(0, TOKEN, url).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    eventually("replica 1 hears the real purge", || async {
+        deletes_heard(proxy).await > before
+    })
+    .await;
+    assert_eq!(deletes_heard(proxy).await, before + 1.0, "one DELETE heard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_corrals_grants_gets_noperm_and_corral_hears_nothing() {
+    let redis = SecuredServer::redis(|port| {
+        let mut args = vec![
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "corral",
+            "on",
+            ">corral-pw",
+        ];
+        args.extend(CORRAL_ACL);
+        args.extend([
+            "--user",
+            "app",
+            "on",
+            ">app-pw",
+            "~app:*",
+            "&app:*",
+            "+@all",
+            "-@dangerous",
+        ]);
+        redis_plain(port, &args)
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: redis, url: 'redis://corral:corral-pw@127.0.0.1:{}/' }}",
+        redis.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    // Corral works with the documented grants: both replicas ready, a fill shared.
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    assert_eq!(proxy.get(1, url).send().await.x_cache(), "HIT");
+    let key = KeyHash::from_hex(
+        proxy.status(0, TOKEN, url).await.json()["key"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let client =
+        redis::Client::open(format!("redis://app:app-pw@127.0.0.1:{}/", redis.port())).unwrap();
+    let mut app = client.get_multiplexed_async_connection().await.unwrap();
+    let before = deletes_heard(&proxy).await;
+    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(redis_channel("forge"))
+        .arg(Event::new(key, EventKind::Deleted).encode().as_ref())
+        .query_async(&mut app)
+        .await;
+    let refused = published.expect_err("the app user published on corral's channel");
+    assert!(
+        refused.to_string().to_lowercase().contains("noperm"),
+        "{refused}"
+    );
+    let written: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(format!("forge:{{{}}}:v", key.to_hex()))
+        .arg("forged")
+        .query_async(&mut app)
+        .await;
+    let refused = written.expect_err("the app user wrote corral's key");
+    assert!(
+        refused.to_string().to_lowercase().contains("noperm"),
+        "{refused}"
+    );
+
+    only_the_real_purge_is_heard(&proxy, url, before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_user_without_corrals_permissions_is_refused_and_corral_hears_nothing() {
+    let nats = SecuredServer::nats(|port, dir| {
+        let users = r#"authorization {
+  users: [
+    { user: corral, password: "corral-pw", permissions: { publish: ["forge.>"], subscribe: ["forge.>"] } }
+    { user: app, password: "app-pw", permissions: { publish: ["app.>"], subscribe: ["app.>", "_INBOX.>"] } }
+  ]
+}"#;
+        nats_conf(port, dir, users)
+    })
+    .await;
+    let redis = TestRedis::start().await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"nats://127.0.0.1:{}\", username: corral, password: corral-pw }}",
+        redis.url(),
+        nats.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    let key = KeyHash::from_hex(
+        proxy.status(0, TOKEN, url).await.json()["key"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let app = async_nats::ConnectOptions::with_user_and_password("app".into(), "app-pw".into())
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = errors_tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{}", nats.port()))
+        .await
+        .expect("the app user connects");
+    let before = deletes_heard(&proxy).await;
+    app.publish(
+        nats_subject("forge", &key),
+        Event::new(key, EventKind::Deleted).encode(),
+    )
+    .await
+    .expect("queued");
+    app.flush().await.expect("flush");
+    let refused = tokio::time::timeout(support::patience(), errors.recv())
+        .await
+        .expect("the server refuses within patience")
+        .expect("an error");
+    assert!(
+        refused.to_lowercase().contains("permissions violation"),
+        "{refused}"
+    );
+
+    only_the_real_purge_is_heard(&proxy, url, before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corral_runs_on_the_nats_kv_store_with_the_documented_permissions() {
+    let nats = SecuredServer::nats(|port, dir| {
+        let users = r#"authorization {
+  users: [
+    { user: corral, password: "corral-pw", permissions: {
+        publish: ["$JS.API.>", "$KV.corral_forge.>", "$JS.ACK.>", "$JS.FC.>"],
+        subscribe: ["_INBOX.>"] } }
+    { user: app, password: "app-pw", permissions: { publish: ["app.>"], subscribe: ["app.>", "_INBOX.>"] } }
+  ]
+}"#;
+        nats_conf(port, dir, users)
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let backing = format!(
+        "store: {{ kind: nats, url: \"nats://127.0.0.1:{}\", username: corral, password: corral-pw }}",
+        nats.port()
+    );
+    let yaml = fill(
+        CONFIG,
+        &[("backing", &backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/granted";
+    assert_eq!(proxy.get(0, url).send().await.status, 200);
+    eventually("replica 1 answers from the bucket", || async {
+        proxy.get(1, url).send().await.status == 200 && upstream.hits(url) == 1
+    })
+    .await;
+    let purged = proxy.purge(0, TOKEN, url).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(purged.json()["purged"], serde_json::json!(true));
+
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let app = async_nats::ConnectOptions::with_user_and_password("app".into(), "app-pw".into())
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = errors_tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{}", nats.port()))
+        .await
+        .expect("the app user connects");
+    app.publish("$KV.corral_forge.forged", "x".into())
+        .await
+        .expect("queued");
+    app.flush().await.expect("flush");
+    let refused = tokio::time::timeout(support::patience(), errors.recv())
+        .await
+        .expect("the server refuses within patience")
+        .expect("an error");
+    assert!(
+        refused.to_lowercase().contains("permissions violation"),
+        "{refused}"
+    );
+}
+
+// --------------------------------------------------------------------- forged DELETED ----
+
+/// A forged DELETED costs the replicas their L1 copy of the key, nothing more: the stored value
+/// stays, and the next request is answered from the store, not from a new fetch.
+async fn a_forged_delete_costs_an_l1_copy_only(
+    backing: &str,
+    forger: impl AsyncFnOnce() -> Forger,
+) {
+    let upstream = Upstream::start().await.distinct_bodies("/del");
+    let yaml = fill(
+        CONFIG,
+        &[("backing", backing), ("upstream", &upstream.url())],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/del/report";
+    let old = proxy.get(0, url).send().await.text();
+    assert_eq!(proxy.get(1, url).send().await.text(), old);
+    let key = KeyHash::from_hex(&key_on(&proxy, 0, url).await).expect("hex");
+
+    let before = deletes_heard(&proxy).await;
+    let mut forger = forger().await;
+    forger
+        .publish(&key, Event::new(key, EventKind::Deleted).encode())
+        .await;
+    eventually("replica 1 hears the forged DELETED", || async {
+        deletes_heard(&proxy).await > before
+    })
+    .await;
+    let status = proxy.status(1, TOKEN, url).await;
+    assert_eq!(
+        status.json()["status"],
+        serde_json::json!("EXISTS"),
+        "{}",
+        status.text()
+    );
+    let reply = proxy.get(1, url).send().await;
+    assert_eq!(reply.x_cache(), "HIT");
+    assert_eq!(reply.text(), old);
+    assert_eq!(upstream.hits(url), 1, "no fetch because of a forged delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delete_on_the_nats_bus_costs_an_l1_copy_only() {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let backing = format!(
+        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
+        redis.url(),
+        nats.url()
+    );
+    a_forged_delete_costs_an_l1_copy_only(&backing, async || {
+        Forger::Nats(
+            async_nats::connect(nats.url())
+                .await
+                .expect("connect to NATS"),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delete_on_the_redis_bus_costs_an_l1_copy_only() {
+    let redis = TestRedis::start().await;
+    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
+    a_forged_delete_costs_an_l1_copy_only(&backing, async || Forger::Redis(redis.client().await))
         .await;
 }

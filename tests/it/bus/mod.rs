@@ -1,3 +1,4 @@
 //! The bus backends.
 
 mod contract;
+mod listeners;

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use http::Method;
 use serde_json::{Value, json};
+use support::fault::{Fault, FaultProxy};
 use support::http::Reply;
 use support::proxy::{ProxyCluster, fill};
 use support::servers::free_port;
@@ -639,4 +640,207 @@ async fn replicas_learn_a_generation_from_the_bus_and_after_a_resync_from_the_st
         1,
         "read from the store at start"
     );
+}
+
+// ------------------------------------------------------------------- a store that stalls ----
+
+/// The store a test can cut off: Redis behind a link that resets every connection on demand
+/// (a frozen server would still run the commands it had received once it thaws, and so take a
+/// purge the replica gave up on), and the NATS bus.
+struct Stalling {
+    link: FaultProxy,
+    _redis: TestRedis,
+    _nats: TestNats,
+}
+
+/// Two replicas on a [`Stalling`] store.
+async fn on_a_store_that_stalls(upstream: &Upstream) -> (ProxyCluster, Stalling) {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let link = FaultProxy::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let yaml = fill(
+        CONFIG,
+        &[
+            ("upstream", &upstream.url()),
+            ("redis", &format!("redis://{}", link.addr())),
+            ("nats", &nats.url()),
+        ],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let servers = Stalling {
+        link,
+        _redis: redis,
+        _nats: nats,
+    };
+    (proxy, servers)
+}
+
+/// Store purges that failed on replica `i`, whatever the error.
+async fn failed_purges(proxy: &ProxyCluster, i: usize) -> f64 {
+    let text = proxy.admin(i, Method::GET, "/metrics").send().await.text();
+    text.lines()
+        .filter(|line| {
+            line.starts_with("corral_store_operations_total{op=\"purge\"")
+                && !line.contains("result=\"ok\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Lost invalidations of route `reports` on replica `i`, whatever the reason.
+async fn lost_invalidations(proxy: &ProxyCluster, i: usize) -> f64 {
+    let text = proxy.admin(i, Method::GET, "/metrics").send().await.text();
+    text.lines()
+        .filter(|line| {
+            line.starts_with("corral_invalidations_failed_total{")
+                && line.contains("route=\"reports\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A PUT answered while the store is stalled: its invalidation fails at first, every replica's
+/// L1 copy drops at once (through the bus), and the store purge lands once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_the_stalled_store_missed_lands_once_it_is_back() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let (proxy, store) = on_a_store_that_stalls(&upstream).await;
+    let url = "/reports/doc?id=7";
+    let old = warm(&proxy, url).await;
+    let before = failed_purges(&proxy, 0).await;
+
+    store.link.set(Fault::Reset);
+    let put = proxy.call(0, Method::PUT, url).body("new").send().await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert!(
+        failed_purges(&proxy, 0).await > before,
+        "the store took the purge while paused"
+    );
+    // Replica 1's copy dropped although the store never took the purge: with the store down it
+    // fetches for itself (the degrade path) instead of answering the copy.
+    eventually("replica 1 stops answering its L1 copy", || async {
+        let reply = proxy.get(1, url).send().await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.text() != old
+    })
+    .await;
+    store.link.restore();
+
+    // The stored copy is gone: replica 0 (whose own L1 dropped at once) fetches anew.
+    eventually("the purge lands in the store", || async {
+        let reply = proxy.get(0, url).send().await;
+        reply.status == 200 && reply.text() != old
+    })
+    .await;
+    let stored = proxy.get(0, url).send().await;
+    assert_eq!(stored.x_cache(), "HIT", "the new answer is stored");
+    assert_ne!(stored.text(), old);
+    assert_eq!(lost_invalidations(&proxy, 0).await, 0.0);
+}
+
+/// A store unreachable for longer than the retry window: the invalidation is counted as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_still_failing_after_the_retry_window_is_counted() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let (proxy, store) = on_a_store_that_stalls(&upstream).await;
+    let url = "/reports/doc?id=8";
+    warm(&proxy, url).await;
+    assert_eq!(lost_invalidations(&proxy, 0).await, 0.0);
+
+    store.link.set(Fault::Reset);
+    let put = proxy.call(0, Method::PUT, url).body("new").send().await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let deadline = support::Deadline::after(corral::engine::INVALIDATION_RETRY_WINDOW + patience());
+    let mut checks = 0;
+    // GET and HEAD each have a key; both are lost.
+    while lost_invalidations(&proxy, 0).await < 2.0 {
+        checks += 1;
+        assert!(
+            !deadline.expired() && checks < 10_000,
+            "no lost invalidation counted after {checks} checks"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    store.link.restore();
+    // Nothing retries any more: the stored copy is what the counter says was lost.
+    eventually(
+        "the store answers again, still holding the copy",
+        || async {
+            let status = proxy.status(0, TOKEN, url).await;
+            status.status == 200 && status.json()["status"] == json!("EXISTS")
+        },
+    )
+    .await;
+    assert_eq!(lost_invalidations(&proxy, 0).await, 2.0);
+}
+
+/// An admin purge that could not reach the store answers 503, never a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_purge_the_store_did_not_take_answers_503() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let (proxy, store) = on_a_store_that_stalls(&upstream).await;
+    warm(&proxy, "/reports/a").await;
+    store.link.set(Fault::Reset);
+    for body in [
+        json!({"url": "/reports/a"}),
+        json!({"route": "reports"}),
+        json!({"route": "reports", "prefix": "/reports/"}),
+        json!({"tag": "t"}),
+    ] {
+        let reply = purge(&proxy, 0, body.clone()).await;
+        assert_eq!(reply.status, 503, "{body}: {}", reply.text());
+    }
+    store.link.restore();
+    // Once the store answers again (the breaker lets a call through), the copy is still there.
+    eventually("a purge goes through once the store is back", || async {
+        let reply = purge(&proxy, 0, json!({"url": "/reports/a"})).await;
+        assert!(
+            reply.status == 200 || reply.status == 503,
+            "{}",
+            reply.text()
+        );
+        reply.status == 200 && reply.json()["purged"] == json!(true)
+    })
+    .await;
+    let again = purged(&proxy, 0, json!({"url": "/reports/a"})).await;
+    assert_eq!(again["purged"], json!(false), "nothing was left: {again}");
+}
+
+/// The same on the NATS KV store, whose stream is also the bus: a PUT's invalidation that the
+/// unreachable server missed lands once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_the_unreachable_nats_kv_store_missed_lands_once_it_is_back() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let nats = TestNats::start().await;
+    let link = FaultProxy::start(([127, 0, 0, 1], nats.port()).into()).await;
+    let on_nats_kv = CONFIG.replace(
+        "store: { kind: redis, url: \"{{redis}}\" }\nbus: { kind: nats, url: \"{{nats}}\" }",
+        "store: { kind: nats, url: \"{{nats}}\" }",
+    );
+    assert_ne!(on_nats_kv, CONFIG);
+    let yaml = fill(
+        &on_nats_kv,
+        &[
+            ("upstream", &upstream.url()),
+            ("nats", &format!("nats://{}", link.addr())),
+        ],
+    );
+    let proxy = ProxyCluster::start(2, &yaml, None).await;
+    let url = "/reports/doc?id=9";
+    warm(&proxy, url).await;
+
+    link.set(Fault::Reset);
+    let put = proxy.call(0, Method::PUT, url).body("new").send().await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert!(
+        failed_purges(&proxy, 0).await > 0.0,
+        "the store took the purge while unreachable"
+    );
+    link.restore();
+
+    eventually("the purge lands in the store", || async {
+        let status = proxy.status(0, TOKEN, url).await;
+        status.status == 200 && status.json()["status"] == json!("EMPTY")
+    })
+    .await;
+    assert_eq!(lost_invalidations(&proxy, 0).await, 0.0);
 }

@@ -317,3 +317,94 @@ async fn nats_kv_bumps_are_heard_by_every_consumer_and_index_writes_are_quiet() 
     );
     assert_eq!(other.route_generation("reports").await, Ok(1));
 }
+
+// ------------------------------------------------------------------------- long paths ----
+
+/// Keys indexed with long paths by the tests below.
+const LONG_PATHS: usize = 200;
+/// Bytes of each of those paths: far past what an index keeps of one.
+const LONG_PATH_LEN: usize = 8 * 1024;
+/// The most a route's path index may hold per key, as docs/invalidation.md states it (on both
+/// stores), whatever the length of the paths.
+const INDEX_BYTES_PER_KEY: usize = 1024;
+
+fn long_path(i: usize) -> String {
+    let head = format!("/long/{i}/");
+    format!("{head}{}", "x".repeat(LONG_PATH_LEN - head.len()))
+}
+
+/// Indexes [`LONG_PATHS`] keys with 8 KiB paths; a prefix purge still finds each one, by a short
+/// prefix and by its whole path.
+async fn index_long_paths(store: &dyn Store) {
+    let minute = Duration::from_secs(60);
+    for i in 0..LONG_PATHS {
+        let name = format!("long-{i}");
+        store
+            .index(&entry("reports", &long_path(i), &name, &[], minute))
+            .await
+            .expect("index");
+    }
+    for i in [0, 7, LONG_PATHS - 1] {
+        let name = format!("long-{i}");
+        let short = format!("/long/{i}/");
+        assert_eq!(
+            indexed(store, prefix("reports", &short)).await,
+            keys(&[&name]),
+            "{short}"
+        );
+        assert_eq!(
+            indexed(store, prefix("reports", &long_path(i))).await,
+            keys(&[&name]),
+            "the whole path of key {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_path_index_is_bounded_in_bytes_whatever_the_paths() {
+    let redis = TestRedis::start().await;
+    let store = redis_store(&redis, false).await;
+    index_long_paths(&store).await;
+    let mut client = redis.client().await;
+    let mut bytes = 0;
+    for set in ["pe", "px"] {
+        let used: usize = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(store.route_key_name("reports", set))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut client)
+            .await
+            .expect("MEMORY USAGE");
+        bytes += used;
+    }
+    println!(
+        "redis path index: {bytes} bytes for {LONG_PATHS} keys with {LONG_PATH_LEN}-byte paths"
+    );
+    assert!(
+        bytes <= LONG_PATHS * INDEX_BYTES_PER_KEY,
+        "{bytes} bytes for {LONG_PATHS} keys"
+    );
+}
+
+#[tokio::test]
+async fn nats_kv_path_index_is_bounded_in_bytes_whatever_the_paths() {
+    let nats = TestNats::start().await;
+    let store = nats_store(&nats).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js
+        .get_stream(format!("KV_{}", store.bucket()))
+        .await
+        .expect("the bucket's stream");
+    let before = stream.info().await.expect("stream info").state.bytes;
+    index_long_paths(&store).await;
+    let after = stream.info().await.expect("stream info").state.bytes;
+    let bytes = (after - before) as usize;
+    println!(
+        "nats kv path index: {bytes} bytes for {LONG_PATHS} keys with {LONG_PATH_LEN}-byte paths"
+    );
+    assert!(
+        bytes <= LONG_PATHS * INDEX_BYTES_PER_KEY,
+        "{bytes} bytes for {LONG_PATHS} keys"
+    );
+}
