@@ -60,13 +60,29 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// A request body the client broke: bad chunked framing, fewer bytes than its length, a
+/// connection closed mid-body. The client's fault, so it is answered 400 and never counted
+/// against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body broke off: {0}")]
+pub struct RequestBodyBroken(#[source] Box<dyn std::error::Error + Send + Sync>);
+
 /// Whether `error`, or an error it was caused by, is [`BodyTooLarge`].
 pub fn body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<BodyTooLarge>(error)
+}
+
+/// Whether `error`, or an error it was caused by, is [`RequestBodyBroken`].
+pub fn request_body_broken(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<RequestBodyBroken>(error)
+}
+
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     // Error chains are short; the count only guards against a chain that loops.
     for _ in 0..16 {
         let Some(error) = cause else { return false };
-        if error.is::<BodyTooLarge>() {
+        if error.is::<T>() {
             return true;
         }
         cause = error.source();
@@ -544,7 +560,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                Poll::Ready(Some(Err(Box::new(RequestBodyBroken(error.into())))))
+            }
             other => other.map(|_| None),
         }
     }

@@ -7,7 +7,7 @@ use axum::body::Body;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::Proxy;
-use super::respond::{self, Answered, Outcome, body_too_large, busy, plain};
+use super::respond::{self, Answered, Outcome, body_too_large, broken_body, busy, plain};
 use super::upstream::{self, UpstreamError, target};
 use crate::config::Route;
 use crate::http::forward::forward_headers;
@@ -64,11 +64,15 @@ impl Direct<'_> {
             ),
         )
         .await;
-        let status = match &sent {
-            Ok(Ok(response)) => Some(response.status()),
-            _ => None,
-        };
-        upstream::observe(metrics, &self.route.name, status, asked);
+        // A request the client broke never reached the upstream as a whole: not the upstream's
+        // error, so not counted against it.
+        match &sent {
+            Ok(Err(error)) if error.is_client_fault() => {}
+            Ok(Ok(response)) => {
+                upstream::observe(metrics, &self.route.name, Some(response.status()), asked)
+            }
+            _ => upstream::observe(metrics, &self.route.name, None, asked),
+        }
         match sent {
             Err(_elapsed) => plain(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -93,6 +97,10 @@ impl Direct<'_> {
                 )
             }
             Ok(Err(UpstreamError::RequestBodyTooLarge)) => body_too_large(),
+            Ok(Err(UpstreamError::RequestBodyBroken)) => {
+                metrics.client_error("request_body");
+                broken_body()
+            }
             Ok(Err(error)) => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {error}\n"),

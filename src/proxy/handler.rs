@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::direct::Direct;
 use super::fetch::{Fetch, REQUEST_ID, Stage};
-use super::respond::{self, Answered, Outcome, body_too_large, plain};
+use super::respond::{self, Answered, Outcome, body_too_large, broken_body, plain};
 use super::route::{methods_allowed, route_for};
 use super::{Proxy, Snapshot, authority};
 use crate::config::{Config, OnWaitTimeout, Route};
@@ -170,7 +170,7 @@ async fn answer(
         }
         return answered;
     }
-    match keyed_body(route, body).await {
+    match keyed_body(route, body, proxy.engine.metrics()).await {
         Ok(keyed) => cached(proxy, snapshot, index, &parts, client, keyed, direct).await,
         Err(Unkeyable::Answered(answered)) => answered,
         Err(Unkeyable::Oversized(body)) => direct.send(body, "request-too-large").await,
@@ -192,7 +192,11 @@ enum Unkeyable {
 
 /// The body as the key reads it: on body-keyed routes, read whole up to the route's `max_body`;
 /// otherwise none (a GET's body is never forwarded).
-async fn keyed_body(route: &Route, body: Body) -> Result<Option<Bytes>, Unkeyable> {
+async fn keyed_body(
+    route: &Route,
+    body: Body,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<Bytes>, Unkeyable> {
     if !route.key.body {
         return Ok(None);
     }
@@ -211,12 +215,10 @@ async fn keyed_body(route: &Route, body: Body) -> Result<Option<Bytes>, Unkeyabl
             "request-timeout",
         ))),
         Ok(Err(BodyRead::TooLarge)) => Err(Unkeyable::Answered(body_too_large())),
-        Ok(Err(BodyRead::Broken)) => Err(Unkeyable::Answered(plain(
-            StatusCode::BAD_REQUEST,
-            "corral: the request body broke off\n".into(),
-            Outcome::Bypass,
-            "request-body",
-        ))),
+        Ok(Err(BodyRead::Broken)) => {
+            metrics.client_error("request_body");
+            Err(Unkeyable::Answered(broken_body()))
+        }
         Ok(Err(BodyRead::Oversized { prefix, rest })) => {
             let stream = futures::stream::once(async move { Ok::<_, axum::Error>(prefix) })
                 .chain(rest.into_data_stream());

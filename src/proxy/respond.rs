@@ -349,6 +349,16 @@ pub(super) fn body_too_large() -> Answered {
     )
 }
 
+/// 400: the client's request body broke off (bad chunked framing, fewer bytes than declared).
+pub(super) fn broken_body() -> Answered {
+    plain(
+        StatusCode::BAD_REQUEST,
+        "corral: the request body broke off\n".into(),
+        Outcome::Bypass,
+        "request-body",
+    )
+}
+
 fn retry_after(answered: &mut Answered) {
     answered
         .response

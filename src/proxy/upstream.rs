@@ -42,6 +42,20 @@ pub enum UpstreamError {
     /// sent on.
     #[error("the request body is too large")]
     RequestBodyTooLarge,
+    /// The client's request body broke off while it was being sent on (bad chunked framing, a
+    /// short body): the client's fault, not the upstream's.
+    #[error("the request body broke off")]
+    RequestBodyBroken,
+}
+
+impl UpstreamError {
+    /// Whether the client, not the upstream, made the request fail.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::RequestBodyTooLarge | UpstreamError::RequestBodyBroken
+        )
+    }
 }
 
 /// A response read up to a limit.
@@ -108,6 +122,8 @@ impl Upstream {
         let mut response = client.request(request).await.map_err(|e| {
             if crate::connections::body_too_large(&e) {
                 UpstreamError::RequestBodyTooLarge
+            } else if crate::connections::request_body_broken(&e) {
+                UpstreamError::RequestBodyBroken
             } else {
                 UpstreamError::Unreachable(crate::errors::chain(&e))
             }
