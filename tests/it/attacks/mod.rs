@@ -4,3 +4,4 @@ mod forged_events;
 mod framing;
 mod fuzz_corpus;
 mod inputs;
+mod request_ids;
