@@ -126,9 +126,10 @@ impl Direct<'_> {
 }
 
 /// Bytes of a pass-through's answer read from the upstream ahead of its client, at most: an answer
-/// this small frees its upstream slot and connection as soon as the upstream sent it, however
-/// slowly its client reads.
-const READ_AHEAD: usize = 256 << 10;
+/// this small (plus what the sockets' own buffers hold) frees its upstream slot and connection as
+/// soon as the upstream sent it, however slowly its client reads. Small, since every stuck
+/// client may hold this much until it is cut.
+const READ_AHEAD: usize = 64 << 10;
 
 /// A frame read ahead, with its share of the [`READ_AHEAD`] budget (given back when taken).
 type Ahead<E> = Result<(Frame<Bytes>, OwnedSemaphorePermit), E>;

@@ -21,6 +21,11 @@ use crate::metrics::Metrics;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+/// The most an HTTP/1.1 upstream connection reads ahead of what was taken from it (hyper grows
+/// its buffer up to about 400 KiB by default): a pass-through whose client stopped reading
+/// holds this, so it is kept small. It also bounds an upstream's response head.
+const READ_BUFFER: usize = 64 << 10;
+
 /// Pooled clients for every upstream: HTTP/1.1, and HTTP/2 with prior knowledge for routes that
 /// ask for it (`upstream_http2: true`).
 #[derive(Clone)]
@@ -88,6 +93,7 @@ impl Upstream {
         let connector = RetiringConnector::new(connector);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
+            .http1_max_buf_size(READ_BUFFER)
             .build(connector.clone());
         let http2 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
