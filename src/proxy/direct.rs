@@ -7,10 +7,11 @@ use axum::body::Body;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
+use hyper::body::{Frame, Incoming};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::Proxy;
@@ -96,8 +97,21 @@ impl Direct<'_> {
                 Outcome::Bypass,
                 "max-fetch",
             ),
-            Ok(Ok(response)) => {
-                let took = asked.elapsed();
+            Ok(sent) => self.answered(sent, slot, asked.elapsed(), reason),
+        }
+    }
+
+    /// The client's answer to what the upstream said within `max_fetch`, `took` after it was
+    /// asked; the answer's body keeps `slot` while it is read ([`read_ahead`]).
+    fn answered(
+        &self,
+        sent: Result<http::Response<Incoming>, UpstreamError>,
+        slot: OwnedSemaphorePermit,
+        took: Duration,
+        reason: &str,
+    ) -> Answered {
+        match sent {
+            Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let mut answered = respond::finish(
                     parts.status,
@@ -110,12 +124,12 @@ impl Direct<'_> {
                 answered.upstream = Some(took);
                 answered
             }
-            Ok(Err(UpstreamError::RequestBodyTooLarge)) => body_too_large(),
-            Ok(Err(UpstreamError::RequestBodyBroken)) => {
-                metrics.client_error("request_body");
+            Err(UpstreamError::RequestBodyTooLarge) => body_too_large(),
+            Err(UpstreamError::RequestBodyBroken) => {
+                self.proxy.engine.metrics().client_error("request_body");
                 broken_body()
             }
-            Ok(Err(error)) => plain(
+            Err(error) => plain(
                 StatusCode::BAD_GATEWAY,
                 format!("corral: {error}\n"),
                 Outcome::Bypass,
