@@ -1204,6 +1204,20 @@ fn the_send_limits_and_the_per_client_cap_are_read_and_checked() {
     assert_eq!(config.limits.send_timeout, secs(5));
     assert_eq!(config.limits.min_send_rate, 4096);
     assert_eq!(config.limits.max_connections_per_client, 8);
+    // `corral check` shows each, as it shows every limit that differs from its default.
+    let shown = describe(&config);
+    for (name, value) in [
+        ("limits.send_timeout", "5s"),
+        ("limits.min_send_rate", "4KiB"),
+        ("limits.max_connections_per_client", "8"),
+    ] {
+        let line = shown.lines().find(|line| line.starts_with(name));
+        assert_eq!(
+            line.map(|line| line[name.len()..].trim()),
+            Some(value),
+            "{shown}"
+        );
+    }
     let text = with_route(
         "limits:\n  send_timeout: 0s\n  min_send_rate: fast\n  max_connections_per_client: -1\n",
         "",
