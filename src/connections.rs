@@ -13,16 +13,25 @@
 //!   and 414 from [`check_head`], with the parser's buffer just large enough for both, so a head
 //!   beyond even that is refused by the parser itself (431).
 //! - `max_request_body`: a declared length over it is 413 at once; a streamed body is counted as it
-//!   arrives ([`CappedBody`]) and fails with [`BodyTooLarge`], which the proxy answers 413.
+//!   arrives ([`CappedBody`]) and fails with [`BodyTooLarge`], which the proxy answers 413. A body
+//!   that breaks off fails with [`RequestBodyBroken`], which the proxy answers 400.
+//! - `send_timeout` and `min_send_rate`: hyper has no write timeout, so the socket itself holds
+//!   each write to the client's pace ([`SendClock`]); a client that stops reading is cut (reset),
+//!   and what its answer held (an upstream slot, buffers) is freed with it.
+//! - `max_connections_per_client`: a client address's connection beyond it is refused like one
+//!   beyond `max_connections`.
 //!
 //! At shutdown a listener stops accepting (its socket is closed, so new connections are refused),
 //! every connection is told to finish its requests in flight and close, and [`Open`] is what is
 //! left, for the server to wait on within a bound and then drop.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,13 +69,29 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// A request body the client broke: bad chunked framing, fewer bytes than its length, a
+/// connection closed mid-body. The client's fault, so it is answered 400 and never counted
+/// against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body broke off: {0}")]
+pub struct RequestBodyBroken(#[source] Box<dyn std::error::Error + Send + Sync>);
+
 /// Whether `error`, or an error it was caused by, is [`BodyTooLarge`].
 pub fn body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<BodyTooLarge>(error)
+}
+
+/// Whether `error`, or an error it was caused by, is [`RequestBodyBroken`].
+pub fn request_body_broken(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<RequestBodyBroken>(error)
+}
+
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     // Error chains are short; the count only guards against a chain that loops.
     for _ in 0..16 {
         let Some(error) = cause else { return false };
-        if error.is::<BodyTooLarge>() {
+        if error.is::<T>() {
             return true;
         }
         cause = error.source();
@@ -105,6 +130,7 @@ impl Listener {
             metrics,
         } = self;
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let clients = Arc::new(Clients::default());
         let (drain, draining) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let shared = Arc::new(Shared {
@@ -132,12 +158,24 @@ impl Listener {
                 refuse(&stream);
                 continue;
             };
+            let per_client = shared.limits.max_connections_per_client;
+            let client = match per_client {
+                0 => None,
+                limit => match clients.enter(peer.ip(), limit) {
+                    Some(client) => Some(client),
+                    None => {
+                        shared.metrics.limit_rejected("connections_per_client");
+                        refuse(&stream);
+                        continue;
+                    }
+                },
+            };
             tasks.spawn(connection(
                 stream,
                 peer,
                 shared.clone(),
                 draining.clone(),
-                slot,
+                (slot, client),
             ));
         }
         drop(listener);
@@ -145,6 +183,49 @@ impl Listener {
         Open {
             tasks,
             _drain: drain,
+        }
+    }
+}
+
+/// Open connections per client address, for `max_connections_per_client`: at most one entry
+/// per open connection, since an address leaves with its last one.
+#[derive(Default)]
+struct Clients(Mutex<HashMap<IpAddr, usize>>);
+
+impl Clients {
+    /// A place for one more connection from `ip`, unless it has `limit` open already.
+    fn enter(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's place among its client's; given back when the connection ends.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .clients
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
         }
     }
 }
@@ -226,6 +307,8 @@ struct Activity {
     phase: Mutex<Phase>,
     /// Wakes the watchdog when the phase changes.
     changed: Notify,
+    /// Requests begun on the connection: a new one starts a new answer for the send rate.
+    begun: AtomicU64,
 }
 
 impl Activity {
@@ -233,6 +316,7 @@ impl Activity {
         Self {
             phase: Mutex::new(Phase::Idle(Instant::now())),
             changed: Notify::new(),
+            begun: AtomicU64::new(0),
         }
     }
 
@@ -255,6 +339,7 @@ impl Activity {
 
     /// A request head is complete; the request is being answered.
     fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.begun.fetch_add(1, Ordering::Relaxed);
         self.update(|phase| match phase {
             Phase::Busy(n) => Phase::Busy(n + 1),
             _ => Phase::Busy(1),
@@ -314,18 +399,19 @@ async fn connection(
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut draining: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, Option<ClientSlot>),
 ) {
     let metrics = shared.metrics.clone();
     metrics.connections_open.inc();
     let _open = scopeguard(|| metrics.connections_open.dec());
     let _ = stream.set_nodelay(true);
     let activity = Arc::new(Activity::new());
+    let limits = &shared.limits;
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
+        send: SendClock::new(limits, metrics.clone(), peer),
     });
-    let limits = &shared.limits;
     let service = {
         let shared = shared.clone();
         let activity = activity.clone();
@@ -544,7 +630,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                Poll::Ready(Some(Err(Box::new(RequestBodyBroken(error.into())))))
+            }
             other => other.map(|_| None),
         }
     }
@@ -590,10 +678,13 @@ where
     }
 }
 
-/// A client socket that tells its connection's [`Activity`] when bytes arrive.
+/// A client socket that tells its connection's [`Activity`] when bytes arrive, and cuts the
+/// connection when a write waits on the client too long ([`SendClock`]): hyper has no write
+/// timeout of its own.
 struct Watched {
     inner: TcpStream,
     activity: Arc<Activity>,
+    send: SendClock,
 }
 
 impl AsyncRead for Watched {
@@ -611,13 +702,29 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// A connection given up on a slow client is reset, not closed: what its socket still holds
+    /// for the client is dropped with it, rather than sent to a client that does not read.
+    fn cut_if_expired(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Err(error)) = &written
+            && error.kind() == io::ErrorKind::TimedOut
+        {
+            let _ = self.inner.set_zero_linger();
+        }
+        written
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let paced = this.send.paced(cx, &this.activity, written);
+        this.cut_if_expired(paced)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -633,11 +740,132 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let paced = this.send.paced(cx, &this.activity, written);
+        this.cut_if_expired(paced)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// Why writes to a client were given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendExpiry {
+    /// One write waited `send_timeout` for the client to take a byte.
+    Stalled,
+    /// The client took less than `min_send_rate` over the time writes waited on it.
+    TooSlow,
+}
+
+impl SendExpiry {
+    /// The `limit` label it is counted under.
+    fn limit(self) -> &'static str {
+        match self {
+            SendExpiry::Stalled => "send_timeout",
+            SendExpiry::TooSlow => "send_rate",
+        }
+    }
+}
+
+/// How long writes to one client may wait on it: one write at most `send_timeout`, and all the
+/// writes of one answer no longer than `send_timeout` plus one second per `min_send_rate` bytes
+/// the client took. Only time a write waited counts, so a slow upstream never counts against its
+/// client.
+struct SendClock {
+    send_timeout: Duration,
+    /// Bytes per second; 0: no rate.
+    min_rate: u64,
+    /// The write waiting on the client now: since when, and the timer of its deadline.
+    stall: Option<(Instant, Pin<Box<tokio::time::Sleep>>, SendExpiry)>,
+    /// Of the answer being sent: bytes the client took, and time writes waited on it.
+    taken: u64,
+    waited: Duration,
+    /// Which request of the connection the counts are for ([`Activity::begun`]).
+    answer: u64,
+    metrics: Metrics,
+    peer: SocketAddr,
+}
+
+impl SendClock {
+    fn new(limits: &Limits, metrics: Metrics, peer: SocketAddr) -> Self {
+        Self {
+            send_timeout: limits.send_timeout,
+            min_rate: limits.min_send_rate,
+            stall: None,
+            taken: 0,
+            waited: Duration::ZERO,
+            answer: 0,
+            metrics,
+            peer,
+        }
+    }
+
+    /// What a write to the client returned, held to the client's pace: a write that waited too
+    /// long fails, which closes the connection.
+    fn paced(
+        &mut self,
+        cx: &mut Context<'_>,
+        activity: &Activity,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let answer = activity.begun.load(Ordering::Relaxed);
+        if answer != self.answer {
+            (self.answer, self.taken, self.waited) = (answer, 0, Duration::ZERO);
+        }
+        match written {
+            Poll::Ready(Ok(n)) => {
+                if let Some((since, _, _)) = self.stall.take() {
+                    self.waited += since.elapsed();
+                }
+                self.taken += n as u64;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                if self.stall.is_none() {
+                    self.stall = Some(self.deadline());
+                }
+                let Some((_, timer, why)) = &mut self.stall else {
+                    return Poll::Pending;
+                };
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let why = *why;
+                Poll::Ready(Err(self.expired(why)))
+            }
+            failed => failed,
+        }
+    }
+
+    /// The deadline of a write that starts waiting now, and what it means when it passes.
+    fn deadline(&self) -> (Instant, Pin<Box<tokio::time::Sleep>>, SendExpiry) {
+        let now = Instant::now();
+        let mut wait = (self.send_timeout, SendExpiry::Stalled);
+        if self.min_rate > 0 {
+            let earned = Duration::from_secs_f64(self.taken as f64 / self.min_rate as f64);
+            let left = (self.send_timeout + earned).saturating_sub(self.waited);
+            if left < wait.0 {
+                wait = (left, SendExpiry::TooSlow);
+            }
+        }
+        (
+            now,
+            Box::pin(tokio::time::sleep_until(now + wait.0)),
+            wait.1,
+        )
+    }
+
+    fn expired(&self, why: SendExpiry) -> io::Error {
+        self.metrics.limit_rejected(why.limit());
+        tracing::debug!(peer = %self.peer, ?why, taken = self.taken,
+            "cut a connection whose client stopped taking its answer");
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped taking its answer",
+        )
     }
 }
 
@@ -727,6 +955,79 @@ mod tests {
         let started = Instant::now();
         assert_eq!(activity.expired(&limits).await, Expiry::Idle);
         assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    /// Writes to a client that waits `stall` each time before taking `chunk` bytes, until the
+    /// clock gives up on it (its reason and when) or `rounds` writes went through.
+    async fn pace(
+        limits: &Limits,
+        stall: Duration,
+        chunk: usize,
+        rounds: usize,
+    ) -> Option<(SendExpiry, Duration)> {
+        let metrics = Metrics::new();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut clock = SendClock::new(limits, metrics.clone(), peer);
+        let activity = Activity::new();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let started = Instant::now();
+        let cut = |metrics: &Metrics| {
+            [SendExpiry::Stalled, SendExpiry::TooSlow]
+                .into_iter()
+                .find(|why| {
+                    let counted = metrics.limit_rejections.with_label_values(&[why.limit()]);
+                    counted.get() == 1
+                })
+                .expect("a cut is counted")
+        };
+        for _ in 0..rounds {
+            for wait in [Duration::ZERO, stall] {
+                tokio::time::advance(wait).await;
+                if clock.paced(&mut cx, &activity, Poll::Pending).is_ready() {
+                    return Some((cut(&metrics), started.elapsed()));
+                }
+            }
+            let _ = clock.paced(&mut cx, &activity, Poll::Ready(Ok(chunk)));
+        }
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waits_past_the_send_timeout_is_cut() {
+        let limits = Limits {
+            send_timeout: Duration::from_secs(2),
+            min_send_rate: 0,
+            ..Limits::default()
+        };
+        // A client that takes something every second keeps up.
+        let steady = pace(&limits, Duration::from_secs(1), 1, 100).await;
+        assert_eq!(steady, None);
+        // One that stops is cut once a write waited 2 s.
+        let stopped = pace(&limits, Duration::from_secs(3), 1, 100).await;
+        assert_eq!(stopped, Some((SendExpiry::Stalled, Duration::from_secs(3))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_below_the_minimum_rate_is_cut_once_its_allowance_is_spent() {
+        let limits = Limits {
+            send_timeout: Duration::from_secs(2),
+            min_send_rate: 1000,
+            ..Limits::default()
+        };
+        // 100 bytes every 500 ms: 200 B/s. Each write waits less than the send timeout, but
+        // the waits add up: 2 s, plus a tenth of a second per write, is spent after 5 writes.
+        let (why, after) = pace(&limits, Duration::from_millis(500), 100, 100)
+            .await
+            .expect("cut");
+        assert_eq!(why, SendExpiry::TooSlow);
+        assert!(
+            after >= Duration::from_millis(2500) && after <= Duration::from_secs(3),
+            "{after:?}"
+        );
+        // 1000 bytes every 500 ms is above the rate: never cut.
+        let fast = pace(&limits, Duration::from_millis(500), 1000, 100).await;
+        assert_eq!(fast, None);
     }
 
     #[tokio::test]

@@ -74,7 +74,7 @@ pub const REFRESH_RESULTS: [&str; 4] = ["stored", "failed", "uncacheable", "aban
 
 /// The `limit` label of `corral_limit_rejections_total`: which limit refused a connection or a
 /// request.
-pub const LIMITS: [&str; 7] = [
+pub const LIMITS: [&str; 11] = [
     "connections",
     "header_read_timeout",
     "uri_length",
@@ -82,6 +82,10 @@ pub const LIMITS: [&str; 7] = [
     "request_body",
     "followers",
     "upstream_fetches",
+    "upstream_passes",
+    "send_timeout",
+    "send_rate",
+    "connections_per_client",
 ];
 /// The `reason` label of `corral_invalidations_failed_total`.
 pub const INVALIDATION_FAILURES: [&str; 6] = [
@@ -93,6 +97,8 @@ pub const INVALIDATION_FAILURES: [&str; 6] = [
     "overflow",
 ];
 
+/// The `reason` label of `corral_client_errors_total`: what a client got wrong.
+pub const CLIENT_ERRORS: [&str; 1] = ["request_body"];
 /// The `result` label of `corral_orphan_leases_total`.
 pub const ORPHAN_RESULTS: [&str; 2] = ["released", "absent"];
 
@@ -187,6 +193,9 @@ pub struct Metrics {
     /// `unavailable`, `protocol`, `circuit_open`; or `shutdown`, or `overflow` when too many were
     /// being retried already). Stored copies of their keys stay until they expire.
     pub invalidations_failed: IntCounterVec,
+    /// Requests the client broke (see [`CLIENT_ERRORS`]), answered 4xx and never counted against
+    /// the upstream.
+    pub client_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -438,8 +447,16 @@ impl Metrics {
                 "Invalidations after unsafe requests the store never took, even after retrying, by route and reason.",
                 &["route", "reason"],
             ),
+            client_errors: counter_vec(
+                "corral_client_errors_total",
+                "Requests the client broke (request_body: a body that broke off or had bad chunked framing), answered 400, not counted against the upstream.",
+                &["reason"],
+            ),
             registry,
         };
+        for reason in CLIENT_ERRORS {
+            metrics.client_errors.with_label_values(&[reason]);
+        }
         for result in ORPHAN_RESULTS {
             metrics.orphan_leases.with_label_values(&[result]);
         }
@@ -468,6 +485,11 @@ impl Metrics {
     /// Counts one connection or request refused by `limit` (one of [`LIMITS`]).
     pub fn limit_rejected(&self, limit: &str) {
         self.limit_rejections.with_label_values(&[limit]).inc();
+    }
+
+    /// Counts one request the client broke (`reason` one of [`CLIENT_ERRORS`]).
+    pub fn client_error(&self, reason: &str) {
+        self.client_errors.with_label_values(&[reason]).inc();
     }
 
     /// Creates a route's series at zero: every outcome and status class, its wait timeouts, its

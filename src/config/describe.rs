@@ -85,6 +85,11 @@ pub fn describe(config: &Config) -> String {
     let counts = [
         ("max_connections", limits.max_connections, d.max_connections),
         (
+            "max_connections_per_client",
+            limits.max_connections_per_client,
+            d.max_connections_per_client,
+        ),
+        (
             "max_header_count",
             limits.max_header_count,
             d.max_header_count,
@@ -106,6 +111,7 @@ pub fn describe(config: &Config) -> String {
             limits.max_request_body,
             d.max_request_body,
         ),
+        ("min_send_rate", limits.min_send_rate, d.min_send_rate),
     ];
     let durations = [
         (
@@ -115,6 +121,7 @@ pub fn describe(config: &Config) -> String {
         ),
         ("idle_timeout", limits.idle_timeout, d.idle_timeout),
         ("shutdown_grace", limits.shutdown_grace, d.shutdown_grace),
+        ("send_timeout", limits.send_timeout, d.send_timeout),
     ];
     for (name, value, default) in counts {
         if value != default {

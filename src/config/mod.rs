@@ -117,6 +117,16 @@ pub struct Limits {
     /// On SIGTERM or SIGINT: how long requests in flight may take to finish before every lease
     /// still held is abandoned and the remaining connections are closed.
     pub shutdown_grace: Duration,
+    /// The longest one write to a client may wait on it (its receive window shut); then the
+    /// connection is cut, so a client that stops reading frees what its answer holds.
+    pub send_timeout: Duration,
+    /// Bytes per second a client must take, over the time writes to it waited, once it has used
+    /// up `send_timeout` of waiting on one answer; 0: off. Stops a client that reads a byte now
+    /// and then to stay under `send_timeout`.
+    pub min_send_rate: u64,
+    /// Open connections per client address and listener; beyond, a connection is answered 503
+    /// and closed at once. 0: no limit.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for Limits {
@@ -131,6 +141,9 @@ impl Default for Limits {
             max_uri_length: 8 << 10,
             max_request_body: 16 << 20,
             shutdown_grace: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
+            min_send_rate: 1 << 10,
+            max_connections_per_client: 0,
         }
     }
 }

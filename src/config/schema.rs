@@ -46,6 +46,9 @@ pub struct LimitsFile {
     pub max_uri_length: Option<Text>,
     pub max_request_body: Option<Text>,
     pub shutdown_grace: Option<Text>,
+    pub send_timeout: Option<Text>,
+    pub min_send_rate: Option<Text>,
+    pub max_connections_per_client: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1147,6 +1147,7 @@ fn limits_take_production_defaults_and_each_can_be_set() {
             max_uri_length: 2048,
             max_request_body: 1 << 20,
             shutdown_grace: secs(3),
+            ..Limits::default()
         }
     );
     assert_eq!(config.routes[0].policy.max_followers, 7);
@@ -1180,6 +1181,42 @@ fn bad_limits_are_reported_at_their_values() {
             "corral.yaml:6:21: limits.max_request_body: must be above zero",
             "corral.yaml:11:20: routes[0].max_followers: invalid count \"many\" (expected a whole number above zero)",
         ]
+    );
+}
+
+#[test]
+fn the_send_limits_and_the_per_client_cap_are_read_and_checked() {
+    let config = parse_ok(&with_route(
+        "limits:\n  send_timeout: 5s\n  min_send_rate: 4KiB\n  max_connections_per_client: 8\n",
+        "",
+    ));
+    assert_eq!(config.limits.send_timeout, secs(5));
+    assert_eq!(config.limits.min_send_rate, 4096);
+    assert_eq!(config.limits.max_connections_per_client, 8);
+    // `corral check` shows each, as it shows every limit that differs from its default.
+    let shown = describe(&config);
+    for (name, value) in [
+        ("limits.send_timeout", "5s"),
+        ("limits.min_send_rate", "4KiB"),
+        ("limits.max_connections_per_client", "8"),
+    ] {
+        let line = shown.lines().find(|line| line.starts_with(name));
+        assert_eq!(
+            line.map(|line| line[name.len()..].trim()),
+            Some(value),
+            "{shown}"
+        );
+    }
+    let text = with_route(
+        "limits:\n  send_timeout: 0s\n  min_send_rate: fast\n  max_connections_per_client: -1\n",
+        "",
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(found[0].starts_with("corral.yaml:2:17: limits.send_timeout: must be above zero"));
+    assert!(found[1].starts_with("corral.yaml:3:18: limits.min_send_rate: invalid size"));
+    assert!(
+        found[2].starts_with("corral.yaml:4:31: limits.max_connections_per_client: invalid count")
     );
 }
 

@@ -387,7 +387,32 @@ impl Checker<'_> {
             d.shutdown_grace,
             positive_duration,
         );
+        let send_timeout = self.or_default(
+            &file.send_timeout,
+            "limits.send_timeout",
+            d.send_timeout,
+            positive_duration,
+        );
+        let min_send_rate = self.or_default(
+            &file.min_send_rate,
+            "limits.min_send_rate",
+            d.min_send_rate,
+            size,
+        );
+        let max_connections_per_client = self.or_default(
+            &file.max_connections_per_client,
+            "limits.max_connections_per_client",
+            d.max_connections_per_client,
+            |t| {
+                t.trim()
+                    .parse::<usize>()
+                    .map_err(|_| Invalid::Count(t.to_string()))
+            },
+        );
         Some(Limits {
+            send_timeout: send_timeout?,
+            min_send_rate: min_send_rate?,
+            max_connections_per_client: max_connections_per_client?,
             max_connections: max_connections?,
             header_read_timeout: header_read_timeout?,
             idle_timeout: idle_timeout?,

@@ -15,7 +15,8 @@
 //! - when the route keys on the body, `Content-Length` and the body-describing headers it keys with
 //!   it ([`crate::http::key::BODY_HEADERS`]);
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
-//!   every client.
+//!   every client; and, set by the fetch, `X-Request-Id` with the fetch's own id, never a
+//!   client's.
 //!
 //! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
 //! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via` nor the body

@@ -6,8 +6,17 @@ use std::net::IpAddr;
 use axum::body::Body;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
 use super::Proxy;
-use super::respond::{self, Answered, Outcome, body_too_large, busy, plain};
+use super::respond::{self, Answered, Outcome, body_too_large, broken_body, busy, plain};
+use super::slots::Budget;
 use super::upstream::{self, UpstreamError, target};
 use crate::config::Route;
 use crate::http::forward::forward_headers;
@@ -41,10 +50,15 @@ impl Direct<'_> {
         let metrics = self.proxy.engine.metrics();
         let until = tokio::time::Instant::now() + policy.wait_timeout;
         let Some(slot) = (self.proxy.slots)
-            .take(&self.route.name, policy.max_upstream_fetches, until)
+            .take(
+                &self.route.name,
+                Budget::Pass,
+                policy.max_upstream_fetches,
+                until,
+            )
             .await
         else {
-            metrics.limit_rejected("upstream_fetches");
+            metrics.limit_rejected(Budget::Pass.limit());
             return busy(
                 "corral: too many requests to this upstream at once\n",
                 "max-upstream-fetches",
@@ -60,11 +74,15 @@ impl Direct<'_> {
                 .send(self.route, self.method.clone(), uri, headers, body),
         )
         .await;
-        let status = match &sent {
-            Ok(Ok(response)) => Some(response.status()),
-            _ => None,
-        };
-        upstream::observe(metrics, &self.route.name, status, asked);
+        // A request the client broke never reached the upstream as a whole: not the upstream's
+        // error, so not counted against it.
+        match &sent {
+            Ok(Err(error)) if error.is_client_fault() => {}
+            Ok(Ok(response)) => {
+                upstream::observe(metrics, &self.route.name, Some(response.status()), asked)
+            }
+            _ => upstream::observe(metrics, &self.route.name, None, asked),
+        }
         match sent {
             Err(_elapsed) => plain(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -75,21 +93,39 @@ impl Direct<'_> {
                 Outcome::Bypass,
                 "max-fetch",
             ),
-            Ok(Ok(response)) => {
+            Ok(sent) => self.answered(sent, slot, asked.elapsed(), reason),
+        }
+    }
+
+    /// The client's answer to what the upstream said within `max_fetch`, `took` after it was
+    /// asked; the answer's body keeps `slot` while it is read ([`read_ahead`]).
+    fn answered(
+        &self,
+        sent: Result<upstream::UpstreamResponse, UpstreamError>,
+        slot: OwnedSemaphorePermit,
+        took: Duration,
+        reason: &str,
+    ) -> Answered {
+        match sent {
+            Ok(response) => {
                 let (parts, body) = response.into_parts();
-                // The slot is held until the answer has streamed through.
-                let body = crate::connections::Guarded { body, _guard: slot };
-                respond::finish(
+                let mut answered = respond::finish(
                     parts.status,
                     parts.headers,
-                    Body::new(body),
+                    read_ahead(body, slot),
                     Outcome::Bypass,
                     false,
                     Some(reason),
-                )
+                );
+                answered.upstream = Some(took);
+                answered
             }
-            Ok(Err(UpstreamError::RequestBodyTooLarge)) => body_too_large(),
-            Ok(Err(error)) => plain(
+            Err(UpstreamError::RequestBodyTooLarge) => body_too_large(),
+            Err(UpstreamError::RequestBodyBroken) => {
+                self.proxy.engine.metrics().client_error("request_body");
+                broken_body()
+            }
+            Err(error) => plain(
                 error.status(),
                 format!("corral: {error}\n"),
                 Outcome::Bypass,
@@ -102,6 +138,61 @@ impl Direct<'_> {
     }
 }
 
+/// Bytes of a pass-through's answer read from the upstream ahead of its client, at most: an answer
+/// this small (plus what the sockets' own buffers hold) frees its upstream slot and connection as
+/// soon as the upstream sent it, however slowly its client reads. Small, since every stuck
+/// client may hold this much until it is cut.
+const READ_AHEAD: usize = 64 << 10;
+
+/// A frame read ahead, with its share of the [`READ_AHEAD`] budget (given back when taken).
+type Ahead<E> = Result<(Frame<Bytes>, OwnedSemaphorePermit), E>;
+
+/// The answer's body as its client reads it, read from the upstream by a task of its own up to
+/// [`READ_AHEAD`] bytes ahead. The task holds the upstream slot until the upstream's answer is
+/// all read, or until the client is gone (its connection closed or cut by `limits.send_timeout`
+/// or `limits.min_send_rate`), so a client that stops reading pins a slot only as long as the
+/// send limits allow, and only past [`READ_AHEAD`] bytes.
+fn read_ahead<B>(mut upstream: B, slot: OwnedSemaphorePermit) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError> + Send + 'static,
+{
+    let budget = Arc::new(Semaphore::new(READ_AHEAD));
+    let (ahead, taken) = mpsc::unbounded_channel::<Ahead<B::Error>>();
+    tokio::spawn(async move {
+        let _slot = slot;
+        loop {
+            let frame = tokio::select! {
+                frame = upstream.frame() => frame,
+                () = ahead.closed() => return,
+            };
+            let frame = match frame {
+                None => return,
+                Some(Err(error)) => {
+                    let _ = ahead.send(Err(error));
+                    return;
+                }
+                Some(Ok(frame)) => frame,
+            };
+            // A frame larger than the whole budget takes all of it.
+            let size = frame.data_ref().map_or(0, Bytes::len).min(READ_AHEAD);
+            let share = tokio::select! {
+                share = budget.clone().acquire_many_owned(size as u32) => share,
+                () = ahead.closed() => return,
+            };
+            let Ok(share) = share else { return };
+            if ahead.send(Ok((frame, share))).is_err() {
+                return;
+            }
+        }
+    });
+    let frames = futures::stream::unfold(taken, |mut taken| async move {
+        let frame = taken.recv().await?.map(|(frame, _share)| frame);
+        Some((frame, taken))
+    });
+    Body::new(http_body_util::StreamBody::new(frames))
+}
+
 /// The body sent on: none for a GET or HEAD, whose body is never forwarded (nor its framing).
 fn forwarded_body(method: &Method, headers: &mut HeaderMap, body: Body) -> Body {
     if *method == Method::GET || *method == Method::HEAD {
@@ -110,5 +201,54 @@ fn forwarded_body(method: &Method, headers: &mut HeaderMap, body: Body) -> Body 
         Body::empty()
     } else {
         body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// An upstream body of `len` bytes in 16 KiB frames.
+    fn upstream(
+        len: usize,
+    ) -> impl hyper::body::Body<Data = Bytes, Error = std::io::Error> + Unpin {
+        let frames = (0..len.div_ceil(16 << 10)).map(move |i| {
+            let size = (len - i * (16 << 10)).min(16 << 10);
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![7u8; size])))
+        });
+        http_body_util::StreamBody::new(futures::stream::iter(frames))
+    }
+
+    async fn slot_back(slots: &Semaphore, within: Duration) -> bool {
+        tokio::time::timeout(within, slots.acquire()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_answer_within_the_read_ahead_frees_its_slot_before_its_client_reads() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots.clone().try_acquire_owned().unwrap();
+        let body = read_ahead(upstream(READ_AHEAD), slot);
+        assert!(
+            slot_back(&slots, Duration::from_secs(10)).await,
+            "the slot waited on the client"
+        );
+        let read = body.collect().await.unwrap().to_bytes();
+        assert_eq!(read.len(), READ_AHEAD);
+    }
+
+    #[tokio::test]
+    async fn a_larger_answer_holds_its_slot_until_its_client_reads_or_leaves() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots.clone().try_acquire_owned().unwrap();
+        let body = read_ahead(upstream(4 * READ_AHEAD), slot);
+        // The read-ahead fills within the second: no client reads, so it never drains.
+        let early = slot_back(&slots, Duration::from_secs(1)).await;
+        assert!(!early, "freed with most of the answer unread");
+        drop(body);
+        assert!(
+            slot_back(&slots, Duration::from_secs(10)).await,
+            "the client left, the slot stayed"
+        );
     }
 }

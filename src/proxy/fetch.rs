@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
-use super::upstream::{self, Buffered, Overflow, target};
+use super::handler::random_id;
+use super::slots::Budget;
+use super::upstream::{self, Buffered, Overflow, UpstreamError, target};
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
@@ -21,9 +23,18 @@ use crate::http::verdict::{
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
 
-/// The request id header: accepted from the client when sane, else generated; sent upstream and
-/// back to the client.
+/// The request id header: accepted from the client when sane, else generated; returned to the
+/// client, and sent upstream by its pass-throughs. A fetch whose answer may be shared sends its
+/// own id instead (see [`FETCH_ID`]).
 pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Where an answer keeps the id of the fetch that produced it, from the fetch to every request it
+/// answers (on any replica, from the store or the L1): the access log names it, and the upstream
+/// got it as `X-Request-Id`. A fetch answers many clients, so it never sends one client's id: an
+/// upstream that echoes it into a shared body (an error page) would show it to everyone.
+/// Removed from every response before it is sent ([`super::respond::finish`]), and from every
+/// upstream answer as it arrives, so that only corral sets it.
+pub(super) const FETCH_ID: HeaderName = HeaderName::from_static("corral-fetch-id");
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).
@@ -54,6 +65,9 @@ pub(super) struct Fetch {
     /// When the request that started this fetch arrived: its wait for an upstream slot ends in
     /// time for that request to be answered 503 before its own wait timeout.
     pub asked: tokio::time::Instant,
+    /// How long the upstream took to its response head, once this fetch ran (for the access
+    /// log of the request that started it).
+    pub upstream: OnceLock<Duration>,
 }
 
 /// Which key a fetch fills.
@@ -85,11 +99,7 @@ impl Fetch {
                 let request = &*self.request;
                 let keyed = with_query(&request.uri, self.kept.as_deref());
                 let uri = target(&route.upstream, &keyed).ok()?;
-                let mut headers =
-                    forward_headers(route, &request.headers, true, self.client, "http");
-                if let Some(id) = request.headers.get(REQUEST_ID) {
-                    headers.insert(REQUEST_ID, id.clone());
-                }
+                let headers = forward_headers(route, &request.headers, true, self.client, "http");
                 Some(Forward { uri, headers })
             })
             .as_ref()
@@ -140,7 +150,11 @@ impl Fetch {
         if role.stores() {
             self.index(Vec::new(), indexed_for).await;
         }
-        match self.send().await? {
+        let budget = match role {
+            BuildRole::Own => Budget::Pass,
+            BuildRole::Leader | BuildRole::Degraded => Budget::Fill,
+        };
+        match self.send(budget, random_id()).await? {
             Buffered::Whole {
                 status,
                 headers,
@@ -166,9 +180,9 @@ impl Fetch {
         }
     }
 
-    /// Sends the request upstream within an upstream slot of its route, and reads the answer up
-    /// to the route's `max_body`.
-    async fn send(&self) -> Result<Buffered, BuildError> {
+    /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]).
+    async fn send(&self, budget: Budget, id: HeaderValue) -> Result<Buffered, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let Some(forward) = self.forward() else {
             return Err(BuildError::new("the request URI cannot be forwarded"));
@@ -184,15 +198,22 @@ impl Fetch {
         let wait = route.policy.wait_timeout;
         let until = self.asked + wait - (wait / 5).min(SLOT_MARGIN);
         let Some(_slot) = (self.proxy.slots)
-            .take(&route.name, route.policy.max_upstream_fetches, until)
+            .take(
+                &route.name,
+                budget,
+                route.policy.max_upstream_fetches,
+                until,
+            )
             .await
         else {
-            metrics.limit_rejected("upstream_fetches");
+            metrics.limit_rejected(budget.limit());
             return Err(BuildError::with_response(
                 "too many requests to this upstream at once",
                 busy_entry("corral: too many requests to this upstream at once\n"),
             ));
         };
+        let mut headers = forward.headers.clone();
+        headers.insert(REQUEST_ID, id.clone());
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -201,16 +222,23 @@ impl Fetch {
                 route,
                 self.request.method.clone(),
                 forward.uri.clone(),
-                forward.headers.clone(),
+                headers,
                 body,
             )
             .await;
+        let _ = self.upstream.set(asked.elapsed());
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
-        let response = sent.map_err(|error| unreachable_error(&error))?;
-        upstream::buffer(response, route.policy.max_body)
+        let unreachable = |error: UpstreamError| unreachable_error(&error, &id);
+        let mut buffered = upstream::buffer(sent.map_err(unreachable)?, route.policy.max_body)
             .await
-            .map_err(|error| unreachable_error(&error))
+            .map_err(unreachable)?;
+        let headers = match &mut buffered {
+            Buffered::Whole { headers, .. } => headers,
+            Buffered::Overflow(overflow) => &mut overflow.headers,
+        };
+        headers.insert(FETCH_ID, id);
+        Ok(buffered)
     }
 
     /// What a whole answer is: a failure for everyone, shared (and stored), or private to the
@@ -305,12 +333,13 @@ fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
     tags
 }
 
-/// The failure every waiter gets when the upstream cannot be reached (504 when it timed out).
-fn unreachable_error(error: &upstream::UpstreamError) -> BuildError {
+/// The failure every waiter gets when the upstream cannot be reached by fetch `id` (504 when it
+/// timed out).
+fn unreachable_error(error: &UpstreamError, id: &HeaderValue) -> BuildError {
     let message = error.to_string();
     let mut response = entry(
         error.status(),
-        &HeaderMap::new(),
+        &HeaderMap::from_iter([(FETCH_ID, id.clone())]),
         Bytes::from(format!("corral: {message}\n")),
         Duration::ZERO,
     );

@@ -13,9 +13,10 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use super::access::{AccessLine, printable};
 use super::direct::Direct;
 use super::fetch::{Fetch, REQUEST_ID, Stage};
-use super::respond::{self, Answered, Outcome, body_too_large, plain};
+use super::respond::{self, Answered, Outcome, body_too_large, broken_body, plain};
 use super::route::{methods_allowed, route_for};
 use super::{Proxy, Snapshot, authority};
 use crate::config::{Config, OnWaitTimeout, Route};
@@ -27,6 +28,15 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     let started = Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // Taken before the request moves on, only when an access line will be written.
+    let logged = AccessLine::enabled().then(|| {
+        let client = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip());
+        let user_agent = printable(request.headers().get(http::header::USER_AGENT));
+        (client, user_agent)
+    });
     // Routing, the key and the upstream all read the authority after this, so they read one.
     let canonical = authority::canonicalise(&mut request);
     let snapshot = proxy.snapshot();
@@ -63,23 +73,27 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         .request_duration
         .with_label_values(&[label, outcome])
         .observe(elapsed.as_secs_f64());
-    let key = answered
-        .key
-        .map(|key| hex::encode(&key.as_bytes()[..8]))
-        .unwrap_or_else(|| "-".to_owned());
-    tracing::info!(
-        target: "corral::access",
-        request_id = id.to_str().unwrap_or("-"),
-        %method,
+    let Some((client, user_agent)) = logged else {
+        return answered.response;
+    };
+    let line = AccessLine {
+        request_id: id,
+        method,
         path,
-        route = label,
+        route: label.to_owned(),
         outcome,
-        status = answered.response.status().as_u16(),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        key,
-        "request"
-    );
-    answered.response
+        status: answered.response.status().as_u16(),
+        duration: elapsed,
+        key: answered
+            .key
+            .map(|key| hex::encode(&key.as_bytes()[..8]))
+            .unwrap_or_else(|| "-".to_owned()),
+        fetch_id: answered.fetch_id,
+        client,
+        upstream: answered.upstream,
+        user_agent,
+    };
+    answered.response.map(|body| line.around(body))
 }
 
 /// The answer to a request no route takes: `404`, or `405` with `Allow` when a route serves the
@@ -123,13 +137,15 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
         })
         .cloned()
-        .unwrap_or_else(|| {
-            // 32 hex digits written in place: this runs for most requests.
-            let mut hex = [0u8; 32];
-            hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex)
-                .expect("16 bytes are 32 hex digits");
-            HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
-        })
+        .unwrap_or_else(random_id)
+}
+
+/// 128 random bits as 32 hex digits, written in place: this runs for most requests.
+pub(super) fn random_id() -> HeaderValue {
+    let mut hex = [0u8; 32];
+    hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex)
+        .expect("16 bytes are 32 hex digits");
+    HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
 }
 
 /// Answers one request on the route it matched (everything but its metrics and access log).
@@ -170,9 +186,9 @@ async fn answer(
         }
         return answered;
     }
-    match keyed_body(route, body).await {
+    match keyed_body(route, body, proxy.engine.metrics()).await {
         Ok(keyed) => cached(proxy, snapshot, index, &parts, client, keyed, direct).await,
-        Err(Unkeyable::Answered(answered)) => answered,
+        Err(Unkeyable::Answered(answered)) => *answered,
         Err(Unkeyable::Oversized(body)) => direct.send(body, "request-too-large").await,
     }
 }
@@ -185,14 +201,18 @@ fn is_unsafe(method: &Method) -> bool {
 /// Why a cacheable request's body cannot be keyed.
 enum Unkeyable {
     /// It gets this answer (it came too slowly, broke off, or grew past the listener's limit).
-    Answered(Answered),
+    Answered(Box<Answered>),
     /// It is larger than the route keys: the request goes straight through with this body.
     Oversized(Body),
 }
 
 /// The body as the key reads it: on body-keyed routes, read whole up to the route's `max_body`;
 /// otherwise none (a GET's body is never forwarded).
-async fn keyed_body(route: &Route, body: Body) -> Result<Option<Bytes>, Unkeyable> {
+async fn keyed_body(
+    route: &Route,
+    body: Body,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<Bytes>, Unkeyable> {
     if !route.key.body {
         return Ok(None);
     }
@@ -204,19 +224,17 @@ async fn keyed_body(route: &Route, body: Body) -> Result<Option<Bytes>, Unkeyabl
     .await;
     match read {
         Ok(Ok(bytes)) => Ok(Some(bytes)),
-        Err(_elapsed) => Err(Unkeyable::Answered(plain(
+        Err(_elapsed) => Err(Unkeyable::Answered(Box::new(plain(
             StatusCode::REQUEST_TIMEOUT,
             "corral: the request body did not arrive within the wait timeout\n".into(),
             Outcome::Bypass,
             "request-timeout",
-        ))),
-        Ok(Err(BodyRead::TooLarge)) => Err(Unkeyable::Answered(body_too_large())),
-        Ok(Err(BodyRead::Broken)) => Err(Unkeyable::Answered(plain(
-            StatusCode::BAD_REQUEST,
-            "corral: the request body broke off\n".into(),
-            Outcome::Bypass,
-            "request-body",
-        ))),
+        )))),
+        Ok(Err(BodyRead::TooLarge)) => Err(Unkeyable::Answered(Box::new(body_too_large()))),
+        Ok(Err(BodyRead::Broken)) => {
+            metrics.client_error("request_body");
+            Err(Unkeyable::Answered(Box::new(broken_body())))
+        }
         Ok(Err(BodyRead::Oversized { prefix, rest })) => {
             let stream = futures::stream::once(async move { Ok::<_, axum::Error>(prefix) })
                 .chain(rest.into_data_stream());
@@ -259,6 +277,7 @@ async fn cached(
         key: key.hash,
         stage: Stage::Primary,
         asked,
+        upstream: OnceLock::new(),
     });
     let policy = &snapshot.policies[index];
     let wait = route.policy.wait_timeout;
@@ -291,6 +310,8 @@ async fn cached(
         }
     };
     answered.key = Some(key.hash);
+    // This request's own fetch ran (it led, or fetched past a pass marker): its upstream time.
+    answered.upstream = answered.upstream.or_else(|| fetch.upstream.get().copied());
     answered
 }
 

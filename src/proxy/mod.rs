@@ -11,7 +11,8 @@
 //! - `respond`: the one place an answer or an error becomes a response, with `Age`, `X-Cache`
 //!   and `Cache-Status`, and the [`Outcome`] the metrics count.
 //! - `upstream`, `retire`, `slots`: the pooled client, connections taken out of the pool after a
-//!   bad answer, and each route's upstream slots.
+//!   bad answer, and each route's upstream slots (fills and passes apart).
+//! - `access`: the access log line, written once the response body is done.
 //!
 //! A cacheable request becomes a flight in the engine. The leader's upstream fetch is the flight's
 //! build: a storable answer is committed and shared; a private one (Set-Cookie, `private`,
@@ -30,6 +31,7 @@
 //! Purge indexes name the request key (the variant marker's): purging it orphans its variants,
 //! since every variant key holds the marker's id.
 
+mod access;
 mod authority;
 mod direct;
 mod fetch;

@@ -2,12 +2,15 @@
 //! `Age`, `X-Cache` and `Cache-Status` (RFC 9211), together with the [`Outcome`] the metrics and
 //! the access log count it under.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 
+use super::fetch::FETCH_ID;
 use super::upstream::Overflow;
 use crate::engine::{
     Answer, AnswerSource, Attachment, EngineError, FailureCause, OnStoreError, Source,
@@ -59,6 +62,12 @@ pub(super) struct Answered {
     pub outcome: Outcome,
     /// The key the request was answered under, when it was keyed (for the access log).
     pub key: Option<KeyHash>,
+    /// The id of the upstream fetch whose answer this is, when it came from one (for the access
+    /// log; see [`FETCH_ID`]).
+    pub fetch_id: Option<HeaderValue>,
+    /// How long this request's own upstream request took to its response head (for the access
+    /// log).
+    pub upstream: Option<Duration>,
 }
 
 impl Answered {
@@ -287,6 +296,8 @@ pub(super) fn finish(
     stored: bool,
     detail: Option<&str>,
 ) -> Answered {
+    // Kept with the answer for the log, never sent: every response leaves through here.
+    let fetch_id = headers.remove(FETCH_ID);
     headers.insert("x-cache", HeaderValue::from_static(outcome.word()));
     let cache_status_value = match (outcome, stored, detail) {
         // The answers nearly every request gets, without building a string each time.
@@ -307,6 +318,8 @@ pub(super) fn finish(
         response,
         outcome,
         key: None,
+        fetch_id,
+        upstream: None,
     }
 }
 
@@ -347,6 +360,16 @@ pub(super) fn body_too_large() -> Answered {
         "corral: the request body is too large\n".into(),
         Outcome::Bypass,
         "request-too-large",
+    )
+}
+
+/// 400: the client's request body broke off (bad chunked framing, fewer bytes than declared).
+pub(super) fn broken_body() -> Answered {
+    plain(
+        StatusCode::BAD_REQUEST,
+        "corral: the request body broke off\n".into(),
+        Outcome::Bypass,
+        "request-body",
     )
 }
 

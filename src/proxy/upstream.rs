@@ -39,6 +39,11 @@ const MAX_CAUSES: usize = 16;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+/// The most an HTTP/1.1 upstream connection reads ahead of what was taken from it (hyper grows
+/// its buffer up to about 400 KiB by default): a pass-through whose client stopped reading
+/// holds this, so it is kept small. It also bounds an upstream's response head.
+const READ_BUFFER: usize = 64 << 10;
+
 /// Every route's pooled client, made from its upstream settings.
 pub struct Upstream {
     clients: RwLock<HashMap<String, RouteClient>>,
@@ -91,6 +96,20 @@ pub enum UpstreamError {
     /// sent on.
     #[error("the request body is too large")]
     RequestBodyTooLarge,
+    /// The client's request body broke off while it was being sent on (bad chunked framing, a
+    /// short body): the client's fault, not the upstream's.
+    #[error("the request body broke off")]
+    RequestBodyBroken,
+}
+
+impl UpstreamError {
+    /// Whether the client, not the upstream, made the request fail.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::RequestBodyTooLarge | UpstreamError::RequestBodyBroken
+        )
+    }
 }
 
 impl UpstreamError {
@@ -99,7 +118,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable(_) => "connect",
             // Never counted (see `Upstream::send`); named for completeness.
-            UpstreamError::RequestBodyTooLarge => "request_body",
+            UpstreamError::RequestBodyTooLarge | UpstreamError::RequestBodyBroken => "request_body",
             UpstreamError::Tls(_) => "tls",
             UpstreamError::Timeout(Timeout::Connect, _) => "connect_timeout",
             UpstreamError::Timeout(which, _) => which.setting(),
@@ -240,8 +259,9 @@ impl Upstream {
             response.map(|body| IdleTimed::new(body, read))
         });
         match &result {
-            // The client's fault, not the upstream's: answered 413, not counted here.
-            Err(UpstreamError::RequestBodyTooLarge) | Ok(_) => {}
+            // The client's fault, not the upstream's: answered 4xx, not counted here.
+            Err(error) if error.is_client_fault() => {}
+            Ok(_) => {}
             Err(error) => self.failed(route, &uri, error),
         }
         result
@@ -303,6 +323,8 @@ impl Upstream {
             ));
         }
         strip_hop_by_hop(response.headers_mut());
+        // Only corral names a fetch: an upstream's header of that name would be logged as one.
+        response.headers_mut().remove(super::fetch::FETCH_ID);
         Ok(response)
     }
 }
@@ -335,6 +357,9 @@ fn apply_headers(settings: &UpstreamSettings, uri: &Uri, headers: &mut HeaderMap
 fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
     if crate::connections::body_too_large(&error) {
         return UpstreamError::RequestBodyTooLarge;
+    }
+    if crate::connections::request_body_broken(&error) {
+        return UpstreamError::RequestBodyBroken;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     let mut depth = 0;
@@ -390,6 +415,7 @@ impl RouteClient {
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(POOL_IDLE);
+        builder.http1_max_buf_size(READ_BUFFER);
         if settings.protocol == Protocol::Http2 {
             builder.http2_only(true);
         }

@@ -143,6 +143,7 @@ impl Fetch {
             key: self.key,
             stage: Stage::Variant(names),
             asked: self.asked,
+            upstream: OnceLock::new(),
         }
     }
 

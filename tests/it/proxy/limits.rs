@@ -282,14 +282,13 @@ async fn an_idle_keep_alive_connection_is_closed_but_a_slow_answer_is_not_cut() 
 
 // ------------------------------------------------------------------ connections ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_are_refused_at_once_not_queued() {
-    let upstream = Upstream::start().await;
-    let proxy = replicas(1, &upstream, "max_connections: 2", "").await;
+/// Two kept-alive connections are served; a third is refused at once (a 503 or just the close,
+/// never a wait) and counted under `limit`; once one closes, a new connection is served again.
+async fn a_third_connection_is_refused_until_one_closes(proxy: &ProxyCluster, limit: &str) {
     let keep = b"GET /page HTTP/1.1\r\nhost: test\r\n\r\n";
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut stream = TcpStream::connect(addr(&proxy, 0)).await.expect("connect");
+        let mut stream = TcpStream::connect(addr(proxy, 0)).await.expect("connect");
         stream.write_all(keep).await.expect("write");
         let mut buf = [0u8; 4096];
         let n = tokio::time::timeout(patience(), stream.read(&mut buf))
@@ -299,20 +298,35 @@ async fn connections_beyond_the_limit_are_refused_at_once_not_queued() {
         assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), 200);
         open.push(stream);
     }
-    // The third gets a 503 (or just the close) at once, never a wait.
-    let refused = raw(addr(&proxy, 0), &get("/page", "")).await;
+    let refused = raw(addr(proxy, 0), &get("/page", "")).await;
     assert!(
         refused.is_empty() || status_of(&refused) == 503,
         "a connection over the limit was served: {refused:?}"
     );
-    assert_eq!(rejections(&proxy, 0, "connections").await, 1.0);
-    // One closes; a new connection is served again.
+    assert_eq!(rejections(proxy, 0, limit).await, 1.0);
     drop(open.pop());
     eventually("a freed connection slot is used again", || async {
-        let response = raw(addr(&proxy, 0), &get("/page", "")).await;
+        let response = raw(addr(proxy, 0), &get("/page", "")).await;
         !response.is_empty() && status_of(&response) == 200
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_at_once_not_queued() {
+    let upstream = Upstream::start().await;
+    let proxy = replicas(1, &upstream, "max_connections: 2", "").await;
+    a_third_connection_is_refused_until_one_closes(&proxy, "connections").await;
+}
+
+/// With `max_connections_per_client`, one address's connections beyond it are refused at once,
+/// under the listener's own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_per_client_cap_are_refused() {
+    let upstream = Upstream::start().await;
+    let proxy = replicas(1, &upstream, "max_connections_per_client: 2", "").await;
+    a_third_connection_is_refused_until_one_closes(&proxy, "connections_per_client").await;
+    assert_eq!(rejections(&proxy, 0, "connections").await, 0.0);
 }
 
 // ------------------------------------------------------------------ followers ----
@@ -405,14 +419,16 @@ async fn upstream_fetches_beyond_the_limit_wait_for_a_slot_then_get_503() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(upstream.hits("/direct/b"), 0);
-    // Cached routes count their fetches too: one key's fetch holds the slot (its client stops
-    // waiting at its wait timeout; the fetch goes on), another key's fetch waits, then fails.
+    // Fills have a budget of their own, as large: one key's fetch holds its slot (its client
+    // stops waiting at its wait timeout; the fetch goes on), another key's fetch waits, then
+    // fails.
     let first = tokio::spawn(proxy.get(0, "/page?k=a").send());
     upstream.wait_for_hits("/page?k=a", 1).await;
     let second = proxy.get(0, "/page?k=b").send().await;
     assert_eq!(second.status, 503, "{}", second.text());
     assert_eq!(upstream.hits("/page?k=b"), 0);
-    assert_eq!(rejections(&proxy, 0, "upstream_fetches").await, 2.0);
+    assert_eq!(rejections(&proxy, 0, "upstream_passes").await, 1.0);
+    assert_eq!(rejections(&proxy, 0, "upstream_fetches").await, 1.0);
     // The held fetch's own client stops waiting at its wait timeout.
     assert_eq!(first.await.expect("join").status, 504);
     hold.release();
@@ -424,6 +440,83 @@ async fn upstream_fetches_beyond_the_limit_wait_for_a_slot_then_get_503() {
     let again = proxy.get(0, "/page?k=b").send().await;
     assert_eq!(again.status, 200);
     assert_eq!(again.x_cache(), "MISS");
+}
+
+// ------------------------------------------------------------------ clients that never read ----
+
+/// A client with a small receive buffer that asks for `target` and then reads nothing: what it
+/// was sent fills its buffer and the server's, and the server's writes to it wait.
+async fn never_reading(addr: SocketAddr, target: &str, headers: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    let request = format!("GET {target} HTTP/1.1\r\nhost: test\r\n{headers}\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream
+}
+
+/// Whether the server closed `stream` within the test's patience (reading what it holds first).
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let deadline = Deadline::after(patience());
+    let mut buf = vec![0u8; 64 << 10];
+    // Bounded by the answer's bytes, however few each read gets.
+    for _ in 0..(16 << 10) {
+        match tokio::time::timeout(deadline.remaining(), stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+    false
+}
+
+/// Clients that ask for a large pass-through (a `Cookie` sends any request on a cached route
+/// straight through) and never read take every pass slot of the route; the route's cache fills
+/// still get theirs, and the stuck clients are cut after `send_timeout`, which frees their
+/// slots for the next pass-through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_neither_starve_fills_nor_hold_slots_past_the_send_timeout() {
+    // Larger than the kernel's socket buffers on both sides can hold (up to 4 MiB each).
+    let upstream = Upstream::start().await.body_size("/big", 16 << 20);
+    let proxy = replicas(
+        1,
+        &upstream,
+        "send_timeout: 1s, min_send_rate: 0",
+        "max_upstream_fetches: 4, wait_timeout: 5s",
+    )
+    .await;
+    let mut stuck = Vec::new();
+    for i in 0..4 {
+        let target = format!("/big?c={i}");
+        stuck.push(never_reading(addr(&proxy, 0), &target, "cookie: sid=1\r\n").await);
+        upstream.wait_for_hits(&target, 1).await;
+    }
+    // Every pass slot is taken; a cache fill on the same route has its own.
+    let fill = proxy.get(0, "/page?k=1").send().await;
+    assert_eq!(fill.status, 200, "{}", fill.text());
+    assert_eq!(fill.x_cache(), "MISS");
+    // Another pass-through waits for a slot, which the first stuck client's cut frees.
+    let pass = proxy
+        .get(0, "/page?k=2")
+        .header("cookie", "sid=2")
+        .send()
+        .await;
+    assert_eq!(pass.status, 200, "{}", pass.text());
+    assert_eq!(pass.x_cache(), "BYPASS");
+    // Reading now would drain a stuck client that is not cut yet: wait for the cuts first.
+    eventually("every stuck client is cut", || async {
+        rejections(&proxy, 0, "send_timeout").await == 4.0
+    })
+    .await;
+    for stream in &mut stuck {
+        assert!(
+            closed_by_server(stream).await,
+            "a stuck client was never cut"
+        );
+    }
+    assert_eq!(rejections(&proxy, 0, "upstream_passes").await, 0.0);
 }
 
 // ------------------------------------------------------------------ http/2 ----

@@ -1,0 +1,149 @@
+//! The access log: one line per request (target `corral::access`), written once its response
+//! body is done or dropped, so that it can say how many body bytes went out (a client cut off
+//! mid-answer shows the bytes it got).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use hyper::body::{Frame, SizeHint};
+
+/// The most bytes of a `User-Agent` the log keeps: enough to tell clients apart, too few for a
+/// client to flood the log with one header.
+const USER_AGENT_MAX: usize = 128;
+
+/// What one request's access line says besides the bytes sent.
+pub(super) struct AccessLine {
+    pub request_id: HeaderValue,
+    pub method: Method,
+    pub path: String,
+    pub route: String,
+    pub outcome: &'static str,
+    pub status: u16,
+    /// Until the response head was ready.
+    pub duration: Duration,
+    /// The first 16 hex digits of the key's digest, or `-`.
+    pub key: String,
+    /// The id of the fetch whose answer this is, when one is known (see `fetch::FETCH_ID`).
+    pub fetch_id: Option<HeaderValue>,
+    pub client: Option<IpAddr>,
+    /// How long this request's own upstream request took to its response head, when it made one.
+    pub upstream: Option<Duration>,
+    /// The client's `User-Agent`, cut and escaped ([`printable`]).
+    pub user_agent: String,
+}
+
+impl AccessLine {
+    /// Whether access lines are written at all: when they are not, nothing is gathered for them.
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: "corral::access", tracing::Level::INFO)
+    }
+
+    /// `body`, which writes this line once it is done or dropped.
+    pub fn around(self, body: Body) -> Body {
+        Body::new(Logged {
+            body,
+            line: Some(self),
+            sent: 0,
+        })
+    }
+
+    fn write(&self, bytes_sent: u64) {
+        tracing::info!(
+            target: "corral::access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            method = %self.method,
+            path = self.path,
+            route = self.route,
+            outcome = self.outcome,
+            status = self.status,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            key = self.key,
+            fetch_id = self.fetch_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("-"),
+            client = self.client.map(tracing::field::display),
+            upstream_ms = self.upstream.map(|took| took.as_secs_f64() * 1000.0),
+            bytes_sent,
+            user_agent = self.user_agent,
+            "request"
+        );
+    }
+}
+
+/// A header value as a log may show it: at most [`USER_AGENT_MAX`] bytes, anything but printable
+/// ASCII (and the backslash) as `\xNN`, so a client cannot forge lines or colour a terminal.
+pub(super) fn printable(value: Option<&HeaderValue>) -> String {
+    let Some(value) = value else {
+        return "-".to_owned();
+    };
+    let bytes = value.as_bytes();
+    let mut out = String::with_capacity(bytes.len().min(USER_AGENT_MAX));
+    for &byte in bytes.iter().take(USER_AGENT_MAX) {
+        if (b' '..=b'~').contains(&byte) && byte != b'\\' {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
+}
+
+/// A response body that counts the bytes it hands on and writes its access line when dropped.
+struct Logged {
+    body: Body,
+    /// Taken when written.
+    line: Option<AccessLine>,
+    sent: u64,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.write(self.sent);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_agent_is_cut_and_its_control_bytes_escaped() {
+        let forged = HeaderValue::from_bytes(b"curl/8\t\\ \xff\"").unwrap();
+        assert_eq!(printable(Some(&forged)), "curl/8\\x09\\x5c \\xff\"");
+        let long = HeaderValue::from_str(&"a".repeat(1000)).unwrap();
+        assert_eq!(printable(Some(&long)).len(), USER_AGENT_MAX);
+        assert_eq!(printable(None), "-");
+    }
+}
