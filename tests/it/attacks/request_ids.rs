@@ -177,8 +177,8 @@ fn access_lines(serve: &CorralServe) -> Vec<serde_json::Value> {
         .lines()
         .filter(|line| line.starts_with('{'))
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        // The event's fields sit at the top level of each line.
         .filter(|line| line["target"] == "corral::access")
-        .map(|line| line["fields"].clone())
         .collect()
 }
 
