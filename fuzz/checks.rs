@@ -52,12 +52,26 @@ impl<'a> Input<'a> {
 
 // ---------------------------------------------------------------- envelope ----
 
-/// Decoding arbitrary bytes never panics; what decodes re-encodes to an envelope that decodes to
+/// Decoding arbitrary bytes never panics; what decodes becomes a response's header map without a
+/// panic, keeping every header that is valid HTTP, and re-encodes to an envelope that decodes to
 /// the same entry, byte for byte the input when it was written by this version; and an entry
 /// built from arbitrary fields round-trips through encode and decode.
 pub fn envelope(data: &[u8]) {
     let bytes = Bytes::copy_from_slice(data);
     if let Ok(entry) = envelope::decode(bytes.clone()) {
+        let valid = entry
+            .headers
+            .iter()
+            .filter(|(name, value)| {
+                http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && http::HeaderValue::from_bytes(value).is_ok()
+            })
+            .count();
+        assert_eq!(
+            corral::proxy::header_map(&entry).len(),
+            valid,
+            "the response lost or invented headers"
+        );
         let again = envelope::encode(&entry).expect("a decoded entry encodes");
         assert_eq!(
             envelope::decode(again.clone()).as_ref(),

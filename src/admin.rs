@@ -466,15 +466,18 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<Key, Refusal> {
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad method: {e}")))?,
         None => Method::GET,
     };
+    let config = proxy.config();
+    check_header_limits(&config.limits, &target.headers)?;
     let mut headers = HeaderMap::new();
     for (name, value) in &target.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header name: {e}")))?;
         let value = HeaderValue::from_str(value)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad header value: {e}")))?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "too many headers".into()))?;
     }
-    let config = proxy.config();
     let Some(index) = crate::proxy::route_for(&config, &method, &uri, &headers) else {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
@@ -494,6 +497,39 @@ fn key_of(proxy: &Proxy, target: &Target) -> Result<Key, Refusal> {
         .body
         .then(|| target.body.as_deref().unwrap_or("").as_bytes());
     Ok(proxy.key(route, &method, &uri, &headers, body))
+}
+
+/// A purge or status naming more headers than the proxy takes in one request names no key the
+/// proxy could have built: refused before any is parsed, as the listener answers such a request
+/// `431`.
+fn check_header_limits(
+    limits: &crate::config::Limits,
+    headers: &BTreeMap<String, String>,
+) -> Result<(), Refusal> {
+    if headers.len() > limits.max_header_count {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "too many headers: {}, more than limits.max_header_count ({})",
+                headers.len(),
+                limits.max_header_count
+            ),
+        ));
+    }
+    // Counted as the listener counts a request head: name, ": ", value, CRLF.
+    let bytes = headers.iter().fold(0usize, |sum, (name, value)| {
+        sum.saturating_add(name.len() + value.len() + 4)
+    });
+    if bytes > limits.max_header_bytes {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "headers too large: {bytes} bytes, more than limits.max_header_bytes ({})",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the bearer token in constant time.

@@ -20,6 +20,8 @@
 //! The body is the tail, so a decoded [`Entry`] serves it as a `Bytes` slice of the stored bytes
 //! without copying. An empty body is a value; "no entry" is the absence of the key in the store.
 //! Decoding never panics: bad bytes are an [`EnvelopeError`], which callers treat as a miss.
+//! Headers are capped in count and bytes ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]) both ways, so
+//! every entry that decodes can become an HTTP response.
 
 use std::time::Duration;
 
@@ -107,9 +109,16 @@ pub enum EnvelopeError {
     /// markers were kept in headers. Read as a miss, so the next fetch writes it anew.
     #[error("envelope is a version 2 entry with a reserved header")]
     Legacy,
-    /// A header name, header value, header count or body does not fit its length prefix.
-    #[error("entry does not fit the envelope's length prefixes")]
+    /// A header name, header value, header count or body does not fit its length prefix, or the
+    /// headers exceed [`MAX_HEADERS`] or [`MAX_HEADER_BYTES`].
+    #[error("entry does not fit the envelope's length prefixes or header limits")]
     TooLarge,
+    /// More headers than [`MAX_HEADERS`]: no version of corral writes such an entry.
+    #[error("envelope has {0} headers, more than the {MAX_HEADERS} an entry may hold")]
+    TooManyHeaders(usize),
+    /// Header names and values together longer than [`MAX_HEADER_BYTES`].
+    #[error("envelope headers exceed the {MAX_HEADER_BYTES} bytes an entry may hold")]
+    HeadersTooLarge,
 }
 
 pub const MAGIC: &[u8; 3] = b"CRL";
@@ -118,6 +127,14 @@ pub const VERSION: u8 = 3;
 const VERSION_1: u8 = 1;
 /// The second version, without the form (every entry an answer); still read.
 const VERSION_2: u8 = 2;
+/// The most headers an entry holds. Far above what an upstream sends through the proxy (its HTTP/1
+/// client takes 100), and far below the 24,576 an `http::HeaderMap` can be built with: a stored
+/// entry must always become a response, and stored bytes are untrusted.
+pub const MAX_HEADERS: usize = 1024;
+/// The most bytes an entry's header names and values take together: the most a request head may
+/// carry (`limits.max_header_bytes`), and more than the proxy's HTTP/1 client reads (about 400 KiB).
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
 /// Headers no version 3 entry holds on corral's account (see [`EnvelopeError::Legacy`]).
 const RESERVED_PREFIX: &str = "x-corral-";
 
@@ -136,15 +153,24 @@ const BODY_LEN_LEN: usize = 8;
 /// milliseconds (the only precision HTTP caching needs).
 ///
 /// Returns [`EnvelopeError::TooLarge`] rather than truncating when a header name exceeds
-/// `u16::MAX` bytes, a value `u32::MAX` bytes, or there are more than `u16::MAX` headers: HTTP
-/// servers reject such responses long before, and a silently cut header would be a wrong answer
-/// served from the cache, whereas an error only makes that one response uncacheable.
+/// `u16::MAX` bytes, or the headers exceed [`MAX_HEADERS`] or [`MAX_HEADER_BYTES`] (which
+/// [`decode`] refuses): HTTP servers reject such responses long before, and a silently cut header
+/// would be a wrong answer served from the cache, whereas an error only makes that one response
+/// uncacheable.
 pub fn encode(entry: &Entry) -> Result<Bytes, EnvelopeError> {
-    let count = u16::try_from(entry.headers.len()).map_err(|_| EnvelopeError::TooLarge)?;
+    if entry.headers.len() > MAX_HEADERS {
+        return Err(EnvelopeError::TooLarge);
+    }
+    // Within MAX_HEADERS, so it fits.
+    let count = entry.headers.len() as u16;
     let mut len = FIXED_LEN;
+    let mut header_bytes = 0usize;
     for (name, value) in &entry.headers {
         u16::try_from(name.len()).map_err(|_| EnvelopeError::TooLarge)?;
-        u32::try_from(value.len()).map_err(|_| EnvelopeError::TooLarge)?;
+        header_bytes = header_bytes.saturating_add(name.len() + value.len());
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(EnvelopeError::TooLarge);
+        }
         len = len
             .checked_add(HEADER_MIN_LEN + name.len())
             .and_then(|len| len.checked_add(value.len()))
@@ -223,6 +249,9 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
         )
     };
     let count = usize::from(reader.u16()?);
+    if count > MAX_HEADERS {
+        return Err(EnvelopeError::TooManyHeaders(count));
+    }
     // Reject an impossible count before allocating for it: every header needs its two prefixes,
     // and the body needs its own.
     let least = count * HEADER_MIN_LEN + BODY_LEN_LEN;
@@ -230,12 +259,19 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
         return Err(EnvelopeError::Truncated);
     }
     let mut headers = Vec::with_capacity(count);
+    let mut header_bytes = 0usize;
     for _ in 0..count {
         let name_len = usize::from(reader.u16()?);
-        let name = std::str::from_utf8(reader.take(name_len)?)
+        let name = reader.take(name_len)?;
+        let value_len = reader.u32()?;
+        // Checked before the name is copied: the copies are what the limit bounds.
+        header_bytes = header_bytes.saturating_add(name_len + value_len as usize);
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(EnvelopeError::HeadersTooLarge);
+        }
+        let name = std::str::from_utf8(name)
             .map_err(|_| EnvelopeError::BadHeaderName)?
             .to_owned();
-        let value_len = reader.u32()?;
         let value = reader.slice(value_len.into())?;
         if version == VERSION_2 && name.starts_with(RESERVED_PREFIX) {
             return Err(EnvelopeError::Legacy);
@@ -276,19 +312,20 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
         self.bytes.len() - self.pos
     }
 
     /// The next `len` bytes, borrowed; used for what is copied or checked anyway.
-    fn take(&mut self, len: usize) -> Result<&[u8], EnvelopeError> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], EnvelopeError> {
         if len > self.remaining() {
             return Err(EnvelopeError::Truncated);
         }
         let start = self.pos;
         self.pos += len;
-        Ok(&self.bytes[start..self.pos])
+        let bytes: &'a Bytes = self.bytes;
+        Ok(&bytes[start..self.pos])
     }
 
     /// The next `len` bytes as a zero-copy slice of the input; `len` is a wire length, so it is
@@ -489,6 +526,61 @@ mod tests {
         assert_eq!(encode(&too_many), Err(EnvelopeError::TooLarge));
     }
 
+    /// `entry` encoded as if there were no header limits: what another writer could store.
+    fn unchecked(entry: &Entry) -> Bytes {
+        let first = Entry {
+            headers: Vec::new(),
+            ..entry.clone()
+        };
+        let plain = encode(&first).unwrap();
+        let mut out = plain[..FIXED_LEN - 2].to_vec();
+        out.extend_from_slice(&u16::try_from(entry.headers.len()).unwrap().to_be_bytes());
+        for (name, value) in &entry.headers {
+            out.extend_from_slice(&u16::try_from(name.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&u32::try_from(value.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(&plain[FIXED_LEN..]);
+        out.into()
+    }
+
+    #[test]
+    fn headers_are_capped_in_count_and_bytes_both_ways() {
+        let with_headers = |count: usize, value_len: usize| Entry {
+            headers: (0..count)
+                .map(|i| (format!("x-h-{i}"), Bytes::from(vec![b'v'; value_len])))
+                .collect(),
+            ..typical()
+        };
+        let most = with_headers(MAX_HEADERS, 0);
+        assert_eq!(round_trip(&most), most);
+        assert_eq!(decode(unchecked(&most)), Ok(most));
+
+        let too_many = with_headers(MAX_HEADERS + 1, 0);
+        assert_eq!(encode(&too_many), Err(EnvelopeError::TooLarge));
+        assert_eq!(
+            decode(unchecked(&too_many)),
+            Err(EnvelopeError::TooManyHeaders(MAX_HEADERS + 1))
+        );
+        let attack = with_headers(40_000, 0);
+        assert_eq!(
+            decode(unchecked(&attack)),
+            Err(EnvelopeError::TooManyHeaders(40_000))
+        );
+
+        // Two headers whose names and values pass the byte limit by one.
+        let half = MAX_HEADER_BYTES / 2 - "x-h-0".len();
+        let mut too_long = with_headers(2, half);
+        assert_eq!(round_trip(&too_long), too_long);
+        too_long.headers[1].1 = Bytes::from(vec![b'v'; half + 1]);
+        assert_eq!(encode(&too_long), Err(EnvelopeError::TooLarge));
+        assert_eq!(
+            decode(unchecked(&too_long)),
+            Err(EnvelopeError::HeadersTooLarge)
+        );
+    }
+
     #[test]
     fn every_error_is_reachable() {
         let good = encode(&typical()).unwrap().to_vec();
@@ -513,8 +605,17 @@ mod tests {
         // A header count that cannot fit is refused before anything is allocated for it.
         let count_at = FIXED_LEN - 2;
         let mut huge_count = good.clone();
+        let count = u16::try_from(MAX_HEADERS).unwrap();
+        huge_count[count_at..FIXED_LEN].copy_from_slice(&count.to_be_bytes());
+        assert_eq!(
+            decode(huge_count.clone().into()),
+            Err(EnvelopeError::Truncated)
+        );
         huge_count[count_at..FIXED_LEN].copy_from_slice(&u16::MAX.to_be_bytes());
-        assert_eq!(decode(huge_count.into()), Err(EnvelopeError::Truncated));
+        assert_eq!(
+            decode(huge_count.into()),
+            Err(EnvelopeError::TooManyHeaders(usize::from(u16::MAX)))
+        );
         // A body length beyond the input (and beyond `usize` on 32-bit) is truncation.
         let body_len_at = good.len() - typical().body.len() - BODY_LEN_LEN;
         let mut huge_body = good;

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use moka::sync::Cache;
 use tokio::time::Instant;
 
@@ -15,8 +16,34 @@ use crate::envelope::Entry;
 use crate::key::KeyHash;
 use crate::metrics::Metrics;
 
-/// Bytes counted for an entry beyond its body and headers (key, bookkeeping).
-const ENTRY_OVERHEAD: usize = 128;
+/// Bytes one header costs beyond its name and value: its `(String, Bytes)` slot in the entry, the
+/// name's own allocation (the name is counted twice: copied out of the envelope, which keeps it
+/// too, as it keeps the value) and its two length prefixes in the envelope.
+const HEADER_OVERHEAD: usize = size_of::<(String, Bytes)>() + ALLOCATION_OVERHEAD + 6;
+
+/// What an allocation costs beyond its bytes: the allocator's own header and rounding, on average.
+const ALLOCATION_OVERHEAD: usize = 16;
+
+/// Bytes an entry costs beyond its body and headers: the `Arc<Entry>`, the envelope's fixed part,
+/// the shared handle through which the body and values keep the envelope, the allocations of
+/// those three and of the header slots, and moka's own bookkeeping for the slot.
+const ENTRY_OVERHEAD: usize = size_of::<Entry>()
+    + 2 * size_of::<usize>()
+    + ENVELOPE_FIXED
+    + 3 * size_of::<usize>()
+    + 4 * ALLOCATION_OVERHEAD
+    + MOKA_ENTRY;
+
+/// The envelope's bytes around the headers and body: its fixed part and the body's length prefix
+/// (89), rounded up.
+const ENVELOPE_FIXED: usize = 96;
+
+/// moka's bookkeeping per entry (its hash-table bucket, the key's `Arc`, the access-order and
+/// expiry-timer nodes), which no type here shows: measured with `benches/l1_memory.rs`. A small
+/// entry (100 B body, 3 headers) cost about 1,260 B of resident memory with the system
+/// allocator, of which the allocations counted above are about 830 B; with this, the weight
+/// tracks resident memory within a few percent (docs/performance.md, "L1 memory").
+const MOKA_ENTRY: usize = 400;
 
 #[derive(Clone)]
 struct Slot {
@@ -108,18 +135,11 @@ impl L1 {
         if ttl.is_zero() {
             return;
         }
-        let weight = entry.body.len()
-            + entry
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len())
-                .sum::<usize>()
-            + ENTRY_OVERHEAD;
         let slot = Slot {
+            weight: weight(&entry),
             entry,
             expires_at: Instant::now() + ttl,
             ttl,
-            weight: u32::try_from(weight).unwrap_or(u32::MAX),
         };
         cache.insert(key, slot);
     }
@@ -154,6 +174,22 @@ impl L1 {
             cache.weighted_size()
         })
     }
+}
+
+/// Bytes `entry` is counted as in the L1: what it holds in memory, as far as lengths tell (a body
+/// sliced from a larger buffer keeps that buffer alive, which no length shows).
+fn weight(entry: &Entry) -> u32 {
+    let headers = entry
+        .headers
+        .iter()
+        .map(|(name, value)| 2 * name.len() + value.len() + HEADER_OVERHEAD)
+        .fold(0usize, usize::saturating_add);
+    let bytes = entry
+        .body
+        .len()
+        .saturating_add(headers)
+        .saturating_add(ENTRY_OVERHEAD);
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -193,6 +229,29 @@ mod tests {
         let key = KeyBuilder::new().part("k").finish().hash;
         l1.insert(key, entry(b"v"), Duration::from_secs(5));
         assert!(l1.get(&key).is_none());
+    }
+
+    #[test]
+    fn weight_counts_every_byte_and_more_for_each_header_and_entry() {
+        let plain = entry(b"");
+        assert!(weight(&plain) as usize >= size_of::<Entry>() + 2 * size_of::<usize>());
+        let mut full = (*entry(&[7u8; 1000])).clone();
+        full.headers = (0..10)
+            .map(|i| (format!("x-header-{i}"), Bytes::from(vec![b'v'; 50])))
+            .collect();
+        let lengths: usize = full.body.len()
+            + full
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        let slots = full.headers.len() * size_of::<(String, Bytes)>();
+        assert!(weight(&full) as usize >= lengths + slots + weight(&plain) as usize);
+        let huge = Entry {
+            body: Bytes::from(vec![0u8; 1 << 20]),
+            ..full
+        };
+        assert!(weight(&huge) as usize >= (1 << 20) + weight(&plain) as usize);
     }
 
     #[test]

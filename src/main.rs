@@ -2,6 +2,9 @@
 
 #![forbid(unsafe_code)]
 
+// The global allocator (the binary's alone, never the library's).
+mod allocator;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -54,6 +54,7 @@ use crate::http::key::{request_digest, request_digest_and_query};
 use crate::key::{Key, key_with_generation};
 pub use handler::handle;
 pub use respond::Outcome;
+pub use respond::header_map;
 pub use route::route_for;
 use slots::UpstreamSlots;
 use upstream::Upstream;

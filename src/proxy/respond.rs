@@ -251,15 +251,24 @@ pub fn cache_status(outcome: Outcome, stored: bool, detail: Option<&str>) -> Str
 }
 
 /// The entry's headers as a map.
-fn header_map(entry: &Entry) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(entry.headers.len());
+/// The entry's headers as a response's. Never panics: a decoded entry holds at most
+/// [`MAX_HEADERS`](crate::envelope::MAX_HEADERS), far below what a `HeaderMap` takes, and an entry
+/// built another way that passes the map's limit keeps the headers that fit.
+pub fn header_map(entry: &Entry) -> HeaderMap {
+    let capacity = entry.headers.len().min(crate::envelope::MAX_HEADERS);
+    let mut headers = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
     for (name, value) in &entry.headers {
         // The value shares the entry's bytes rather than copying them.
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_maybe_shared(value.clone()),
-        ) {
-            headers.append(name, value);
+        ) && headers.try_append(name, value).is_err()
+        {
+            tracing::warn!(
+                count = entry.headers.len(),
+                "an entry has more headers than a response can hold; the rest are dropped"
+            );
+            break;
         }
     }
     headers

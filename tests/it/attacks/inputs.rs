@@ -762,6 +762,67 @@ async fn another_keys_value_under_this_key_is_a_miss_and_counted() {
     assert_eq!(again.body, reply.body);
 }
 
+/// A fresh envelope answering `key` with `count` distinct one-byte headers, written by hand as
+/// a foreign writer would (corral's own encoder refuses that many).
+fn envelope_with_headers(key: &KeyHash, count: u16) -> Vec<u8> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as u64;
+    let mut out = b"CRL".to_vec();
+    out.extend_from_slice(&[corral::envelope::VERSION, 0]);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&200u16.to_be_bytes());
+    // stored_at, ttl, stale, stale_if_error, fetch time
+    for field in [now_ms, 60_000, 0, 0, 0] {
+        out.extend_from_slice(&field.to_be_bytes());
+    }
+    out.extend_from_slice(&count.to_be_bytes());
+    for i in 0..count {
+        let name = format!("x-h-{i}");
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.push(b'v');
+    }
+    out.extend_from_slice(&6u64.to_be_bytes());
+    out.extend_from_slice(b"forged");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_value_with_more_headers_than_a_response_holds_is_a_miss_and_counted() {
+    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let proxy = on_redis_nats(&upstream.url(), &redis, &nats).await;
+    let url = "/crowded";
+    let key = key_of(&proxy, url).await;
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("atk:{{{key}}}:v"))
+        .arg(envelope_with_headers(&key, 40_000))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET the crowded value");
+
+    let reply = proxy.get(0, url).send().await;
+    assert_eq!(reply.status, 200, "{:?}", reply.text());
+    assert_eq!(reply.x_cache(), "MISS");
+    assert_eq!(reply.text(), format!("response 1 for {url}"));
+    assert_eq!(upstream.hits(url), 1);
+    let corrupt = metric(&proxy, 0, "corral_corrupt_entries_total").await;
+    assert!(
+        corrupt >= 1.0,
+        "the crowded value was not counted: {corrupt}"
+    );
+    // And it was replaced: the other replica reads the upstream's own answer.
+    let again = proxy.get(1, url).send().await;
+    assert_eq!(again.x_cache(), "HIT");
+    assert_eq!(again.body, reply.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_events_without_a_value_never_end_a_wait_with_a_wrong_answer() {
     let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
@@ -828,6 +889,42 @@ async fn forged_events_without_a_value_never_end_a_wait_with_a_wrong_answer() {
 }
 
 // -------------------------------------------------------------------- admin ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_naming_more_headers_than_a_request_carries_is_refused() {
+    let upstream = Upstream::start().await;
+    let proxy = on_memory(&upstream.url()).await;
+    let purge = |headers: serde_json::Map<String, serde_json::Value>| {
+        proxy
+            .admin(0, Method::POST, "/admin/purge")
+            .bearer(TOKEN)
+            .json(&serde_json::json!({ "url": "/crowded", "method": "GET", "headers": headers }))
+            .send()
+    };
+    let named = |count: usize, value: &str| {
+        (0..count)
+            .map(|i| (format!("x-h-{i}"), serde_json::Value::from(value)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+
+    let crowded = purge(named(40_000, "v")).await;
+    assert_eq!(crowded.status, 400, "{:?}", crowded.text());
+    assert!(
+        crowded.text().contains("max_header_count"),
+        "{:?}",
+        crowded.text()
+    );
+    // The default limits: 100 headers, 16 KiB of them.
+    let long = purge(named(2, &"v".repeat(10 << 10))).await;
+    assert_eq!(long.status, 400, "{:?}", long.text());
+    assert!(
+        long.text().contains("max_header_bytes"),
+        "{:?}",
+        long.text()
+    );
+    let within = purge(named(100, "v")).await;
+    assert_eq!(within.status, 200, "{:?}", within.text());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purging_from_the_public_listener_purges_nothing() {
