@@ -40,6 +40,8 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         Err(_) => None,
     };
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let routed = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
+    let request = proxy.engine.metrics().count_request(routed, request);
     let mut answered = match (canonical, route) {
         (Err(error), _) => plain(
             StatusCode::BAD_REQUEST,
@@ -63,6 +65,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         .request_duration
         .with_label_values(&[label, outcome])
         .observe(elapsed.as_secs_f64());
+    answered.response = metrics.count_response(label, answered.response);
     let key = answered
         .key
         .map(|key| hex::encode(&key.as_bytes()[..8]))
