@@ -5,6 +5,7 @@ mod cli;
 mod credentials;
 mod dashboards;
 mod deploy;
+mod kubernetes;
 mod metrics;
 mod operations;
 mod reload;
