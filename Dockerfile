@@ -26,6 +26,10 @@ RUN sh /usr/local/bin/corral-placeholders . \
     && rm -rf src
 
 # The crate itself. Touch the entry points so cargo rebuilds them over the placeholders.
+# CORRAL_COMMIT names the build in corral_build_info{commit}:
+#   docker build --build-arg CORRAL_COMMIT="$(git rev-parse --short HEAD)" -t corral .
+ARG CORRAL_COMMIT=unknown
+ENV CORRAL_COMMIT=$CORRAL_COMMIT
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin corral \

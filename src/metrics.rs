@@ -7,10 +7,10 @@
 //! the proxy names its routes with [`Metrics::add_route`]): a rare event then shows as a series at
 //! 0 from the first scrape, so dashboards and alerts see "none yet" rather than "no data".
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -49,6 +49,8 @@ pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
     "body",
     "framing",
 ];
+/// The `status_class` label of `corral_responses_total`: every answer has a status.
+pub const RESPONSE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The `kind` label of `corral_bus_events_total`.
 pub const BUS_EVENT_KINDS: [&str; 6] = [
@@ -60,8 +62,27 @@ pub const BUS_EVENT_KINDS: [&str; 6] = [
     "undecodable",
 ];
 
-/// The `result` label of `corral_config_reloads_total`.
-pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+/// The `result` label of `corral_config_reloads_total`: `applied` (new requests use the new file)
+/// or `refused` (the file had a problem and the running config stays).
+pub const RELOAD_RESULTS: [&str; 2] = ["applied", "refused"];
+
+/// The `state` label of `corral_store_breaker_state`, the store breaker's phases.
+pub const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
+
+/// The upper bounds of every latency histogram, in seconds. They reach past the longest wait the
+/// defaults allow (`max_fetch` 30 s) to 120 s, so a fetch cut off at its `max_fetch` lands in a
+/// bucket of its own rather than only in `+Inf`.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0, 60.0, 120.0,
+];
+
+/// The `commit` label of `corral_build_info`: the commit the build names in `CORRAL_COMMIT` (the
+/// image build sets it), else `unknown`.
+pub const COMMIT: &str = match option_env!("CORRAL_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
 
 /// The `form` label of `corral_purges_total` and `corral_purged_keys_total`.
 pub const PURGE_FORMS: [&str; 5] = ["url", "prefix", "route", "tag", "unsafe_method"];
@@ -164,8 +185,17 @@ pub struct Metrics {
     pub l1_bytes: IntGauge,
     /// Entries held in the L1 (refreshed at scrape).
     pub l1_entries: IntGauge,
-    /// Config reloads, by result.
+    /// Config reloads, by result (see [`RELOAD_RESULTS`]).
     pub config_reloads: IntCounterVec,
+    /// When the config was last reloaded with success, in seconds since the Unix epoch (0: not
+    /// since the process started).
+    pub config_last_reload: Gauge,
+    /// Answers sent to clients, by route and status class (see [`RESPONSE_CLASSES`]).
+    pub responses: IntCounterVec,
+    /// Request body bytes read from clients, by route.
+    pub request_bytes: IntCounterVec,
+    /// Response body bytes sent to clients, by route.
+    pub response_bytes: IntCounterVec,
     /// Purges done, by form: url, prefix, route, tag, unsafe_method.
     pub purges: IntCounterVec,
     /// Keys a purge found stored (a value, lease or pass marker), by form (a route purge counts
@@ -179,8 +209,9 @@ pub struct Metrics {
     pub limit_rejections: IntCounterVec,
     /// Client connections open right now, both listeners together.
     pub connections_open: IntGauge,
-    /// The store's circuit breaker: 0 closed, 1 open, 2 half-open (its probe is out).
-    pub store_breaker_state: IntGauge,
+    /// The store's circuit breaker: 1 for the phase it is in, 0 for the others (see
+    /// [`BREAKER_STATES`]; `half_open`: its probe is out).
+    pub store_breaker_state: IntGaugeVec,
     /// Changes of the store's circuit breaker, by the phase entered (closed, open, half_open).
     pub store_breaker_transitions: IntCounterVec,
     /// Store calls the open circuit breaker failed at once, without calling the store.
@@ -222,9 +253,7 @@ impl Metrics {
                 .expect("registered once");
             metric
         };
-        let latency_buckets = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
+        let latency_buckets = LATENCY_BUCKETS.to_vec();
         let store_duration = HistogramVec::new(
             HistogramOpts::new(
                 "corral_store_duration_seconds",
@@ -263,19 +292,27 @@ impl Metrics {
             "How long the upstream took to send its response head, by route.",
             &["route"],
         );
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "corral_build_info",
-                "The version of corral that is running.",
-            ),
-            &["version"],
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        gauge_vec(
+            "corral_build_info",
+            "The version of corral that is running, and the commit it was built from.",
+            &["version", "commit"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), COMMIT])
+        .set(1);
+        let config_last_reload = Gauge::new(
+            "corral_config_last_reload_success_timestamp_seconds",
+            "When the config was last reloaded with success, in seconds since the Unix epoch (0: not since start).",
         )
         .expect("valid metric");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
         registry
-            .register(Box::new(build_info))
+            .register(Box::new(config_last_reload.clone()))
             .expect("registered once");
         let bus_publish_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -397,8 +434,24 @@ impl Metrics {
             ),
             config_reloads: counter_vec(
                 "corral_config_reloads_total",
-                "Configuration reloads, by result (ok, error).",
+                "Configuration reloads, by result (applied, refused).",
                 &["result"],
+            ),
+            config_last_reload,
+            responses: counter_vec(
+                "corral_responses_total",
+                "Answers sent to clients, by route and status class.",
+                &["route", "status_class"],
+            ),
+            request_bytes: counter_vec(
+                "corral_request_body_bytes_total",
+                "Request body bytes read from clients, by route.",
+                &["route"],
+            ),
+            response_bytes: counter_vec(
+                "corral_response_body_bytes_total",
+                "Response body bytes sent to clients, by route.",
+                &["route"],
             ),
             purges: counter_vec(
                 "corral_purges_total",
@@ -424,9 +477,10 @@ impl Metrics {
                 "corral_connections_open",
                 "Client connections open right now on the public and admin listeners.",
             ),
-            store_breaker_state: gauge(
+            store_breaker_state: gauge_vec(
                 "corral_store_breaker_state",
-                "The store's circuit breaker: 0 closed, 1 open, 2 half-open (one probe call out).",
+                "The store's circuit breaker: 1 for the state it is in (closed, open, half_open: one probe call out), 0 for the others.",
+                &["state"],
             ),
             store_breaker_transitions: counter_vec(
                 "corral_store_breaker_transitions_total",
@@ -479,7 +533,31 @@ impl Metrics {
         for limit in LIMITS {
             metrics.limit_rejections.with_label_values(&[limit]);
         }
+        metrics.breaker_state("closed");
         metrics
+    }
+
+    /// Sets the breaker's gauge to `state` (one of [`BREAKER_STATES`]): 1 for it, 0 for the others.
+    pub fn breaker_state(&self, state: &str) {
+        for each in BREAKER_STATES {
+            self.store_breaker_state
+                .with_label_values(&[each])
+                .set(i64::from(each == state));
+        }
+    }
+
+    /// Counts a reload that switched new requests to the new file, and notes when.
+    pub fn reload_applied(&self) {
+        self.config_reloads.with_label_values(&["applied"]).inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.config_last_reload.set(now.as_secs_f64());
+    }
+
+    /// Counts a reload refused for a problem in the file.
+    pub fn reload_refused(&self) {
+        self.config_reloads.with_label_values(&["refused"]).inc();
     }
 
     /// Counts one connection or request refused by `limit` (one of [`LIMITS`]).
@@ -504,6 +582,11 @@ impl Metrics {
         for class in STATUS_CLASSES {
             self.upstream_requests.with_label_values(&[route, class]);
         }
+        for class in RESPONSE_CLASSES {
+            self.responses.with_label_values(&[route, class]);
+        }
+        self.request_bytes.with_label_values(&[route]);
+        self.response_bytes.with_label_values(&[route]);
         self.wait_timeouts.with_label_values(&[route]);
         for reason in UPSTREAM_ERROR_REASONS {
             self.upstream_errors.with_label_values(&[route, reason]);
@@ -564,5 +647,136 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies counted as they pass
+
+#[cfg(feature = "server")]
+pub use counted::CountedBody;
+
+#[cfg(feature = "server")]
+mod counted {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use axum::body::Body;
+    use bytes::Bytes;
+    use hyper::body::{Body as HttpBody, Frame, SizeHint};
+    use prometheus::IntCounter;
+
+    use super::{Metrics, RESPONSE_CLASSES};
+
+    /// A body that adds the length of every data frame to a counter as the frame passes, and
+    /// otherwise is the body it wraps (its size hint too, so a `Content-Length` stays one).
+    pub struct CountedBody {
+        inner: Body,
+        bytes: IntCounter,
+    }
+
+    impl HttpBody for CountedBody {
+        type Data = Bytes;
+        type Error = axum::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled
+                && let Some(data) = frame.data_ref()
+            {
+                self.bytes.inc_by(data.len() as u64);
+            }
+            polled
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    impl Metrics {
+        /// The request, its body counted in `corral_request_body_bytes_total{route}` as the proxy
+        /// reads it. A body that is already over (most GETs) is left as it is.
+        pub fn count_request(
+            &self,
+            route: &str,
+            request: http::Request<Body>,
+        ) -> http::Request<Body> {
+            if request.body().is_end_stream() {
+                return request;
+            }
+            let bytes = self.request_bytes.with_label_values(&[route]);
+            request.map(|inner| Body::new(CountedBody { inner, bytes }))
+        }
+
+        /// The response, counted in `corral_responses_total{route,status_class}`, its body in
+        /// `corral_response_body_bytes_total{route}` as it is sent.
+        pub fn count_response(
+            &self,
+            route: &str,
+            response: http::Response<Body>,
+        ) -> http::Response<Body> {
+            let class = usize::from(response.status().as_u16() / 100).saturating_sub(1);
+            let class = RESPONSE_CLASSES[class.min(RESPONSE_CLASSES.len() - 1)];
+            self.responses.with_label_values(&[route, class]).inc();
+            if response.body().is_end_stream() {
+                return response;
+            }
+            let bytes = self.response_bytes.with_label_values(&[route]);
+            response.map(|inner| Body::new(CountedBody { inner, bytes }))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use http_body_util::BodyExt;
+
+        use super::*;
+
+        #[tokio::test]
+        async fn a_counted_response_keeps_its_length_and_counts_its_class_and_bytes() {
+            let metrics = Metrics::new();
+            metrics.add_route("r");
+            let response = http::Response::builder()
+                .status(503)
+                .body(Body::from("twelve bytes"))
+                .expect("a response");
+            let counted = metrics.count_response("r", response);
+            assert_eq!(counted.body().size_hint().exact(), Some(12));
+            let body = counted.into_body().collect().await.expect("the body");
+            assert_eq!(body.to_bytes().len(), 12);
+            assert_eq!(metrics.responses.with_label_values(&["r", "5xx"]).get(), 1);
+            assert_eq!(metrics.responses.with_label_values(&["r", "2xx"]).get(), 0);
+            assert_eq!(metrics.response_bytes.with_label_values(&["r"]).get(), 12);
+        }
+
+        #[tokio::test]
+        async fn a_streamed_request_body_is_counted_as_it_is_read() {
+            let metrics = Metrics::new();
+            let chunks = ["abc", "de"].map(|c| Ok::<_, std::io::Error>(Bytes::from(c)));
+            let request = http::Request::new(Body::from_stream(futures::stream::iter(chunks)));
+            let counted = metrics.count_request("r", request);
+            assert_eq!(metrics.request_bytes.with_label_values(&["r"]).get(), 0);
+            counted.into_body().collect().await.expect("the body");
+            assert_eq!(metrics.request_bytes.with_label_values(&["r"]).get(), 5);
+        }
+
+        #[test]
+        fn the_breaker_gauge_is_one_for_its_state_only() {
+            let metrics = Metrics::new();
+            metrics.breaker_state("half_open");
+            let states: Vec<i64> = super::super::BREAKER_STATES
+                .iter()
+                .map(|s| metrics.store_breaker_state.with_label_values(&[s]).get())
+                .collect();
+            assert_eq!(states, [0, 0, 1]);
+        }
     }
 }

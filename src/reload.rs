@@ -52,7 +52,7 @@ impl Reloader {
     /// Reads and checks the file, and switches new requests to it; on any problem, logs every
     /// one and keeps the running config. Counted in `corral_config_reloads_total{result}`.
     pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let reloads = &self.proxy.engine.metrics().config_reloads;
+        let metrics = self.proxy.engine.metrics();
         let mut new = match config::load(&self.path) {
             Ok(new) => new,
             Err(error) => {
@@ -64,7 +64,7 @@ impl Reloader {
                     "config reload refused, the running config stays:\n{error}"
                 );
                 // Counted after the log line, so whoever sees the count finds the line.
-                reloads.with_label_values(&["error"]).inc();
+                metrics.reload_refused();
                 return Err(error);
             }
         };
@@ -97,7 +97,7 @@ impl Reloader {
                 "config reloaded, but these changed settings need a restart to take effect: {settings}"
             );
         }
-        reloads.with_label_values(&["ok"]).inc();
+        metrics.reload_applied();
         Ok(Reloaded { needs_restart })
     }
 }

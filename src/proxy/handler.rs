@@ -50,6 +50,8 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         Err(_) => None,
     };
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let routed = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
+    let request = proxy.engine.metrics().count_request(routed, request);
     let mut answered = match (canonical, route) {
         (Err(error), _) => plain(
             StatusCode::BAD_REQUEST,
@@ -73,6 +75,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         .request_duration
         .with_label_values(&[label, outcome])
         .observe(elapsed.as_secs_f64());
+    answered.response = metrics.count_response(label, answered.response);
     let Some((client, user_agent)) = logged else {
         return answered.response;
     };

@@ -31,7 +31,7 @@ pub struct GuardedStore {
 
 impl GuardedStore {
     pub fn new(inner: Arc<dyn Store>, settings: BreakerSettings, metrics: Metrics) -> Self {
-        metrics.store_breaker_state.set(Phase::Closed as i64);
+        metrics.breaker_state(Phase::Closed.name());
         // Every transition's series exists from the start, so a dashboard's rate() sees zero.
         for phase in Phase::ALL {
             metrics
@@ -54,7 +54,7 @@ impl GuardedStore {
         let Some(Transition { from, to }) = change else {
             return;
         };
-        self.metrics.store_breaker_state.set(to as i64);
+        self.metrics.breaker_state(to.name());
         self.metrics
             .store_breaker_transitions
             .with_label_values(&[to.name()])
@@ -353,7 +353,13 @@ mod tests {
             assert!(store.peek(&key, None).await.unwrap_err().is_timeout());
         }
         assert_eq!(store.phase(), Phase::Open);
-        assert_eq!(metrics.store_breaker_state.get(), Phase::Open as i64);
+        assert_eq!(
+            metrics
+                .store_breaker_state
+                .with_label_values(&["open"])
+                .get(),
+            1
+        );
         assert_eq!(
             store.peek(&key, None).await,
             Err(StoreError::CircuitOpen { op: "peek" })

@@ -44,6 +44,25 @@ pub fn promtool(args: &[&str]) -> Output {
     })
 }
 
+/// Runs `promtool` with `args` and `input` on its standard input, and returns its output.
+pub fn promtool_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let bin = binary("CORRAL_PROMTOOL", "promtool");
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
+    let mut stdin = child.stdin.take().expect("a piped stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .expect("write promtool's input");
+    drop(stdin);
+    child.wait_with_output().expect("promtool's output")
+}
+
 /// A running `prometheus`; dropping it kills it (by its own PID) and removes its directory.
 pub struct TestPrometheus {
     port: u16,

@@ -203,6 +203,29 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         empty.join("\n")
     );
 
+    // The annotations' queries run, and the run's purge (by URL) shows as one.
+    let annotations = dashboard["annotations"]["list"]
+        .as_array()
+        .expect("annotations");
+    let names: BTreeSet<&str> = annotations
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["Config reloads", "Purges"]));
+    for annotation in annotations {
+        let name = annotation["name"].as_str().expect("an annotation's name");
+        assert_eq!(annotation["datasource"]["uid"], "${datasource}", "{name}");
+        let query = substituted(annotation["expr"].as_str().expect("an annotation's expr"));
+        let result = (prometheus.query(&query).await)
+            .unwrap_or_else(|e| panic!("annotation {name:?}: {e}\n    {query}"));
+        if name == "Purges" {
+            assert!(
+                result.iter().any(|s| s["metric"]["form"] == "url"),
+                "the purge is not annotated: {result:?}\n    {query}"
+            );
+        }
+    }
+
     // The template variables list the routes and the replicas.
     for variable in dashboard["templating"]["list"]
         .as_array()
@@ -267,15 +290,28 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
             .collect::<BTreeSet<String>>()
     };
     eventually(
-        "the upstream-error and rejected-commit alerts are pending",
+        "the upstream-error, server-error and rejected-commit alerts are pending",
         || async {
             let active = active().await;
-            active.contains("CorralUpstreamErrors") && active.contains("CorralCommitsRejected")
+            [
+                "CorralUpstreamErrors",
+                "CorralServerErrors",
+                "CorralCommitsRejected",
+            ]
+            .iter()
+            .all(|alert| active.contains(*alert))
         },
     )
     .await;
     let active = active().await;
-    for quiet in ["CorralStoreDown", "CorralBusDown", "CorralTargetDown"] {
+    for quiet in [
+        "CorralStoreDown",
+        "CorralBusDown",
+        "CorralTargetDown",
+        "CorralStoreBreakerOpen",
+        "CorralConfigReloadRefused",
+        "CorralInvalidationsFailing",
+    ] {
         assert!(!active.contains(quiet), "{quiet} is active: {active:?}");
     }
 }
@@ -312,11 +348,18 @@ fn promtool_accepts_the_alerting_rules() {
         "{text}"
     );
     for needed in [
+        "CorralTargetDown",
         "CorralStoreDown",
         "CorralBusDown",
+        "CorralStoreBreakerOpen",
+        "CorralServerErrors",
         "CorralWaitTimeoutsRising",
         "CorralCommitsRejected",
         "CorralUpstreamErrors",
+        "CorralCoalescingCollapsed",
+        "CorralLimitRejections",
+        "CorralConfigReloadRefused",
+        "CorralInvalidationsFailing",
     ] {
         assert!(names.contains(needed), "no {needed} alert in {names:?}");
     }
@@ -370,8 +413,9 @@ fn every_alert_fires_in_its_promtool_unit_test() {
 }
 
 /// The dashboard is one Grafana can import as it is: a current schema, distinct panel ids, panels
-/// that do not overlap on the 24-column grid, a Prometheus datasource variable, and route and
-/// replica variables that offer "All".
+/// that do not overlap on the 24-column grid, its rows in order, the route table, the breaker's
+/// states named, the version shown, a Prometheus datasource variable, and route and replica
+/// variables that offer "All".
 #[test]
 fn the_dashboard_is_laid_out_for_grafana() {
     let dashboard: Value = serde_json::from_str(&read("dashboards/corral.json"))
@@ -397,6 +441,45 @@ fn the_dashboard_is_laid_out_for_grafana() {
             assert!(apart, "{title:?} overlaps {other:?}");
         }
     }
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "Overview",
+            "Coalescing",
+            "Store and bus",
+            "Upstreams",
+            "Limits",
+            "Process"
+        ]
+    );
+    let panel = |title: &str| {
+        panels
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"))
+    };
+    let table = panel("Routes");
+    assert_eq!(table["type"], "table");
+    assert!(
+        table["targets"].as_array().is_some_and(|t| t
+            .iter()
+            .all(|t| t["format"] == "table" && t["instant"] == true)),
+        "the route table's queries are instant tables"
+    );
+    let breaker = panel("Store circuit breaker");
+    let mappings = &breaker["fieldConfig"]["defaults"]["mappings"][0]["options"];
+    for (value, text) in [("0", "closed"), ("1", "open"), ("2", "half-open")] {
+        assert_eq!(mappings[value]["text"], text, "the breaker's value {value}");
+    }
+    let version = panel("Version")["targets"][0]["expr"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(version.contains("corral_build_info"), "{version}");
     let variables = dashboard["templating"]["list"]
         .as_array()
         .expect("variables");
@@ -423,5 +506,61 @@ fn the_dashboard_is_laid_out_for_grafana() {
             (&Value::Bool(true), &Value::from(".*")),
             "${name}"
         );
+    }
+}
+
+/// The anchors of a Markdown file's headings, as GitHub makes them.
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    markdown
+        .lines()
+        .filter(|line| line.starts_with('#'))
+        .filter_map(|line| line.trim_start_matches('#').strip_prefix(' '))
+        .map(|title| {
+            title
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
+}
+
+/// Every alert links its runbook: a section of docs/operations.md that exists; and neither the
+/// rules nor the dashboard name a scrape job, so they work with any.
+#[test]
+fn every_alert_links_its_runbook_and_nothing_names_a_job() {
+    let rules = read("dashboards/alerts.yaml");
+    let sections = anchors(&read("docs/operations.md"));
+    let links: Vec<&str> = rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("runbook_url: "))
+        .map(|url| url.trim_matches('"'))
+        .collect();
+    let names = alert_names(&rules);
+    assert_eq!(links.len(), names.len(), "one runbook_url per alert");
+    for name in &names {
+        let link = format!("docs/operations.md#{}", name.to_lowercase());
+        assert!(
+            links.contains(&link.as_str()),
+            "{name} does not link {link}"
+        );
+        let anchor = link.split_once('#').map(|(_, a)| a).unwrap_or_default();
+        assert!(
+            sections.contains(anchor),
+            "docs/operations.md has no section #{anchor}"
+        );
+    }
+    let dashboard = read("dashboards/corral.json");
+    for (file, text) in [
+        ("dashboards/alerts.yaml", &rules),
+        ("dashboards/corral.json", &dashboard),
+    ] {
+        for line in text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+        {
+            assert!(!line.contains("job="), "{file} names a job: {line}");
+        }
     }
 }

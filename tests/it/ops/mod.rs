@@ -6,6 +6,7 @@ mod cli;
 mod credentials;
 mod dashboards;
 mod deploy;
+mod kubernetes;
 mod logs;
 mod metrics;
 mod operations;

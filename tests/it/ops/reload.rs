@@ -385,16 +385,22 @@ fn sighup(process: &CorralServe) {
 
 /// The value of `corral_config_reloads_total{result="<result>"}` on the admin listener.
 async fn reloads(http: &Http, process: &CorralServe, result: &str) -> u64 {
+    let wanted = format!("corral_config_reloads_total{{result=\"{result}\"}}");
+    scraped(http, process, &wanted).await as u64
+}
+
+/// The value of the unlabelled series `series` on the admin listener (0 when absent).
+async fn scraped(http: &Http, process: &CorralServe, series: &str) -> f64 {
     let reply = http
         .get(format!("{}/metrics", process.admin_url()))
         .send()
         .await;
-    let wanted = format!("corral_config_reloads_total{{result=\"{result}\"}} ");
+    let wanted = format!("{series} ");
     reply
         .text()
         .lines()
         .find_map(|line| line.strip_prefix(&wanted)?.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +420,7 @@ async fn sighup_reloads_a_running_process_and_names_what_needs_a_restart() {
     write(&file, &broken);
     sighup(&process);
     eventually("the broken reload is counted", || async {
-        reloads(&http, &process, "error").await == 1
+        reloads(&http, &process, "refused").await == 1
     })
     .await;
     let place = broken_place(&file, &broken);
@@ -425,6 +431,12 @@ async fn sighup_reloads_a_running_process_and_names_what_needs_a_restart() {
     .await;
     let old = http.get(url("/reports/1")).send().await;
     assert_eq!((old.status.as_u16(), old.text()), (200, "from a".into()));
+    let last_success = "corral_config_last_reload_success_timestamp_seconds";
+    assert_eq!(
+        scraped(&http, &process, last_success).await,
+        0.0,
+        "no reload applied yet"
+    );
 
     // A good file that also moves the public listener: the routes switch, the listener stays and
     // the log says it needs a restart.
@@ -432,9 +444,18 @@ async fn sighup_reloads_a_running_process_and_names_what_needs_a_restart() {
     write(&file, &setup.text(AFTER, moved));
     sighup(&process);
     eventually("the good reload is counted", || async {
-        reloads(&http, &process, "ok").await == 1
+        reloads(&http, &process, "applied").await == 1
     })
     .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let applied_at = scraped(&http, &process, last_success).await;
+    assert!(
+        (now - 60.0..=now).contains(&applied_at),
+        "the last applied reload is noted with its time: {applied_at} (now {now})"
+    );
     let fresh = http.get(url("/fresh/1")).send().await;
     assert_eq!(
         (fresh.status.as_u16(), fresh.text()),
