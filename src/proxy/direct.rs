@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use prometheus::IntCounter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::Proxy;
@@ -97,6 +98,17 @@ impl Direct<'_> {
         }
     }
 
+    /// How long this pass-through's read-ahead may wait on its client.
+    fn stall(&self) -> Stall {
+        let metrics = self.proxy.engine.metrics();
+        Stall {
+            timeout: self.proxy.snapshot().config.limits.send_timeout * 2,
+            cut: metrics
+                .limit_rejections
+                .with_label_values(&["send_timeout"]),
+        }
+    }
+
     /// The client's answer to what the upstream said within `max_fetch`, `took` after it was
     /// asked; the answer's body keeps `slot` while it is read ([`read_ahead`]).
     fn answered(
@@ -112,7 +124,7 @@ impl Direct<'_> {
                 let mut answered = respond::finish(
                     parts.status,
                     parts.headers,
-                    read_ahead(body, slot),
+                    read_ahead(body, slot, self.stall()),
                     Outcome::Bypass,
                     false,
                     Some(reason),
@@ -144,15 +156,35 @@ impl Direct<'_> {
 /// client may hold this much until it is cut.
 const READ_AHEAD: usize = 64 << 10;
 
-/// A frame read ahead, with its share of the [`READ_AHEAD`] budget (given back when taken).
-type Ahead<E> = Result<(Frame<Bytes>, OwnedSemaphorePermit), E>;
+/// A frame read ahead, with its share of the [`READ_AHEAD`] budget (given back when taken), or
+/// [`Stalled`] when the client stopped taking frames.
+type Ahead<E> = Result<(Frame<Bytes>, Result<OwnedSemaphorePermit, Stalled>), E>;
+
+/// The client took no part of its answer for twice `limits.send_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took no part of its answer for twice limits.send_timeout")]
+struct Stalled;
+
+/// How long a pass-through's read-ahead may stay full before its client is given up on, and what
+/// counts that.
+pub(super) struct Stall {
+    /// Twice `limits.send_timeout`: an HTTP/1 client that stops reading fills its read-ahead
+    /// moments after its socket, so its connection is cut (and counted) by the send limits first;
+    /// this bound is for what they cannot see.
+    pub timeout: Duration,
+    /// `corral_limit_rejections_total{limit="send_timeout"}`.
+    pub cut: IntCounter,
+}
 
 /// The answer's body as its client reads it, read from the upstream by a task of its own up to
 /// [`READ_AHEAD`] bytes ahead. The task holds the upstream slot until the upstream's answer is
 /// all read, or until the client is gone (its connection closed or cut by `limits.send_timeout`
-/// or `limits.min_send_rate`), so a client that stops reading pins a slot only as long as the
-/// send limits allow, and only past [`READ_AHEAD`] bytes.
-fn read_ahead<B>(mut upstream: B, slot: OwnedSemaphorePermit) -> Body
+/// or `limits.min_send_rate`), or until the read-ahead has stayed full for `stall.timeout`: an
+/// HTTP/2 client can stop taking one stream's data while its connection stays busy with others,
+/// which no connection-level limit sees; that stream is then ended with an error (reset), so a
+/// client that stops reading pins a slot only as long as the send limits allow, and only past
+/// [`READ_AHEAD`] bytes.
+fn read_ahead<B>(mut upstream: B, slot: OwnedSemaphorePermit, stall: Stall) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<axum::BoxError> + Send + 'static,
@@ -179,15 +211,26 @@ where
             let share = tokio::select! {
                 share = budget.clone().acquire_many_owned(size as u32) => share,
                 () = ahead.closed() => return,
+                () = tokio::time::sleep(stall.timeout) => {
+                    // The client took nothing for twice the send timeout: end its answer here.
+                    stall.cut.inc();
+                    let _ = ahead.send(Ok((Frame::data(Bytes::new()), Err(Stalled))));
+                    return;
+                }
             };
             let Ok(share) = share else { return };
+            let share = Ok(share);
             if ahead.send(Ok((frame, share))).is_err() {
                 return;
             }
         }
     });
     let frames = futures::stream::unfold(taken, |mut taken| async move {
-        let frame = taken.recv().await?.map(|(frame, _share)| frame);
+        let frame = match taken.recv().await? {
+            Ok((frame, Ok(_share))) => Ok(frame),
+            Ok((_, Err(stalled))) => Err(axum::BoxError::from(stalled)),
+            Err(error) => Err(error.into()),
+        };
         Some((frame, taken))
     });
     Body::new(http_body_util::StreamBody::new(frames))
@@ -220,6 +263,14 @@ mod tests {
         http_body_util::StreamBody::new(futures::stream::iter(frames))
     }
 
+    /// A stall bound no test reaches.
+    fn patient() -> Stall {
+        Stall {
+            timeout: Duration::from_secs(3600),
+            cut: IntCounter::new("cut", "cut").unwrap(),
+        }
+    }
+
     async fn slot_back(slots: &Semaphore, within: Duration) -> bool {
         tokio::time::timeout(within, slots.acquire()).await.is_ok()
     }
@@ -228,7 +279,7 @@ mod tests {
     async fn an_answer_within_the_read_ahead_frees_its_slot_before_its_client_reads() {
         let slots = Arc::new(Semaphore::new(1));
         let slot = slots.clone().try_acquire_owned().unwrap();
-        let body = read_ahead(upstream(READ_AHEAD), slot);
+        let body = read_ahead(upstream(READ_AHEAD), slot, patient());
         assert!(
             slot_back(&slots, Duration::from_secs(10)).await,
             "the slot waited on the client"
@@ -241,7 +292,7 @@ mod tests {
     async fn a_larger_answer_holds_its_slot_until_its_client_reads_or_leaves() {
         let slots = Arc::new(Semaphore::new(1));
         let slot = slots.clone().try_acquire_owned().unwrap();
-        let body = read_ahead(upstream(4 * READ_AHEAD), slot);
+        let body = read_ahead(upstream(4 * READ_AHEAD), slot, patient());
         // The read-ahead fills within the second: no client reads, so it never drains.
         let early = slot_back(&slots, Duration::from_secs(1)).await;
         assert!(!early, "freed with most of the answer unread");
@@ -250,5 +301,41 @@ mod tests {
             slot_back(&slots, Duration::from_secs(10)).await,
             "the client left, the slot stayed"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_for_the_send_timeout_is_ended_and_frees_its_slot() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots.clone().try_acquire_owned().unwrap();
+        let cut = IntCounter::new("cut", "cut").unwrap();
+        let stall = Stall {
+            timeout: Duration::from_secs(60),
+            cut: cut.clone(),
+        };
+        // The body is kept but never read, as an HTTP/2 stream with no window left would be.
+        let mut body = read_ahead(upstream(4 * READ_AHEAD), slot, stall);
+        assert!(
+            !slot_back(&slots, Duration::from_secs(59)).await,
+            "freed early"
+        );
+        assert!(
+            slot_back(&slots, Duration::from_secs(2)).await,
+            "the slot outlived the send timeout"
+        );
+        assert_eq!(cut.get(), 1);
+        // What was read ahead is still delivered, then the answer ends in an error.
+        let mut delivered = 0;
+        let ended = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => delivered += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(error)) => break error.to_string(),
+                None => panic!("the answer ended as if it were whole"),
+            }
+        };
+        assert!(
+            delivered <= READ_AHEAD,
+            "{delivered} bytes past the read-ahead"
+        );
+        assert!(ended.contains("send_timeout"), "{ended}");
     }
 }

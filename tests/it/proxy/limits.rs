@@ -521,6 +521,63 @@ async fn clients_that_never_read_neither_starve_fills_nor_hold_slots_past_the_se
 
 // ------------------------------------------------------------------ http/2 ----
 
+/// An HTTP/2 client can stop taking one stream's data (its flow-control window shut) while its
+/// connection stays healthy, which no connection-level send limit sees: that stream is reset
+/// after twice `send_timeout` and its pass slot is freed for the next pass-through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_its_client_stopped_reading_is_reset_and_frees_its_slot() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let upstream = Upstream::start().await.body_size("/big", 16 << 20);
+    let proxy = replicas(
+        1,
+        &upstream,
+        "send_timeout: 1s, min_send_rate: 0",
+        "max_upstream_fetches: 1, wait_timeout: 10s",
+    )
+    .await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let request = http::Request::get(format!("{}/big?h2=1", proxy.url(0)))
+        .header("cookie", "sid=1")
+        .body(Empty::new())
+        .expect("a request");
+    let response = tokio::time::timeout(patience(), client.request(request))
+        .await
+        .expect("a head within patience")
+        .expect("an HTTP/2 answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    // Its body is held, never read: the stream's window shuts after its first 64 KiB.
+    let (_parts, mut held) = response.into_parts();
+    // The one pass slot is the held stream's until it is reset; then this pass-through gets it.
+    let pass = proxy
+        .get(0, "/page?k=h2")
+        .header("cookie", "sid=2")
+        .send()
+        .await;
+    assert_eq!(pass.status, 200, "{}", pass.text());
+    assert_eq!(rejections(&proxy, 0, "send_timeout").await, 1.0);
+    assert_eq!(rejections(&proxy, 0, "upstream_passes").await, 0.0);
+    // The held stream ends in an error, short of its 16 MiB.
+    let mut taken = 0usize;
+    let ended = loop {
+        match tokio::time::timeout(patience(), held.frame()).await {
+            Ok(Some(Ok(frame))) => taken += frame.data_ref().map_or(0, bytes::Bytes::len),
+            Ok(Some(Err(_))) => break true,
+            Ok(None) => break false,
+            Err(_) => panic!("the held stream neither ended nor gave data within patience"),
+        }
+    };
+    assert!(
+        ended,
+        "the held stream ended as if whole after {taken} bytes"
+    );
+    assert!(taken < 16 << 20, "the whole answer arrived");
+}
+
 /// Clients may speak HTTP/2 with prior knowledge (h2c); its heads meet the same limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_is_served_within_the_same_limits() {
