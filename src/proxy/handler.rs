@@ -299,7 +299,7 @@ async fn cached(
     }
     let head = parts.method == Method::HEAD;
     let mut answered = match result {
-        Ok(answer) => respond::answer(answer, head),
+        Ok(answer) => respond::answer(answer, &parts.method, &parts.headers),
         Err(EngineError::Timeout(_)) if route.policy.on_wait_timeout == OnWaitTimeout::Bypass => {
             direct
                 .send(Body::from(fetch.body.clone()), "wait-timeout")

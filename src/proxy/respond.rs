@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::fetch::FETCH_ID;
@@ -16,6 +16,7 @@ use crate::engine::{
     Answer, AnswerSource, Attachment, EngineError, FailureCause, OnStoreError, Source,
 };
 use crate::envelope::Entry;
+use crate::http::conditional::{self, Precondition};
 use crate::key::KeyHash;
 
 /// How a request was answered: what `X-Cache` says, and the metrics label.
@@ -85,8 +86,9 @@ impl Answered {
 // ---------------------------------------------------------------------------------------------
 // From the engine's answers and errors
 
-/// The response for an answer the engine gave.
-pub(super) fn answer(answer: Answer, head: bool) -> Answered {
+/// The response for an answer the engine gave to a request with this method and these headers.
+pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> Answered {
+    let head = method == Method::HEAD;
     let Answer {
         entry,
         source,
@@ -109,7 +111,8 @@ pub(super) fn answer(answer: Answer, head: bool) -> Answered {
                 Source::StaleOnError => Some("stale-if-error"),
                 _ => None,
             };
-            from_entry(&entry, outcome, stored, detail, age, head)
+            let answered = from_entry(&entry, outcome, stored, detail, age, head);
+            preconditioned(answered, method, request)
         }
         AnswerSource::Own { reason } => match attachment.and_then(Attachment::take::<Overflow>) {
             Some(overflow) => streamed(overflow, reason, head),
@@ -221,6 +224,56 @@ fn streamed(overflow: Overflow, detail: Option<&str>, head: bool) -> Answered {
     )
 }
 
+/// The headers a `304` keeps of the `200` it stands for (RFC 9110 section 15.4.5), and corral's
+/// own; `X-Request-Id` is added after. The rest is representation metadata, which a `304` should
+/// not carry and the client already has.
+const NOT_MODIFIED_KEEPS: [HeaderName; 9] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::AGE,
+    HeaderName::from_static("x-cache"),
+    HeaderName::from_static("cache-status"),
+];
+
+/// A shared answer as the client's preconditions make it (RFC 9110 section 13): itself, or a
+/// bodiless `304` or `412` with its validators and corral's headers. Only a `200` is evaluated: a
+/// cached `404` is not the representation an entity-tag names. Its outcome stays what it was, so
+/// the metrics and `Cache-Status` say how the answer was found; the status says what was sent.
+fn preconditioned(answered: Answered, method: &Method, request: &HeaderMap) -> Answered {
+    if answered.response.status() != StatusCode::OK {
+        return answered;
+    }
+    let status = match conditional::evaluate(method, request, answered.response.headers()) {
+        Precondition::Proceed => return answered,
+        Precondition::NotModified => StatusCode::NOT_MODIFIED,
+        Precondition::Failed => StatusCode::PRECONDITION_FAILED,
+    };
+    let (parts, _body) = answered.response.into_parts();
+    let mut headers = HeaderMap::new();
+    for name in &NOT_MODIFIED_KEEPS {
+        for value in parts.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // Without an entity-tag, the date is what a client's cache revalidates with next time.
+    if !headers.contains_key(header::ETAG)
+        && let Some(modified) = parts.headers.get(header::LAST_MODIFIED)
+    {
+        headers.insert(header::LAST_MODIFIED, modified.clone());
+    }
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Answered {
+        response,
+        ..answered
+    }
+}
+
 /// Seconds since the entry was stored, by the wall clock.
 pub(super) fn age(entry: &Entry) -> u64 {
     crate::engine::unix_ms().saturating_sub(entry.stored_at_ms) / 1000
@@ -291,7 +344,7 @@ pub(super) fn from_entry(
     let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = header_map(entry);
     if let Some(age) = age_secs {
-        headers.insert(http::header::AGE, HeaderValue::from(age));
+        headers.insert(header::AGE, HeaderValue::from(age));
     }
     finish(status, headers, body, outcome, stored, detail)
 }
@@ -336,7 +389,7 @@ pub(super) fn finish(
 pub(super) fn plain(status: StatusCode, text: String, outcome: Outcome, detail: &str) -> Answered {
     let mut headers = HeaderMap::new();
     headers.insert(
-        http::header::CONTENT_TYPE,
+        header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     finish(
@@ -386,7 +439,7 @@ fn retry_after(answered: &mut Answered) {
     answered
         .response
         .headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
 }
 
 #[cfg(test)]
