@@ -123,7 +123,13 @@ pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> An
 
 /// The response for a request the engine gave no answer, but for a wait timeout on a route that
 /// then goes to the upstream itself (the handler's to do).
-pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bool) -> Answered {
+pub(super) fn failure(
+    error: EngineError,
+    on_store_error: OnStoreError,
+    method: &Method,
+    request: &HeaderMap,
+) -> Answered {
+    let head = method == Method::HEAD;
     match error {
         EngineError::Build(failure) => match &failure.response {
             Some(entry) => from_entry(
@@ -166,14 +172,17 @@ pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bo
             "shutting-down",
         ),
         EngineError::TooManyFollowers { stale } => match stale {
-            Some(entry) => from_entry(
-                &entry,
-                Outcome::Stale,
-                false,
-                Some("max-followers"),
-                Some(age(&entry)),
-                head,
-            ),
+            Some(entry) => {
+                let answered = from_entry(
+                    &entry,
+                    Outcome::Stale,
+                    false,
+                    Some("max-followers"),
+                    Some(age(&entry)),
+                    head,
+                );
+                preconditioned(answered, method, request)
+            }
             None => busy(
                 "corral: too many requests are waiting for this answer\n",
                 "max-followers",
@@ -487,6 +496,78 @@ mod tests {
             cache_status(Outcome::Bypass, false, Some("authorization")),
             "corral; fwd=bypass; detail=authorization"
         );
+    }
+
+    fn stored_answer(status: StatusCode, pairs: &[(&'static str, &'static str)]) -> Answered {
+        let mut headers = request(pairs);
+        headers.insert(header::AGE, HeaderValue::from(7));
+        let body = Body::from("the representation");
+        finish(status, headers, body, Outcome::Hit, false, None)
+    }
+
+    /// Headers from static pairs (a request's, or a stored answer's).
+    fn request(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_304_keeps_the_validators_and_corrals_headers_and_drops_the_representation() {
+        let answer = stored_answer(
+            StatusCode::OK,
+            &[
+                ("etag", "\"v1\""),
+                ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+                ("cache-control", "max-age=60"),
+                ("vary", "accept"),
+                ("content-type", "text/plain"),
+                ("content-length", "18"),
+                ("x-upstream", "kept out"),
+            ],
+        );
+        let conditional = request(&[("if-none-match", "W/\"v1\"")]);
+        let answered = preconditioned(answer, &Method::GET, &conditional);
+        assert_eq!(answered.response.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(answered.outcome, Outcome::Hit);
+        let mut names: Vec<&str> = answered
+            .response
+            .headers()
+            .keys()
+            .map(HeaderName::as_str)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "age",
+                "cache-control",
+                "cache-status",
+                "etag",
+                "vary",
+                "x-cache"
+            ]
+        );
+        let body = answered.response.into_body().collect().await.unwrap();
+        assert!(body.to_bytes().is_empty());
+    }
+
+    #[test]
+    fn a_304_without_an_etag_keeps_last_modified_and_only_a_200_is_evaluated() {
+        let since = request(&[("if-modified-since", "Tue, 01 Dec 2026 10:00:00 GMT")]);
+        let dated = [("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT")];
+        let answered = preconditioned(stored_answer(StatusCode::OK, &dated), &Method::GET, &since);
+        assert_eq!(answered.response.status(), StatusCode::NOT_MODIFIED);
+        assert!(answered.response.headers().contains_key("last-modified"));
+
+        let missing = stored_answer(StatusCode::NOT_FOUND, &dated);
+        let answered = preconditioned(missing, &Method::GET, &since);
+        assert_eq!(answered.response.status(), StatusCode::NOT_FOUND);
+        let failed = request(&[("if-match", "\"other\"")]);
+        let answered = preconditioned(stored_answer(StatusCode::OK, &[]), &Method::GET, &failed);
+        assert_eq!(answered.response.status(), StatusCode::PRECONDITION_FAILED);
     }
 
     #[test]
