@@ -1,12 +1,14 @@
 //! Conditional requests answered from the cache (RFC 9110 section 13): a client whose copy is
-//! current gets a bodiless `304` from a HIT or a COALESCED answer, one whose `If-Match` fails gets
+//! current gets a bodiless `304` from a HIT, COALESCED or STALE answer, one whose `If-Match` fails gets
 //! a `412`, and everyone else the full answer. A real upstream that sends validators, and a replica
 //! on the in-memory store and bus.
 
 use crate::support;
 
 use http::Method;
+use std::sync::{Arc, Mutex};
 use support::eventually;
+
 use support::http::Reply;
 use support::proxy::{ProxyCluster, fill};
 use support::upstream::Upstream;
@@ -19,6 +21,11 @@ namespace: cond
 store: { kind: memory }
 defaults: { ttl: 60s, wait_timeout: 10s, lease_ttl: 5s, poll_interval: 1s }
 routes:
+  - name: stale
+    match: { path_prefix: /stale }
+    upstream: {{upstream}}
+    ttl: 1s
+    stale_while_revalidate: 1h
   - name: all
     match: { path_prefix: / }
     upstream: {{upstream}}
@@ -35,6 +42,7 @@ async fn upstream() -> Upstream {
         .header("/doc", "last-modified", LAST_MODIFIED)
         .header("/doc", "cache-control", "max-age=60")
         .header("/doc", "content-type", "text/plain")
+        .header("/stale", "etag", "\"v1\"")
         .header("/missing", "etag", "\"gone\"")
         .status("/missing", 404)
 }
@@ -234,4 +242,41 @@ async fn metric(proxy: &ProxyCluster, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |value| value.trim().parse().expect("a number"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_is_304_to_a_client_that_has_it() {
+    let upstream = upstream().await;
+    let proxy = start(&upstream).await;
+    let path = "/stale/page";
+    stored(&proxy, path).await;
+
+    // Fresh for one second: every conditional GET is a 304, a HIT until the copy goes stale.
+    let last = Arc::new(Mutex::new(None::<Reply>));
+    eventually("the stored copy is served stale", || {
+        let call = proxy.get(0, path).header("if-none-match", "\"v1\"");
+        let last = last.clone();
+        async move {
+            let reply = call.send().await;
+            assert_eq!(
+                reply.status,
+                304,
+                "{}: {:?}",
+                reply.x_cache(),
+                reply.headers
+            );
+            let stale = reply.x_cache() == "STALE";
+            *last.lock().unwrap() = Some(reply);
+            stale
+        }
+    })
+    .await;
+    let reply = last.lock().unwrap().take().expect("a reply");
+    assert_eq!(reply.status, 304, "{:?}", reply.headers);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("etag"), Some("\"v1\""));
+    assert_eq!(
+        reply.cache_status(),
+        "corral; fwd=stale; detail=stale-while-revalidate"
+    );
 }
