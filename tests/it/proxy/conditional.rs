@@ -1,7 +1,7 @@
 //! Conditional requests answered from the cache (RFC 9110 section 13): a client whose copy is
-//! current gets a bodiless `304` from a HIT, COALESCED or STALE answer, one whose `If-Match` fails gets
-//! a `412`, and everyone else the full answer. A real upstream that sends validators, and a replica
-//! on the in-memory store and bus.
+//! current gets a bodiless `304` from a HIT, COALESCED or STALE answer, one whose `If-Match`
+//! fails gets a `412`, and everyone else the full answer. A real upstream that sends validators,
+//! and a replica on the in-memory store and bus.
 
 use crate::support;
 
