@@ -8,6 +8,8 @@
 //!   cookies, body digest), and the key of one variant of a `Vary` answer.
 //! - [`verdict`]: whether a request may use the cache, whether a response may be stored, for how
 //!   long, and how long past that it may be served stale.
+//! - [`conditional`]: a client's preconditions (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+//!   `If-Unmodified-Since`) against a stored answer: send it, `304`, or `412`.
 //! - [`cache_control`]: `Cache-Control` and the other comma-separated lists, read leniently.
 //! - [`forward`]: which of a client's headers reach the upstream (what a cacheable fetch may carry).
 //! - [`hop_by_hop`]: the headers that never leave one connection.
@@ -16,6 +18,7 @@
 //! layer shares.
 
 pub mod cache_control;
+pub mod conditional;
 pub mod forward;
 pub mod hop_by_hop;
 pub mod key;

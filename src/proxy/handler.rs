@@ -297,9 +297,8 @@ async fn cached(
         fetch = Arc::new(variant.fetch);
         result = (fetch.resolve_variant(&variant.key, variant.through, policy, left)).await;
     }
-    let head = parts.method == Method::HEAD;
     let mut answered = match result {
-        Ok(answer) => respond::answer(answer, head),
+        Ok(answer) => respond::answer(answer, &parts.method, &parts.headers),
         Err(EngineError::Timeout(_)) if route.policy.on_wait_timeout == OnWaitTimeout::Bypass => {
             direct
                 .send(Body::from(fetch.body.clone()), "wait-timeout")
@@ -309,7 +308,12 @@ async fn cached(
             if matches!(error, EngineError::TooManyFollowers { .. }) {
                 proxy.engine.metrics().limit_rejected("followers");
             }
-            respond::failure(error, route.policy.on_store_error, head)
+            respond::failure(
+                error,
+                route.policy.on_store_error,
+                &parts.method,
+                &parts.headers,
+            )
         }
     };
     answered.key = Some(key.hash);

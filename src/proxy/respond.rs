@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::fetch::FETCH_ID;
@@ -16,6 +16,7 @@ use crate::engine::{
     Answer, AnswerSource, Attachment, EngineError, FailureCause, OnStoreError, Source,
 };
 use crate::envelope::Entry;
+use crate::http::conditional::{self, Precondition};
 use crate::key::KeyHash;
 
 /// How a request was answered: what `X-Cache` says, and the metrics label.
@@ -85,8 +86,9 @@ impl Answered {
 // ---------------------------------------------------------------------------------------------
 // From the engine's answers and errors
 
-/// The response for an answer the engine gave.
-pub(super) fn answer(answer: Answer, head: bool) -> Answered {
+/// The response for an answer the engine gave to a request with this method and these headers.
+pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> Answered {
+    let head = method == Method::HEAD;
     let Answer {
         entry,
         source,
@@ -109,7 +111,8 @@ pub(super) fn answer(answer: Answer, head: bool) -> Answered {
                 Source::StaleOnError => Some("stale-if-error"),
                 _ => None,
             };
-            from_entry(&entry, outcome, stored, detail, age, head)
+            let answered = from_entry(&entry, outcome, stored, detail, age, head);
+            preconditioned(answered, method, request)
         }
         AnswerSource::Own { reason } => match attachment.and_then(Attachment::take::<Overflow>) {
             Some(overflow) => streamed(overflow, reason, head),
@@ -120,7 +123,13 @@ pub(super) fn answer(answer: Answer, head: bool) -> Answered {
 
 /// The response for a request the engine gave no answer, but for a wait timeout on a route that
 /// then goes to the upstream itself (the handler's to do).
-pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bool) -> Answered {
+pub(super) fn failure(
+    error: EngineError,
+    on_store_error: OnStoreError,
+    method: &Method,
+    request: &HeaderMap,
+) -> Answered {
+    let head = method == Method::HEAD;
     match error {
         EngineError::Build(failure) => match &failure.response {
             Some(entry) => from_entry(
@@ -163,14 +172,17 @@ pub(super) fn failure(error: EngineError, on_store_error: OnStoreError, head: bo
             "shutting-down",
         ),
         EngineError::TooManyFollowers { stale } => match stale {
-            Some(entry) => from_entry(
-                &entry,
-                Outcome::Stale,
-                false,
-                Some("max-followers"),
-                Some(age(&entry)),
-                head,
-            ),
+            Some(entry) => {
+                let answered = from_entry(
+                    &entry,
+                    Outcome::Stale,
+                    false,
+                    Some("max-followers"),
+                    Some(age(&entry)),
+                    head,
+                );
+                preconditioned(answered, method, request)
+            }
             None => busy(
                 "corral: too many requests are waiting for this answer\n",
                 "max-followers",
@@ -219,6 +231,56 @@ fn streamed(overflow: Overflow, detail: Option<&str>, head: bool) -> Answered {
         false,
         detail,
     )
+}
+
+/// The headers a `304` keeps of the `200` it stands for (RFC 9110 section 15.4.5), and corral's
+/// own; `X-Request-Id` is added after. The rest is representation metadata, which a `304` should
+/// not carry and the client already has.
+const NOT_MODIFIED_KEEPS: [HeaderName; 9] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::AGE,
+    HeaderName::from_static("x-cache"),
+    HeaderName::from_static("cache-status"),
+];
+
+/// A shared answer as the client's preconditions make it (RFC 9110 section 13): itself, or a
+/// bodiless `304` or `412` with its validators and corral's headers. Only a `200` is evaluated: a
+/// cached `404` is not the representation an entity-tag names. Its outcome stays what it was, so
+/// the metrics and `Cache-Status` say how the answer was found; the status says what was sent.
+fn preconditioned(answered: Answered, method: &Method, request: &HeaderMap) -> Answered {
+    if answered.response.status() != StatusCode::OK {
+        return answered;
+    }
+    let status = match conditional::evaluate(method, request, answered.response.headers()) {
+        Precondition::Proceed => return answered,
+        Precondition::NotModified => StatusCode::NOT_MODIFIED,
+        Precondition::Failed => StatusCode::PRECONDITION_FAILED,
+    };
+    let (parts, _body) = answered.response.into_parts();
+    let mut headers = HeaderMap::new();
+    for name in &NOT_MODIFIED_KEEPS {
+        for value in parts.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // Without an entity-tag, the date is what a client's cache revalidates with next time.
+    if !headers.contains_key(header::ETAG)
+        && let Some(modified) = parts.headers.get(header::LAST_MODIFIED)
+    {
+        headers.insert(header::LAST_MODIFIED, modified.clone());
+    }
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Answered {
+        response,
+        ..answered
+    }
 }
 
 /// Seconds since the entry was stored, by the wall clock.
@@ -291,7 +353,7 @@ pub(super) fn from_entry(
     let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = header_map(entry);
     if let Some(age) = age_secs {
-        headers.insert(http::header::AGE, HeaderValue::from(age));
+        headers.insert(header::AGE, HeaderValue::from(age));
     }
     finish(status, headers, body, outcome, stored, detail)
 }
@@ -336,7 +398,7 @@ pub(super) fn finish(
 pub(super) fn plain(status: StatusCode, text: String, outcome: Outcome, detail: &str) -> Answered {
     let mut headers = HeaderMap::new();
     headers.insert(
-        http::header::CONTENT_TYPE,
+        header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     finish(
@@ -386,7 +448,7 @@ fn retry_after(answered: &mut Answered) {
     answered
         .response
         .headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
 }
 
 #[cfg(test)]
@@ -434,6 +496,78 @@ mod tests {
             cache_status(Outcome::Bypass, false, Some("authorization")),
             "corral; fwd=bypass; detail=authorization"
         );
+    }
+
+    fn stored_answer(status: StatusCode, pairs: &[(&'static str, &'static str)]) -> Answered {
+        let mut headers = request(pairs);
+        headers.insert(header::AGE, HeaderValue::from(7));
+        let body = Body::from("the representation");
+        finish(status, headers, body, Outcome::Hit, false, None)
+    }
+
+    /// Headers from static pairs (a request's, or a stored answer's).
+    fn request(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_304_keeps_the_validators_and_corrals_headers_and_drops_the_representation() {
+        let answer = stored_answer(
+            StatusCode::OK,
+            &[
+                ("etag", "\"v1\""),
+                ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+                ("cache-control", "max-age=60"),
+                ("vary", "accept"),
+                ("content-type", "text/plain"),
+                ("content-length", "18"),
+                ("x-upstream", "kept out"),
+            ],
+        );
+        let conditional = request(&[("if-none-match", "W/\"v1\"")]);
+        let answered = preconditioned(answer, &Method::GET, &conditional);
+        assert_eq!(answered.response.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(answered.outcome, Outcome::Hit);
+        let mut names: Vec<&str> = answered
+            .response
+            .headers()
+            .keys()
+            .map(HeaderName::as_str)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "age",
+                "cache-control",
+                "cache-status",
+                "etag",
+                "vary",
+                "x-cache"
+            ]
+        );
+        let body = answered.response.into_body().collect().await.unwrap();
+        assert!(body.to_bytes().is_empty());
+    }
+
+    #[test]
+    fn a_304_without_an_etag_keeps_last_modified_and_only_a_200_is_evaluated() {
+        let since = request(&[("if-modified-since", "Tue, 01 Dec 2026 10:00:00 GMT")]);
+        let dated = [("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT")];
+        let answered = preconditioned(stored_answer(StatusCode::OK, &dated), &Method::GET, &since);
+        assert_eq!(answered.response.status(), StatusCode::NOT_MODIFIED);
+        assert!(answered.response.headers().contains_key("last-modified"));
+
+        let missing = stored_answer(StatusCode::NOT_FOUND, &dated);
+        let answered = preconditioned(missing, &Method::GET, &since);
+        assert_eq!(answered.response.status(), StatusCode::NOT_FOUND);
+        let failed = request(&[("if-match", "\"other\"")]);
+        let answered = preconditioned(stored_answer(StatusCode::OK, &[]), &Method::GET, &failed);
+        assert_eq!(answered.response.status(), StatusCode::PRECONDITION_FAILED);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The proxy end to end: routing and sharing, variants, freshness, invalidation, limits;
+//! The proxy end to end: routing and sharing, variants, freshness, conditional requests,
+//! invalidation, limits;
 //! upstreams over TLS, their timeouts and the headers sent to them.
 
+mod conditional;
 mod end_to_end;
 mod freshness;
 mod limits;
