@@ -19,9 +19,10 @@
 //!   client's.
 //!
 //! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
-//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via` nor the body
-//! headers): an upstream can only vary on what it is sent, and each answer it says varies on a
-//! header is stored under a variant key holding that header's value.
+//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via`, the body
+//! headers nor a client's preconditions, which corral answers itself): an upstream can only vary
+//! on what it is sent, and each answer it says varies on a header is stored under a variant key
+//! holding that header's value.
 //!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::http::key::forwarded_query`]).
@@ -48,12 +49,24 @@ use super::hop_by_hop::{connection_named, is_hop_by_hop};
 use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
 use crate::config::{Route, VaryMode};
 
+/// A client's preconditions: answered by corral from the stored entry, never sent on a shared
+/// fetch, whose answer must be the whole representation for everyone (an upstream `304` to one
+/// client's `If-None-Match` fills no entry, and would mark the key as not cacheable).
+const CONDITIONAL_HEADERS: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
 /// Whether a cacheable request on a `vary: honor` route forwards this header although the key
 /// does not name it: an upstream's `Vary` can only name headers it was sent. Never the ones a
 /// client could poison a shared answer with (`Forwarded`, `X-Forwarded-*`, `Via`), nor
-/// credentials or body framing, which have their own rules.
+/// credentials, body framing or preconditions, which have their own rules.
 pub(crate) fn variant_header(name: &HeaderName) -> bool {
     !(*name == header::FORWARDED
+        || CONDITIONAL_HEADERS.contains(name)
         || *name == header::VIA
         || *name == header::AUTHORIZATION
         || *name == header::COOKIE
@@ -320,7 +333,6 @@ mod tests {
             [
                 "accept",
                 "accept-encoding",
-                "if-none-match",
                 "user-agent",
                 "via",
                 "x-forwarded-proto"
