@@ -30,7 +30,9 @@
 //!   JetStream KV (feature `nats`, whose events come from the bucket's stream); the circuit
 //!   breaker every call goes through.
 //! - [`engine`]: flights (one per key per process), the leader/follower state machine, the
-//!   spawned build task, the typed outcomes a build returns and a caller gets, the [`Backend`],
+//!   spawned build task, the typed outcomes a build returns and a caller gets, the [`Backend`]
+//!   (connected at start, or started without its store and bus and connected in the background),
+//!   route generations read from the store, invalidations retried when the store does not answer,
 //!   and the typed [`Dictionary`] built on them.
 //!
 //! The proxy and the binary's commands (feature `server`, on by default):
@@ -38,13 +40,17 @@
 //! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name
 //!   file:line:column); every caching setting defined once.
 //! - [`http`]: what a request and a response mean to a shared cache, with no I/O: a request's
-//!   key, the request and response verdicts, `Cache-Control`, hop-by-hop and forwarded headers.
+//!   key, the request and response verdicts, `Cache-Control`, preconditions (`If-None-Match` and
+//!   the other conditional headers), hop-by-hop and forwarded headers.
 //! - `lifecycle`: where a server is in its life (starting, serving, stopping).
-//! - `connections`: each listener's accept loop and the limits of one client connection.
-//! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, and the
-//!   response builder (`X-Cache`, `Cache-Status`); the upstream client.
+//! - `connections`: each listener's accept loop and the limits of one client connection (its
+//!   send timeout and rate, the per-client cap).
+//! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, the
+//!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`) and the access line; the
+//!   upstream client, one per route (TLS, timeouts, upstream headers).
 //! - [`purge`]: the forms of a purge, and the client `corral purge` sends them with.
-//! - [`admin`]: health, readiness, metrics, purge and status; the health check client.
+//! - [`admin`]: health, readiness, metrics, purge and status, each call audited; the health
+//!   check client.
 //! - [`reload`]: SIGHUP and `--watch` re-read the config and switch new requests to it at once.
 //! - [`server`]: `run(listener, admin_listener, config, shutdown)`: the two listeners over one
 //!   engine.
@@ -57,6 +63,8 @@
 //!   `nats`.
 //! - `redis`, `nats`: the backends. Without them, [`Backend::redis`] and the NATS backends
 //!   connect to an error that says the feature is off.
+//! - `mimalloc` (default), `jemalloc`: the `corral` binary's global allocator (the library never
+//!   sets one); see the L1 memory numbers in `docs/performance.md`.
 //! - `test-util`: fault hooks for tests (an engine that crashes, a bus that loses its
 //!   subscription).
 //!
