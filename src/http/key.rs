@@ -108,6 +108,17 @@ pub fn request_digest_and_query(
     (key, (!kept.is_empty()).then(|| kept.join("&")))
 }
 
+/// The method a request is keyed and fetched as: a HEAD as a GET, so that it is answered from the
+/// GET's entry (the same header fields, RFC 9110 section 9.3.2) and a HEAD on a miss fills the
+/// entry both use, coalesced with the GETs of the same key.
+pub fn keyed_method(method: &http::Method) -> &http::Method {
+    if *method == http::Method::HEAD {
+        &http::Method::GET
+    } else {
+        method
+    }
+}
+
 /// [`request_key`]'s work on the query segments the route keeps (`kept`, from
 /// [`query_segments`]); `parts`, when given, receives what `explain` shows.
 fn build_request_key(
@@ -133,6 +144,7 @@ fn build_request_key(
     builder.push(REQUEST_KEY_VERSION.as_bytes());
     builder.push(route.name.as_bytes());
     show_part("route".into(), &|| route.name.clone());
+    let method = keyed_method(method);
     builder.push(method.as_str().as_bytes());
     show_part("method".into(), &|| method.as_str().to_owned());
     builder.push(uri.path().as_bytes());

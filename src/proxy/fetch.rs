@@ -17,6 +17,7 @@ use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
 use crate::http::forward::forward_headers;
+use crate::http::key::keyed_method;
 use crate::http::verdict::{
     ResponseVerdict, jittered, response_verdict, stale_windows, vary_outside_key,
 };
@@ -220,7 +221,7 @@ impl Fetch {
             .upstream
             .send(
                 route,
-                self.request.method.clone(),
+                keyed_method(&self.request.method).clone(),
                 forward.uri.clone(),
                 headers,
                 body,

@@ -166,17 +166,20 @@ impl Proxy {
 
     /// Purges the GET and HEAD keys of `uri` (as this client would key them) on every replica,
     /// after a successful unsafe request to it. Only what the URL and these headers determine is
-    /// purged: variants keyed on other header or cookie values stay until they expire.
+    /// purged: variants keyed on other header or cookie values stay until they expire. A HEAD
+    /// keys as a GET, so where both methods take one route there is one key to purge.
     async fn invalidate_url(&self, uri: &Uri, headers: &HeaderMap) {
         let config = self.config();
+        let mut routes = Vec::with_capacity(2);
         for method in [Method::GET, Method::HEAD] {
             let Some(index) = route_for(&config, &method, uri, headers) else {
                 continue;
             };
             let route = &config.routes[index];
-            if !route.cache {
+            if !route.cache || routes.contains(&index) {
                 continue;
             }
+            routes.push(index);
             let body = route.key.body.then_some(&[][..]);
             let key = self.key(route, &method, uri, headers, body);
             let metrics = self.engine.metrics();

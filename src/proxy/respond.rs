@@ -352,6 +352,10 @@ pub(super) fn from_entry(
     };
     let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = header_map(entry);
+    // A HEAD gets the length the GET's body has (RFC 9110 section 8.6), not the empty body's.
+    if head && !status.is_informational() && status != StatusCode::NO_CONTENT {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
     if let Some(age) = age_secs {
         headers.insert(header::AGE, HeaderValue::from(age));
     }

@@ -5,6 +5,7 @@
 mod conditional;
 mod end_to_end;
 mod freshness;
+mod head;
 mod limits;
 mod purge;
 mod timeouts;
