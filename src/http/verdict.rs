@@ -264,15 +264,39 @@ fn http_date(value: &HeaderValue) -> Option<SystemTime> {
     httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
 }
 
-/// The upstream's `Age`: the largest valid value when it sends several (the more cautious reading),
-/// zero when it sends none.
+/// The upstream's `Age` (RFC 9111 section 5.1): the first member of the field, whether the
+/// members come as a list on one line or on several lines; zero when there is none or that
+/// member is not delta-seconds (the field is then ignored).
 fn age(headers: &HeaderMap) -> Duration {
-    headers
-        .get_all(header::AGE)
-        .iter()
-        .filter_map(|v| delta_seconds(v.to_str().ok()?.trim()))
-        .max()
-        .unwrap_or(Duration::ZERO)
+    first_age(
+        headers
+            .get_all(header::AGE)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+    .unwrap_or(Duration::ZERO)
+}
+
+/// The first member of an `Age` field given as its lines, if it is valid delta-seconds.
+pub(crate) fn first_age<'v>(mut lines: impl Iterator<Item = &'v [u8]>) -> Option<Duration> {
+    let first = lines.next()?;
+    let member = first.split(|&b| b == b',').next()?;
+    delta_seconds(std::str::from_utf8(member).ok()?.trim())
+}
+
+/// Rewrites the upstream's `Age` to the answer's age when it arrived (RFC 9111 section 4.2.3's
+/// corrected initial age: the upstream's own `Age` plus the time its answer took): freshness is
+/// reckoned from it, and every answer served from the entry adds its time in the cache to it.
+/// No `Age` line stays when both are under a second.
+pub fn correct_age(headers: &mut HeaderMap, response_delay: Duration) {
+    let corrected = age(headers)
+        .as_secs()
+        .saturating_add(response_delay.as_secs());
+    if corrected == 0 {
+        headers.remove(header::AGE);
+    } else {
+        headers.insert(header::AGE, HeaderValue::from(corrected));
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::envelope::{Entry, Form};
 use crate::http::forward::forward_headers;
 use crate::http::key::keyed_method;
 use crate::http::verdict::{
-    ResponseVerdict, jittered, response_verdict, stale_windows, vary_outside_key,
+    ResponseVerdict, correct_age, jittered, response_verdict, stale_windows, vary_outside_key,
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
@@ -227,7 +227,8 @@ impl Fetch {
                 body,
             )
             .await;
-        let _ = self.upstream.set(asked.elapsed());
+        let delay = asked.elapsed();
+        let _ = self.upstream.set(delay);
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
         let unreachable = |error: UpstreamError| unreachable_error(&error, &id);
@@ -239,6 +240,7 @@ impl Fetch {
             Buffered::Overflow(overflow) => &mut overflow.headers,
         };
         headers.insert(FETCH_ID, id);
+        correct_age(headers, delay);
         Ok(buffered)
     }
 

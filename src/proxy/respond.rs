@@ -17,6 +17,7 @@ use crate::engine::{
 };
 use crate::envelope::Entry;
 use crate::http::conditional::{self, Precondition};
+use crate::http::verdict::first_age;
 use crate::key::KeyHash;
 
 /// How a request was answered: what `X-Cache` says, and the metrics label.
@@ -98,7 +99,7 @@ pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> An
         AnswerSource::Shared(source) => {
             let (outcome, stored, age) = match source {
                 Source::L1 | Source::Store => (Outcome::Hit, false, Some(age(&entry))),
-                Source::Built => (Outcome::Miss, true, Some(0)),
+                Source::Built => (Outcome::Miss, true, Some(age(&entry))),
                 Source::Coalesced => (Outcome::Coalesced, false, Some(age(&entry))),
                 Source::Degraded => (Outcome::Miss, false, None),
                 Source::StaleRevalidating | Source::StaleOnError => {
@@ -283,9 +284,20 @@ fn preconditioned(answered: Answered, method: &Method, request: &HeaderMap) -> A
     }
 }
 
-/// Seconds since the entry was stored, by the wall clock.
+/// The entry's age (RFC 9111 section 4.2.3): its age when stored, plus the seconds since, by the
+/// wall clock.
 pub(super) fn age(entry: &Entry) -> u64 {
-    crate::engine::unix_ms().saturating_sub(entry.stored_at_ms) / 1000
+    // The age it had when stored (the upstream's, corrected at the fetch), plus its time here.
+    let initial = first_age(
+        entry
+            .headers
+            .iter()
+            .filter(|(name, _)| name == "age")
+            .map(|(_, value)| value.as_ref()),
+    )
+    .map_or(0, |age| age.as_secs());
+    let resident = crate::engine::unix_ms().saturating_sub(entry.stored_at_ms) / 1000;
+    initial.saturating_add(resident)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -377,6 +377,36 @@ fn the_upstream_age_is_subtracted() {
 }
 
 #[test]
+fn the_first_member_of_age_counts_and_an_invalid_one_is_ignored() {
+    let fresh = |lines: &[(&str, &str)]| {
+        let mut all = vec![("cache-control", "max-age=300")];
+        all.extend_from_slice(lines);
+        ok(&all)
+    };
+    // RFC 9111 section 5.1: a list's first member, on one line or several.
+    assert_eq!(fresh(&[("age", "7200, 0")]), Pass("zero-ttl"));
+    assert_eq!(fresh(&[("age", "100"), ("age", "500")]), stored(200));
+    assert_eq!(fresh(&[("age", " 100 ,junk")]), stored(200));
+    // An invalid first member: the field is ignored, not the next member taken.
+    assert_eq!(fresh(&[("age", "junk, 100")]), stored(300));
+    assert_eq!(fresh(&[("age", "-5")]), stored(300));
+}
+
+#[test]
+fn the_corrected_age_adds_the_response_delay_to_the_upstreams() {
+    let mut headers = HeaderMap::new();
+    headers.append(header::AGE, HeaderValue::from_static("30, 4"));
+    headers.append(header::AGE, HeaderValue::from_static("9"));
+    correct_age(&mut headers, Duration::from_millis(2500));
+    let ages: Vec<_> = headers.get_all(header::AGE).iter().collect();
+    assert_eq!(ages, [HeaderValue::from_static("32")]);
+
+    let mut quick = HeaderMap::new();
+    correct_age(&mut quick, Duration::from_millis(300));
+    assert!(!quick.contains_key(header::AGE), "{quick:?}");
+}
+
+#[test]
 fn freshness_is_clamped_by_the_route() {
     let r = route_with(|r| {
         r.policy.min_ttl = secs(10);

@@ -2,6 +2,7 @@
 //! invalidation, limits;
 //! upstreams over TLS, their timeouts and the headers sent to them.
 
+mod age;
 mod conditional;
 mod end_to_end;
 mod freshness;
