@@ -10,7 +10,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
-use super::handler::random_id;
+use super::ids::{FETCH_ID, REQUEST_ID, random_id};
 use super::slots::Budget;
 use super::upstream::{self, Buffered, Overflow, UpstreamError, target};
 use super::{Proxy, Snapshot};
@@ -23,19 +23,6 @@ use crate::http::verdict::{
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
-
-/// The request id header: accepted from the client when sane, else generated; returned to the
-/// client, and sent upstream by its pass-throughs. A fetch whose answer may be shared sends its
-/// own id instead (see [`FETCH_ID`]).
-pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Where an answer keeps the id of the fetch that produced it, from the fetch to every request it
-/// answers (on any replica, from the store or the L1): the access log names it, and the upstream
-/// got it as `X-Request-Id`. A fetch answers many clients, so it never sends one client's id: an
-/// upstream that echoes it into a shared body (an error page) would show it to everyone.
-/// Removed from every response before it is sent ([`super::respond::finish`]), and from every
-/// upstream answer as it arrives, so that only corral sets it.
-pub(super) const FETCH_ID: HeaderName = HeaderName::from_static("corral-fetch-id");
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).

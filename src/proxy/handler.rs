@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use super::access::{AccessLine, printable};
 use super::direct::Direct;
-use super::fetch::{Fetch, REQUEST_ID, Stage};
+use super::fetch::{Fetch, Stage};
+use super::ids::{REQUEST_ID, request_id};
 use super::respond::{self, Answered, Outcome, body_too_large, broken_body, plain};
 use super::route::{methods_allowed, route_for};
 use super::{Proxy, Snapshot, authority};
@@ -129,26 +130,6 @@ fn unrouted(config: &Config, uri: &Uri, headers: &HeaderMap) -> Answered {
             .insert(http::header::ALLOW, allow);
     }
     answered
-}
-
-/// The client's request id if it is short visible ASCII, else a fresh random one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(REQUEST_ID)
-        .filter(|v| {
-            let bytes = v.as_bytes();
-            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
-        })
-        .cloned()
-        .unwrap_or_else(random_id)
-}
-
-/// 128 random bits as 32 hex digits, written in place: this runs for most requests.
-pub(super) fn random_id() -> HeaderValue {
-    let mut hex = [0u8; 32];
-    hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex)
-        .expect("16 bytes are 32 hex digits");
-    HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
 }
 
 /// Answers one request on the route it matched (everything but its metrics and access log).

@@ -36,6 +36,7 @@ mod authority;
 mod direct;
 mod fetch;
 mod handler;
+mod ids;
 mod respond;
 mod retire;
 mod route;

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
-use super::fetch::FETCH_ID;
+use super::ids::FETCH_ID;
 use super::upstream::Overflow;
 use crate::engine::{
     Answer, AnswerSource, Attachment, EngineError, FailureCause, OnStoreError, Source,
