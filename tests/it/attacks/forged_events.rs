@@ -69,6 +69,52 @@ impl Forger {
 }
 
 /// The value of one sample (`name` with its labels, as exported) on replica `i` (0 when absent).
+/// A Redis store and the bus the replicas listen to: core NATS beside it, or Redis's pub/sub.
+struct Backing {
+    redis: TestRedis,
+    nats: Option<TestNats>,
+    /// The config's `store:` (and `bus:`) lines.
+    yaml: String,
+}
+
+impl Backing {
+    async fn with_nats_bus() -> Self {
+        let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
+        let yaml = format!(
+            "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
+            redis.url(),
+            nats.url()
+        );
+        Backing {
+            redis,
+            nats: Some(nats),
+            yaml,
+        }
+    }
+
+    async fn with_redis_bus() -> Self {
+        let redis = TestRedis::start().await;
+        let yaml = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
+        Backing {
+            redis,
+            nats: None,
+            yaml,
+        }
+    }
+
+    /// A client that can publish on the replicas' bus.
+    async fn forger(&self) -> Forger {
+        match &self.nats {
+            Some(nats) => Forger::Nats(
+                async_nats::connect(nats.url())
+                    .await
+                    .expect("connect to NATS"),
+            ),
+            None => Forger::Redis(self.redis.client().await),
+        }
+    }
+}
+
 async fn metric(proxy: &ProxyCluster, i: usize, name: &str) -> f64 {
     let text = proxy.admin(i, Method::GET, "/metrics").send().await.text();
     text.lines()
@@ -108,12 +154,12 @@ fn forged_envelope(key: KeyHash, status: u16) -> Bytes {
     .expect("encode the forged envelope")
 }
 
-async fn forged_payloads_never_answer_a_wait(backing: &str, forger: impl AsyncFnOnce() -> Forger) {
+async fn forged_payloads_never_answer_a_wait(backing: &Backing) {
     let upstream = Upstream::start().await.distinct_bodies("/forge");
     let hold = upstream.hold("/forge");
     let yaml = fill(
         CONFIG,
-        &[("backing", backing), ("upstream", &upstream.url())],
+        &[("backing", &backing.yaml), ("upstream", &upstream.url())],
     );
     let proxy = ProxyCluster::start(2, &yaml, None).await;
     let url = "/forge/me";
@@ -130,7 +176,7 @@ async fn forged_payloads_never_answer_a_wait(backing: &str, forger: impl AsyncFn
     })
     .await;
 
-    let mut forger = forger().await;
+    let mut forger = backing.forger().await;
     let ready = EventKind::Ready {
         inline: Some(forged_envelope(key, 200)),
     };
@@ -194,28 +240,12 @@ async fn forged_payloads_never_answer_a_wait(backing: &str, forger: impl AsyncFn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_payloads_on_the_nats_bus_never_answer_a_wait() {
-    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
-    let backing = format!(
-        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
-        redis.url(),
-        nats.url()
-    );
-    forged_payloads_never_answer_a_wait(&backing, async || {
-        Forger::Nats(
-            async_nats::connect(nats.url())
-                .await
-                .expect("connect to NATS"),
-        )
-    })
-    .await;
+    forged_payloads_never_answer_a_wait(&Backing::with_nats_bus().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_payloads_on_the_redis_bus_never_answer_a_wait() {
-    let redis = TestRedis::start().await;
-    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
-    forged_payloads_never_answer_a_wait(&backing, async || Forger::Redis(redis.client().await))
-        .await;
+    forged_payloads_never_answer_a_wait(&Backing::with_redis_bus().await).await;
 }
 
 // ------------------------------------------------------------------ forged GENERATION ----
@@ -231,11 +261,11 @@ async fn key_on(proxy: &ProxyCluster, i: usize, url: &str) -> String {
 /// can publish on the bus but not write the store. It may cost a store read of the route's
 /// generation; it must not move any replica's keys, nor make a later route purge a no-op that
 /// answers "purged", nor make a restarted replica key the route apart from the others.
-async fn a_forged_generation_moves_nothing(backing: &str, forger: impl AsyncFnOnce() -> Forger) {
+async fn a_forged_generation_moves_nothing(backing: &Backing) {
     let upstream = Upstream::start().await.distinct_bodies("/gen");
     let yaml = fill(
         CONFIG,
-        &[("backing", backing), ("upstream", &upstream.url())],
+        &[("backing", &backing.yaml), ("upstream", &upstream.url())],
     );
     let proxy = ProxyCluster::start(2, &yaml, None).await;
     let url = "/gen/report";
@@ -259,7 +289,7 @@ async fn a_forged_generation_moves_nothing(backing: &str, forger: impl AsyncFnOn
             metric(&proxy, i, reads).await,
         ));
     }
-    let mut forger = forger().await;
+    let mut forger = backing.forger().await;
     let route = corral::key::generation_key("rest");
     let forged = Event::new(
         route,
@@ -316,27 +346,12 @@ async fn a_forged_generation_moves_nothing(backing: &str, forger: impl AsyncFnOn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_generation_on_the_nats_bus_moves_nothing() {
-    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
-    let backing = format!(
-        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
-        redis.url(),
-        nats.url()
-    );
-    a_forged_generation_moves_nothing(&backing, async || {
-        Forger::Nats(
-            async_nats::connect(nats.url())
-                .await
-                .expect("connect to NATS"),
-        )
-    })
-    .await;
+    a_forged_generation_moves_nothing(&Backing::with_nats_bus().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_generation_on_the_redis_bus_moves_nothing() {
-    let redis = TestRedis::start().await;
-    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
-    a_forged_generation_moves_nothing(&backing, async || Forger::Redis(redis.client().await)).await;
+    a_forged_generation_moves_nothing(&Backing::with_redis_bus().await).await;
 }
 
 // --------------------------------------------------------------------- least privilege ----
@@ -578,14 +593,11 @@ async fn corral_runs_on_the_nats_kv_store_with_the_documented_permissions() {
 
 /// A forged DELETED costs the replicas their L1 copy of the key, nothing more: the stored value
 /// stays, and the next request is answered from the store, not from a new fetch.
-async fn a_forged_delete_costs_an_l1_copy_only(
-    backing: &str,
-    forger: impl AsyncFnOnce() -> Forger,
-) {
+async fn a_forged_delete_costs_an_l1_copy_only(backing: &Backing) {
     let upstream = Upstream::start().await.distinct_bodies("/del");
     let yaml = fill(
         CONFIG,
-        &[("backing", backing), ("upstream", &upstream.url())],
+        &[("backing", &backing.yaml), ("upstream", &upstream.url())],
     );
     let proxy = ProxyCluster::start(2, &yaml, None).await;
     let url = "/del/report";
@@ -594,7 +606,7 @@ async fn a_forged_delete_costs_an_l1_copy_only(
     let key = KeyHash::from_hex(&key_on(&proxy, 0, url).await).expect("hex");
 
     let before = deletes_heard(&proxy).await;
-    let mut forger = forger().await;
+    let mut forger = backing.forger().await;
     forger
         .publish(&key, Event::new(key, EventKind::Deleted).encode())
         .await;
@@ -617,26 +629,10 @@ async fn a_forged_delete_costs_an_l1_copy_only(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_delete_on_the_nats_bus_costs_an_l1_copy_only() {
-    let (redis, nats) = tokio::join!(TestRedis::start(), TestNats::start());
-    let backing = format!(
-        "store: {{ kind: redis, url: \"{}\" }}\nbus: {{ kind: nats, url: \"{}\" }}",
-        redis.url(),
-        nats.url()
-    );
-    a_forged_delete_costs_an_l1_copy_only(&backing, async || {
-        Forger::Nats(
-            async_nats::connect(nats.url())
-                .await
-                .expect("connect to NATS"),
-        )
-    })
-    .await;
+    a_forged_delete_costs_an_l1_copy_only(&Backing::with_nats_bus().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_delete_on_the_redis_bus_costs_an_l1_copy_only() {
-    let redis = TestRedis::start().await;
-    let backing = format!("store: {{ kind: redis, url: \"{}\" }}", redis.url());
-    a_forged_delete_costs_an_l1_copy_only(&backing, async || Forger::Redis(redis.client().await))
-        .await;
+    a_forged_delete_costs_an_l1_copy_only(&Backing::with_redis_bus().await).await;
 }
