@@ -654,7 +654,7 @@ impl Default for Metrics {
 // Bodies counted as they pass
 
 #[cfg(feature = "server")]
-pub use counted::CountedBody;
+pub use counted::{CountedBody, OnSent};
 
 #[cfg(feature = "server")]
 mod counted {
@@ -668,11 +668,36 @@ mod counted {
 
     use super::{Metrics, RESPONSE_CLASSES};
 
+    /// Told the body bytes sent, once, when a counted body is done or dropped (the access log).
+    pub type OnSent = Box<dyn FnOnce(u64) + Send>;
+
     /// A body that adds the length of every data frame to a counter as the frame passes, and
     /// otherwise is the body it wraps (its size hint too, so a `Content-Length` stays one).
     pub struct CountedBody {
         inner: Body,
         bytes: IntCounter,
+        /// Data bytes passed so far.
+        sent: u64,
+        on_sent: Option<OnSent>,
+    }
+
+    impl CountedBody {
+        fn new(inner: Body, bytes: IntCounter, on_sent: Option<OnSent>) -> Self {
+            CountedBody {
+                inner,
+                bytes,
+                sent: 0,
+                on_sent,
+            }
+        }
+    }
+
+    impl Drop for CountedBody {
+        fn drop(&mut self) {
+            if let Some(on_sent) = self.on_sent.take() {
+                on_sent(self.sent);
+            }
+        }
     }
 
     impl HttpBody for CountedBody {
@@ -688,6 +713,7 @@ mod counted {
                 && let Some(data) = frame.data_ref()
             {
                 self.bytes.inc_by(data.len() as u64);
+                self.sent += data.len() as u64;
             }
             polled
         }
@@ -713,24 +739,26 @@ mod counted {
                 return request;
             }
             let bytes = self.request_bytes.with_label_values(&[route]);
-            request.map(|inner| Body::new(CountedBody { inner, bytes }))
+            request.map(|inner| Body::new(CountedBody::new(inner, bytes, None)))
         }
 
         /// The response, counted in `corral_responses_total{route,status_class}`, its body in
-        /// `corral_response_body_bytes_total{route}` as it is sent.
+        /// `corral_response_body_bytes_total{route}` as it is sent; `on_sent` is told the body
+        /// bytes sent once the body is done or dropped.
         pub fn count_response(
             &self,
             route: &str,
             response: http::Response<Body>,
+            on_sent: Option<OnSent>,
         ) -> http::Response<Body> {
             let class = usize::from(response.status().as_u16() / 100).saturating_sub(1);
             let class = RESPONSE_CLASSES[class.min(RESPONSE_CLASSES.len() - 1)];
             self.responses.with_label_values(&[route, class]).inc();
-            if response.body().is_end_stream() {
+            if response.body().is_end_stream() && on_sent.is_none() {
                 return response;
             }
             let bytes = self.response_bytes.with_label_values(&[route]);
-            response.map(|inner| Body::new(CountedBody { inner, bytes }))
+            response.map(|inner| Body::new(CountedBody::new(inner, bytes, on_sent)))
         }
     }
 
@@ -748,7 +776,7 @@ mod counted {
                 .status(503)
                 .body(Body::from("twelve bytes"))
                 .expect("a response");
-            let counted = metrics.count_response("r", response);
+            let counted = metrics.count_response("r", response, None);
             assert_eq!(counted.body().size_hint().exact(), Some(12));
             let body = counted.into_body().collect().await.expect("the body");
             assert_eq!(body.to_bytes().len(), 12);

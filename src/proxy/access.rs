@@ -4,14 +4,9 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
 use http::{HeaderValue, Method};
-use hyper::body::{Frame, SizeHint};
 
 /// The most bytes of a `User-Agent` the log keeps: enough to tell clients apart, too few for a
 /// client to flood the log with one header.
@@ -44,16 +39,9 @@ impl AccessLine {
         tracing::enabled!(target: "corral::access", tracing::Level::INFO)
     }
 
-    /// `body`, which writes this line once it is done or dropped.
-    pub fn around(self, body: Body) -> Body {
-        Body::new(Logged {
-            body,
-            line: Some(self),
-            sent: 0,
-        })
-    }
-
-    fn write(&self, bytes_sent: u64) {
+    /// Writes the line, once the response body is done or dropped with `bytes_sent` of it
+    /// sent.
+    pub fn write(&self, bytes_sent: u64) {
         tracing::info!(
             target: "corral::access",
             request_id = self.request_id.to_str().unwrap_or("-"),
@@ -90,48 +78,6 @@ pub(super) fn printable(value: Option<&HeaderValue>) -> String {
         }
     }
     out
-}
-
-/// A response body that counts the bytes it hands on and writes its access line when dropped.
-struct Logged {
-    body: Body,
-    /// Taken when written.
-    line: Option<AccessLine>,
-    sent: u64,
-}
-
-impl hyper::body::Body for Logged {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.sent += data.len() as u64;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        if let Some(line) = self.line.take() {
-            line.write(self.sent);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use super::{Proxy, Snapshot, authority};
 use crate::config::{Config, OnWaitTimeout, Route};
 use crate::engine::EngineError;
 use crate::http::verdict::{RequestVerdict, request_verdict};
+use crate::metrics::OnSent;
 
 /// One request through the proxy.
 pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Response<Body> {
@@ -76,28 +77,27 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         .request_duration
         .with_label_values(&[label, outcome])
         .observe(elapsed.as_secs_f64());
-    answered.response = metrics.count_response(label, answered.response);
-    let Some((client, user_agent)) = logged else {
-        return answered.response;
-    };
-    let line = AccessLine {
-        request_id: id,
-        method,
-        path,
-        route: label.to_owned(),
-        outcome,
-        status: answered.response.status().as_u16(),
-        duration: elapsed,
-        key: answered
-            .key
-            .map(|key| hex::encode(&key.as_bytes()[..8]))
-            .unwrap_or_else(|| "-".to_owned()),
-        fetch_id: answered.fetch_id,
-        client,
-        upstream: answered.upstream,
-        user_agent,
-    };
-    answered.response.map(|body| line.around(body))
+    let on_sent = logged.map(|(client, user_agent)| {
+        let line = AccessLine {
+            request_id: id,
+            method,
+            path,
+            route: label.to_owned(),
+            outcome,
+            status: answered.response.status().as_u16(),
+            duration: elapsed,
+            key: answered
+                .key
+                .map(|key| hex::encode(&key.as_bytes()[..8]))
+                .unwrap_or_else(|| "-".to_owned()),
+            fetch_id: answered.fetch_id,
+            client,
+            upstream: answered.upstream,
+            user_agent,
+        };
+        Box::new(move |sent| line.write(sent)) as OnSent
+    });
+    metrics.count_response(label, answered.response, on_sent)
 }
 
 /// The answer to a request no route takes: `404`, or `405` with `Allow` when a route serves the
