@@ -13,8 +13,8 @@
 //! 4. Without `If-None-Match`, `If-Modified-Since` against `Last-Modified`: not modified since →
 //!    304.
 //!
-//! `If-Range` is not read: it only matters to a range request, and corral serves every cached
-//! answer whole, which RFC 9110 section 13.1.5 allows.
+//! Then, for a GET with `Range`, [`if_range`] says whether its ranges may be sent (section
+//! 13.1.5) or the whole answer ([`crate::http::range`] cuts the ranges).
 //!
 //! Read leniently, as the RFC asks of a recipient: a malformed entity-tag list, a date that is not
 //! an HTTP-date, or a date header sent more than once makes that one condition absent, never a
@@ -22,7 +22,7 @@
 //! store's own time is not the origin's modification time). Only GET and HEAD are evaluated: the
 //! answer to a body-keyed POST is not a representation of its target resource.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method};
@@ -73,6 +73,50 @@ pub fn evaluate(method: &Method, request: &HeaderMap, stored: &HeaderMap) -> Pre
             (Some(since), Some(modified)) if modified <= since => Precondition::NotModified,
             _ => Precondition::Proceed,
         },
+    }
+}
+
+/// How long before its `Date` a stored answer's `Last-Modified` must lie for a cache to take it
+/// as a strong validator (RFC 9110 section 8.8.2.2): an answer changed twice within one second
+/// could otherwise carry the same date for different bytes.
+const STRONG_DATE_MARGIN: Duration = Duration::from_secs(60);
+
+/// Whether a range request's `If-Range` lets its ranges be sent (RFC 9110 section 13.1.5): always
+/// without one. An entity-tag must match the stored `ETag` by strong comparison (a weak tag never
+/// does); an HTTP-date must equal the stored `Last-Modified` exactly, and that date must be a
+/// strong validator: at least a minute before the stored `Date`. Anything else, a malformed or
+/// repeated field included, means the representation may have changed: the whole answer is sent.
+pub fn if_range(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    let mut values = request.get_all(header::IF_RANGE).iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => return true,
+        (Some(value), None) => value.as_bytes().trim_ascii(),
+        (Some(_), Some(_)) => return false,
+    };
+    if value.starts_with(b"\"") || value.starts_with(b"W/") {
+        let etag = stored
+            .get(header::ETAG)
+            .and_then(|v| EntityTag::parse(v.as_bytes()));
+        return match (EntityTag::parse(value), etag) {
+            (Some(asked), Some(etag)) => asked.strong_eq(&etag),
+            _ => false,
+        };
+    }
+    let date = std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| httpdate::parse_http_date(text).ok());
+    match (
+        date,
+        single_date(stored, &header::LAST_MODIFIED),
+        single_date(stored, &header::DATE),
+    ) {
+        (Some(date), Some(modified), Some(sent)) => {
+            date == modified
+                && sent
+                    .duration_since(modified)
+                    .is_ok_and(|before| before >= STRONG_DATE_MARGIN)
+        }
+        _ => false,
     }
 }
 
@@ -355,5 +399,45 @@ mod tests {
             on_get(&[("if-match", "\"v1\""), ("if-unmodified-since", BEFORE)]),
             Proceed
         );
+    }
+    #[test]
+    fn if_range_holds_for_a_strong_etag_match_or_the_exact_strong_last_modified() {
+        // Stored a week after it was last modified: its date is a strong validator.
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", LAST_MODIFIED),
+            ("date", "Tue, 08 Dec 2026 10:00:00 GMT"),
+        ]);
+        let holds = |pairs: &[(&str, &str)]| if_range(&headers(pairs), &stored);
+        assert!(holds(&[]), "no If-Range: the ranges are sent");
+        assert!(holds(&[("if-range", "\"v1\"")]));
+        assert!(holds(&[("if-range", LAST_MODIFIED)]));
+        assert!(!holds(&[("if-range", "\"v2\"")]), "changed");
+        assert!(
+            !holds(&[("if-range", "W/\"v1\"")]),
+            "a weak tag never matches"
+        );
+        assert!(!holds(&[("if-range", AFTER)]), "only the exact date");
+        assert!(!holds(&[("if-range", BEFORE)]));
+        assert!(!holds(&[("if-range", "v1")]), "malformed");
+        assert!(!holds(&[("if-range", "\"v1\""), ("if-range", "\"v1\"")]));
+
+        let weak = headers(&[("etag", "W/\"v1\"")]);
+        assert!(!if_range(&headers(&[("if-range", "W/\"v1\"")]), &weak));
+        assert!(!if_range(&headers(&[("if-range", "\"v1\"")]), &weak));
+    }
+
+    #[test]
+    fn a_last_modified_within_a_minute_of_its_date_is_weak_for_if_range() {
+        let request = headers(&[("if-range", LAST_MODIFIED)]);
+        for (date, strong) in [
+            ("Tue, 01 Dec 2026 10:00:59 GMT", false),
+            ("Tue, 01 Dec 2026 10:01:00 GMT", true),
+        ] {
+            let stored = headers(&[("last-modified", LAST_MODIFIED), ("date", date)]);
+            assert_eq!(if_range(&request, &stored), strong, "{date}");
+        }
+        let undated = headers(&[("last-modified", LAST_MODIFIED)]);
+        assert!(!if_range(&request, &undated), "no Date: cannot tell");
     }
 }

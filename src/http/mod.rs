@@ -9,7 +9,9 @@
 //! - [`verdict`]: whether a request may use the cache, whether a response may be stored, for how
 //!   long, and how long past that it may be served stale.
 //! - [`conditional`]: a client's preconditions (`If-None-Match`, `If-Modified-Since`, `If-Match`,
-//!   `If-Unmodified-Since`) against a stored answer: send it, `304`, or `412`.
+//!   `If-Unmodified-Since`) against a stored answer: send it, `304`, or `412`; and `If-Range`.
+//! - [`range`]: a GET's byte ranges cut from a whole stored answer: `206`, `multipart/byteranges`
+//!   or `416`.
 //! - [`cache_control`]: `Cache-Control` and the other comma-separated lists, read leniently.
 //! - [`forward`]: which of a client's headers reach the upstream (what a cacheable fetch may carry).
 //! - [`hop_by_hop`]: the headers that never leave one connection.
@@ -22,6 +24,7 @@ pub mod conditional;
 pub mod forward;
 pub mod hop_by_hop;
 pub mod key;
+pub mod range;
 pub mod verdict;
 
 #[cfg(test)]
