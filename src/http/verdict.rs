@@ -37,7 +37,8 @@ pub enum ResponseVerdict {
 /// Bypass reasons, checked in this order: `route-not-cached`, `method` (GET and HEAD; POST only
 /// when the route keys on the body), `upgrade` (WebSocket and friends), `unkeyed-body` (a body on a
 /// route that does not key on it, e.g. a GET with a search body), `authorization`, `cookie`,
-/// `client-no-store` and `range` (partial responses are not coalesced).
+/// and `client-no-store`. A `Range` is no reason: its ranges are cut from the whole stored answer
+/// (see [`super::range`]).
 pub fn request_verdict(route: &Route, method: &Method, headers: &HeaderMap) -> RequestVerdict {
     use RequestVerdict::{Bypass, Cache};
 
@@ -65,9 +66,6 @@ pub fn request_verdict(route: &Route, method: &Method, headers: &HeaderMap) -> R
     if route.policy.honor_client_no_store && CacheControl::from_headers(headers).has("no-store") {
         return Bypass("client-no-store");
     }
-    if headers.contains_key(header::RANGE) {
-        return Bypass("range");
-    }
     Cache
 }
 
@@ -88,7 +86,8 @@ fn carries_body(headers: &HeaderMap) -> bool {
 ///
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
 /// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
-/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
+/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206` always),
+/// then, when the
 /// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
 ///
 /// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
@@ -121,6 +120,11 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
                 && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
+    }
+    // A part of a representation is never stored, whatever the route lists: ranges are cut from
+    // a whole answer.
+    if status == StatusCode::PARTIAL_CONTENT {
+        return Pass("status");
     }
     if let Some(ttl) = route.policy.error_ttl.get(&status.as_u16()) {
         return Store { ttl: *ttl };

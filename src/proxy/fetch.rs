@@ -18,6 +18,7 @@ use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
 use crate::http::forward::forward_headers;
 use crate::http::key::keyed_method;
+use crate::http::range;
 use crate::http::verdict::{
     ResponseVerdict, correct_age, jittered, response_verdict, stale_windows, vary_outside_key,
 };
@@ -151,8 +152,20 @@ impl Fetch {
                 let indexed = role.stores().then_some(indexed_for);
                 self.judge(status, headers, body, indexed).await
             }
-            // Too large to buffer: only this fetch's own client gets it, as it streams.
+            // Too large to buffer: only this fetch's own client gets it, as it streams; a range
+            // request asks the upstream for its ranges rather than stream it all.
             Buffered::Overflow(overflow) => {
+                let overflow = match self.ranges_instead(role, overflow).await? {
+                    Buffered::Overflow(overflow) => overflow,
+                    Buffered::Whole {
+                        status,
+                        headers,
+                        body,
+                    } => {
+                        let answer = entry(status, &headers, body, Duration::ZERO);
+                        return Ok(Built::Private(Private::new(answer, "too-large")));
+                    }
+                };
                 let marker = entry(
                     overflow.status,
                     &HeaderMap::new(),
@@ -202,6 +215,13 @@ impl Fetch {
         };
         let mut headers = forward.headers.clone();
         headers.insert(REQUEST_ID, id.clone());
+        let request = &*self.request;
+        range::forward(
+            &request.method,
+            &request.headers,
+            budget == Budget::Pass,
+            &mut headers,
+        );
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -229,6 +249,23 @@ impl Fetch {
         headers.insert(FETCH_ID, id);
         correct_age(headers, delay);
         Ok(buffered)
+    }
+
+    /// An answer over `max_body`, or, for a GET with a `Range` whose shared fetch got it, the
+    /// upstream's answer to the client's own ranges instead (a `Budget::Pass` fetch forwards
+    /// them): the whole answer is dropped unread, so a range of a large representation does not
+    /// stream all of it. Either is private to this fetch's client.
+    async fn ranges_instead(
+        &self,
+        role: BuildRole,
+        overflow: Overflow,
+    ) -> Result<Buffered, BuildError> {
+        let request = &*self.request;
+        if role == BuildRole::Own || !range::wanted(&request.method, &request.headers) {
+            return Ok(Buffered::Overflow(overflow));
+        }
+        drop(overflow);
+        self.send(Budget::Pass, random_id()).await
     }
 
     /// What a whole answer is: a failure for everyone, shared (and stored), or private to the

@@ -17,6 +17,7 @@ use crate::engine::{
 };
 use crate::envelope::Entry;
 use crate::http::conditional::{self, Precondition};
+use crate::http::range;
 use crate::http::verdict::first_age;
 use crate::key::KeyHash;
 
@@ -113,11 +114,15 @@ pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> An
                 _ => None,
             };
             let answered = from_entry(&entry, outcome, stored, detail, age, head);
-            preconditioned(answered, method, request)
+            let answered = preconditioned(answered, method, request);
+            ranged(answered, &entry, method, request, true)
         }
         AnswerSource::Own { reason } => match attachment.and_then(Attachment::take::<Overflow>) {
             Some(overflow) => streamed(overflow, reason, head),
-            None => from_entry(&entry, Outcome::Pass, false, reason, None, head),
+            None => {
+                let answered = from_entry(&entry, Outcome::Pass, false, reason, None, head);
+                ranged(answered, &entry, method, request, false)
+            }
         },
     }
 }
@@ -182,7 +187,8 @@ pub(super) fn failure(
                     Some(age(&entry)),
                     head,
                 );
-                preconditioned(answered, method, request)
+                let answered = preconditioned(answered, method, request);
+                ranged(answered, &entry, method, request, true)
             }
             None => busy(
                 "corral: too many requests are waiting for this answer\n",
@@ -278,6 +284,27 @@ fn preconditioned(answered: Answered, method: &Method, request: &HeaderMap) -> A
     let mut response = Response::new(Body::empty());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    Answered {
+        response,
+        ..answered
+    }
+}
+
+/// The client's byte ranges of an answer from `entry`, once its preconditions held (RFC 9110
+/// section 13.2.2, step 5; see [`range::answer`]); `advertise` when the answer is from the cache.
+fn ranged(
+    answered: Answered,
+    entry: &Entry,
+    method: &Method,
+    request: &HeaderMap,
+    advertise: bool,
+) -> Answered {
+    let (mut parts, body) = answered.response.into_parts();
+    let sent_len = hyper::body::Body::size_hint(&body).exact();
+    let response = match range::answer(method, request, &mut parts, entry, sent_len, advertise) {
+        Some(cut) => Response::from_parts(parts, Body::from(cut)),
+        None => Response::from_parts(parts, body),
+    };
     Answered {
         response,
         ..answered

@@ -201,8 +201,12 @@ fn client_no_store_bypasses_when_the_route_honours_it() {
 }
 
 #[test]
-fn range_requests_bypass() {
-    assert_eq!(get(&route(), &[("range", "bytes=0-99")]), Bypass("range"));
+fn range_requests_use_the_cache() {
+    assert_eq!(get(&route(), &[("range", "bytes=0-99")]), Cache);
+    assert_eq!(
+        get(&route(), &[("range", "bytes=0-1"), ("if-range", "\"v1\"")]),
+        Cache
+    );
 }
 
 #[test]
@@ -215,7 +219,6 @@ fn bypass_reasons_fit_in_a_cache_status_detail() {
         get(&route(), &[("authorization", "x")]),
         get(&route(), &[("cookie", "a=1")]),
         get(&route(), &[("cache-control", "no-store")]),
-        get(&route(), &[("range", "bytes=0-1")]),
     ];
     for verdict in reasons {
         let Bypass(reason) = verdict else {
@@ -314,6 +317,15 @@ fn only_listed_statuses_are_stored() {
     assert_eq!(response(&route(), 404, &[]), stored(60));
     assert_eq!(response(&route(), 302, &[]), Pass("status"));
     assert_eq!(response(&route(), 206, &[]), Pass("status"));
+}
+
+#[test]
+fn a_206_is_never_stored_even_when_the_route_lists_it() {
+    let listed = route_with(|r| {
+        r.policy.cache_statuses.push(206);
+        r.policy.error_ttl.insert(206, Duration::from_secs(5));
+    });
+    assert_eq!(response(&listed, 206, &[]), Pass("status"));
 }
 
 #[test]
