@@ -43,6 +43,8 @@ pub struct Behaviour {
     pub body: BodySpec,
     /// Responses wait until this turns `true` (see [`Upstream::hold`]).
     hold: Option<watch::Receiver<bool>>,
+    /// Answers a single `Range: bytes=first-last` (or `first-`) with a `206` of those bytes.
+    pub ranges: bool,
 }
 
 impl Default for Behaviour {
@@ -53,6 +55,7 @@ impl Default for Behaviour {
             headers: Vec::new(),
             body: BodySpec::Echo,
             hold: None,
+            ranges: false,
         }
     }
 }
@@ -234,6 +237,13 @@ impl Upstream {
         self
     }
 
+    /// Answers a single byte range under `prefix` with a `206` of those bytes, as a file server
+    /// would.
+    pub fn serves_ranges(self, prefix: &str) -> Self {
+        self.set(prefix, |b| b.ranges = true);
+        self
+    }
+
     /// Answers under `prefix` with a body unique to each request: `response <n> for <path?query>`.
     pub fn distinct_bodies(self, prefix: &str) -> Self {
         self.set(prefix, |b| b.body = BodySpec::Distinct);
@@ -366,6 +376,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         .path_and_query()
         .map(|pq| pq.as_str().to_string())
         .unwrap_or_else(|| parts.uri.path().to_string());
+    let range = parts.headers.get(http::header::RANGE).cloned();
     let seq = state.seq.fetch_add(1, Ordering::SeqCst) + 1;
     state.log.lock().unwrap().push(Recorded {
         seq,
@@ -402,8 +413,26 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         BodySpec::Size(len) => pattern(*len),
         BodySpec::Distinct => Bytes::from(format!("response {seq} for {uri}")),
     };
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = behaviour.status;
+    let ranged = range
+        .filter(|_| behaviour.ranges && behaviour.status == StatusCode::OK)
+        .and_then(|range| one_range(&range, body.len()));
+    let mut response = match ranged {
+        Some((first, end)) => {
+            let content_range = format!("bytes {first}-{}/{}", end - 1, body.len());
+            let mut response = Response::new(Full::new(body.slice(first..end)));
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            response.headers_mut().insert(
+                http::header::CONTENT_RANGE,
+                HeaderValue::from_str(&content_range).expect("a valid content-range"),
+            );
+            response
+        }
+        None => {
+            let mut response = Response::new(Full::new(body));
+            *response.status_mut() = behaviour.status;
+            response
+        }
+    };
     for (name, value) in &behaviour.headers {
         let value = value.replace("{n}", &seq.to_string());
         response.headers_mut().append(
@@ -412,6 +441,21 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         );
     }
     response
+}
+
+/// `bytes=first-last` or `bytes=first-` within `len` bytes, as `first..end`.
+fn one_range(range: &HeaderValue, len: usize) -> Option<(usize, usize)> {
+    let (first, last) = range
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes=")?
+        .split_once('-')?;
+    let first: usize = first.parse().ok()?;
+    let end = match last {
+        "" => len,
+        last => last.parse::<usize>().ok()?.saturating_add(1).min(len),
+    };
+    (first < end).then_some((first, end))
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {

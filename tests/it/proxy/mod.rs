@@ -1,4 +1,4 @@
-//! The proxy end to end: routing and sharing, variants, freshness, conditional requests,
+//! The proxy end to end: routing and sharing, variants, freshness, conditional and range requests,
 //! invalidation, limits;
 //! upstreams over TLS, their timeouts and the headers sent to them.
 
@@ -9,6 +9,7 @@ mod freshness;
 mod head;
 mod limits;
 mod purge;
+mod range;
 mod timeouts;
 mod tls;
 mod upstream_headers;
