@@ -41,13 +41,14 @@
 //!   file:line:column); every caching setting defined once.
 //! - [`http`]: what a request and a response mean to a shared cache, with no I/O: a request's
 //!   key, the request and response verdicts, `Cache-Control`, preconditions (`If-None-Match` and
-//!   the other conditional headers), hop-by-hop and forwarded headers.
+//!   the other conditional headers), byte ranges cut from a stored answer, hop-by-hop and
+//!   forwarded headers.
 //! - `lifecycle`: where a server is in its life (starting, serving, stopping).
 //! - `connections`: each listener's accept loop and the limits of one client connection (its
 //!   send timeout and rate, the per-client cap).
 //! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, the
-//!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`) and the access line; the
-//!   upstream client, one per route (TLS, timeouts, upstream headers).
+//!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`, `206`/`416`) and the access
+//!   line; the upstream client, one per route (TLS, timeouts, upstream headers).
 //! - [`purge`]: the forms of a purge, and the client `corral purge` sends them with.
 //! - [`admin`]: health, readiness, metrics, purge and status, each call audited; the health
 //!   check client.
