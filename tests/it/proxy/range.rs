@@ -400,3 +400,24 @@ async fn a_range_of_an_answer_over_max_body_is_asked_of_the_upstream_and_its_206
         "the whole answer once, then each client's range"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypassed_range_request_carries_its_range_and_gets_the_upstreams_206() {
+    let upstream = upstream().await;
+    let proxy = one_replica(&upstream).await;
+    let path = "/big/private";
+
+    let reply = proxy
+        .get(0, path)
+        .header("authorization", "Bearer token")
+        .header("range", "bytes=10-19")
+        .send()
+        .await;
+    assert_eq!(reply.status, 206, "{:?}", reply.headers);
+    assert_eq!(reply.x_cache(), "BYPASS");
+    assert_eq!(reply.header("content-range"), Some("bytes 10-19/65536"));
+    assert_eq!(reply.body, pattern(64 << 10).slice(10..20));
+    let sent = upstream.requests_for(path);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].header("range"), Some("bytes=10-19"));
+}
