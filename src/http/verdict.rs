@@ -87,8 +87,8 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
 /// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
 /// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206` always),
-/// then, when the
-/// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
+/// then, when the route honours `Cache-Control`, `no-cache` (corral does not revalidate), and
+/// `zero-ttl`.
 ///
 /// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
 /// caller must then store the response as a variant of [`vary_outside_key`]'s names.
