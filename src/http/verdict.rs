@@ -1,8 +1,12 @@
 //! What may be cached, for how long, and what may be shared (docs/design.md, "HTTP caching rules").
 //!
 //! Safe by default: privacy outranks speed. A response with `Set-Cookie`, `Cache-Control: private`
-//! or `no-store` is never stored and never shared; a request carrying `Authorization` or `Cookie`
-//! that the route does not key on is never answered from, or into, the cache.
+//! or `no-store` (unless `must-understand` stands beside it for a status the route caches, RFC
+//! 9111 section 5.2.2.3) is never stored and never shared; a request carrying `Authorization`, or
+//! a `Cookie` the route neither keys on nor strips, is never answered from, or into, the cache.
+//!
+//! A route's `semantics` picks corral's defaults (`coalescing`) or a standard RFC 9111 shared
+//! cache (`rfc9111`); docs/caching.md has the rules side by side.
 
 use std::time::{Duration, SystemTime};
 
