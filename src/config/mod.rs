@@ -341,8 +341,8 @@ pub enum Semantics {
     #[default]
     Coalescing,
     /// A standard RFC 9111 shared cache: freshness only from the upstream (or the route's
-    /// heuristic), no `ttl` fallback nor `min_ttl` floor, and the client's end-to-end headers
-    /// forwarded on cacheable fetches.
+    /// heuristic), no `ttl` fallback nor `min_ttl` floor, `Vary` honoured with variants, and the
+    /// client's end-to-end headers forwarded on cacheable fetches.
     Rfc9111,
 }
 

@@ -21,8 +21,8 @@
 //! On a `vary: honor` or `semantics: rfc9111` route, a cacheable request also forwards the
 //! client's other end-to-end headers (not `Authorization`, `Cookie`, `Forwarded`,
 //! `X-Forwarded-*`, `Via`, the body headers nor a client's preconditions, which corral answers
-//! itself): an upstream can only vary on what it is sent, and with `vary: honor` each answer it
-//! says varies on a header is stored under a variant key holding that header's value.
+//! itself): an upstream can only vary on what it is sent, and each answer it says varies on a
+//! header is stored under a variant key holding that header's value.
 //!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::http::key::forwarded_query`]).
@@ -51,7 +51,8 @@ use http::header::{self, HeaderName, HeaderValue};
 
 use super::hop_by_hop::{connection_named, is_hop_by_hop};
 use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
-use crate::config::{CookieMode, Route, Semantics, VaryMode};
+use super::verdict::stores_variants;
+use crate::config::{CookieMode, Route};
 
 /// A client's preconditions: answered by corral from the stored entry, never sent on a shared
 /// fetch, whose answer must be the whole representation for everyone (an upstream `304` to one
@@ -77,13 +78,6 @@ pub(crate) fn variant_header(name: &HeaderName) -> bool {
         || *name == header::CONTENT_LENGTH
         || BODY_HEADERS.contains(name)
         || name.as_str().starts_with("x-forwarded-"))
-}
-
-/// Whether a cacheable fetch also forwards the client's other end-to-end headers: on a `vary:
-/// honor` route, and on an RFC 9111 route, where the upstream's answer is shared unless its
-/// `Vary` says otherwise, as a standard shared cache does.
-fn forwards_end_to_end(route: &Route) -> bool {
-    route.policy.vary == VaryMode::Honor || route.policy.semantics == Semantics::Rfc9111
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -117,7 +111,7 @@ pub fn forward_headers(
             in_key(route, name)
                 || route.forward_unkeyed.contains(name)
                 || (route.key.body && *name == header::CONTENT_LENGTH)
-                || (forwards_end_to_end(route) && variant_header(name))
+                || (stores_variants(route) && variant_header(name))
         } else {
             true
         };

@@ -153,8 +153,7 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
         Vary::Star => return Pass("vary-star"),
         // With `vary: honor`, the caller stores it as a variant of the names outside the key.
         Vary::OutsideKey
-            if route.policy.vary == VaryMode::Honor
-                && vary_outside_key(route, headers).is_some() => {}
+            if stores_variants(route) && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
     }
@@ -216,6 +215,14 @@ pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duratio
     }
     let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
     ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
+}
+
+/// Whether the route stores an answer that varies outside its key as a variant (`vary: honor`,
+/// and a `semantics: rfc9111` route, which honours `Vary` as a standard cache does); such a
+/// route's shared fetches also carry the client's end-to-end headers, since an upstream can only
+/// vary on what it is sent.
+pub(crate) fn stores_variants(route: &Route) -> bool {
+    route.policy.vary == VaryMode::Honor || route.policy.semantics == Semantics::Rfc9111
 }
 
 /// The request headers a response's `Vary` names outside the route's key, sorted and without

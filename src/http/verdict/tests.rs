@@ -914,3 +914,18 @@ fn a_listed_5xx_is_stored_only_with_explicit_freshness() {
     let error_ttl = route_with(|r| r.policy.error_ttl = [(500, secs(2))].into());
     assert!(!shared_failure(&error_ttl, status(500), &HeaderMap::new()));
 }
+
+#[test]
+fn rfc9111_4_1_an_answer_varying_outside_the_key_is_a_variant() {
+    let lines = [("cache-control", "max-age=60"), ("vary", "Accept-Language")];
+    assert_eq!(response(&standard(), 200, &lines), stored(60));
+    assert_eq!(ok(&lines), Pass("vary"), "vary: key on a coalescing route");
+    assert_eq!(
+        response(
+            &standard(),
+            200,
+            &[("vary", "*"), ("cache-control", "max-age=60")]
+        ),
+        Pass("vary-star")
+    );
+}

@@ -180,6 +180,36 @@ async fn rfc9111_end_to_end_request_headers_reach_a_shared_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9111_4_1_vary_selects_among_stored_variants() {
+    let upstream = Upstream::start()
+        .await
+        .distinct_bodies("/lang")
+        .header("/lang", "cache-control", "max-age=60")
+        .header("/lang", "vary", "Accept-Language");
+    let proxy = start(&upstream).await;
+    let ask = |lang: &'static str| proxy.get(0, "/lang").header("accept-language", lang).send();
+    let fr = ask("fr").await;
+    assert_eq!(fr.x_cache(), "MISS", "{}", fr.cache_status());
+    let fr_again = ask("fr").await;
+    assert_eq!(fr_again.x_cache(), "HIT", "{}", fr_again.cache_status());
+    assert_eq!(fr_again.text(), fr.text());
+    let en = ask("en").await;
+    assert_ne!(
+        en.x_cache(),
+        "HIT",
+        "another variant: {}",
+        en.cache_status()
+    );
+    assert_ne!(en.text(), fr.text());
+    let sent: Vec<_> = upstream
+        .requests_for("/lang")
+        .iter()
+        .map(|r| r.header("accept-language").map(str::to_owned))
+        .collect();
+    assert_eq!(sent, [Some("fr".to_owned()), Some("en".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rfc9213_cdn_cache_control_wins() {
     let upstream = Upstream::start()
         .await
