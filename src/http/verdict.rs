@@ -118,8 +118,9 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// Where the directives come from: see [`directives`]. `private` and `no-store` are obeyed in
 /// `Cache-Control` even when a targeted field gives the freshness.
 ///
-/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
-/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+/// With `vary: honor` or `semantics: rfc9111` ([`stores_variants`]), a `Vary` naming readable
+/// header names outside the key is not a pass: the caller must then store the response as a
+/// variant of [`vary_outside_key`]'s names.
 ///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
@@ -151,7 +152,8 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
-        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
+        // With `vary: honor` (or `semantics: rfc9111`), the caller stores it as a variant of the
+        // names outside the key.
         Vary::OutsideKey
             if stores_variants(route) && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
@@ -193,8 +195,9 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
 /// Whether an upstream 5xx is a failure for every request waiting on its fetch (each gets it,
 /// nothing is stored) rather than an answer to judge with [`response_verdict`]: unless the
 /// route gives its status an `error_ttl`, or lists it in `cache_statuses` and the upstream gave
-/// it explicit freshness (`s-maxage`, `max-age`, `Expires`). 501, heuristically cacheable (RFC
-/// 9110 section 15.1), needs none.
+/// it explicit freshness above zero (`s-maxage`, `max-age`, `Expires`): a zero one would make
+/// it a pass, and a moment's outage would keep the key from the cache for `pass_ttl`. 501,
+/// heuristically cacheable (RFC 9110 section 15.1), needs none.
 pub fn shared_failure(route: &Route, status: StatusCode, headers: &HeaderMap) -> bool {
     let code = status.as_u16();
     if !status.is_server_error() || route.policy.error_ttl.contains_key(&code) {
@@ -204,7 +207,7 @@ pub fn shared_failure(route: &Route, status: StatusCode, headers: &HeaderMap) ->
         return true;
     }
     let (cc, targeted) = directives(route, headers);
-    code != 501 && upstream_freshness(&cc, targeted, headers).is_none()
+    code != 501 && upstream_freshness(&cc, targeted, headers).is_none_or(|l| l.is_zero())
 }
 
 /// `ttl` cut by a random 0 to `percent` percent (`ttl_jitter`), so entries filled together do not
@@ -315,7 +318,7 @@ fn vary(route: &Route, headers: &HeaderMap) -> Vary {
 /// a targeted field (RFC 9213): when the route honours `Cache-Control`, the first of
 /// `Corral-Cache-Control` (targeted at corral alone) and `CDN-Cache-Control` that holds any
 /// directive is used instead of `Cache-Control` (and `Expires`); else `Cache-Control`.
-pub(crate) fn directives(route: &Route, headers: &HeaderMap) -> (CacheControl, bool) {
+fn directives(route: &Route, headers: &HeaderMap) -> (CacheControl, bool) {
     if route.policy.honor_cache_control {
         for name in [&CORRAL_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
             let cc = CacheControl::from_field(headers, name);

@@ -904,6 +904,8 @@ fn a_listed_5xx_is_stored_only_with_explicit_freshness() {
         stored(10)
     );
     assert!(shared_failure(&r, status(503), &HeaderMap::new()));
+    let zero = headers(&[("cache-control", "max-age=0")]);
+    assert!(shared_failure(&r, status(503), &zero), "a zero lifetime");
     assert!(
         !shared_failure(&r, status(501), &HeaderMap::new()),
         "501 needs none"
