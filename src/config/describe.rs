@@ -12,8 +12,8 @@ use std::time::Duration;
 use super::settings::caching_settings;
 use super::units::{format_duration, format_size};
 use super::{
-    Beta, BusSettings, Config, KeySource, Limits, OnWaitTimeout, PathMatch, QueryRule, Route,
-    RoutePolicy, StoreSettings, VaryMode,
+    Beta, BusSettings, Config, CookieMode, KeySource, Limits, OnWaitTimeout, PathMatch, QueryRule,
+    Route, RoutePolicy, Semantics, StoreSettings, VaryMode,
 };
 use crate::credentials::redact;
 use crate::engine::{ExpiryMode, OnStoreError};
@@ -420,6 +420,29 @@ fn on_store_error(value: &OnStoreError) -> String {
         OnStoreError::Closed => "closed",
     }
     .to_owned()
+}
+
+fn semantics(value: &Semantics) -> String {
+    match value {
+        Semantics::Coalescing => "coalescing",
+        Semantics::Rfc9111 => "rfc9111",
+    }
+    .to_owned()
+}
+
+fn heuristic(value: &u8) -> String {
+    match value {
+        0 => "off".to_owned(),
+        percent => format!("{percent}%"),
+    }
+}
+
+fn cookie_mode(value: &CookieMode) -> String {
+    match value {
+        CookieMode::Bypass => "bypass".to_owned(),
+        CookieMode::Strip => "strip".to_owned(),
+        CookieMode::StripNamed(names) => format!("{{strip: {}}}", list(names.iter())),
+    }
 }
 
 /// `[a, b]`, as YAML writes a short list.

@@ -334,6 +334,32 @@ pub enum VaryMode {
     Honor,
 }
 
+/// Which rules a route follows where corral's defaults and a standard shared cache differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Semantics {
+    /// corral's defaults: an answer without freshness is stored for the route's `ttl`.
+    #[default]
+    Coalescing,
+    /// A standard RFC 9111 shared cache: freshness only from the upstream (or the route's
+    /// heuristic), no `ttl` fallback nor `min_ttl` floor, `Vary` honoured with variants, and the
+    /// client's end-to-end headers forwarded on cacheable fetches.
+    Rfc9111,
+}
+
+/// What a cacheable route does with a request's cookies that its key does not read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CookieMode {
+    /// The request bypasses the cache: its cookies could make its answer private.
+    #[default]
+    Bypass,
+    /// Every unkeyed cookie is left out of the shared fetch, and the request is answered from
+    /// the shared entry.
+    Strip,
+    /// Cookies whose names match one of these patterns (`*` for any run of characters) are left
+    /// out; any other unkeyed cookie still bypasses.
+    StripNamed(Vec<String>),
+}
+
 /// The beta of early refresh: how eagerly hits refresh before expiry (1 is the usual value,
 /// larger refreshes earlier). Validated finite and above zero, so equality is total.
 #[derive(Clone, Copy, Debug, PartialEq)]

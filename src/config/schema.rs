@@ -287,3 +287,46 @@ impl<'de> Deserialize<'de> for QueryFile {
         deserializer.deserialize_any(QueryVisitor)
     }
 }
+
+/// A route's `cookies: bypass | strip | {strip: [_ga*, _gid]}`.
+#[derive(Clone, Debug)]
+pub enum CookiesFile {
+    /// A bare word; `validate` knows which words mean something.
+    Word(String),
+    Strip(Vec<Text>),
+}
+
+// Written by hand for the same reason as `QueryFile`'s.
+impl<'de> Deserialize<'de> for CookiesFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CookiesVisitor;
+
+        impl<'de> Visitor<'de> for CookiesVisitor {
+            type Value = CookiesFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bypass, strip or {strip: [cookie names]}")
+            }
+
+            fn visit_str<E: de::Error>(self, word: &str) -> Result<CookiesFile, E> {
+                Ok(CookiesFile::Word(word.to_string()))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<CookiesFile, M::Error> {
+                let Some(field) = map.next_key::<String>()? else {
+                    return Err(de::Error::invalid_length(0, &self));
+                };
+                if field != "strip" {
+                    return Err(de::Error::unknown_field(&field, &["strip"]));
+                }
+                let names = map.next_value()?;
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::unknown_field(&extra, &["strip"]));
+                }
+                Ok(CookiesFile::Strip(names))
+            }
+        }
+
+        deserializer.deserialize_any(CookiesVisitor)
+    }
+}

@@ -124,6 +124,23 @@ macro_rules! caching_settings {
             /// to one fetch per key per replica, `Closed` answers 503.
             on_store_error: OnStoreError = OnStoreError::Open,
                 file: Text, check: parsed(on_store_error), show: WhenSet(on_store_error);
+            /// What the route follows: `Coalescing` (corral's own defaults: the route's `ttl`
+            /// for answers without freshness) or `Rfc9111`, a standard shared cache whose
+            /// freshness comes only from the upstream.
+            semantics: Semantics = Semantics::Coalescing,
+                file: Text, check: parsed(semantics), show: WhenSet(semantics);
+            /// Heuristic freshness (RFC 9111 section 4.2.2): this percentage of the time since
+            /// `Last-Modified`, for an answer the upstream gave no freshness; 0 (`off`): none.
+            heuristic: u8 = 0,
+                file: Text, check: parsed(heuristic), show: WhenSet(heuristic);
+            /// The longest heuristic freshness.
+            heuristic_max: Duration = Duration::from_secs(86_400),
+                file: Text, check: parsed(positive_duration), show: WhenSet(duration);
+            /// What a cacheable request's cookies outside the key do: bypass the cache, or be
+            /// stripped (all, or those whose names match) from the shared fetch.
+            cookies: CookieMode = CookieMode::Bypass,
+                file: Spanned<CookiesFile>, check: Checker::cookie_mode,
+                show: WhenSet(cookie_mode);
         }
     };
 }

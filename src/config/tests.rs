@@ -418,7 +418,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
         [
             "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits, require_auth)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker, username, password, password_file, token, token_file, nkey_seed, nkey_seed_file, creds_file, sentinel_username, sentinel_password, sentinel_password_file, tls, require_auth)",
-            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, tls, upstream_headers, host, forward_headers, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, connect_timeout, response_header_timeout, read_timeout, on_store_error)",
+            "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, tls, upstream_headers, host, forward_headers, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, connect_timeout, response_header_timeout, read_timeout, on_store_error, semantics, heuristic, heuristic_max, cookies)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
             "corral.yaml:8:19: routes[0].key.query.inclde: unknown field (expected one of: include, exclude)",
         ]
@@ -743,21 +743,21 @@ fn zero_where_a_wait_needs_time() {
 fn cache_statuses_outside_what_may_be_stored() {
     assert_eq!(
         problems(&with_route(
-            "defaults:\n  cache_statuses: [200, 99, 600, 503, ok]\n",
+            "defaults:\n  cache_statuses: [200, 99, 600, ok]\n",
             ""
         )),
         [
             "corral.yaml:2:25: defaults.cache_statuses[1]: 99 is not a status code (100 to 599)",
             "corral.yaml:2:29: defaults.cache_statuses[2]: 600 is not a status code (100 to 599)",
-            "corral.yaml:2:34: defaults.cache_statuses[3]: 503 is an upstream failure and is never stored (of the 5xx, only 501 may be)",
-            "corral.yaml:2:39: defaults.cache_statuses[4]: invalid status \"ok\"",
+            "corral.yaml:2:34: defaults.cache_statuses[3]: invalid status \"ok\"",
         ]
     );
+    // A 5xx may be listed: it is stored only when the upstream gives it explicit freshness.
     let config = parse_ok(&with_route(
         "",
-        "    cache_statuses: [404, 200, 501, 200]\n",
+        "    cache_statuses: [404, 200, 503, 501, 200]\n",
     ));
-    assert_eq!(config.routes[0].policy.cache_statuses, [200, 404, 501]);
+    assert_eq!(config.routes[0].policy.cache_statuses, [200, 404, 501, 503]);
 }
 
 #[test]
@@ -1032,6 +1032,77 @@ fn vary_is_key_or_honor() {
     assert_eq!(
         problem(&with_route("", "    vary: always\n")),
         "corral.yaml:5:11: routes[0].vary: unknown value \"always\" (expected key or honor)"
+    );
+}
+
+#[test]
+fn cookies_are_bypass_strip_or_named_patterns() {
+    use super::CookieMode;
+    assert_eq!(
+        parse_ok(&with_route("", "")).routes[0].policy.cookies,
+        CookieMode::Bypass
+    );
+    let strip = parse_ok(&with_route("defaults:\n  cookies: strip\n", ""));
+    assert_eq!(strip.routes[0].policy.cookies, CookieMode::Strip);
+    let named = parse_ok(&with_route("", "    cookies: {strip: [_gid, \"_ga*\"]}\n"));
+    assert_eq!(
+        named.routes[0].policy.cookies,
+        CookieMode::StripNamed(vec!["_ga*".into(), "_gid".into()])
+    );
+    let shown = describe(&named);
+    assert!(shown.contains("{strip: [_ga*, _gid]}"), "{shown}");
+    assert_eq!(
+        problem(&with_route("", "    cookies: eat\n")),
+        "corral.yaml:5:14: routes[0].cookies: unknown value \"eat\" (expected bypass, strip or \
+         {strip: [names]})"
+    );
+    assert_eq!(
+        problem(&with_route("", "    cookies: {strip: [ok, \"a;b\"]}\n")),
+        "corral.yaml:5:27: routes[0].cookies.strip[1]: invalid cookie name \"a;b\""
+    );
+    assert!(
+        problem(&with_route("", "    cookies: {keep: [a]}\n")).contains("unknown field"),
+        "only strip"
+    );
+}
+
+#[test]
+fn semantics_and_heuristic() {
+    use super::Semantics;
+    let plain = parse_ok(&with_route("", ""));
+    assert_eq!(plain.routes[0].policy.semantics, Semantics::Coalescing);
+    assert_eq!(plain.routes[0].policy.heuristic, 0);
+    let standard = parse_ok(&with_route(
+        "",
+        "    semantics: rfc9111\n    heuristic: 10%\n    heuristic_max: 2h\n",
+    ));
+    let policy = &standard.routes[0].policy;
+    assert_eq!(policy.semantics, Semantics::Rfc9111);
+    assert_eq!(policy.heuristic, 10);
+    assert_eq!(policy.heuristic_max, secs(7200));
+    let shown = describe(&standard);
+    for expected in ["rfc9111", "10%", "2h"] {
+        assert!(shown.contains(expected), "{expected} in {shown}");
+    }
+    let off = parse_ok(&with_route("", "    heuristic: off\n"));
+    assert_eq!(off.routes[0].policy.heuristic, 0);
+    assert_eq!(
+        problem(&with_route("", "    semantics: strict\n")),
+        "corral.yaml:5:16: routes[0].semantics: unknown value \"strict\" (expected coalescing or \
+         rfc9111)"
+    );
+    assert_eq!(
+        problem(&with_route("", "    heuristic: 120%\n")),
+        "corral.yaml:5:16: routes[0].heuristic: invalid percentage \"120%\" (expected 0% to \
+         100%, e.g. 10%)"
+    );
+    assert_eq!(
+        problem(&with_route(
+            "",
+            "    semantics: rfc9111\n    honor_cache_control: false\n"
+        )),
+        "corral.yaml:6:26: routes[0].honor_cache_control: semantics: rfc9111 takes freshness \
+         from the upstream's Cache-Control, which this turns off"
     );
 }
 

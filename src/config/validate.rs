@@ -80,8 +80,11 @@ enum Invalid {
     Status(String),
     #[error("{0} is not a status code (100 to 599)")]
     StatusRange(u16),
-    #[error("{0} is an upstream failure and is never stored (of the 5xx, only 501 may be)")]
-    StatusFailure(u16),
+    #[error(
+        "semantics: rfc9111 takes freshness from the upstream's Cache-Control, which this turns \
+         off"
+    )]
+    Rfc9111IgnoringCacheControl,
     #[error(
         "unknown http method {0:?} (expected GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, \
          TRACE or CONNECT)"

@@ -29,6 +29,15 @@ pub(crate) fn comma_list<'h>(
 // ---------------------------------------------------------------------------------------------
 // Cache-Control
 
+/// The targeted field for CDNs (RFC 9213), which corral, a shared cache in front of an origin,
+/// reads: it is kept on answers to clients, as RFC 9213 asks of a field that targets more than
+/// one cache.
+pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// The targeted field for corral alone (RFC 9213 section 2.1's pattern), read before
+/// `CDN-Cache-Control`, and removed from every answer to a client.
+pub const CORRAL_CACHE_CONTROL: HeaderName = HeaderName::from_static("corral-cache-control");
+
 /// The directives of every `Cache-Control` header of a message, in order.
 ///
 /// Lenient, as caches must be: names are case-insensitive; directives are comma-separated, each a
@@ -43,11 +52,22 @@ pub struct CacheControl {
 impl CacheControl {
     /// Combines every `Cache-Control` header in `headers`.
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        Self::from_field(headers, &header::CACHE_CONTROL)
+    }
+
+    /// Combines every `name` header in `headers`: `Cache-Control`, or a targeted field with
+    /// its syntax ([`CDN_CACHE_CONTROL`], [`CORRAL_CACHE_CONTROL`]).
+    pub fn from_field(headers: &HeaderMap, name: &HeaderName) -> Self {
         let mut cc = Self::default();
-        for value in headers.get_all(header::CACHE_CONTROL) {
+        for value in headers.get_all(name) {
             cc.add(&String::from_utf8_lossy(value.as_bytes()));
         }
         cc
+    }
+
+    /// Whether no directive was read.
+    pub fn is_empty(&self) -> bool {
+        self.directives.is_empty()
     }
 
     /// Parses one header value.

@@ -18,11 +18,11 @@
 //!   every client; and, set by the fetch, `X-Request-Id` with the fetch's own id, never a
 //!   client's.
 //!
-//! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
-//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via`, the body
-//! headers nor a client's preconditions, which corral answers itself): an upstream can only vary
-//! on what it is sent, and each answer it says varies on a header is stored under a variant key
-//! holding that header's value.
+//! On a `vary: honor` or `semantics: rfc9111` route, a cacheable request also forwards the
+//! client's other end-to-end headers (not `Authorization`, `Cookie`, `Forwarded`,
+//! `X-Forwarded-*`, `Via`, the body headers nor a client's preconditions, which corral answers
+//! itself): an upstream can only vary on what it is sent, and each answer it says varies on a
+//! header is stored under a variant key holding that header's value.
 //!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::http::key::forwarded_query`]).
@@ -30,6 +30,10 @@
 //! Client-supplied `Forwarded` and `X-Forwarded-*` are dropped with everything else, so a client
 //! cannot poison a shared answer with them, and no `X-Forwarded-For` is added: the fetch is made for
 //! every coalesced client, not for the one that happened to arrive first.
+//!
+//! On a route with `cookies: strip` (or a list of names to strip), the cookies the key does not
+//! read are left out of a shared fetch like any other unkeyed header; a request's own fetch
+//! past a hit-for-pass marker gets them back ([`restore_cookies`]).
 //!
 //! A bypassed request is the client's own: everything but the hop-by-hop headers is forwarded,
 //! with the client's address appended to `X-Forwarded-For`, and the same `X-Forwarded-Proto` and
@@ -47,7 +51,8 @@ use http::header::{self, HeaderName, HeaderValue};
 
 use super::hop_by_hop::{connection_named, is_hop_by_hop};
 use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
-use crate::config::{Route, VaryMode};
+use super::verdict::stores_variants;
+use crate::config::{CookieMode, Route};
 
 /// A client's preconditions: answered by corral from the stored entry, never sent on a shared
 /// fetch, whose answer must be the whole representation for everyone (an upstream `304` to one
@@ -106,7 +111,7 @@ pub fn forward_headers(
             in_key(route, name)
                 || route.forward_unkeyed.contains(name)
                 || (route.key.body && *name == header::CONTENT_LENGTH)
-                || (route.policy.vary == VaryMode::Honor && variant_header(name))
+                || (stores_variants(route) && variant_header(name))
         } else {
             true
         };
@@ -137,6 +142,22 @@ pub fn forward_headers(
     }
     append_to_list(&mut out, header::VIA, VIA_CORRAL);
     out
+}
+
+/// Gives a request's own fetch (past a hit-for-pass marker: its answer is not shared) the
+/// client's `Cookie` lines unchanged, on a route whose `cookies:` setting strips cookies from
+/// shared fetches: like a bypass, a pass-through is the client's own request.
+pub fn restore_cookies(route: &Route, incoming: &HeaderMap, out: &mut HeaderMap) {
+    if route.policy.cookies == CookieMode::Bypass
+        || keys_header(route, &header::COOKIE)
+        || connection_named(incoming).contains(&header::COOKIE)
+    {
+        return;
+    }
+    out.remove(header::COOKIE);
+    for value in incoming.get_all(header::COOKIE) {
+        out.append(header::COOKIE, value.clone());
+    }
 }
 
 /// Appends `item` to a comma-separated list header, folding earlier lines into one (many
@@ -226,6 +247,40 @@ mod tests {
         let out = forward(&r, true, CLIENT_HEADERS);
         assert_eq!(out["x-forwarded-host"], "evil.example");
         assert_eq!(out["host"], "public.example");
+        assert!(!out.contains_key("x-forwarded-for"));
+        assert!(!out.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn stripped_cookies_stay_off_a_shared_fetch_and_go_back_on_a_requests_own() {
+        use crate::config::CookieMode;
+        let r = route_with(|r| {
+            r.policy.cookies = CookieMode::Strip;
+            r.key.cookies = names(&["lang"]);
+        });
+        let lines = [("cookie", "lang=en; _ga=1"), ("cookie", "sid=2")];
+        let mut out = forward(&r, true, &lines);
+        assert_eq!(out["cookie"], "lang=en");
+        restore_cookies(&r, &headers(&lines), &mut out);
+        let restored: Vec<_> = out.get_all("cookie").iter().collect();
+        assert_eq!(restored, ["lang=en; _ga=1", "sid=2"]);
+        // Bypassing routes never strip, so there is nothing to put back.
+        let bypass = route_with(|r| r.key.cookies = names(&["lang"]));
+        let mut out = forward(&bypass, true, &lines);
+        restore_cookies(&bypass, &headers(&lines), &mut out);
+        assert_eq!(out["cookie"], "lang=en");
+        // A bypassed request keeps them all, unchanged.
+        let out = forward(&r, false, &lines);
+        assert_eq!(out.get_all("cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn an_rfc9111_route_forwards_end_to_end_headers_on_a_shared_fetch() {
+        use crate::config::Semantics;
+        let r = route_with(|r| r.policy.semantics = Semantics::Rfc9111);
+        let out = forward(&r, true, CLIENT_HEADERS);
+        assert_eq!(out["accept"], "application/json");
+        assert_eq!(out["user-agent"], "curl/8");
         assert!(!out.contains_key("x-forwarded-for"));
         assert!(!out.contains_key("forwarded"));
     }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use http::header::{self, HeaderName};
 
 use super::hop_by_hop::{connection_named, is_hop_by_hop};
-use crate::config::{QueryRule, Route};
+use crate::config::{CookieMode, QueryRule, Route};
 use crate::key::{Key, KeyBuilder, KeyHash, key_with_generation};
 
 /// The key of one HTTP request under its route's rules, with the parts that went into it (for
@@ -431,16 +431,58 @@ fn show(values: &[&[u8]]) -> String {
         .join(", ")
 }
 
-/// Whether every cookie the request carries is seen by the key: the whole `Cookie` header is
-/// keyed, or every cookie's name is one the route keys on.
-pub(crate) fn cookies_keyed(route: &Route, headers: &http::HeaderMap) -> bool {
+/// Whether a request with these cookies may share the cache: the whole `Cookie` header is
+/// keyed, or every cookie is either one the route keys on or one its `cookies:` setting strips
+/// from the shared fetch (all of them with `strip`).
+pub(crate) fn cookies_shareable(route: &Route, headers: &http::HeaderMap) -> bool {
     if keys_header(route, &header::COOKIE) {
         return true;
     }
-    !route.key.cookies.is_empty()
-        && request_cookies(headers)
+    let mode = &route.policy.cookies;
+    match mode {
+        CookieMode::Strip => true,
+        CookieMode::Bypass if route.key.cookies.is_empty() => false,
+        CookieMode::Bypass | CookieMode::StripNamed(_) => request_cookies(headers)
             .iter()
-            .all(|c| route.key.cookies.iter().any(|k| k.as_bytes() == c.name))
+            .all(|c| keyed_cookie(route, c.name) || strips(mode, c.name)),
+    }
+}
+
+/// Whether the route keys on the cookie called `name`.
+pub(crate) fn keyed_cookie(route: &Route, name: &[u8]) -> bool {
+    route.key.cookies.iter().any(|k| k.as_bytes() == name)
+}
+
+/// Whether `mode` strips the cookie called `name` from a shared fetch.
+fn strips(mode: &CookieMode, name: &[u8]) -> bool {
+    match mode {
+        CookieMode::Bypass => false,
+        CookieMode::Strip => true,
+        CookieMode::StripNamed(patterns) => patterns.iter().any(|p| glob(p.as_bytes(), name)),
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of bytes (none included).
+/// Iterative with one backtrack point, so a pattern of many stars stays linear in practice.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, n));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == name[n] {
+            p += 1;
+            n += 1;
+        } else if let Some((star_p, star_n)) = star {
+            p = star_p + 1;
+            n = star_n + 1;
+            star = Some((star_p, star_n + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|b| *b == b'*')
 }
 
 pub(crate) fn keys_header(route: &Route, name: &HeaderName) -> bool {

@@ -1,17 +1,23 @@
 //! What may be cached, for how long, and what may be shared (docs/design.md, "HTTP caching rules").
 //!
 //! Safe by default: privacy outranks speed. A response with `Set-Cookie`, `Cache-Control: private`
-//! or `no-store` is never stored and never shared; a request carrying `Authorization` or `Cookie`
-//! that the route does not key on is never answered from, or into, the cache.
+//! or `no-store` (unless `must-understand` stands beside it for a status the route caches, RFC
+//! 9111 section 5.2.2.3) is never stored and never shared; a request carrying `Authorization`, or
+//! a `Cookie` the route neither keys on nor strips, is never answered from, or into, the cache.
+//!
+//! A route's `semantics` picks corral's defaults (`coalescing`) or a standard RFC 9111 shared
+//! cache (`rfc9111`); docs/caching.md has the rules side by side.
 
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
-use super::cache_control::{CacheControl, comma_list, delta_seconds};
-use super::key::{cookies_keyed, in_key, keys_header};
-use crate::config::{Route, VaryMode};
+use super::cache_control::{
+    CDN_CACHE_CONTROL, CORRAL_CACHE_CONTROL, CacheControl, comma_list, delta_seconds,
+};
+use super::key::{cookies_shareable, in_key, keys_header};
+use crate::config::{Route, Semantics, VaryMode};
 use crate::engine::ExpiryMode;
 
 /// Whether a request may use the cache at all.
@@ -37,8 +43,12 @@ pub enum ResponseVerdict {
 /// Bypass reasons, checked in this order: `route-not-cached`, `method` (GET and HEAD; POST only
 /// when the route keys on the body), `upgrade` (WebSocket and friends), `unkeyed-body` (a body on a
 /// route that does not key on it, e.g. a GET with a search body), `authorization`, `cookie`,
-/// and `client-no-store`. A `Range` is no reason: its ranges are cut from the whole stored answer
-/// (see [`super::range`]).
+/// `client-no-store` (always on a `semantics: rfc9111` route) and `client-no-cache` (a
+/// `semantics: rfc9111` route only: `Cache-Control: no-cache` or `Pragma: no-cache`, RFC 9111
+/// sections 5.2.1.4 and 5.4). A `Range` is no reason: its ranges are cut from the whole stored
+/// answer (see [`super::range`]).
+///
+/// The `cookie` check passes when every cookie is keyed or stripped by the route's `cookies:`.
 pub fn request_verdict(route: &Route, method: &Method, headers: &HeaderMap) -> RequestVerdict {
     use RequestVerdict::{Bypass, Cache};
 
@@ -60,13 +70,23 @@ pub fn request_verdict(route: &Route, method: &Method, headers: &HeaderMap) -> R
     if headers.contains_key(header::AUTHORIZATION) && !keys_header(route, &header::AUTHORIZATION) {
         return Bypass("authorization");
     }
-    if headers.contains_key(header::COOKIE) && !cookies_keyed(route, headers) {
+    if headers.contains_key(header::COOKIE) && !cookies_shareable(route, headers) {
         return Bypass("cookie");
     }
-    if route.policy.honor_client_no_store && CacheControl::from_headers(headers).has("no-store") {
+    let standard = route.policy.semantics == Semantics::Rfc9111;
+    let asked = CacheControl::from_headers(headers);
+    if (route.policy.honor_client_no_store || standard) && asked.has("no-store") {
         return Bypass("client-no-store");
     }
+    if standard && (asked.has("no-cache") || pragma_no_cache(&asked, headers)) {
+        return Bypass("client-no-cache");
+    }
     Cache
+}
+
+/// `Pragma: no-cache` where no `Cache-Control` is sent (RFC 9111 section 5.4).
+fn pragma_no_cache(asked: &CacheControl, headers: &HeaderMap) -> bool {
+    asked.is_empty() && comma_list(headers, &header::PRAGMA).any(|item| item == b"no-cache")
 }
 
 /// Whether the request says it has a body (a non-zero or unreadable `Content-Length`, or any
@@ -82,42 +102,58 @@ fn carries_body(headers: &HeaderMap) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Responses
 
-/// Decides what may happen to an upstream response (status below 500) on `route`.
+/// Decides what may happen to an upstream response on `route` (a 5xx once
+/// [`shared_failure`] said it is not a failure for everyone).
 ///
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
-/// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
-/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206` always),
-/// then, when the route honours `Cache-Control`, `no-cache` (corral does not revalidate), and
-/// `zero-ttl`.
+/// `must-understand` (with it, a status outside `cache_statuses`), `no-store` (ignored beside
+/// `must-understand` for a status in `cache_statuses`, RFC 9111 section 5.2.2.3, when the route
+/// honours `Cache-Control`), `vary-star`, `vary` (names a request header outside the key: every
+/// name counts, `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206`
+/// always), then, when the route honours `Cache-Control`, `no-cache` (corral does not revalidate),
+/// `no-freshness` (a `semantics: rfc9111` route, and the upstream gave none), and `zero-ttl`.
 ///
-/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
-/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+/// Where the directives come from: see [`directives`]. `private` and `no-store` are obeyed in
+/// `Cache-Control` even when a targeted field gives the freshness.
+///
+/// With `vary: honor` or `semantics: rfc9111` ([`stores_variants`]), a `Vary` naming readable
+/// header names outside the key is not a pass: the caller must then store the response as a
+/// variant of [`vary_outside_key`]'s names.
 ///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
 ///
 /// Freshness when the route honours `Cache-Control`: `s-maxage`, else `max-age`, else `Expires`
-/// minus `Date`; less the upstream's `Age`; clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should
-/// they cross). Without any of those, or when the route does not honour them, the route's `ttl`.
+/// minus `Date`, else the route's heuristic ([`heuristic_freshness`]); less the upstream's `Age`;
+/// clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should they cross; a `semantics: rfc9111`
+/// route has no `min_ttl` floor). Without any of those, or when the route does not honour them,
+/// the route's `ttl` (a `semantics: rfc9111` route stores nothing without freshness).
 pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) -> ResponseVerdict {
     use ResponseVerdict::{Pass, Store};
 
     if headers.contains_key(header::SET_COOKIE) {
         return Pass("set-cookie");
     }
-    let cc = CacheControl::from_headers(headers);
-    if cc.has("private") {
+    let (cc, targeted) = directives(route, headers);
+    let cache_control = targeted.then(|| CacheControl::from_headers(headers));
+    let said = |name| cc.has(name) || cache_control.as_ref().is_some_and(|c| c.has(name));
+    if said("private") {
         return Pass("private");
     }
-    if cc.has("no-store") {
+    let understood = route.policy.cache_statuses.contains(&status.as_u16());
+    let must_understand = route.policy.honor_cache_control && said("must-understand");
+    if must_understand && !understood {
+        return Pass("must-understand");
+    }
+    if said("no-store") && !must_understand {
         return Pass("no-store");
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
-        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
+        // With `vary: honor` (or `semantics: rfc9111`), the caller stores it as a variant of the
+        // names outside the key.
         Vary::OutsideKey
-            if route.policy.vary == VaryMode::Honor
-                && vary_outside_key(route, headers).is_some() => {}
+            if stores_variants(route) && vary_outside_key(route, headers).is_some() => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
     }
@@ -136,11 +172,18 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
         if cc.has("no-cache") {
             return Pass("no-cache");
         }
-        match upstream_freshness(&cc, headers) {
+        let lifetime = upstream_freshness(&cc, targeted, headers)
+            .or_else(|| heuristic_freshness(route, status, &cc, headers));
+        let floor = match route.policy.semantics {
+            Semantics::Coalescing => route.policy.min_ttl,
+            Semantics::Rfc9111 => Duration::ZERO,
+        };
+        match lifetime {
             Some(lifetime) => lifetime
                 .saturating_sub(age(headers))
-                .max(route.policy.min_ttl)
+                .max(floor)
                 .min(route.policy.max_ttl),
+            None if route.policy.semantics == Semantics::Rfc9111 => return Pass("no-freshness"),
             None => route.policy.ttl,
         }
     } else {
@@ -152,6 +195,24 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     Store { ttl }
 }
 
+/// Whether an upstream 5xx is a failure for every request waiting on its fetch (each gets it,
+/// nothing is stored) rather than an answer to judge with [`response_verdict`]: unless the
+/// route gives its status an `error_ttl`, or lists it in `cache_statuses` and the upstream gave
+/// it explicit freshness above zero (`s-maxage`, `max-age`, `Expires`): a zero one would make
+/// it a pass, and a moment's outage would keep the key from the cache for `pass_ttl`. 501,
+/// heuristically cacheable (RFC 9110 section 15.1), needs none.
+pub fn shared_failure(route: &Route, status: StatusCode, headers: &HeaderMap) -> bool {
+    let code = status.as_u16();
+    if !status.is_server_error() || route.policy.error_ttl.contains_key(&code) {
+        return false;
+    }
+    if !route.policy.cache_statuses.contains(&code) {
+        return true;
+    }
+    let (cc, targeted) = directives(route, headers);
+    code != 501 && upstream_freshness(&cc, targeted, headers).is_none_or(|l| l.is_zero())
+}
+
 /// `ttl` cut by a random 0 to `percent` percent (`ttl_jitter`), so entries filled together do not
 /// expire together; never below one millisecond, since a store cannot keep an entry for zero.
 pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duration {
@@ -160,6 +221,14 @@ pub fn jittered(ttl: Duration, percent: u8, rng: &mut impl rand::Rng) -> Duratio
     }
     let cut = rng.random_range(0.0..=f64::from(percent.min(100)) / 100.0);
     ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
+}
+
+/// Whether the route stores an answer that varies outside its key as a variant (`vary: honor`,
+/// and a `semantics: rfc9111` route, which honours `Vary` as a standard cache does); such a
+/// route's shared fetches also carry the client's end-to-end headers, since an upstream can only
+/// vary on what it is sent.
+pub(crate) fn stores_variants(route: &Route) -> bool {
+    route.policy.vary == VaryMode::Honor || route.policy.semantics == Semantics::Rfc9111
 }
 
 /// The request headers a response's `Vary` names outside the route's key, sorted and without
@@ -197,12 +266,14 @@ pub struct StaleWindows {
 /// `stale-while-revalidate` directive sent beside `s-maxage` is the upstream's explicit leave to
 /// serve stale while refreshing, so that one is kept.
 ///
+/// The directives are read where [`directives`] says.
+///
 /// A route with sliding expiry has no stale windows: its entries never go stale.
 pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
     if matches!(route.policy.expiry, ExpiryMode::Sliding { .. }) {
         return StaleWindows::default();
     }
-    let cc = CacheControl::from_headers(headers);
+    let (cc, _) = directives(route, headers);
     if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("no-cache") {
         return StaleWindows::default();
     }
@@ -246,22 +317,77 @@ fn vary(route: &Route, headers: &HeaderMap) -> Vary {
     verdict
 }
 
+/// The directives corral's freshness and storability are read from, and whether they come from
+/// a targeted field (RFC 9213): when the route honours `Cache-Control`, the first of
+/// `Corral-Cache-Control` (targeted at corral alone) and `CDN-Cache-Control` that holds any
+/// directive is used instead of `Cache-Control` (and `Expires`); else `Cache-Control`.
+fn directives(route: &Route, headers: &HeaderMap) -> (CacheControl, bool) {
+    if route.policy.honor_cache_control {
+        for name in [&CORRAL_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
+            let cc = CacheControl::from_field(headers, name);
+            if !cc.is_empty() {
+                return (cc, true);
+            }
+        }
+    }
+    (CacheControl::from_headers(headers), false)
+}
+
 /// What the upstream says the response's freshness lifetime is, before `Age`: `s-maxage` (corral
-/// is a shared cache), else `max-age`, else `Expires` minus `Date` (an unreadable `Expires` means
-/// "already expired", RFC 9111 §5.3).
-fn upstream_freshness(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
+/// is a shared cache), else `max-age`, else, unless the directives came from a targeted field
+/// (RFC 9213 section 2.1 has `Expires` ignored then), `Expires` minus `Date`: an `Expires` that
+/// is not an HTTP-date (`0`, garbage) means "already expired" (RFC 9111 section 5.3), and a
+/// missing or unreadable `Date` is the time the answer arrived.
+fn upstream_freshness(cc: &CacheControl, targeted: bool, headers: &HeaderMap) -> Option<Duration> {
     if let Some(lifetime) = cc.seconds("s-maxage").or_else(|| cc.seconds("max-age")) {
         return Some(lifetime);
+    }
+    if targeted {
+        return None;
     }
     let expires = headers.get(header::EXPIRES)?;
     let Some(expires) = http_date(expires) else {
         return Some(Duration::ZERO);
     };
-    let date = headers
+    Some(
+        expires
+            .duration_since(date(headers))
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Statuses RFC 9110 (section 15.1) makes heuristically cacheable.
+const HEURISTIC_STATUSES: [u16; 12] = [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
+
+/// Heuristic freshness (RFC 9111 section 4.2.2) for an answer without explicit freshness: the
+/// route's `heuristic` percentage of the time from `Last-Modified` to `Date`, at most
+/// `heuristic_max`; only for a heuristically cacheable status or an answer marked `public`, and
+/// only with a valid `Last-Modified` not later than `Date`.
+fn heuristic_freshness(
+    route: &Route,
+    status: StatusCode,
+    cc: &CacheControl,
+    headers: &HeaderMap,
+) -> Option<Duration> {
+    let percent = route.policy.heuristic;
+    if percent == 0 || !(HEURISTIC_STATUSES.contains(&status.as_u16()) || cc.has("public")) {
+        return None;
+    }
+    let modified = http_date(headers.get(header::LAST_MODIFIED)?)?;
+    let since = date(headers).duration_since(modified).ok()?;
+    Some(
+        since
+            .mul_f64(f64::from(percent.min(100)) / 100.0)
+            .min(route.policy.heuristic_max),
+    )
+}
+
+/// The answer's `Date`, or now (when it arrived) when it has none or an unreadable one.
+fn date(headers: &HeaderMap) -> SystemTime {
+    headers
         .get(header::DATE)
         .and_then(http_date)
-        .unwrap_or_else(SystemTime::now);
-    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+        .unwrap_or_else(SystemTime::now)
 }
 
 fn http_date(value: &HeaderValue) -> Option<SystemTime> {

@@ -16,11 +16,12 @@ use super::upstream::{self, Buffered, Overflow, UpstreamError, target};
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
-use crate::http::forward::forward_headers;
+use crate::http::forward::{forward_headers, restore_cookies};
 use crate::http::key::keyed_method;
 use crate::http::range;
 use crate::http::verdict::{
-    ResponseVerdict, correct_age, jittered, response_verdict, stale_windows, vary_outside_key,
+    ResponseVerdict, correct_age, jittered, response_verdict, shared_failure, stale_windows,
+    vary_outside_key,
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
@@ -214,6 +215,9 @@ impl Fetch {
             ));
         };
         let mut headers = forward.headers.clone();
+        if matches!(budget, Budget::Pass) {
+            restore_cookies(route, &self.request.headers, &mut headers);
+        }
         headers.insert(REQUEST_ID, id.clone());
         let request = &*self.request;
         range::forward(
@@ -280,13 +284,8 @@ impl Fetch {
     ) -> Result<Built, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let mut entry = entry(status, &headers, body, route.policy.ttl);
-        // A 5xx is a failure for everyone who joined, unless the route lists it as a storable
-        // answer (501 Not Implemented, by default) or gives it an error TTL.
-        let code = status.as_u16();
-        if status.is_server_error()
-            && !route.policy.cache_statuses.contains(&code)
-            && !route.policy.error_ttl.contains_key(&code)
-        {
+        // A 5xx is a failure for everyone who joined, unless the route stores it.
+        if shared_failure(route, status, &headers) {
             return Err(BuildError::with_response(
                 format!("upstream answered {status}"),
                 entry,

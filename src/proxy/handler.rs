@@ -22,6 +22,7 @@ use super::route::{methods_allowed, route_for};
 use super::{Proxy, Snapshot, authority};
 use crate::config::{Config, OnWaitTimeout, Route};
 use crate::engine::EngineError;
+use crate::http::cache_control::CORRAL_CACHE_CONTROL;
 use crate::http::verdict::{RequestVerdict, request_verdict};
 use crate::metrics::OnSent;
 
@@ -64,10 +65,10 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         (Ok(()), Some(index)) => answer(&proxy, &snapshot, index, request).await,
         (Ok(()), None) => unrouted(&snapshot.config, request.uri(), request.headers()),
     };
-    answered
-        .response
-        .headers_mut()
-        .insert(REQUEST_ID, id.clone());
+    let headers = answered.response.headers_mut();
+    headers.insert(REQUEST_ID, id.clone());
+    // Targeted at corral alone (RFC 9213): no client or cache past corral is to read it.
+    headers.remove(CORRAL_CACHE_CONTROL);
     let label = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
     let outcome = answered.label();
     let elapsed = started.elapsed();
@@ -177,9 +178,11 @@ async fn answer(
     }
 }
 
-/// Methods whose success makes the stored answers of their URL stale (RFC 9111 section 4.4).
+/// Methods whose success makes the stored answers of their URL stale (RFC 9111 section 4.4):
+/// every method but the safe ones (GET, HEAD, OPTIONS, TRACE; RFC 9110 section 9.2.1), so
+/// WebDAV's and extension methods invalidate too.
 fn is_unsafe(method: &Method) -> bool {
-    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method)
+    !method.is_safe()
 }
 
 /// Why a cacheable request's body cannot be keyed.

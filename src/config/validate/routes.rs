@@ -9,12 +9,14 @@ use http::Method;
 use marked_yaml::Spanned;
 use regex::Regex;
 
-use super::super::schema::{File, KeyFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text};
+use super::super::schema::{
+    CookiesFile, File, KeyFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text,
+};
 use super::super::settings::caching_settings;
 use super::super::units::format_duration;
 use super::super::{
-    Beta, KeyRules, OnWaitTimeout, PathMatch, Place, QueryRule, Route, RouteMatch, RoutePolicy,
-    VaryMode,
+    Beta, CookieMode, KeyRules, OnWaitTimeout, PathMatch, Place, QueryRule, Route, RouteMatch,
+    RoutePolicy, Semantics, VaryMode,
 };
 use super::values::*;
 use super::{Checker, Invalid, Set};
@@ -305,17 +307,46 @@ impl Checker<'_> {
 
     // ----- policy
 
-    /// `cache_statuses: [200, 404]`: statuses corral may store, sorted.
+    /// `cache_statuses: [200, 404, 503]`: statuses corral may store, sorted (a 5xx only when the
+    /// upstream gives it explicit freshness, see `verdict::shared_failure`).
     fn statuses(
         &mut self,
         list: &Option<Spanned<Vec<Text>>>,
         path: String,
     ) -> Option<Set<Vec<u16>>> {
         let list = list.as_ref()?;
-        let value = sorted(self.list(list, &path, status)?);
+        let value = sorted(self.list(list, &path, any_status)?);
         Some(Set {
             value,
             place: Place::of(list),
+            path,
+        })
+    }
+
+    /// `cookies: bypass | strip | {strip: [_ga*, _gid]}`.
+    fn cookie_mode(
+        &mut self,
+        cookies: &Option<Spanned<CookiesFile>>,
+        path: String,
+    ) -> Option<Set<CookieMode>> {
+        let cookies = cookies.as_ref()?;
+        let value = match &**cookies {
+            CookiesFile::Word(word) if word == "bypass" => CookieMode::Bypass,
+            CookiesFile::Word(word) if word == "strip" => CookieMode::Strip,
+            CookiesFile::Word(other) => {
+                let invalid = word(other, "bypass, strip or {strip: [names]}");
+                self.report(Place::of(cookies), &path, invalid);
+                return None;
+            }
+            CookiesFile::Strip(names) => CookieMode::StripNamed(sorted(self.list(
+                names,
+                &format!("{path}.strip"),
+                cookie_pattern,
+            )?)),
+        };
+        Some(Set {
+            value,
+            place: Place::of(cookies),
             path,
         })
     }
@@ -410,6 +441,17 @@ impl Checker<'_> {
                 self.report(window.place, &window.path, Invalid::StaleWithSliding);
                 ok = false;
             }
+        }
+        if policy.semantics == Semantics::Rfc9111
+            && !policy.honor_cache_control
+            && let Some(honor) = &layer.honor_cache_control
+        {
+            self.report(
+                honor.place,
+                &honor.path,
+                Invalid::Rfc9111IgnoringCacheControl,
+            );
+            ok = false;
         }
         ok.then_some(policy)
     }

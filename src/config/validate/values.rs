@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, Uri};
 
 use super::super::units::{self, format_duration};
-use super::super::{Beta, OnWaitTimeout, VaryMode};
+use super::super::{Beta, OnWaitTimeout, Semantics, VaryMode};
 use super::{Invalid, Kind};
 use crate::engine::{ExpiryMode, OnStoreError};
 
@@ -83,6 +83,27 @@ pub(super) fn on_store_error(text: &str) -> Result<OnStoreError, Invalid> {
         "closed" => Ok(OnStoreError::Closed),
         _ => Err(word(text, "open or closed")),
     }
+}
+
+pub(super) fn semantics(text: &str) -> Result<Semantics, Invalid> {
+    match text {
+        "coalescing" => Ok(Semantics::Coalescing),
+        "rfc9111" => Ok(Semantics::Rfc9111),
+        _ => Err(word(text, "coalescing or rfc9111")),
+    }
+}
+
+/// `heuristic: 10%`, or `off` (0%).
+pub(super) fn heuristic(text: &str) -> Result<u8, Invalid> {
+    match text.trim() {
+        "off" => Ok(0),
+        _ => percent(text),
+    }
+}
+
+/// A cookie name a route strips, where `*` stands for any run of characters (`_ga*`).
+pub(super) fn cookie_pattern(text: &str) -> Result<String, Invalid> {
+    cookie_name(&text.replace('*', "x")).map(|_| text.to_string())
 }
 
 pub(super) fn word(text: &str, expected: &'static str) -> Invalid {
@@ -307,7 +328,7 @@ pub(super) fn percent(text: &str) -> Result<u8, Invalid> {
     }
 }
 
-/// Any status code, 5xx included (for `error_ttl`).
+/// Any status code, 5xx included (for `error_ttl` and `cache_statuses`).
 pub(super) fn any_status(text: &str) -> Result<u16, Invalid> {
     let code: u16 = text
         .trim()
@@ -317,17 +338,5 @@ pub(super) fn any_status(text: &str) -> Result<u16, Invalid> {
         Ok(code)
     } else {
         Err(Invalid::StatusRange(code))
-    }
-}
-
-pub(super) fn status(text: &str) -> Result<u16, Invalid> {
-    let code: u16 = text
-        .trim()
-        .parse()
-        .map_err(|_| Invalid::Status(text.to_string()))?;
-    match code {
-        100..=499 | 501 => Ok(code),
-        500..=599 => Err(Invalid::StatusFailure(code)),
-        _ => Err(Invalid::StatusRange(code)),
     }
 }

@@ -596,3 +596,29 @@ proptest! {
         prop_assert_eq!(get(&r, &query(&params)), get(&r, &query(&changed)));
     }
 }
+
+#[test]
+fn cookie_patterns_match_whole_names_with_stars_for_any_run() {
+    for (pattern, name, matches) in [
+        ("_ga*", "_ga", true),
+        ("_ga*", "_ga_XYZ", true),
+        ("_ga*", "x_ga", false),
+        ("*_consent", "cookie_consent", true),
+        ("*_consent", "cookie_consent2", false),
+        ("a*b*c", "aXXbYYc", true),
+        ("a*b*c", "aXXcYYb", false),
+        ("*", "", true),
+        ("*", "anything", true),
+        ("_gid", "_gid", true),
+        ("_gid", "_gidx", false),
+        ("**a", "ba", true),
+        ("", "", true),
+        ("", "a", false),
+    ] {
+        assert_eq!(
+            glob(pattern.as_bytes(), name.as_bytes()),
+            matches,
+            "{pattern} ~ {name}"
+        );
+    }
+}

@@ -3,6 +3,7 @@ use std::collections::HashSet;
 use http::header::{ACCEPT, AUTHORIZATION};
 
 use super::*;
+use crate::config::Semantics;
 use crate::http::testing::{headers, names, route, route_with};
 use RequestVerdict::{Bypass, Cache};
 use ResponseVerdict::Pass;
@@ -591,3 +592,354 @@ fn vary_honor_stores_what_varies_outside_the_key_as_variants() {
 
 // -----------------------------------------------------------------------------------------
 // Cache-Control parsing
+
+// -----------------------------------------------------------------------------------------
+// Cookies per route
+
+#[test]
+fn strip_shares_a_request_whatever_its_unkeyed_cookies() {
+    use crate::config::CookieMode;
+    let strip = route_with(|r| r.policy.cookies = CookieMode::Strip);
+    assert_eq!(get(&strip, &[("cookie", "sid=1; _ga=GA1.2")]), Cache);
+    assert_eq!(get(&strip, &[("cookie", "")]), Cache);
+    // Keyed cookies are still keyed; the others are stripped.
+    let keyed = route_with(|r| {
+        r.policy.cookies = CookieMode::Strip;
+        r.key.cookies = names(&["lang"]);
+    });
+    assert_eq!(get(&keyed, &[("cookie", "lang=en; sid=1")]), Cache);
+    // Stripping never admits credentials.
+    assert_eq!(
+        get(&strip, &[("authorization", "Bearer x")]),
+        Bypass("authorization")
+    );
+}
+
+#[test]
+fn strip_by_name_bypasses_any_cookie_it_does_not_name() {
+    use crate::config::CookieMode;
+    let r = route_with(|r| {
+        r.policy.cookies = CookieMode::StripNamed(names(&["_ga*", "_gid", "*_consent"]));
+        r.key.cookies = names(&["lang"]);
+    });
+    assert_eq!(
+        get(&r, &[("cookie", "_ga=1; _ga_XYZ=2; _gid=3; lang=en")]),
+        Cache
+    );
+    assert_eq!(get(&r, &[("cookie", "cookie_consent=yes")]), Cache);
+    assert_eq!(
+        get(&r, &[("cookie", "_ga=1; sid=s3cr3t")]),
+        Bypass("cookie")
+    );
+    assert_eq!(get(&r, &[("cookie", "_gidx=1")]), Bypass("cookie"));
+    assert_eq!(
+        get(&r, &[("cookie", "_GA=1")]),
+        Bypass("cookie"),
+        "names are case-sensitive"
+    );
+    assert_eq!(get(&r, &[("cookie", "x_ga=1")]), Bypass("cookie"));
+}
+
+// -----------------------------------------------------------------------------------------
+// RFC 9111 and RFC 9213
+
+fn standard() -> Route {
+    route_with(|r| r.policy.semantics = Semantics::Rfc9111)
+}
+
+#[test]
+fn rfc9111_4_2_1_s_maxage_overrides_max_age() {
+    let lines = [("cache-control", "max-age=600, s-maxage=30")];
+    assert_eq!(response(&standard(), 200, &lines), stored(30));
+    assert_eq!(ok(&lines), stored(30));
+}
+
+#[test]
+fn rfc9111_4_2_1_expires_minus_date() {
+    let lines = [
+        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+    ];
+    assert_eq!(response(&standard(), 200, &lines), stored(60));
+}
+
+#[test]
+fn rfc9111_5_3_invalid_expires_is_stale() {
+    for expires in ["0", "-1", "garbage", "Sun, 06 Nov 1994 08:00:00 GMT"] {
+        let lines = [
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("expires", expires),
+        ];
+        assert_eq!(
+            response(&standard(), 200, &lines),
+            Pass("zero-ttl"),
+            "{expires}"
+        );
+    }
+}
+
+#[test]
+fn rfc9111_4_2_no_freshness_is_not_stored_without_a_heuristic() {
+    assert_eq!(response(&standard(), 200, &[]), Pass("no-freshness"));
+    assert_eq!(ok(&[]), stored(60), "coalescing keeps the route's ttl");
+}
+
+#[test]
+fn rfc9111_4_2_no_min_ttl_floor() {
+    let r = route_with(|r| {
+        r.policy.semantics = Semantics::Rfc9111;
+        r.policy.min_ttl = secs(300);
+        r.policy.max_ttl = secs(600);
+    });
+    let v = |cc: &str| response(&r, 200, &[("cache-control", cc)]);
+    assert_eq!(v("max-age=5"), stored(5));
+    assert_eq!(v("max-age=6000"), stored(600), "max_ttl still caps");
+}
+
+#[test]
+fn rfc9111_4_2_2_heuristic_freshness_from_last_modified() {
+    let r = route_with(|r| {
+        r.policy.semantics = Semantics::Rfc9111;
+        r.policy.heuristic = 10;
+        r.policy.heuristic_max = secs(3600);
+    });
+    let modified = |last_modified: &str, status: u16, extra: &[(&'static str, &'static str)]| {
+        let mut lines = vec![
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("last-modified", last_modified),
+        ];
+        lines.extend_from_slice(extra);
+        response(&r, status, &lines)
+    };
+    // Modified 1000 s before Date: 10% is 100 s.
+    assert_eq!(
+        modified("Sun, 06 Nov 1994 08:32:57 GMT", 200, &[]),
+        stored(100)
+    );
+    // Modified long ago: capped.
+    assert_eq!(
+        modified("Tue, 06 Nov 1990 08:49:37 GMT", 200, &[]),
+        stored(3600)
+    );
+    // Less the upstream's Age.
+    assert_eq!(
+        modified("Sun, 06 Nov 1994 08:32:57 GMT", 200, &[("age", "40")]),
+        stored(60)
+    );
+    // Explicit freshness wins.
+    assert_eq!(
+        modified(
+            "Tue, 06 Nov 1990 08:49:37 GMT",
+            200,
+            &[("cache-control", "max-age=7")]
+        ),
+        stored(7)
+    );
+    // After Date, or unreadable: no heuristic.
+    assert_eq!(
+        modified("Sun, 06 Nov 1994 09:00:00 GMT", 200, &[]),
+        Pass("no-freshness")
+    );
+    assert_eq!(modified("yesterday", 200, &[]), Pass("no-freshness"));
+    // Only for a heuristically cacheable status, or with `public`.
+    let listed = route_with(|l| {
+        *l = r.clone();
+        l.policy.cache_statuses.push(302);
+    });
+    let lines = [
+        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("last-modified", "Sun, 06 Nov 1994 08:32:57 GMT"),
+    ];
+    assert_eq!(response(&listed, 302, &lines), Pass("no-freshness"));
+    let public = [lines[0], lines[1], ("cache-control", "public")];
+    assert_eq!(response(&listed, 302, &public), stored(100));
+    // Off: nothing.
+    assert_eq!(response(&standard(), 200, &lines), Pass("no-freshness"));
+}
+
+#[test]
+fn rfc9111_4_2_2_heuristic_on_a_coalescing_route_comes_before_the_ttl() {
+    let r = route_with(|r| r.policy.heuristic = 50);
+    let lines = [
+        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("last-modified", "Sun, 06 Nov 1994 08:48:37 GMT"),
+    ];
+    assert_eq!(response(&r, 200, &lines), stored(30));
+    assert_eq!(response(&r, 200, &lines[..1]), stored(60));
+}
+
+#[test]
+fn rfc9111_5_2_2_8_proxy_revalidate_is_never_served_stale() {
+    let r = route_with(|r| {
+        r.policy.semantics = Semantics::Rfc9111;
+        r.policy.stale_if_error = secs(600);
+        r.policy.stale_while_revalidate = secs(60);
+    });
+    assert_eq!(
+        windows(&r, &[("cache-control", "max-age=5, proxy-revalidate")]),
+        (0, 0)
+    );
+    assert_eq!(
+        response(&r, 200, &[("cache-control", "max-age=5, proxy-revalidate")]),
+        stored(5)
+    );
+}
+
+#[test]
+fn rfc9111_5_2_2_3_must_understand_stores_an_understood_status_despite_no_store() {
+    let lines = [("cache-control", "no-store, must-understand, max-age=60")];
+    assert_eq!(response(&standard(), 200, &lines), stored(60));
+    assert_eq!(ok(&lines), stored(60));
+    // 302 is not one this route caches: not understood, not stored.
+    assert_eq!(response(&standard(), 302, &lines), Pass("must-understand"));
+    // Without must-understand, no-store stands; a route ignoring Cache-Control keeps it too.
+    assert_eq!(
+        ok(&[("cache-control", "no-store, max-age=60")]),
+        Pass("no-store")
+    );
+    let ignoring = route_with(|r| r.policy.honor_cache_control = false);
+    assert_eq!(response(&ignoring, 200, &lines), Pass("no-store"));
+    // Privacy still wins.
+    let private = [("cache-control", "private, must-understand, max-age=60")];
+    assert_eq!(ok(&private), Pass("private"));
+}
+
+#[test]
+fn rfc9111_5_2_1_client_no_store_and_no_cache_bypass() {
+    let r = route_with(|r| {
+        r.policy.semantics = Semantics::Rfc9111;
+        r.policy.honor_client_no_store = false;
+    });
+    assert_eq!(
+        get(&r, &[("cache-control", "no-store")]),
+        Bypass("client-no-store")
+    );
+    assert_eq!(
+        get(&r, &[("cache-control", "no-cache")]),
+        Bypass("client-no-cache")
+    );
+    assert_eq!(
+        get(&r, &[("pragma", "no-cache")]),
+        Bypass("client-no-cache")
+    );
+    assert_eq!(
+        get(
+            &r,
+            &[("pragma", "no-cache"), ("cache-control", "max-age=5")]
+        ),
+        Cache,
+        "Pragma counts only without Cache-Control"
+    );
+    assert_eq!(get(&route(), &[("cache-control", "no-cache")]), Cache);
+}
+
+#[test]
+fn rfc9213_cdn_cache_control_wins() {
+    let lines = [
+        ("cache-control", "max-age=5"),
+        ("cdn-cache-control", "max-age=300"),
+    ];
+    assert_eq!(ok(&lines), stored(300));
+    // Expires is ignored with a targeted field that gives no lifetime, as Cache-Control is.
+    let no_lifetime = [
+        ("cache-control", "max-age=5"),
+        ("cdn-cache-control", "stale-if-error=60"),
+        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+    ];
+    assert_eq!(ok(&no_lifetime), stored(60), "the route's ttl");
+    assert_eq!(
+        response(&standard(), 200, &no_lifetime),
+        Pass("no-freshness")
+    );
+    // An empty targeted field is not one.
+    assert_eq!(
+        ok(&[("cache-control", "max-age=5"), ("cdn-cache-control", " ")]),
+        stored(5)
+    );
+    // no-cache in Cache-Control only concerns the caches Cache-Control targets.
+    assert_eq!(
+        ok(&[
+            ("cache-control", "no-cache"),
+            ("cdn-cache-control", "max-age=30")
+        ]),
+        stored(30)
+    );
+    // A route that ignores Cache-Control ignores the targeted fields too.
+    let ignoring = route_with(|r| r.policy.honor_cache_control = false);
+    assert_eq!(response(&ignoring, 200, &lines), stored(60));
+}
+
+#[test]
+fn rfc9213_corral_cache_control_wins_over_cdn_cache_control() {
+    let lines = [
+        ("cache-control", "max-age=5"),
+        ("cdn-cache-control", "max-age=300"),
+        (
+            "corral-cache-control",
+            "max-age=20, stale-while-revalidate=9",
+        ),
+    ];
+    assert_eq!(ok(&lines), stored(20));
+    assert_eq!(windows(&route(), &lines), (9, 0));
+}
+
+#[test]
+fn rfc9213_privacy_in_cache_control_holds_whatever_a_targeted_field_says() {
+    for private in ["private", "no-store"] {
+        let lines = [
+            ("cache-control", private),
+            ("cdn-cache-control", "max-age=300"),
+        ];
+        assert_eq!(ok(&lines), Pass(private), "{private}");
+    }
+    assert_eq!(
+        ok(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store")
+        ]),
+        Pass("no-store")
+    );
+}
+
+// -----------------------------------------------------------------------------------------
+// Server errors
+
+#[test]
+fn a_listed_5xx_is_stored_only_with_explicit_freshness() {
+    let r = route_with(|r| r.policy.cache_statuses.extend([501, 503]));
+    let status = |code| StatusCode::from_u16(code).expect("status");
+    let fresh = headers(&[("cache-control", "max-age=10")]);
+    assert!(!shared_failure(&r, status(503), &fresh));
+    assert_eq!(
+        response(&r, 503, &[("cache-control", "max-age=10")]),
+        stored(10)
+    );
+    assert!(shared_failure(&r, status(503), &HeaderMap::new()));
+    let zero = headers(&[("cache-control", "max-age=0")]);
+    assert!(shared_failure(&r, status(503), &zero), "a zero lifetime");
+    assert!(
+        !shared_failure(&r, status(501), &HeaderMap::new()),
+        "501 needs none"
+    );
+    assert!(shared_failure(&route(), status(503), &fresh), "not listed");
+    assert!(shared_failure(&r, status(500), &fresh), "not listed");
+    assert!(!shared_failure(&r, status(200), &HeaderMap::new()));
+    let error_ttl = route_with(|r| r.policy.error_ttl = [(500, secs(2))].into());
+    assert!(!shared_failure(&error_ttl, status(500), &HeaderMap::new()));
+}
+
+#[test]
+fn rfc9111_4_1_an_answer_varying_outside_the_key_is_a_variant() {
+    let lines = [("cache-control", "max-age=60"), ("vary", "Accept-Language")];
+    assert_eq!(response(&standard(), 200, &lines), stored(60));
+    assert_eq!(ok(&lines), Pass("vary"), "vary: key on a coalescing route");
+    assert_eq!(
+        response(
+            &standard(),
+            200,
+            &[("vary", "*"), ("cache-control", "max-age=60")]
+        ),
+        Pass("vary-star")
+    );
+}

@@ -4,12 +4,15 @@
 
 mod age;
 mod conditional;
+mod cookies;
 mod end_to_end;
 mod freshness;
 mod head;
 mod limits;
 mod purge;
 mod range;
+mod rfc9111;
+mod statuses;
 mod timeouts;
 mod tls;
 mod upstream_headers;

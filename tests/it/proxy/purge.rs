@@ -473,6 +473,36 @@ async fn a_successful_post_invalidates_its_url_on_every_replica_and_a_failed_one
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_unsafe_method_invalidates_and_a_safe_one_does_not() {
+    let upstream = Upstream::start().await.distinct_bodies("/");
+    let proxy = three_replicas(&upstream).await;
+    let url = "/reports/dav?id=1";
+    let mut current = warm(&proxy, url).await;
+
+    // WebDAV's and an extension method change resources as POST does (RFC 9110 section 9.2.1).
+    for method in ["PROPPATCH", "MKCOL", "FROBNICATE"] {
+        let method = Method::from_bytes(method.as_bytes()).expect("a token");
+        let sent = proxy.call(1, method.clone(), url).send().await;
+        assert_eq!(sent.status, 200, "{method}");
+        assert_eq!(sent.x_cache(), "BYPASS", "{method}");
+        current = assert_purged(&proxy, url, &current).await;
+    }
+    // Warm every replica again, then the safe methods: kept.
+    for i in 0..proxy.len() {
+        assert_eq!(
+            proxy.get(i, url).send().await.text(),
+            current,
+            "replica {i}"
+        );
+    }
+    for method in [Method::OPTIONS, Method::TRACE] {
+        let sent = proxy.call(2, method.clone(), url).send().await;
+        assert_eq!(sent.status, 200, "{method}");
+    }
+    assert_kept(&proxy, url, &current).await;
+}
+
 // ------------------------------------------------------------------------------ the CLI ----
 
 /// A finished `corral purge`.
