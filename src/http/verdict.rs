@@ -26,7 +26,7 @@ pub enum RequestVerdict {
 /// What may happen to an upstream response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseVerdict {
-    /// Store it and share it, fresh for `ttl`.
+    /// Store it and share it, fresh for `ttl` (zero: revalidated on every use).
     Store { ttl: Duration },
     /// Never store, never share (GIVEUP + hit-for-pass); the reason goes into `detail=`.
     Pass(&'static str),
@@ -88,8 +88,11 @@ fn carries_body(headers: &HeaderMap) -> bool {
 ///
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
 /// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
-/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
-/// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
+/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`).
+///
+/// When the route honours `Cache-Control`, a `no-cache` answer (with or without field names: the
+/// whole answer is revalidated) is stored with no freshness, and so is one whose lifetime is zero
+/// (`max-age=0`): each use revalidates it with the upstream, once for the whole deployment.
 ///
 /// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
 /// caller must then store the response as a variant of [`vary_outside_key`]'s names.
@@ -130,7 +133,9 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     let ttl = if route.policy.honor_cache_control {
         if cc.has("no-cache") {
-            return Pass("no-cache");
+            return Store {
+                ttl: Duration::ZERO,
+            };
         }
         match upstream_freshness(&cc, headers) {
             Some(lifetime) => lifetime
@@ -142,9 +147,6 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     } else {
         route.policy.ttl
     };
-    if ttl.is_zero() {
-        return Pass("zero-ttl");
-    }
     Store { ttl }
 }
 

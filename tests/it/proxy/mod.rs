@@ -9,6 +9,7 @@ mod freshness;
 mod head;
 mod limits;
 mod purge;
+mod revalidate;
 mod timeouts;
 mod tls;
 mod upstream_headers;
