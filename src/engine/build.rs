@@ -332,10 +332,11 @@ impl LoggedOnce {
 
 /// How long the store keeps `entry` past its freshness: the longer of its stale windows, or
 /// [`Policy::revalidate_keep`] if longer and the entry can be revalidated (it names a validator,
-/// or has no freshness at all and so is revalidated on every use).
+/// or has no freshness at all and so is revalidated on every use). Never for sliding expiry,
+/// whose entries are gone a window after their last read and never go stale.
 pub(crate) fn kept_stale(entry: &Entry, policy: &Policy) -> Duration {
     let windows = entry.stale.max(entry.stale_if_error);
-    match revalidatable(entry) {
+    match revalidatable(entry) && policy.touch().is_none() {
         true => windows.max(policy.revalidate_keep),
         false => windows,
     }
