@@ -138,7 +138,7 @@ async fn one_build_revalidates_a_stale_entry_for_every_engine() {
     let Some(BuildRole::Revalidate(stale)) = roles.last() else {
         panic!("the second build revalidates: {roles:?}");
     };
-    assert_eq!(header(&stale, "x-version"), Some(&b"1"[..]));
+    assert_eq!(header(stale, "x-version"), Some(&b"1"[..]));
     let counted = engines
         .iter()
         .map(|engine| {
