@@ -147,6 +147,7 @@ async fn a_revalidated_value_gets_its_new_head_and_keeps_its_body_without_resend
         )
         .await;
     let sent = input_bytes(&redis).await - before;
+    println!("the head-only commit sent Redis {sent} bytes for a {BODY_LEN}-byte body");
     assert_eq!(done, Ok(Fenced::Done));
     assert!(
         sent < 16 * 1024,
