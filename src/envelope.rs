@@ -207,6 +207,21 @@ pub fn encode(entry: &Entry) -> Result<Bytes, EnvelopeError> {
     Ok(out.freeze())
 }
 
+/// The bytes of [`encode`]`(entry)` before the body: everything but the body, its length
+/// prefix included. A store that can rewrite a value's head in place takes this instead of the
+/// whole value when only the head changed (a revalidated entry).
+pub fn encode_head(entry: &Entry) -> Result<Bytes, EnvelopeError> {
+    let headless = Entry {
+        body: Bytes::new(),
+        ..entry.clone()
+    };
+    let mut head = BytesMut::from(&encode(&headless)?[..]);
+    let body_len = u64::try_from(entry.body.len()).map_err(|_| EnvelopeError::TooLarge)?;
+    let at = head.len() - BODY_LEN_LEN;
+    head[at..].copy_from_slice(&body_len.to_be_bytes());
+    Ok(head.freeze())
+}
+
 /// Whole milliseconds, saturating: a TTL of centuries is as good as forever.
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -401,6 +416,15 @@ mod tests {
         let range = whole.as_ptr_range();
         let start = part.as_ptr();
         range.start <= start && start.wrapping_add(part.len()) <= range.end
+    }
+
+    #[test]
+    fn the_head_is_the_encoding_up_to_the_body() {
+        let entry = typical();
+        let whole = encode(&entry).unwrap();
+        let head = encode_head(&entry).unwrap();
+        assert_eq!(head.len(), whole.len() - entry.body.len());
+        assert_eq!(whole.slice(..head.len()), head);
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub const REFRESH_REASONS: [&str; 2] = ["stale", "early"];
 /// The `result` label of `corral_background_refreshes_total`.
 pub const REFRESH_RESULTS: [&str; 4] = ["stored", "failed", "uncacheable", "abandoned"];
 
+/// The `result` label of `corral_revalidations_total`: the source confirmed the stored entry
+/// (`304`), sent a new answer in its place (`200`, whatever its status), or failed (`error`).
+pub const REVALIDATION_RESULTS: [&str; 3] = ["304", "200", "error"];
+
 /// The `limit` label of `corral_limit_rejections_total`: which limit refused a connection or a
 /// request.
 pub const LIMITS: [&str; 11] = [
@@ -205,6 +209,9 @@ pub struct Metrics {
     /// stored copy, by route, why (`stale`: stale-while-revalidate; `early`: early refresh) and
     /// result (`stored`, `failed`, `uncacheable`, `abandoned`).
     pub background_refreshes: IntCounterVec,
+    /// Refreshes of a stored entry that asked the source whether it changed (one per key for the
+    /// whole deployment, under the lease), by route and result (see [`REVALIDATION_RESULTS`]).
+    pub revalidations: IntCounterVec,
     /// Connections and requests refused by a limit, by limit (see [`LIMITS`]).
     pub limit_rejections: IntCounterVec,
     /// Client connections open right now, both listeners together.
@@ -468,6 +475,11 @@ impl Metrics {
                 "Refreshes run in the background under the lease, by route, reason and result.",
                 &["route", "reason", "result"],
             ),
+            revalidations: counter_vec(
+                "corral_revalidations_total",
+                "Refreshes of a stored entry that asked the source whether it changed, by route and result.",
+                &["route", "result"],
+            ),
             limit_rejections: counter_vec(
                 "corral_limit_rejections_total",
                 "Connections and requests refused by a limit, by limit.",
@@ -596,6 +608,9 @@ impl Metrics {
                 self.background_refreshes
                     .with_label_values(&[route, reason, result]);
             }
+        }
+        for result in REVALIDATION_RESULTS {
+            self.revalidations.with_label_values(&[route, result]);
         }
         self.upstream_duration.with_label_values(&[route]);
         self.follower_wait.with_label_values(&[route]);

@@ -319,6 +319,7 @@ impl RoutePolicy {
             early_refresh: self.early_refresh.map(|beta| beta.0),
             max_followers: self.max_followers,
             on_store_error: self.on_store_error,
+            revalidate_keep: crate::engine::DEFAULT_REVALIDATE_KEEP,
         }
     }
 }

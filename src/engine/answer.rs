@@ -18,6 +18,12 @@ pub enum Built {
     Shared(Entry),
     /// Private to the caller whose build produced it; never stored, never handed to anyone else.
     Private(Private),
+    /// The stored entry a [`BuildRole::Revalidate`] build was handed is still current (the
+    /// proxy's upstream answered `304 Not Modified`): `entry` is that entry with the headers and
+    /// freshness the confirmation updated, and the stored body. Stored and served like
+    /// [`Built::Shared`]; a store that can rewrite a value's head in place keeps the body without
+    /// it crossing the network again ([`crate::store::Store::commit_revalidated`]).
+    Revalidated(Entry),
 }
 
 /// An answer that may not be shared, and why.
@@ -150,10 +156,16 @@ pub type BuildFuture = Pin<Box<dyn Future<Output = Result<Built, BuildError>> + 
 pub type Builder = Arc<dyn Fn(BuildRole) -> BuildFuture + Send + Sync>;
 
 /// Why a build runs, which says whether what it returns may be stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BuildRole {
     /// Under the key's lease: a shared answer is stored and served to everyone.
     Leader,
+    /// Under the key's lease, refreshing this stored entry, which has gone stale (or was stored
+    /// to be revalidated on every use). A builder that can ask its source whether the entry is
+    /// still current (the proxy's conditional request with the entry's `ETag` and
+    /// `Last-Modified`) answers [`Built::Revalidated`] when it is; any other answer replaces the
+    /// entry as a leader's would. A builder that cannot ask simply builds anew.
+    Revalidate(Arc<Entry>),
     /// The caller's own build, for a key that may not be shared (uncacheable, or a hit-for-pass
     /// marker): nothing is stored.
     Own,
@@ -165,8 +177,16 @@ pub enum BuildRole {
 impl BuildRole {
     /// Whether what the build returns may reach the store, so that work that only serves a
     /// stored value (indexing it for purges) is worth doing.
-    pub fn stores(self) -> bool {
-        self == BuildRole::Leader
+    pub fn stores(&self) -> bool {
+        matches!(self, BuildRole::Leader | BuildRole::Revalidate(_))
+    }
+
+    /// The stored entry this build revalidates, if it does.
+    pub fn revalidating(&self) -> Option<&Arc<Entry>> {
+        match self {
+            BuildRole::Revalidate(entry) => Some(entry),
+            _ => None,
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -17,9 +18,10 @@ use super::calls::{announce, keep, retrying, store_call};
 use super::flight::{Conclusion, Flight, Source};
 use super::{BuildError, BuildRole, Builder, Built, Failure, FailureCause, Inner, Policy, seal};
 use crate::bus::{Event, EventKind};
+use crate::envelope::{self, Entry, Form};
 use crate::key::KeyHash;
 use crate::lease::Token;
-use crate::store::{Fenced, Renewed};
+use crate::store::{Fenced, Renewed, Revalidation};
 
 /// Releases a lease with ABANDONED unless disarmed: a build that panics or is cancelled must not
 /// leave its followers waiting for the lease to expire.
@@ -61,14 +63,23 @@ enum Ending {
 /// Leads: runs the build under the lease. A build past `max_fetch` is abandoned: its lease is
 /// released with ABANDONED so that other processes' waiters re-elect at once, and this flight's
 /// callers get an overrun failure.
+///
+/// With `revalidating`, the stale entry stored under the key, the build is told to revalidate it
+/// ([`BuildRole::Revalidate`]); a confirmation ([`Built::Revalidated`]) is committed as a new head
+/// over the stored body.
 pub(crate) async fn lead(
     inner: &Arc<Inner>,
     flight: &Arc<Flight>,
     policy: &Policy,
     builder: &Builder,
     token: Token,
+    revalidating: Option<Arc<Entry>>,
 ) -> Conclusion {
     let key = flight.key;
+    let role = match &revalidating {
+        Some(stale) => BuildRole::Revalidate(stale.clone()),
+        None => BuildRole::Leader,
+    };
     let guard = LeaseGuard {
         inner: inner.clone(),
         key,
@@ -78,10 +89,10 @@ pub(crate) async fn lead(
     let mut lost = false;
     let started = Instant::now();
     let ending = {
-        let build = AssertUnwindSafe(builder(BuildRole::Leader)).catch_unwind();
+        let build = AssertUnwindSafe(builder(role)).catch_unwind();
         tokio::pin!(build);
         let deadline = Instant::now() + policy.max_fetch;
-        let every = (policy.lease_ttl / 3).max(std::time::Duration::from_millis(1));
+        let every = (policy.lease_ttl / 3).max(Duration::from_millis(1));
         let mut renewals = tokio::time::interval_at(Instant::now() + every, every);
         renewals.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut shutdown = inner.shutdown.subscribe();
@@ -117,9 +128,29 @@ pub(crate) async fn lead(
         }
     };
     guard.disarm();
+    if revalidating.is_some() {
+        let result = match &ending {
+            Ending::Built(Ok(Built::Revalidated(_))) => "304",
+            Ending::Built(Ok(_)) => "200",
+            _ => "error",
+        };
+        inner
+            .metrics
+            .revalidations
+            .with_label_values(&[&policy.label, result])
+            .inc();
+    }
+    // A confirmation is stored like any shared answer, as a new head over the stored body.
+    let (ending, old_head) = match ending {
+        Ending::Built(Ok(Built::Revalidated(entry))) => {
+            let old_head = revalidating.and_then(|stale| envelope::encode_head(&stale).ok());
+            (Ending::Built(Ok(Built::Shared(entry))), old_head)
+        }
+        other => (other, None),
+    };
 
     match ending {
-        Ending::Built(Ok(Built::Shared(mut entry))) => {
+        Ending::Built(Ok(Built::Shared(mut entry) | Built::Revalidated(mut entry))) => {
             // The `delta` of early refresh: how long this value takes to make.
             entry.fetch_time = started.elapsed();
             match seal(&key, entry) {
@@ -127,14 +158,21 @@ pub(crate) async fn lead(
                     inner.metrics.build("shared");
                     let life = Life {
                         fresh: entry.ttl,
-                        // Kept past freshness for the longer of its stale windows.
-                        ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
+                        ttl: entry.ttl + kept_stale(&entry, policy),
                     };
                     let sliding = policy.touch().is_some();
                     let committing = Instant::now();
+                    let write = match old_head {
+                        Some(old_head) => Write::Head(Revalidation {
+                            new_head: bytes.slice(..bytes.len() - entry.body.len()),
+                            value: bytes,
+                            old_head,
+                        }),
+                        None => Write::Whole(bytes),
+                    };
                     let committed = match lost {
                         true => Committed::Rejected,
-                        false => commit(inner, &key, token, bytes, life, sliding).await,
+                        false => commit(inner, &key, token, write, life, sliding).await,
                     };
                     // A value the store did not take for want of an answer is still this
                     // process's to serve: kept, later callers here do not fetch it again while the
@@ -292,11 +330,33 @@ impl LoggedOnce {
     }
 }
 
+/// How long the store keeps `entry` past its freshness: the longer of its stale windows, or
+/// [`Policy::revalidate_keep`] if longer and the entry can be revalidated (it names a validator,
+/// or has no freshness at all and so is revalidated on every use). Never for sliding expiry,
+/// whose entries are gone a window after their last read and never go stale.
+pub(crate) fn kept_stale(entry: &Entry, policy: &Policy) -> Duration {
+    let windows = entry.stale.max(entry.stale_if_error);
+    match revalidatable(entry) && policy.touch().is_none() {
+        true => windows.max(policy.revalidate_keep),
+        false => windows,
+    }
+}
+
+/// Whether a refresh of `entry` may ask its source whether it changed rather than build anew.
+pub(crate) fn revalidatable(entry: &Entry) -> bool {
+    entry.form == Form::Answer
+        && (entry.ttl.is_zero()
+            || entry
+                .headers
+                .iter()
+                .any(|(name, _)| name == "etag" || name == "last-modified"))
+}
+
 /// How long a committed value is fresh, and how long the store keeps it (fresh plus stale).
 #[derive(Clone, Copy)]
 struct Life {
-    fresh: std::time::Duration,
-    ttl: std::time::Duration,
+    fresh: Duration,
+    ttl: Duration,
 }
 
 /// What became of a COMMIT.
@@ -310,27 +370,42 @@ enum Committed {
     Unanswered,
 }
 
+/// What a COMMIT writes: a whole value, or a revalidated one's new head over the stored body.
+enum Write {
+    Whole(Bytes),
+    Head(Revalidation),
+}
+
 /// COMMIT: answers whether the value is now the stored one.
 async fn commit(
     inner: &Inner,
     key: &KeyHash,
     token: Token,
-    bytes: Bytes,
+    write: Write,
     life: Life,
     sliding: bool,
 ) -> Committed {
+    let bytes = match &write {
+        Write::Whole(bytes) => bytes,
+        Write::Head(update) => &update.value,
+    };
     let inline = (bytes.len() < inner.config.inline_max).then(|| bytes.clone());
     let event = Event::ending(*key, token.lease_id(), EventKind::Ready { inline }).encode();
-    let stored = store_call(inner, "commit", || {
-        inner.store.commit_fresh(
-            key,
-            token,
-            bytes.clone(),
-            life.fresh,
-            life.ttl,
-            sliding,
-            event.clone(),
-        )
+    let stored = store_call(inner, "commit", || async {
+        let (fresh, ttl, event) = (life.fresh, life.ttl, event.clone());
+        match &write {
+            Write::Whole(bytes) => {
+                let bytes = bytes.clone();
+                (inner.store)
+                    .commit_fresh(key, token, bytes, fresh, ttl, sliding, event)
+                    .await
+            }
+            Write::Head(update) => {
+                (inner.store)
+                    .commit_revalidated(key, token, update, fresh, ttl, sliding, event)
+                    .await
+            }
+        }
     })
     .await;
     match stored {
@@ -405,7 +480,7 @@ pub(crate) async fn degraded(
 ) -> Conclusion {
     let build = AssertUnwindSafe(builder(BuildRole::Degraded)).catch_unwind();
     match tokio::time::timeout(policy.max_fetch, build).await {
-        Ok(Ok(Ok(Built::Shared(mut entry)))) => {
+        Ok(Ok(Ok(Built::Shared(mut entry) | Built::Revalidated(mut entry)))) => {
             inner.metrics.build("degraded");
             entry.key = flight.key;
             entry.stored_at_ms = super::unix_ms();

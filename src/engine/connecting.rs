@@ -27,8 +27,8 @@ use super::backend::{Backend, ConnectError, StoreConfig, validate_namespace};
 use crate::bus::{Bus, BusError, EventSink};
 use crate::key::KeyHash;
 use crate::store::{
-    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Refresh, Renewed, Selector, Store,
-    StoreError, Token, Touch,
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Refresh, Renewed, Revalidation,
+    Selector, Store, StoreError, Token, Touch,
 };
 
 /// First pause before trying a part again.
@@ -333,6 +333,21 @@ impl Store for PendingStore {
     ) -> Result<Fenced, StoreError> {
         self.get()?
             .commit_fresh(key, token, value, fresh, ttl, sliding, event)
+            .await
+    }
+
+    async fn commit_revalidated(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        update: &Revalidation,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        self.get()?
+            .commit_revalidated(key, token, update, fresh, ttl, sliding, event)
             .await
     }
 

@@ -166,6 +166,8 @@ where
             max_fetch: config.max_fetch,
             poll_interval: config.poll_interval,
             label: config.name.as_str().into(),
+            // A dictionary's builders cannot ask whether a value changed: nothing to keep for.
+            revalidate_keep: Duration::ZERO,
             ..Policy::default()
         };
         Ok(Self {

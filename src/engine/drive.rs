@@ -132,7 +132,11 @@ async fn run(
     let mut failed_rechecks = 0;
     let mut corrupt = 0;
     // A stale copy inside its stale-if-error window: the answer should this flight's refresh fail.
-    let mut fallback: Option<Entry> = None;
+    let mut fallback: Option<Arc<Entry>> = None;
+    // Whether the lease this flight waited on just ended with a value: the next look only peeks,
+    // and a value it finds is that value, served even if it is stale at once (an entry stored
+    // to be revalidated on every use), rather than revalidated again by the lease's waiters.
+    let mut after_ready = false;
     loop {
         // What arrived before this look is superseded by it.
         flight.take_mail();
@@ -140,10 +144,13 @@ async fn run(
         // answer; counting it from here keeps the L1's copy within the store's freshness even when
         // the answer is handled late (a process frozen or starved meanwhile).
         let asked_at = Instant::now();
+        let peeking = std::mem::take(&mut after_ready);
         let (answer, timed_out) = match (flight.mode, builder) {
-            (Mode::Build, Some(_)) => acquire(inner, &key, &lease, policy).await,
+            (Mode::Build, Some(_)) if !peeking => acquire(inner, &key, &lease, policy).await,
             _ => (peek(inner, &key, policy).await, false),
         };
+        // The stale entry this flight's build revalidates, if it leads one.
+        let mut revalidating: Option<Arc<Entry>> = None;
         acquire_timed_out |= timed_out;
         if answer.is_ok() {
             failed_rechecks = 0;
@@ -180,23 +187,29 @@ async fn run(
             Ok(Acquired::Stale {
                 ttl_left, refresh, ..
             }) => {
-                let entry = entry.take().expect("decoded above");
-                let since = entry
-                    .stale
-                    .max(entry.stale_if_error)
-                    .saturating_sub(ttl_left);
+                let entry = Arc::new(entry.take().expect("decoded above"));
+                // What the lease waited on just stored: this flight's answer, stale or not.
+                if peeking {
+                    return Conclusion::Value {
+                        entry,
+                        source: Source::Coalesced,
+                    };
+                }
+                let since = build::kept_stale(&entry, policy).saturating_sub(ttl_left);
+                let revalidate = build::revalidatable(&entry).then(|| entry.clone());
                 if since < entry.stale {
                     if let (Refresh::Lead { .. }, Some(builder)) = (refresh, builder) {
-                        refresh::stale(inner, key, policy, builder, lease.token);
+                        refresh::stale(inner, key, policy, builder, lease.token, revalidate);
                     }
                     return Conclusion::Value {
-                        entry: Arc::new(entry),
+                        entry,
                         source: Source::StaleRevalidating,
                     };
                 }
+                revalidating = revalidate;
                 fallback = (since < entry.stale_if_error).then_some(entry);
                 if let Some(stale) = &fallback {
-                    flight.keep_stale(Arc::new(stale.clone()));
+                    flight.keep_stale(stale.clone());
                 }
                 Ok(match refresh {
                     Refresh::Lead { fence } => Acquired::Lead { fence },
@@ -244,18 +257,20 @@ async fn run(
                 };
             }
             Ok(Acquired::Hit { ttl_left, .. }) => {
-                let entry = entry.expect("decoded above");
+                let entry = Arc::new(entry.expect("decoded above"));
                 let ttl_left = ttl_left.saturating_sub(asked_at.elapsed());
                 let source = if waited {
                     Source::Coalesced
                 } else {
                     Source::Store
                 };
-                refresh::on_hit(inner, &key, entry.fetch_time, ttl_left, policy, builder);
+                refresh::on_hit(inner, &key, &entry, ttl_left, policy, builder);
                 return serve(inner, flight, entry, ttl_left, policy, source);
             }
             Ok(Acquired::Stale { .. }) => unreachable!("handled above"),
             Ok(Acquired::Pass { .. }) => return Conclusion::Pass,
+            // The value the lease ended with is already gone (purged, expired): look as usual.
+            Ok(Acquired::Empty) if peeking && builder.is_some() => {}
             Ok(Acquired::Empty) => return Conclusion::Empty,
             Ok(Acquired::Lead { .. }) => {
                 inner.metrics.lease("acquired");
@@ -275,7 +290,8 @@ async fn run(
                     inner.metrics.lease("taken_over");
                 }
                 let builder = builder.expect("only build flights acquire");
-                let built = build::lead(inner, flight, policy, builder, lease.token).await;
+                let built =
+                    build::lead(inner, flight, policy, builder, lease.token, revalidating).await;
                 return match (built, fallback) {
                     (Conclusion::Failed(_), Some(stale)) => stale_on_error(stale),
                     (built, _) => built,
@@ -285,6 +301,7 @@ async fn run(
                 waited = true;
                 timer_woke = false;
                 match wait(inner, flight, policy, lease_left, lease).await {
+                    Wake::Event(EventKind::Ready { inline: None }) => after_ready = true,
                     Wake::Event(EventKind::Ready {
                         inline: Some(value),
                     }) => {
@@ -296,8 +313,10 @@ async fn run(
                             // full ttl it had before, one behind ours only shortens it.
                             let age = super::unix_ms().saturating_sub(entry.stored_at_ms);
                             let ttl = entry.ttl.saturating_sub(Duration::from_millis(age));
+                            let entry = Arc::new(entry);
                             return serve(inner, flight, entry, ttl, policy, Source::Coalesced);
                         }
+                        after_ready = true;
                     }
                     // The refresh failed, or its leader gave up (overran, shut down): the stale
                     // copy stands in, as it does for the leader's own callers.
@@ -328,9 +347,9 @@ async fn run(
 }
 
 /// Answers a flight with a stale copy because its refresh failed; the L1 keeps no stale copies.
-fn stale_on_error(entry: Entry) -> Conclusion {
+fn stale_on_error(entry: Arc<Entry>) -> Conclusion {
     Conclusion::Value {
-        entry: Arc::new(entry),
+        entry,
         source: Source::StaleOnError,
     }
 }
@@ -339,12 +358,11 @@ fn stale_on_error(entry: Entry) -> Conclusion {
 fn serve(
     inner: &Inner,
     flight: &Flight,
-    entry: Entry,
+    entry: Arc<Entry>,
     ttl_left: Duration,
     policy: &Policy,
     source: Source,
 ) -> Conclusion {
-    let entry = Arc::new(entry);
     let l1_ttl = match policy.touch() {
         // Sliding: come back to the store once per slack so reads keep touching its TTL.
         Some(touch) => ttl_left.min(touch.slack),

@@ -93,7 +93,17 @@ pub struct Policy {
     pub max_followers: usize,
     /// What a build flight does when the store cannot be reached.
     pub on_store_error: OnStoreError,
+    /// How long past its freshness the store keeps an entry that can be revalidated (one that
+    /// names a validator, `etag` or `last-modified`, or that has no freshness at all), so that
+    /// its refresh asks the source whether it changed instead of building it anew (see
+    /// [`BuildRole::Revalidate`]). Its stale windows still say when it may be served stale;
+    /// zero keeps entries only for those.
+    pub revalidate_keep: Duration,
 }
+
+/// The default [`Policy::revalidate_keep`]: long enough for a key read every few minutes to be
+/// revalidated rather than fetched whole, short enough that entries nobody reads leave the store.
+pub const DEFAULT_REVALIDATE_KEEP: Duration = Duration::from_secs(600);
 
 /// What a build flight does when the store cannot be reached (a timeout, a lost connection, or
 /// the store's circuit breaker open).
@@ -119,6 +129,7 @@ impl Default for Policy {
             early_refresh: None,
             max_followers: usize::MAX,
             on_store_error: OnStoreError::Open,
+            revalidate_keep: DEFAULT_REVALIDATE_KEEP,
         }
     }
 }
@@ -379,14 +390,7 @@ impl Engine {
             return Err(EngineError::Closed);
         }
         if let Some((entry, left)) = inner.l1.get_with_ttl(key) {
-            refresh::on_hit(
-                &self.inner,
-                key,
-                entry.fetch_time,
-                left,
-                policy,
-                builder.as_ref(),
-            );
+            refresh::on_hit(&self.inner, key, &entry, left, policy, builder.as_ref());
             return Ok(Answer::shared(entry, Source::L1));
         }
         let started = Instant::now();
@@ -519,7 +523,7 @@ impl Engine {
     ) -> Result<Answer, EngineError> {
         let limit = deadline.min(Instant::now() + policy.max_fetch);
         match tokio::time::timeout_at(limit, builder(BuildRole::Own)).await {
-            Ok(Ok(Built::Shared(entry))) => {
+            Ok(Ok(Built::Shared(entry) | Built::Revalidated(entry))) => {
                 self.inner.metrics.build("own");
                 Ok(Answer {
                     entry: Arc::new(entry),

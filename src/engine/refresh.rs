@@ -16,7 +16,9 @@
 //!   refresh, on however many processes, one fetch runs, and an L1 copy older than the stored
 //!   value never gets the newer one refreshed again.
 //!
-//! Either way the refresh is the leader's usual build (`build::lead`: lease renewal, `max_fetch`,
+//! A value that can be revalidated (it names a validator) is revalidated: the build is handed the
+//! stored entry ([`super::BuildRole::Revalidate`]) and asks the source whether it changed. Either
+//! way the refresh is the leader's usual build (`build::lead`: lease renewal, `max_fetch`,
 //! the guard that abandons on panic or cancellation) on a detached flight that no caller joins, so
 //! no request ever waits on it. Its commit replaces the value; a failure releases the lease and
 //! leaves the stale copy in place for a later request to try again.
@@ -29,6 +31,7 @@ use rand::Rng;
 
 use super::flight::Conclusion;
 use super::{Builder, Inner, Policy, build};
+use crate::envelope::Entry;
 use crate::key::KeyHash;
 use crate::lease::Token;
 use crate::store::{LeaseRequest, Refresh};
@@ -96,11 +99,13 @@ fn draw() -> f64 {
     1.0 - rand::rng().random::<f64>()
 }
 
-/// On a hit: refresh early in the background if the policy asks for it and the draw says so.
+/// On a hit of `entry`: refresh early in the background if the policy asks for it and the draw
+/// says so. The refresh revalidates `entry` when it can be: a copy older than the stored value
+/// only costs the head-only commit (the store finds another head and takes the whole value).
 pub(crate) fn on_hit(
     inner: &Arc<Inner>,
     key: &KeyHash,
-    delta: Duration,
+    entry: &Arc<Entry>,
     left: Duration,
     policy: &Policy,
     builder: Option<&Builder>,
@@ -108,11 +113,13 @@ pub(crate) fn on_hit(
     let (Some(beta), Some(builder)) = (policy.early_refresh, builder) else {
         return;
     };
+    let delta = entry.fetch_time;
     let draw = draw();
     if !refresh_early(delta, beta, left, draw) || !inner.refreshing.start(*key) {
         return;
     }
     let ahead = ahead(delta, beta, draw);
+    let revalidate = build::revalidatable(entry).then(|| entry.clone());
     let (task_inner, key, policy, builder) = (inner.clone(), *key, policy.clone(), builder.clone());
     spawn(inner, async move {
         let inner = task_inner;
@@ -129,24 +136,46 @@ pub(crate) fn on_hit(
         .await;
         if let Ok(Refresh::Lead { .. }) = taken {
             inner.metrics.lease("acquired");
-            run(&inner, key, &policy, &builder, lease.token, Reason::Early).await;
+            let early = Reason::Early;
+            run(
+                &inner,
+                key,
+                &policy,
+                &builder,
+                lease.token,
+                early,
+                revalidate,
+            )
+            .await;
         }
         inner.refreshing.end(&key);
     });
 }
 
-/// Refreshes a stale value under the lease `token` that ACQUIRE just gave this process.
+/// Refreshes a stale value under the lease `token` that ACQUIRE just gave this process,
+/// revalidating `revalidate` (the stale entry) when it can be.
 pub(crate) fn stale(
     inner: &Arc<Inner>,
     key: KeyHash,
     policy: &Policy,
     builder: &Builder,
     token: Token,
+    revalidate: Option<Arc<Entry>>,
 ) {
     inner.metrics.lease("acquired");
     let (task_inner, policy, builder) = (inner.clone(), policy.clone(), builder.clone());
     spawn(inner, async move {
-        run(&task_inner, key, &policy, &builder, token, Reason::Stale).await;
+        let stale = Reason::Stale;
+        run(
+            &task_inner,
+            key,
+            &policy,
+            &builder,
+            token,
+            stale,
+            revalidate,
+        )
+        .await;
     });
 }
 
@@ -158,9 +187,11 @@ async fn run(
     builder: &Builder,
     token: Token,
     reason: Reason,
+    revalidate: Option<Arc<Entry>>,
 ) {
     let detached = inner.flights.detached(key);
-    let result = match build::lead(inner, &detached.flight, policy, builder, token).await {
+    let flight = &detached.flight;
+    let result = match build::lead(inner, flight, policy, builder, token, revalidate).await {
         Conclusion::Value { .. } => "stored",
         Conclusion::Failed(_) => "failed",
         Conclusion::Uncacheable { .. } => "uncacheable",

@@ -32,7 +32,7 @@ pub enum RequestVerdict {
 /// What may happen to an upstream response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseVerdict {
-    /// Store it and share it, fresh for `ttl`.
+    /// Store it and share it, fresh for `ttl` (zero: revalidated on every use).
     Store { ttl: Duration },
     /// Never store, never share (GIVEUP + hit-for-pass); the reason goes into `detail=`.
     Pass(&'static str),
@@ -110,8 +110,11 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// `must-understand` for a status in `cache_statuses`, RFC 9111 section 5.2.2.3, when the route
 /// honours `Cache-Control`), `vary-star`, `vary` (names a request header outside the key: every
 /// name counts, `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206`
-/// always), then, when the route honours `Cache-Control`, `no-cache` (corral does not revalidate),
-/// `no-freshness` (a `semantics: rfc9111` route, and the upstream gave none), and `zero-ttl`.
+/// always), then `no-freshness` (a `semantics: rfc9111` route, and the upstream gave none).
+///
+/// When the route honours `Cache-Control`, a `no-cache` answer (with or without field names: the
+/// whole answer is revalidated) is stored with no freshness, and so is one whose lifetime is zero
+/// (`max-age=0`): each use revalidates it with the upstream, once for the whole deployment.
 ///
 /// Where the directives come from: see [`directives`]. `private` and `no-store` are obeyed in
 /// `Cache-Control` even when a targeted field gives the freshness.
@@ -170,7 +173,9 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     let ttl = if route.policy.honor_cache_control {
         if cc.has("no-cache") {
-            return Pass("no-cache");
+            return Store {
+                ttl: Duration::ZERO,
+            };
         }
         let lifetime = upstream_freshness(&cc, targeted, headers)
             .or_else(|| heuristic_freshness(route, status, &cc, headers));
@@ -183,15 +188,20 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
                 .saturating_sub(age(headers))
                 .max(floor)
                 .min(route.policy.max_ttl),
-            None if route.policy.semantics == Semantics::Rfc9111 => return Pass("no-freshness"),
+            // Stale from the start (RFC 9111 section 4.2): worth storing only to revalidate.
+            None if route.policy.semantics == Semantics::Rfc9111 => {
+                if !headers.contains_key(header::ETAG)
+                    && !headers.contains_key(header::LAST_MODIFIED)
+                {
+                    return Pass("no-freshness");
+                }
+                Duration::ZERO
+            }
             None => route.policy.ttl,
         }
     } else {
         route.policy.ttl
     };
-    if ttl.is_zero() {
-        return Pass("zero-ttl");
-    }
     Store { ttl }
 }
 

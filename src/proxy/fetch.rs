@@ -142,16 +142,25 @@ impl Fetch {
         }
         let budget = match role {
             BuildRole::Own => Budget::Pass,
-            BuildRole::Leader | BuildRole::Degraded => Budget::Fill,
+            BuildRole::Leader | BuildRole::Degraded | BuildRole::Revalidate(_) => Budget::Fill,
         };
-        match self.send(budget, random_id()).await? {
+        // Only the stored entry's validators go upstream, never a client's.
+        let stored = role
+            .revalidating()
+            .filter(|stored| validators(stored).is_some());
+        match self.send(budget, random_id(), stored.map(|e| &**e)).await? {
             Buffered::Whole {
                 status,
                 headers,
                 body,
             } => {
                 let indexed = role.stores().then_some(indexed_for);
-                self.judge(status, headers, body, indexed).await
+                match stored {
+                    Some(stored) if status == StatusCode::NOT_MODIFIED => {
+                        self.not_modified(stored, &headers, indexed).await
+                    }
+                    _ => self.judge(status, headers, body, indexed).await,
+                }
             }
             // Too large to buffer: only this fetch's own client gets it, as it streams; a range
             // request asks the upstream for its ranges rather than stream it all.
@@ -183,8 +192,14 @@ impl Fetch {
     }
 
     /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
-    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]).
-    async fn send(&self, budget: Budget, id: HeaderValue) -> Result<Buffered, BuildError> {
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]). With
+    /// `validating`, the request is made conditional on that stored entry's validators.
+    async fn send(
+        &self,
+        budget: Budget,
+        id: HeaderValue,
+        validating: Option<&Entry>,
+    ) -> Result<Buffered, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let Some(forward) = self.forward() else {
             return Err(BuildError::new("the request URI cannot be forwarded"));
@@ -226,6 +241,9 @@ impl Fetch {
             budget == Budget::Pass,
             &mut headers,
         );
+        if let Some((etag, last_modified)) = validating.and_then(validators) {
+            conditional(&mut headers, etag, last_modified);
+        }
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -322,6 +340,100 @@ impl Fetch {
             Stage::Variant(_) => Built::Private(Private::new(entry, "vary")),
         })
     }
+}
+
+impl Fetch {
+    /// The upstream's `304` to a revalidation: the stored answer with its headers updated from
+    /// the `304` (RFC 9111 section 4.3.4), judged again as a whole answer would be (a `304` that
+    /// adds `Set-Cookie` or `private` makes it private, one that changes `Cache-Control` changes its
+    /// freshness). Its body is the stored one, untouched.
+    async fn not_modified(
+        &self,
+        stored: &Entry,
+        update: &HeaderMap,
+        indexed: Option<Duration>,
+    ) -> Result<Built, BuildError> {
+        let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+        let headers = updated_headers(&stored.headers, update);
+        match self
+            .judge(status, headers, stored.body.clone(), indexed)
+            .await?
+        {
+            Built::Shared(entry) => Ok(Built::Revalidated(entry)),
+            other => Ok(other),
+        }
+    }
+}
+
+/// The request headers that make a request conditional: a client's are never sent on a
+/// revalidation, which asks about the stored entry alone.
+const PRECONDITIONS: [HeaderName; 5] = [
+    http::header::IF_MATCH,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_MODIFIED_SINCE,
+    http::header::IF_UNMODIFIED_SINCE,
+    http::header::IF_RANGE,
+];
+
+/// Stored headers a `304` does not update: they describe the stored body as it is stored (its
+/// length and coding), which the `304` does not resend (RFC 9111 section 3.2).
+const KEPT_ON_UPDATE: [HeaderName; 4] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::header::TRANSFER_ENCODING,
+];
+
+/// A stored entry's validators: its `ETag` and its `Last-Modified`, when it has either.
+fn validators(stored: &Entry) -> Option<(Option<&Bytes>, Option<&Bytes>)> {
+    let header = |wanted: &str| {
+        (stored.headers.iter())
+            .find(|(name, _)| name == wanted)
+            .map(|(_, value)| value)
+    };
+    let (etag, last_modified) = (header("etag"), header("last-modified"));
+    (etag.is_some() || last_modified.is_some()).then_some((etag, last_modified))
+}
+
+/// Makes `headers` a revalidation of a stored entry (RFC 9111 section 4.3.1): `If-None-Match`
+/// with its entity tag, `If-Modified-Since` with its `Last-Modified`, and no other precondition.
+fn conditional(headers: &mut HeaderMap, etag: Option<&Bytes>, last_modified: Option<&Bytes>) {
+    for name in &PRECONDITIONS {
+        headers.remove(name);
+    }
+    let value = |bytes: &Bytes| HeaderValue::from_maybe_shared(bytes.clone()).ok();
+    if let Some(etag) = etag.and_then(value) {
+        headers.insert(http::header::IF_NONE_MATCH, etag);
+    }
+    if let Some(date) = last_modified.and_then(value) {
+        headers.insert(http::header::IF_MODIFIED_SINCE, date);
+    }
+}
+
+/// The stored headers updated from a `304` (RFC 9111 section 3.2): each field the `304` sends
+/// replaces the stored field of that name, except those that describe the stored body
+/// ([`KEPT_ON_UPDATE`]); the stored `Age` goes whatever the `304` says, since the answer's age is
+/// now the `304`'s.
+fn updated_headers(stored: &[(String, Bytes)], update: &HeaderMap) -> HeaderMap {
+    let updates = |name: &HeaderName| update.contains_key(name) && !KEPT_ON_UPDATE.contains(name);
+    let mut headers = HeaderMap::new();
+    for (name, value) in stored {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_maybe_shared(value.clone()),
+        ) else {
+            continue;
+        };
+        if name != http::header::AGE && !updates(&name) {
+            headers.append(name, value);
+        }
+    }
+    for (name, value) in update {
+        if !KEPT_ON_UPDATE.contains(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
 }
 
 /// `uri` with its query replaced.
@@ -423,6 +535,80 @@ pub(super) fn entry(status: StatusCode, headers: &HeaderMap, body: Bytes, ttl: D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(headers: &[(&str, &str)]) -> Entry {
+        let mut entry = entry(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::from_static(b"body"),
+            Duration::from_secs(60),
+        );
+        entry.headers = headers
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+            .collect();
+        entry
+    }
+
+    fn header_map(headers: &[(&'static str, &'static str)]) -> HeaderMap {
+        headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_304_updates_the_stored_headers_but_not_those_describing_the_stored_body() {
+        let entry = stored(&[
+            ("content-type", "text/plain"),
+            ("content-encoding", "gzip"),
+            ("etag", "\"a\""),
+            ("age", "30"),
+            ("x-kept", "1"),
+            ("x-version", "1"),
+        ]);
+        let update = header_map(&[
+            ("x-version", "2"),
+            ("content-encoding", "br"),
+            ("cache-control", "max-age=60"),
+        ]);
+        let merged = updated_headers(&entry.headers, &update);
+        let get = |name: &str| merged.get(name).map(|v| v.to_str().unwrap());
+        assert_eq!(get("x-version"), Some("2"));
+        assert_eq!(merged.get_all("x-version").iter().count(), 1);
+        assert_eq!(get("cache-control"), Some("max-age=60"));
+        assert_eq!(
+            get("content-encoding"),
+            Some("gzip"),
+            "the stored body's coding"
+        );
+        assert_eq!(get("etag"), Some("\"a\""));
+        assert_eq!(get("x-kept"), Some("1"));
+        assert_eq!(get("age"), None, "the stored age is the old answer's");
+    }
+
+    #[test]
+    fn a_revalidation_sends_the_stored_validators_and_no_client_precondition() {
+        let entry = stored(&[
+            ("etag", "\"a\""),
+            ("last-modified", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        ]);
+        let mut headers = header_map(&[("if-none-match", "\"client\""), ("if-match", "*")]);
+        let (etag, last_modified) = validators(&entry).expect("validators");
+        conditional(&mut headers, etag, last_modified);
+        assert_eq!(headers.get("if-none-match").unwrap(), "\"a\"");
+        assert_eq!(
+            headers.get("if-modified-since").unwrap(),
+            "Wed, 21 Oct 2015 07:28:00 GMT"
+        );
+        assert!(headers.get("if-match").is_none());
+        assert!(validators(&stored(&[("content-type", "text/plain")])).is_none());
+    }
 
     #[test]
     fn surrogate_tags_split_on_spaces_and_commas_and_are_bounded() {

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::breaker::{Breaker, BreakerSettings, Pass, Phase, Transition};
 use super::{
-    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Refresh, Renewed, Selector, Store,
-    StoreError, Token, Touch,
+    Acquired, Fenced, IndexEntry, KeyStatus, LeaseRequest, Refresh, Renewed, Revalidation,
+    Selector, Store, StoreError, Token, Touch,
 };
 use crate::key::KeyHash;
 use crate::metrics::Metrics;
@@ -181,6 +181,22 @@ impl Store for GuardedStore {
         let call = self
             .inner
             .commit_fresh(key, token, value, fresh, ttl, sliding, event);
+        self.guard("commit", call).await
+    }
+
+    async fn commit_revalidated(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        update: &Revalidation,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        let call = self
+            .inner
+            .commit_revalidated(key, token, update, fresh, ttl, sliding, event);
         self.guard("commit", call).await
     }
 

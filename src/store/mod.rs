@@ -123,6 +123,20 @@ pub enum Fenced {
     Lost,
 }
 
+/// A revalidated value for [`Store::commit_revalidated`]: the stored value with a new head (its
+/// headers and freshness, as the source's confirmation updated them) and the same body.
+#[derive(Clone, Debug)]
+pub struct Revalidation {
+    /// The whole new value, head and body.
+    pub value: Bytes,
+    /// The head of the value that was revalidated, as it is stored
+    /// ([`crate::envelope::encode_head`]): a store that rewrites heads in place checks that the
+    /// stored value still starts with it.
+    pub old_head: Bytes,
+    /// The head of `value` (`value` up to its body).
+    pub new_head: Bytes,
+}
+
 /// The answer to [`Store::renew`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Renewed {
@@ -297,6 +311,26 @@ pub trait Store: Send + Sync + 'static {
         sliding: bool,
         event: Bytes,
     ) -> Result<Fenced, StoreError>;
+
+    /// [`Store::commit_fresh`] of a revalidated value: the same body under a new head. A store
+    /// that can rewrite the head of the value it holds in place (Redis) sends only the heads, so
+    /// the body does not cross the network again, and commits the whole value when the stored
+    /// one is no longer the revalidated one (it expired meanwhile); the default commits the whole
+    /// value. Fenced by the token like every commit.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_revalidated(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        update: &Revalidation,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        self.commit_fresh(key, token, update.value.clone(), fresh, ttl, sliding, event)
+            .await
+    }
 
     /// Takes the lease to refresh a value before it goes stale (early refresh), in one atomic
     /// step: [`Refresh::Lead`] if a value is stored whose freshness ends `within` from now (by the

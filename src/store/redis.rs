@@ -37,7 +37,7 @@ use redis::{ErrorKind, ProtocolVersion, RedisError, Script, ServerErrorKind, Val
 
 use super::{
     Acquired, Fenced, IndexEntry, KeyStatus, LeaseId, LeaseRequest, MAX_INDEXED_PER_ROUTE,
-    MAX_INDEXED_PER_TAG, Refresh, Renewed, Selector, Store, StoreError, Token, Touch,
+    MAX_INDEXED_PER_TAG, Refresh, Renewed, Revalidation, Selector, Store, StoreError, Token, Touch,
 };
 use crate::bus::{Event, redis_channel};
 use crate::credentials::Credentials;
@@ -139,6 +139,8 @@ struct Scripts {
     renew: Script,
     /// COMMIT: value, lease end and event in one atomic step.
     commit: Script,
+    /// COMMIT of a revalidated value: rewrites the stored value's head, keeps its body.
+    revalidate: Script,
     /// RELEASE (failed or abandoned flights).
     release: Script,
     /// GIVEUP (uncacheable answers): lease end plus pass marker.
@@ -167,6 +169,7 @@ impl Scripts {
             acquire: Script::new(include_str!("redis/acquire.lua")),
             renew: Script::new(include_str!("redis/renew.lua")),
             commit: Script::new(include_str!("redis/commit.lua")),
+            revalidate: Script::new(include_str!("redis/revalidate.lua")),
             release: Script::new(include_str!("redis/release.lua")),
             give_up: Script::new(include_str!("redis/give_up.lua")),
             purge: Script::new(include_str!("redis/purge.lua")),
@@ -611,6 +614,50 @@ impl Store for RedisStore {
             .arg(event)
             .arg(millis(fresh));
         self.fenced("commit", &invocation).await.map(fenced)
+    }
+
+    /// Sends the two heads, never the body: the script rewrites the head of the value it holds.
+    /// When that value is no longer the revalidated one (it expired, or was written by an older
+    /// version), the whole value is committed instead.
+    async fn commit_revalidated(
+        &self,
+        key: &KeyHash,
+        token: Token,
+        update: &Revalidation,
+        fresh: Duration,
+        ttl: Duration,
+        sliding: bool,
+        event: Bytes,
+    ) -> Result<Fenced, StoreError> {
+        let [v, l, p] = self.key_names(key);
+        let f = self.fresh_key_name(key);
+        let (announce, channel, announced) = self.announce_args(&event);
+        let mut invocation = self.scripts.revalidate.prepare_invoke();
+        invocation
+            .key(&v)
+            .key(&l)
+            .key(&p)
+            .key(&f)
+            .arg(token.to_hex())
+            .arg(update.old_head.as_ref())
+            .arg(update.new_head.as_ref())
+            .arg(millis(ttl))
+            .arg(announce)
+            .arg(channel)
+            .arg(announced)
+            .arg(millis(fresh));
+        match self.run("revalidate", &invocation).await? {
+            Value::Int(1) => Ok(Fenced::Done),
+            Value::Int(0) => Ok(Fenced::Lost),
+            Value::Int(2) => {
+                self.commit_fresh(key, token, update.value.clone(), fresh, ttl, sliding, event)
+                    .await
+            }
+            other => Err(protocol(
+                "revalidate",
+                format_args!("expected 0, 1 or 2, got {other:?}"),
+            )),
+        }
     }
 
     async fn lead_refresh(

@@ -3,3 +3,4 @@
 mod dictionary;
 mod freshness;
 mod replicas;
+mod revalidate;

@@ -13,6 +13,7 @@ mod purge;
 mod range;
 mod rfc9111;
 mod statuses;
+mod revalidate;
 mod timeouts;
 mod tls;
 mod upstream_headers;

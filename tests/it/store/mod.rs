@@ -5,4 +5,5 @@ mod contract;
 mod nats_kv;
 mod purge;
 mod redis;
+mod revalidate;
 mod topology;
