@@ -14,6 +14,9 @@
 //! - the cookies the route keys on, as the key read them, in a rebuilt `Cookie` header;
 //! - when the route keys on the body, `Content-Length` and the body-describing headers it keys with
 //!   it ([`crate::http::key::BODY_HEADERS`]);
+//! - `Accept-Encoding`, corral's own: the codings the route asks for (`encoding.accept`), never the
+//!   client's, since the stored answer serves every client whatever it accepts
+//!   ([`crate::http::encoding`]); the client's only when the route keys on it;
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
 //!   every client; and, set by the fetch, `X-Request-Id` with the fetch's own id, never a
 //!   client's.
@@ -45,6 +48,7 @@ use std::net::IpAddr;
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
+use super::encoding::ask_upstream;
 use super::hop_by_hop::{connection_named, is_hop_by_hop};
 use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
 use crate::config::{Route, VaryMode};
@@ -66,6 +70,7 @@ const CONDITIONAL_HEADERS: [HeaderName; 5] = [
 /// credentials, body framing or preconditions, which have their own rules.
 pub(crate) fn variant_header(name: &HeaderName) -> bool {
     !(*name == header::FORWARDED
+        || *name == header::ACCEPT_ENCODING
         || CONDITIONAL_HEADERS.contains(name)
         || *name == header::VIA
         || *name == header::AUTHORIZATION
@@ -102,6 +107,8 @@ pub fn forward_headers(
         }
         let keep = if *name == header::HOST {
             keys_header(route, name)
+        } else if cacheable && *name == header::ACCEPT_ENCODING {
+            in_key(route, name)
         } else if cacheable {
             in_key(route, name)
                 || route.forward_unkeyed.contains(name)
@@ -129,6 +136,12 @@ pub fn forward_headers(
         }
     }
 
+    if cacheable
+        && !in_key(route, &header::ACCEPT_ENCODING)
+        && let Some(asked) = ask_upstream(&route.policy.encoding.accept)
+    {
+        out.insert(header::ACCEPT_ENCODING, asked);
+    }
     if !cacheable && let Some(ip) = client {
         append_to_list(&mut out, X_FORWARDED_FOR, &ip.to_string());
     }
@@ -198,7 +211,7 @@ mod tests {
         let out = forward(&r, true, CLIENT_HEADERS);
         assert_eq!(
             names_of(&out),
-            ["accept", "via", "x-forwarded-proto"],
+            ["accept", "accept-encoding", "via", "x-forwarded-proto"],
             "{out:?}"
         );
         assert_eq!(out["accept"], "application/json");
@@ -212,7 +225,7 @@ mod tests {
         let out = forward(&r, true, CLIENT_HEADERS);
         assert_eq!(
             names_of(&out),
-            ["user-agent", "via", "x-forwarded-proto"],
+            ["accept-encoding", "user-agent", "via", "x-forwarded-proto"],
             "{out:?}"
         );
         assert_eq!(out["user-agent"], "curl/8");
@@ -266,6 +279,7 @@ mod tests {
         assert_eq!(
             names_of(&out),
             [
+                "accept-encoding",
                 "content-encoding",
                 "content-length",
                 "content-type",
@@ -340,5 +354,35 @@ mod tests {
         );
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["via"], "1.1 corral");
+        // Even then, the upstream is asked for corral's codings, not the client's.
+        assert_eq!(out["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+    }
+
+    #[test]
+    fn a_cacheable_fetch_asks_for_the_routes_codings_never_the_clients() {
+        use crate::http::encoding::Coding;
+        let out = forward(&route(), true, CLIENT_HEADERS);
+        assert_eq!(out["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+        assert_eq!(out.get_all("accept-encoding").iter().count(), 1);
+        let without = forward(&route(), true, &[]);
+        assert_eq!(without["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+        let zstd_only = route_with(|r| r.policy.encoding.accept = vec![Coding::Zstd]);
+        assert_eq!(
+            forward(&zstd_only, true, CLIENT_HEADERS)["accept-encoding"],
+            "zstd"
+        );
+        let identity = route_with(|r| r.policy.encoding.accept = Vec::new());
+        assert!(!forward(&identity, true, CLIENT_HEADERS).contains_key("accept-encoding"));
+        // A route that keys on it sends the client's, as the key holds it.
+        let keyed = route_with(|r| r.key.headers = vec![header::ACCEPT_ENCODING]);
+        assert_eq!(
+            forward(&keyed, true, CLIENT_HEADERS)["accept-encoding"],
+            "gzip"
+        );
+        // A bypassed request is the client's own.
+        assert_eq!(
+            forward(&route(), false, CLIENT_HEADERS)["accept-encoding"],
+            "gzip"
+        );
     }
 }

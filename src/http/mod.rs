@@ -11,6 +11,8 @@
 //! - [`conditional`]: a client's preconditions (`If-None-Match`, `If-Modified-Since`, `If-Match`,
 //!   `If-Unmodified-Since`) against a stored answer: send it, `304`, or `412`.
 //! - [`cache_control`]: `Cache-Control` and the other comma-separated lists, read leniently.
+//! - [`encoding`]: content codings: what a client's `Accept-Encoding` takes, which stored
+//!   representation answers it, which answers are compressed when stored, and the compressors.
 //! - [`forward`]: which of a client's headers reach the upstream (what a cacheable fetch may carry).
 //! - [`hop_by_hop`]: the headers that never leave one connection.
 //!
@@ -19,6 +21,7 @@
 
 pub mod cache_control;
 pub mod conditional;
+pub mod encoding;
 pub mod forward;
 pub mod hop_by_hop;
 pub mod key;

@@ -87,12 +87,14 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// Decides what may happen to an upstream response (status below 500) on `route`.
 ///
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
-/// `no-store`, `vary-star`, `vary` (names a request header outside the key: every name counts,
-/// `Accept-Encoding` included), `status` (not in the route's `cache_statuses`), then, when the
-/// route honours `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
+/// `no-store`, `vary-star`, `vary` (names a request header outside the key that the route does not
+/// make variants of), `status` (not in the route's `cache_statuses`), then, when the route honours
+/// `Cache-Control`, `no-cache` (corral does not revalidate), and `zero-ttl`.
 ///
-/// With `vary: honor`, a `Vary` naming readable header names outside the key is not a pass: the
-/// caller must then store the response as a variant of [`vary_outside_key`]'s names.
+/// `Accept-Encoding` in `Vary` never counts: corral owns content encoding on cacheable fetches
+/// ([`super::encoding`]). Other names outside the key make variants when the route forwards them
+/// (`forward_headers` marked `unkeyed`), or any readable name with `vary: honor`: the caller must
+/// then store the response as a variant of [`vary_outside_key`]'s names.
 ///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
@@ -115,10 +117,8 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
-        // With `vary: honor`, the caller stores it as a variant of the names outside the key.
-        Vary::OutsideKey
-            if route.policy.vary == VaryMode::Honor
-                && vary_outside_key(route, headers).is_some() => {}
+        // The caller stores it as a variant of the names outside the key.
+        Vary::OutsideKey if makes_variants(route, headers) => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
     }
@@ -165,7 +165,7 @@ pub fn vary_outside_key(route: &Route, headers: &HeaderMap) -> Option<Vec<Header
     let mut names = Vec::new();
     for name in comma_list(headers, &header::VARY) {
         let name = HeaderName::from_bytes(&name).ok()?;
-        if !in_key(route, &name) {
+        if !in_key(route, &name) && name != header::ACCEPT_ENCODING {
             names.push(name);
         }
     }
@@ -222,6 +222,19 @@ pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
     }
 }
 
+/// Whether the route stores a response whose `Vary` names these headers outside its key as
+/// variants: every name with `vary: honor`, else only names it forwards unkeyed (the upstream saw
+/// them; one it was never sent cannot have shaped the answer, but its `Vary` still says so).
+fn makes_variants(route: &Route, headers: &HeaderMap) -> bool {
+    match vary_outside_key(route, headers) {
+        None => false,
+        Some(_) if route.policy.vary == VaryMode::Honor => true,
+        Some(names) => names
+            .iter()
+            .all(|name| route.forward_unkeyed.contains(name)),
+    }
+}
+
 enum Vary {
     WithinKey,
     OutsideKey,
@@ -235,7 +248,7 @@ fn vary(route: &Route, headers: &HeaderMap) -> Vary {
             return Vary::Star;
         }
         match HeaderName::from_bytes(&name) {
-            Ok(name) if in_key(route, &name) => {}
+            Ok(name) if in_key(route, &name) || name == header::ACCEPT_ENCODING => {}
             _ => verdict = Vary::OutsideKey,
         }
     }

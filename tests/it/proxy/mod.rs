@@ -1,9 +1,10 @@
-//! The proxy end to end: routing and sharing, variants, freshness, conditional requests,
+//! The proxy end to end: routing and sharing, content encoding, variants and `Vary`, freshness, conditional requests,
 //! invalidation, limits;
 //! upstreams over TLS, their timeouts and the headers sent to them.
 
 mod age;
 mod conditional;
+mod encoding;
 mod end_to_end;
 mod freshness;
 mod head;
@@ -13,3 +14,4 @@ mod timeouts;
 mod tls;
 mod upstream_headers;
 mod variants;
+mod vary;
