@@ -22,10 +22,10 @@
 //!   client's.
 //!
 //! On a `vary: honor` route, a cacheable request also forwards the client's other end-to-end
-//! headers (not `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`, `Via`, the body
-//! headers nor a client's preconditions, which corral answers itself): an upstream can only vary
-//! on what it is sent, and each answer it says varies on a header is stored under a variant key
-//! holding that header's value.
+//! headers (not `Accept-Encoding`, `Authorization`, `Cookie`, `Forwarded`, `X-Forwarded-*`,
+//! `Via`, the body headers nor a client's preconditions, which corral answers itself): an
+//! upstream can only vary on what it is sent, and each answer it says varies on a header is
+//! stored under a variant key holding that header's value.
 //!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::http::key::forwarded_query`]).

@@ -279,10 +279,6 @@ pub(super) fn deliver(
     {
         return answered;
     }
-    metrics
-        .decompressions
-        .with_label_values(&[&route.name, coding.as_str()])
-        .inc();
     let headers = answered.response.headers_mut();
     headers.remove(header::CONTENT_ENCODING);
     headers.remove(header::CONTENT_LENGTH);
@@ -303,6 +299,10 @@ pub(super) fn deliver(
     if body.is_end_stream() {
         return answered;
     }
+    metrics
+        .decompressions
+        .with_label_values(&[&route.name, coding.as_str()])
+        .inc();
     let cap = body.size_hint().exact().map(|_| route.policy.max_body);
     *answered.response.body_mut() = decoded(body, coding, cap, route.name.clone());
     answered
