@@ -276,7 +276,10 @@ impl Fetch {
                 self.index(tags, served_for).await;
             }
         }
-        entry = super::encoding::compressed(route, entry, self.proxy.engine.metrics()).await;
+        // Compressed once, for the store: an answer only this client gets is sent as it came.
+        if indexed.is_some() {
+            entry = super::encoding::compressed(route, entry, self.proxy.engine.metrics()).await;
+        }
         // The verdict let through only names the route makes variants of.
         let outside = vary_outside_key(route, &headers).unwrap_or_default();
         Ok(match &self.stage {
