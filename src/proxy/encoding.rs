@@ -447,6 +447,48 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn only_answers_worth_it_are_compressed_when_stored() {
+        use crate::http::testing::route;
+        let metrics = Metrics::new();
+        let json = Bytes::from("{\"a\": [1, 2, 3]} ".repeat(200));
+        let answer =
+            |headers: &[(&str, &str)], body: &Bytes| stored(headers, body.clone(), Form::Answer);
+        let typed = [("content-type", "application/json; charset=utf-8")];
+
+        let made = compressed(&route(), answer(&typed, &json), &metrics).await;
+        assert_eq!(made.form, Form::Represented);
+        let codings: Vec<String> = envelope::unpack(&made.body)
+            .unwrap()
+            .into_iter()
+            .map(|representation| representation.coding)
+            .collect();
+        assert_eq!(codings, ["br", "gzip", "identity"]);
+        let counted = |coding: &str| {
+            metrics
+                .compressions
+                .with_label_values(&["reports", coding])
+                .get()
+        };
+        assert_eq!((counted("br"), counted("gzip")), (1, 1));
+
+        let kept = [
+            answer(&[("content-type", "image/png")], &json),
+            answer(&typed, &Bytes::from_static(b"{}")),
+            answer(&[typed[0], ("content-encoding", "gzip")], &json),
+            answer(
+                &[typed[0], ("cache-control", "public, no-transform")],
+                &json,
+            ),
+            answer(&[], &json),
+        ];
+        for entry in kept {
+            let back = compressed(&route(), entry.clone(), &metrics).await;
+            assert_eq!(back, entry, "{:?}", entry.headers);
+        }
+        assert_eq!((counted("br"), counted("gzip")), (1, 1));
+    }
+
     #[test]
     fn each_client_gets_the_stored_representation_it_accepts_most() {
         let representations = [
