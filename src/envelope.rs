@@ -8,7 +8,17 @@
 //! | header count u16 | { name_len u16, name, value_len u32, value }* | body_len u64 | body
 //! ```
 //!
-//! `form` is 0 for an answer, 1 for a marker ([`Form`]).
+//! `form` is 0 for an answer, 1 for a marker, 2 for an answer in several representations
+//! ([`Form`]). The body of a form 2 entry holds them all ([`pack`], [`unpack`]):
+//!
+//! ```text
+//! count u8 | { coding_len u8, coding, len u64 }* | the bodies, in the same order
+//! ```
+//!
+//! Several representations are a form rather than a new version: an entry of one representation
+//! (nearly all of them) is written exactly as before, so the version stays 3, and a replica of an
+//! earlier release reads a form 2 entry as [`EnvelopeError::BadForm`], a clean miss, during a
+//! rolling upgrade.
 //!
 //! Older versions still decode, so entries written before an upgrade keep serving. Version 2
 //! lacks `form` (every entry is an answer), except that one holding a header in corral's reserved
@@ -66,6 +76,9 @@ pub enum Form {
     /// them (the proxy's `Vary` marker names the request headers the answers vary on). Never
     /// served itself.
     Marker,
+    /// One answer in several representations (its identity bytes and the content codings made
+    /// of them when it was stored), packed in the body ([`pack`]); each client is sent one.
+    Represented,
 }
 
 impl Form {
@@ -73,6 +86,7 @@ impl Form {
         match self {
             Form::Answer => 0,
             Form::Marker => 1,
+            Form::Represented => 2,
         }
     }
 
@@ -80,6 +94,7 @@ impl Form {
         match byte {
             0 => Ok(Form::Answer),
             1 => Ok(Form::Marker),
+            2 => Ok(Form::Represented),
             other => Err(EnvelopeError::BadForm(other)),
         }
     }
@@ -295,6 +310,10 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
     }
     let body_len = reader.u64()?;
     let body = reader.slice(body_len)?;
+    // Checked here, once, so that every entry that decodes can be served.
+    if form == Form::Represented {
+        unpack(&body)?;
+    }
     match reader.remaining() {
         0 => Ok(Entry {
             status,
@@ -308,6 +327,73 @@ pub fn decode(bytes: Bytes) -> Result<Entry, EnvelopeError> {
             key,
             form,
         }),
+        extra => Err(EnvelopeError::Trailing(extra)),
+    }
+}
+
+/// The most representations one entry holds: identity and each content coding.
+pub const MAX_REPRESENTATIONS: usize = 8;
+
+/// One representation of a [`Form::Represented`] answer: its content coding (`identity` for the
+/// bytes the upstream sent) and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Representation {
+    pub coding: String,
+    pub body: Bytes,
+}
+
+/// The body of a [`Form::Represented`] entry holding `representations`, in their order.
+/// [`EnvelopeError::TooLarge`] for more than [`MAX_REPRESENTATIONS`] or a coding name over 255
+/// bytes.
+pub fn pack(representations: &[Representation]) -> Result<Bytes, EnvelopeError> {
+    if representations.len() > MAX_REPRESENTATIONS {
+        return Err(EnvelopeError::TooLarge);
+    }
+    let mut len = 1usize;
+    for representation in representations {
+        u8::try_from(representation.coding.len()).map_err(|_| EnvelopeError::TooLarge)?;
+        len += 1 + representation.coding.len() + 8 + representation.body.len();
+    }
+    let mut out = BytesMut::with_capacity(len);
+    // Both bounded above.
+    out.put_u8(representations.len() as u8);
+    for representation in representations {
+        out.put_u8(representation.coding.len() as u8);
+        out.put_slice(representation.coding.as_bytes());
+        out.put_u64(representation.body.len() as u64);
+    }
+    for representation in representations {
+        out.put_slice(&representation.body);
+    }
+    Ok(out.freeze())
+}
+
+/// The representations a [`Form::Represented`] body holds, each body a slice of it. Stored
+/// bytes are untrusted: a body that does not parse, or has bytes left over, is an error (a miss).
+pub fn unpack(body: &Bytes) -> Result<Vec<Representation>, EnvelopeError> {
+    let mut reader = Reader {
+        bytes: body,
+        pos: 0,
+    };
+    let count = usize::from(reader.u8()?);
+    if count > MAX_REPRESENTATIONS {
+        return Err(EnvelopeError::TooLarge);
+    }
+    let mut heads = Vec::with_capacity(count);
+    for _ in 0..count {
+        let coding_len = usize::from(reader.u8()?);
+        let coding = std::str::from_utf8(reader.take(coding_len)?)
+            .map_err(|_| EnvelopeError::BadHeaderName)?
+            .to_owned();
+        heads.push((coding, reader.u64()?));
+    }
+    let mut representations = Vec::with_capacity(count);
+    for (coding, len) in heads {
+        let body = reader.slice(len)?;
+        representations.push(Representation { coding, body });
+    }
+    match reader.remaining() {
+        0 => Ok(representations),
         extra => Err(EnvelopeError::Trailing(extra)),
     }
 }
@@ -620,7 +706,7 @@ mod tests {
         );
         assert_eq!(with(0, b'X'), Err(EnvelopeError::BadMagic));
         assert_eq!(with(3, 4), Err(EnvelopeError::UnsupportedVersion(4)));
-        assert_eq!(with(4, 2), Err(EnvelopeError::BadForm(2)));
+        assert_eq!(with(4, 3), Err(EnvelopeError::BadForm(3)));
         // The first header name starts after the fixed part and its u16 length.
         assert_eq!(with(FIXED_LEN + 2, 0xff), Err(EnvelopeError::BadHeaderName));
         let mut trailing = good.clone();
@@ -667,6 +753,48 @@ mod tests {
         let mut unknown = bytes.to_vec();
         unknown[MAGIC.len() + 1] = 9;
         assert_eq!(decode(unknown.into()), Err(EnvelopeError::BadForm(9)));
+    }
+
+    #[test]
+    fn representations_round_trip_as_slices_and_bad_ones_are_refused() {
+        let representations = vec![
+            Representation {
+                coding: "identity".into(),
+                body: Bytes::from_static(b"{\"a\": 1}"),
+            },
+            Representation {
+                coding: "gzip".into(),
+                body: Bytes::from_static(b"\x1f\x8b..."),
+            },
+            Representation {
+                coding: "br".into(),
+                body: Bytes::new(),
+            },
+        ];
+        let entry = Entry {
+            form: Form::Represented,
+            body: pack(&representations).unwrap(),
+            ..typical()
+        };
+        let back = round_trip(&entry);
+        assert_eq!(back.form, Form::Represented);
+        let unpacked = unpack(&back.body).unwrap();
+        assert_eq!(unpacked, representations);
+        assert!(inside(&unpacked[1].body, &back.body));
+
+        let packed = pack(&representations).unwrap();
+        for len in 0..packed.len() {
+            assert!(unpack(&packed.slice(..len)).is_err(), "prefix of {len}");
+        }
+        let mut longer = packed.to_vec();
+        longer.push(0);
+        assert_eq!(unpack(&longer.into()), Err(EnvelopeError::Trailing(1)));
+        let too_many = vec![representations[2].clone(); MAX_REPRESENTATIONS + 1];
+        assert_eq!(pack(&too_many), Err(EnvelopeError::TooLarge));
+        assert_eq!(
+            unpack(&Bytes::from_static(&[200])),
+            Err(EnvelopeError::TooLarge)
+        );
     }
 
     #[test]

@@ -234,7 +234,16 @@ pub struct Metrics {
     /// Requests the client broke (see [`CLIENT_ERRORS`]), answered 4xx and never counted against
     /// the upstream.
     pub client_errors: IntCounterVec,
+    /// Answers compressed when stored, by route and coding (see [`CODINGS`]): compression is paid
+    /// once per stored answer, never per hit.
+    pub compressions: IntCounterVec,
+    /// Answers decoded while sent to a client that does not accept their stored coding, by route
+    /// and coding.
+    pub decompressions: IntCounterVec,
 }
+
+/// The `encoding` label of `corral_compressions_total` and `corral_decompressions_total`.
+pub const CODINGS: [&str; 4] = ["gzip", "br", "zstd", "deflate"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -418,6 +427,16 @@ impl Metrics {
                 &["route", "status_class"],
             ),
             upstream_duration,
+            compressions: counter_vec(
+                "corral_compressions_total",
+                "Answers compressed once when stored, by route and encoding.",
+                &["route", "encoding"],
+            ),
+            decompressions: counter_vec(
+                "corral_decompressions_total",
+                "Answers decoded on the way to a client that does not accept their stored encoding, by route and encoding.",
+                &["route", "encoding"],
+            ),
             upstream_errors: counter_vec(
                 "corral_upstream_errors_total",
                 "Upstream requests that gave no whole answer, by route and reason (connect, connect_timeout, tls, response_header_timeout, read_timeout, body, framing).",
@@ -614,6 +633,10 @@ impl Metrics {
         }
         self.upstream_duration.with_label_values(&[route]);
         self.follower_wait.with_label_values(&[route]);
+        for coding in CODINGS {
+            self.compressions.with_label_values(&[route, coding]);
+            self.decompressions.with_label_values(&[route, coding]);
+        }
     }
 
     /// Counts one store call.

@@ -12,11 +12,12 @@ use std::time::Duration;
 use super::settings::caching_settings;
 use super::units::{format_duration, format_size};
 use super::{
-    Beta, BusSettings, Config, CookieMode, KeySource, Limits, OnWaitTimeout, PathMatch, QueryRule,
-    Route, RoutePolicy, Semantics, StoreSettings, VaryMode,
+    Beta, BusSettings, Config, CookieMode, Encoding, KeySource, Limits, OnWaitTimeout, PathMatch,
+    QueryRule, Route, RoutePolicy, Semantics, StoreSettings, VaryMode,
 };
 use crate::credentials::redact;
 use crate::engine::{ExpiryMode, OnStoreError};
+use crate::http::encoding::Coding;
 
 /// Labels are padded past the longest one, `  honor_client_no_store`, so values line up.
 const WIDTH: usize = 24;
@@ -395,6 +396,18 @@ fn error_ttl(value: &BTreeMap<u16, Duration>) -> String {
         .iter()
         .map(|(status, ttl)| format!("{status}: {}", format_duration(*ttl)));
     format!("{{{}}}", pairs.collect::<Vec<_>>().join(", "))
+}
+
+fn encoding(value: &Encoding) -> String {
+    let names = |codings: &[Coding]| list(codings.iter().map(|coding| coding.as_str()));
+    let compress = &value.compress;
+    format!(
+        "accept {}, compress {} from {} of {}",
+        names(&value.accept),
+        names(&compress.with),
+        format_size(compress.min_size),
+        list(compress.types.iter()),
+    )
 }
 
 fn vary(value: &VaryMode) -> String {

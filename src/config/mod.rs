@@ -35,6 +35,7 @@ use regex::Regex;
 use crate::credentials::Credentials;
 use crate::credentials::redact;
 use crate::engine::{ExpiryMode, OnStoreError};
+use crate::http::encoding::Coding;
 
 mod describe;
 mod document;
@@ -359,6 +360,59 @@ pub enum CookieMode {
     /// Cookies whose names match one of these patterns (`*` for any run of characters) are left
     /// out; any other unkeyed cookie still bypasses.
     StripNamed(Vec<String>),
+/// A route's content encoding (`encoding:`): what a cacheable fetch asks of the upstream, and
+/// which identity answers are compressed once when stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoding {
+    /// The codings a cacheable fetch asks for, most wanted first; empty: identity only.
+    pub accept: Vec<Coding>,
+    /// Which identity answers are compressed when stored, and into what.
+    pub compress: Compress,
+}
+
+impl Default for Encoding {
+    fn default() -> Self {
+        Encoding {
+            // gzip first: every client takes it, so an answer stored as the upstream sent it
+            // rarely has to be decoded for a client.
+            accept: vec![Coding::Gzip, Coding::Br, Coding::Zstd],
+            compress: Compress::default(),
+        }
+    }
+}
+
+/// `encoding.compress`: identity answers compressed once, when stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compress {
+    /// Media types worth compressing, lowercase, each with at most one `*`.
+    pub types: Vec<String>,
+    /// Bodies shorter than this many bytes are stored as they are.
+    pub min_size: u64,
+    /// The codings made of each such answer; empty: none.
+    pub with: Vec<Coding>,
+}
+
+/// The media types compressed by default: text, and the structured formats APIs answer with.
+pub const COMPRESSIBLE_TYPES: [&str; 9] = [
+    "text/*",
+    "application/json",
+    "application/*+json",
+    "application/javascript",
+    "application/xml",
+    "application/*+xml",
+    "application/x-ndjson",
+    "application/wasm",
+    "image/svg+xml",
+];
+
+impl Default for Compress {
+    fn default() -> Self {
+        Compress {
+            types: COMPRESSIBLE_TYPES.map(str::to_owned).to_vec(),
+            min_size: 1024,
+            with: vec![Coding::Br, Coding::Gzip],
+        }
+    }
 }
 
 /// The beta of early refresh: how eagerly hits refresh before expiry (1 is the usual value,

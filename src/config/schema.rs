@@ -167,6 +167,23 @@ impl<'de> Deserialize<'de> for ForwardFile {
     }
 }
 
+/// `encoding: {accept: [gzip, br], compress: {types: [...], min_size: 1KiB, with: [br, gzip]}}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodingFile {
+    pub accept: Option<Spanned<Vec<Text>>>,
+    pub compress: Option<Spanned<CompressFile>>,
+}
+
+/// `encoding.compress`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressFile {
+    pub types: Option<Spanned<Vec<Text>>>,
+    pub min_size: Option<Text>,
+    pub with: Option<Spanned<Vec<Text>>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct L1File {

@@ -84,6 +84,14 @@ macro_rules! caching_settings {
             /// What a `Vary` naming request headers outside the key does.
             vary: VaryMode = VaryMode::Key,
                 file: Text, check: parsed(vary), show: WhenSet(vary);
+            /// The most variants one key holds (`Vary` on request headers); a response that
+            /// would make one more is passed (`detail=max-variants`).
+            max_variants: usize = 16,
+                file: Text, check: parsed(count), show: WhenSet(count);
+            /// Content encoding on cacheable fetches: the codings asked of the upstream, and the
+            /// identity answers compressed once when stored.
+            encoding: Encoding = Encoding::default(),
+                file: Spanned<EncodingFile>, check: Checker::encoding, show: WhenSet(encoding);
             /// How long past freshness a stored answer is served at once while one background
             /// refresh runs (zero: off). The upstream's `stale-while-revalidate` directive
             /// overrides it when the route honours `Cache-Control`.

@@ -1649,3 +1649,68 @@ fn check_shows_every_caching_setting_a_route_sets() {
         );
     }
 }
+
+#[test]
+fn encoding_defaults_on_and_a_route_replaces_it_whole() {
+    use crate::http::encoding::Coding;
+    let config = parse_ok(&with_route("", ""));
+    let encoding = &config.routes[0].policy.encoding;
+    assert_eq!(encoding.accept, [Coding::Gzip, Coding::Br, Coding::Zstd]);
+    assert_eq!(encoding.compress.with, [Coding::Br, Coding::Gzip]);
+    assert_eq!(encoding.compress.min_size, 1024);
+    assert!(
+        encoding
+            .compress
+            .types
+            .contains(&"application/json".to_owned())
+    );
+    assert_eq!(config.routes[0].policy.max_variants, 16);
+
+    let config = parse_ok(&with_route(
+        "defaults:\n  encoding: {accept: [br]}\n",
+        "    max_variants: 4\n    encoding:\n      compress: {min_size: 4KiB, with: [zstd], types: [text/*]}\n",
+    ));
+    let policy = &config.routes[0].policy;
+    assert_eq!(policy.max_variants, 4);
+    // The route's `encoding` replaced the defaults' whole: its `accept` is the built-in one.
+    assert_eq!(
+        policy.encoding.accept,
+        [Coding::Gzip, Coding::Br, Coding::Zstd]
+    );
+    assert_eq!(policy.encoding.compress.with, [Coding::Zstd]);
+    assert_eq!(policy.encoding.compress.min_size, 4096);
+    assert_eq!(policy.encoding.compress.types, ["text/*"]);
+    let shown = describe(&config);
+    assert!(shown.contains("  encoding              accept [gzip, br, zstd], compress [zstd] from 4KiB of [text/*]\n"), "{shown}");
+    assert!(shown.contains("  max_variants          4\n"), "{shown}");
+    let unset = describe(&parse_ok(&with_route("", "")));
+    assert!(
+        !unset.contains("encoding") && !unset.contains("max_variants"),
+        "{unset}"
+    );
+}
+
+#[test]
+fn bad_encoding_settings_are_reported_at_their_place() {
+    assert_eq!(
+        problems(&with_route(
+            "",
+            "    encoding:\n      accept: [gzip, lz4, gzip]\n      compress: {types: [JSON, 'text/*/*'], min_size: big, with: [x-gzip]}\n    max_variants: 0\n",
+        )),
+        [
+            "corral.yaml:6:22: routes[0].encoding.accept[1]: unknown value \"lz4\" (expected gzip, br, zstd or deflate)",
+            "corral.yaml:7:26: routes[0].encoding.compress.types[0]: invalid media type \"JSON\" (type/subtype, lowercase, at most one *, e.g. text/*)",
+            "corral.yaml:7:32: routes[0].encoding.compress.types[1]: invalid media type \"text/*/*\" (type/subtype, lowercase, at most one *, e.g. text/*)",
+            "corral.yaml:7:55: routes[0].encoding.compress.min_size: invalid size \"big\": expected a whole number with an optional unit (KiB, MiB, GiB, KB, MB, GB)",
+            "corral.yaml:7:67: routes[0].encoding.compress.with[0]: unknown value \"x-gzip\" (expected gzip, br, zstd or deflate)",
+            "corral.yaml:8:19: routes[0].max_variants: must be above zero",
+        ]
+    );
+    assert_eq!(
+        problem(&with_route(
+            "",
+            "    encoding: {accept: [gzip, br, gzip]}\n"
+        )),
+        "corral.yaml:5:35: routes[0].encoding.accept[2]: gzip is named twice"
+    );
+}

@@ -78,6 +78,10 @@ enum Invalid {
     },
     #[error("invalid status {0:?}")]
     Status(String),
+    #[error("{0} is named twice")]
+    Repeated(String),
+    #[error("invalid media type {0:?} (type/subtype, lowercase, at most one *, e.g. text/*)")]
+    MediaRange(String),
     #[error("{0} is not a status code (100 to 599)")]
     StatusRange(u16),
     #[error(

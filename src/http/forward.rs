@@ -14,15 +14,18 @@
 //! - the cookies the route keys on, as the key read them, in a rebuilt `Cookie` header;
 //! - when the route keys on the body, `Content-Length` and the body-describing headers it keys with
 //!   it ([`crate::http::key::BODY_HEADERS`]);
+//! - `Accept-Encoding`, corral's own: the codings the route asks for (`encoding.accept`), never the
+//!   client's, since the stored answer serves every client whatever it accepts
+//!   ([`crate::http::encoding`]); the client's only when the route keys on it;
 //! - `X-Forwarded-Proto` (the listener's scheme) and `Via: 1.1 corral`, which are the same for
 //!   every client; and, set by the fetch, `X-Request-Id` with the fetch's own id, never a
 //!   client's.
 //!
 //! On a `vary: honor` or `semantics: rfc9111` route, a cacheable request also forwards the
-//! client's other end-to-end headers (not `Authorization`, `Cookie`, `Forwarded`,
-//! `X-Forwarded-*`, `Via`, the body headers nor a client's preconditions, which corral answers
-//! itself): an upstream can only vary on what it is sent, and each answer it says varies on a
-//! header is stored under a variant key holding that header's value.
+//! client's other end-to-end headers (not `Accept-Encoding`, `Authorization`, `Cookie`,
+//! `Forwarded`, `X-Forwarded-*`, `Via`, the body headers nor a client's preconditions, which
+//! corral answers itself): an upstream can only vary on what it is sent, and each answer it says
+//! varies on a header is stored under a variant key holding that header's value.
 //!
 //! Its query is cut down the same way, to the parameters the key kept
 //! ([`crate::http::key::forwarded_query`]).
@@ -49,6 +52,7 @@ use std::net::IpAddr;
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
+use super::encoding::ask_upstream;
 use super::hop_by_hop::{connection_named, is_hop_by_hop};
 use super::key::{BODY_HEADERS, in_key, keys_header, request_cookies};
 use super::verdict::stores_variants;
@@ -71,6 +75,7 @@ const CONDITIONAL_HEADERS: [HeaderName; 5] = [
 /// credentials, body framing or preconditions, which have their own rules.
 pub(crate) fn variant_header(name: &HeaderName) -> bool {
     !(*name == header::FORWARDED
+        || *name == header::ACCEPT_ENCODING
         || CONDITIONAL_HEADERS.contains(name)
         || *name == header::VIA
         || *name == header::AUTHORIZATION
@@ -107,6 +112,8 @@ pub fn forward_headers(
         }
         let keep = if *name == header::HOST {
             keys_header(route, name)
+        } else if cacheable && *name == header::ACCEPT_ENCODING {
+            in_key(route, name)
         } else if cacheable {
             in_key(route, name)
                 || route.forward_unkeyed.contains(name)
@@ -134,6 +141,12 @@ pub fn forward_headers(
         }
     }
 
+    if cacheable
+        && !in_key(route, &header::ACCEPT_ENCODING)
+        && let Some(asked) = ask_upstream(&route.policy.encoding.accept)
+    {
+        out.insert(header::ACCEPT_ENCODING, asked);
+    }
     if !cacheable && let Some(ip) = client {
         append_to_list(&mut out, X_FORWARDED_FOR, &ip.to_string());
     }
@@ -219,7 +232,7 @@ mod tests {
         let out = forward(&r, true, CLIENT_HEADERS);
         assert_eq!(
             names_of(&out),
-            ["accept", "via", "x-forwarded-proto"],
+            ["accept", "accept-encoding", "via", "x-forwarded-proto"],
             "{out:?}"
         );
         assert_eq!(out["accept"], "application/json");
@@ -233,7 +246,7 @@ mod tests {
         let out = forward(&r, true, CLIENT_HEADERS);
         assert_eq!(
             names_of(&out),
-            ["user-agent", "via", "x-forwarded-proto"],
+            ["accept-encoding", "user-agent", "via", "x-forwarded-proto"],
             "{out:?}"
         );
         assert_eq!(out["user-agent"], "curl/8");
@@ -321,6 +334,7 @@ mod tests {
         assert_eq!(
             names_of(&out),
             [
+                "accept-encoding",
                 "content-encoding",
                 "content-length",
                 "content-type",
@@ -395,5 +409,35 @@ mod tests {
         );
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["via"], "1.1 corral");
+        // Even then, the upstream is asked for corral's codings, not the client's.
+        assert_eq!(out["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+    }
+
+    #[test]
+    fn a_cacheable_fetch_asks_for_the_routes_codings_never_the_clients() {
+        use crate::http::encoding::Coding;
+        let out = forward(&route(), true, CLIENT_HEADERS);
+        assert_eq!(out["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+        assert_eq!(out.get_all("accept-encoding").iter().count(), 1);
+        let without = forward(&route(), true, &[]);
+        assert_eq!(without["accept-encoding"], "gzip, br;q=0.9, zstd;q=0.8");
+        let zstd_only = route_with(|r| r.policy.encoding.accept = vec![Coding::Zstd]);
+        assert_eq!(
+            forward(&zstd_only, true, CLIENT_HEADERS)["accept-encoding"],
+            "zstd"
+        );
+        let identity = route_with(|r| r.policy.encoding.accept = Vec::new());
+        assert!(!forward(&identity, true, CLIENT_HEADERS).contains_key("accept-encoding"));
+        // A route that keys on it sends the client's, as the key holds it.
+        let keyed = route_with(|r| r.key.headers = vec![header::ACCEPT_ENCODING]);
+        assert_eq!(
+            forward(&keyed, true, CLIENT_HEADERS)["accept-encoding"],
+            "gzip"
+        );
+        // A bypassed request is the client's own.
+        assert_eq!(
+            forward(&route(), false, CLIENT_HEADERS)["accept-encoding"],
+            "gzip"
+        );
     }
 }

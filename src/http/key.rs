@@ -215,7 +215,43 @@ fn build_request_key(
 }
 
 /// Tags the canonical form of variant keys (see [`variant_key`]).
-const VARIANT_KEY_VERSION: &str = "corral/variant/1";
+const VARIANT_KEY_VERSION: &str = "corral/variant/2";
+
+/// Request headers whose values are case-insensitive (media ranges, charsets and language tags,
+/// with their parameter names and quality values): their variants are keyed lowercase.
+const CASELESS_VALUES: [HeaderName; 3] = [
+    header::ACCEPT,
+    header::ACCEPT_CHARSET,
+    header::ACCEPT_LANGUAGE,
+];
+
+/// Request headers whose list order means nothing (preference is the quality value's): their
+/// variants are keyed with the elements sorted. Not `Accept-Language`, whose order some servers
+/// read as a preference among equal qualities (RFC 9110 section 12.5.4).
+const UNORDERED_VALUES: [HeaderName; 2] = [header::ACCEPT, header::ACCEPT_CHARSET];
+
+/// One element of a list header as its variant is keyed: whitespace around it and around its
+/// `;` parameters and their `=` removed, lowercase where the header is case-insensitive.
+fn variant_element(name: &HeaderName, element: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(element.len());
+    for (i, parameter) in element.split(|b| *b == b';').enumerate() {
+        if i > 0 {
+            out.push(b';');
+        }
+        match parameter.iter().position(|b| *b == b'=') {
+            Some(at) => {
+                out.extend_from_slice(parameter[..at].trim_ascii());
+                out.push(b'=');
+                out.extend_from_slice(parameter[at + 1..].trim_ascii());
+            }
+            None => out.extend_from_slice(parameter.trim_ascii()),
+        }
+    }
+    if CASELESS_VALUES.contains(name) {
+        out.make_ascii_lowercase();
+    }
+    out
+}
 
 /// The key of one variant of a response that varies on request headers outside its route's key
 /// (`vary: honor`): the primary key's digest, the id of the marker stored there, then each of
@@ -226,10 +262,12 @@ const VARIANT_KEY_VERSION: &str = "corral/variant/1";
 /// variant outlives the entry it hangs from.
 ///
 /// Values are normalised only in ways that cannot change their meaning (RFC 9111 §4.1): every
-/// line of the header is split on commas, whitespace around each element is trimmed, and empty
-/// elements are dropped, so `a, b`, `a,b` and two lines `a` and `b` are one variant. An absent
-/// header differs from an empty one. A header named in `Connection` counts as absent, as it is
-/// never forwarded.
+/// line of the header is split on commas, whitespace around each element and its `;` parameters
+/// is trimmed, and empty elements are dropped, so `a, b`, `a,b` and two lines `a` and `b` are one
+/// variant. `Accept`, `Accept-Charset` and `Accept-Language` are compared lowercase, and the
+/// elements of `Accept` and `Accept-Charset` in sorted order, as their order means nothing. An
+/// absent header differs from an empty one. A header named in `Connection` counts as absent, as
+/// it is never forwarded.
 pub fn variant_key(
     primary: &KeyHash,
     marker: &str,
@@ -244,16 +282,20 @@ pub fn variant_key(
     for name in names {
         builder.push(name.as_str().as_bytes());
         let present = headers.contains_key(name) && !is_hop_by_hop(name, &hop_by_hop);
-        let elements: Vec<&[u8]> = headers
+        let mut elements: Vec<Vec<u8>> = headers
             .get_all(name)
             .iter()
             .filter(|_| present)
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .map(<[u8]>::trim_ascii)
             .filter(|e| !e.is_empty())
+            .map(|element| variant_element(name, element))
             .collect();
+        if UNORDERED_VALUES.contains(name) {
+            elements.sort_unstable();
+        }
         let mut part = vec![u8::from(present)];
-        part.extend(frame(elements));
+        part.extend(frame(elements.iter().map(Vec::as_slice)));
         builder.push(&part);
     }
     builder.finish()

@@ -13,6 +13,8 @@
 //! - [`range`]: a GET's byte ranges cut from a whole stored answer: `206`, `multipart/byteranges`
 //!   or `416`.
 //! - [`cache_control`]: `Cache-Control` and the other comma-separated lists, read leniently.
+//! - [`encoding`]: content codings: what a client's `Accept-Encoding` takes, which stored
+//!   representation answers it, which answers are compressed when stored, and the compressors.
 //! - [`forward`]: which of a client's headers reach the upstream (what a cacheable fetch may carry).
 //! - [`hop_by_hop`]: the headers that never leave one connection.
 //!
@@ -21,6 +23,7 @@
 
 pub mod cache_control;
 pub mod conditional;
+pub mod encoding;
 pub mod forward;
 pub mod hop_by_hop;
 pub mod key;

@@ -108,9 +108,10 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// Pass reasons, checked in this order: `set-cookie`, `private` (with or without field names),
 /// `must-understand` (with it, a status outside `cache_statuses`), `no-store` (ignored beside
 /// `must-understand` for a status in `cache_statuses`, RFC 9111 section 5.2.2.3, when the route
-/// honours `Cache-Control`), `vary-star`, `vary` (names a request header outside the key: every
-/// name counts, `Accept-Encoding` included), `status` (not in the route's `cache_statuses`; a `206`
-/// always), then `no-freshness` (a `semantics: rfc9111` route, and the upstream gave none).
+/// honours `Cache-Control`), `vary-star`, `vary` (names a request header outside the key that the
+/// route does not make variants of), `status` (not in the route's `cache_statuses`; a `206`
+/// always), then `no-freshness` (a `semantics: rfc9111` route, and the upstream gave none nor a
+/// validator).
 ///
 /// When the route honours `Cache-Control`, a `no-cache` answer (with or without field names: the
 /// whole answer is revalidated) is stored with no freshness, and so is one whose lifetime is zero
@@ -119,9 +120,11 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// Where the directives come from: see [`directives`]. `private` and `no-store` are obeyed in
 /// `Cache-Control` even when a targeted field gives the freshness.
 ///
-/// With `vary: honor` or `semantics: rfc9111` ([`stores_variants`]), a `Vary` naming readable
-/// header names outside the key is not a pass: the caller must then store the response as a
-/// variant of [`vary_outside_key`]'s names.
+/// `Accept-Encoding` in `Vary` never counts: corral owns content encoding on cacheable fetches
+/// ([`super::encoding`]). Other names outside the key make variants when the route forwards them
+/// (`forward_headers` marked `unkeyed`), or any readable name with `vary: honor` or `semantics:
+/// rfc9111` ([`stores_variants`]): the caller must then store the response as a variant of
+/// [`vary_outside_key`]'s names.
 ///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
@@ -153,10 +156,8 @@ pub fn response_verdict(route: &Route, status: StatusCode, headers: &HeaderMap) 
     }
     match vary(route, headers) {
         Vary::Star => return Pass("vary-star"),
-        // With `vary: honor` (or `semantics: rfc9111`), the caller stores it as a variant of the
-        // names outside the key.
-        Vary::OutsideKey
-            if stores_variants(route) && vary_outside_key(route, headers).is_some() => {}
+        // The caller stores it as a variant of the names outside the key.
+        Vary::OutsideKey if makes_variants(route, headers) => {}
         Vary::OutsideKey => return Pass("vary"),
         Vary::WithinKey => {}
     }
@@ -248,7 +249,7 @@ pub fn vary_outside_key(route: &Route, headers: &HeaderMap) -> Option<Vec<Header
     let mut names = Vec::new();
     for name in comma_list(headers, &header::VARY) {
         let name = HeaderName::from_bytes(&name).ok()?;
-        if !in_key(route, &name) {
+        if !in_key(route, &name) && name != header::ACCEPT_ENCODING {
             names.push(name);
         }
     }
@@ -307,6 +308,19 @@ pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
     }
 }
 
+/// Whether the route stores a response whose `Vary` names these headers outside its key as
+/// variants: every name with `vary: honor`, else only names it forwards unkeyed (the upstream saw
+/// them; one it was never sent cannot have shaped the answer, but its `Vary` still says so).
+fn makes_variants(route: &Route, headers: &HeaderMap) -> bool {
+    match vary_outside_key(route, headers) {
+        None => false,
+        Some(_) if stores_variants(route) => true,
+        Some(names) => names
+            .iter()
+            .all(|name| route.forward_unkeyed.contains(name)),
+    }
+}
+
 enum Vary {
     WithinKey,
     OutsideKey,
@@ -320,7 +334,7 @@ fn vary(route: &Route, headers: &HeaderMap) -> Vary {
             return Vary::Star;
         }
         match HeaderName::from_bytes(&name) {
-            Ok(name) if in_key(route, &name) => {}
+            Ok(name) if in_key(route, &name) || name == header::ACCEPT_ENCODING => {}
             _ => verdict = Vary::OutsideKey,
         }
     }

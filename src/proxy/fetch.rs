@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
 use super::ids::{FETCH_ID, REQUEST_ID, random_id};
 use super::slots::Budget;
 use super::upstream::{self, Buffered, Overflow, UpstreamError, target};
+use super::variant::VariantOf;
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
@@ -66,9 +67,9 @@ pub(super) enum Stage {
     /// The request's own key. On a `vary: honor` route, a response that varies on headers outside
     /// the key is committed under its variant key, and the primary key gets a marker naming them.
     Primary,
-    /// One variant of a primary key whose marker names these headers; a response that varies on
-    /// anything else is not stored.
-    Variant(Vec<HeaderName>),
+    /// One variant of a primary key's marker; a response that varies on anything but the
+    /// marker's headers, or would be one variant too many, is not stored.
+    Variant(VariantOf),
 }
 
 /// What a fetch sends upstream: the upstream URI with only the kept query, and the request's
@@ -329,15 +330,19 @@ impl Fetch {
                 self.index(tags, served_for).await;
             }
         }
-        // Only a `vary: honor` route stores a response that varies outside its key.
+        // Compressed once, for the store: an answer only this client gets is sent as it came.
+        if indexed.is_some() {
+            entry = super::encoding::compressed(route, entry, self.proxy.engine.metrics()).await;
+        }
+        // The verdict let through only names the route makes variants of.
         let outside = vary_outside_key(route, &headers).unwrap_or_default();
         Ok(match &self.stage {
             _ if outside.is_empty() => Built::Shared(entry),
             Stage::Primary => self.store_variant(entry, outside).await,
-            Stage::Variant(names) if outside.iter().all(|n| names.contains(n)) => {
-                Built::Shared(entry)
+            Stage::Variant(of) => {
+                let stores = indexed.is_some();
+                self.admit_variant(entry, &outside, of, stores).await
             }
-            Stage::Variant(_) => Built::Private(Private::new(entry, "vary")),
         })
     }
 }

@@ -26,14 +26,21 @@
 //! A successful unsafe request (POST, PUT, PATCH, DELETE) that passed through a cached route
 //! purges the GET and HEAD keys of its URL (RFC 9111 section 4.4).
 //!
-//! On a `vary: honor` route, an answer that varies on request headers outside the key is stored
-//! as a variant, and a request that finds a marker at its key resolves its own variant next.
+//! An answer that varies on request headers outside the key (any on a `vary: honor` route, those
+//! it forwards unkeyed on others; never `Accept-Encoding`) is stored as a variant, at most
+//! `max_variants` per key, and a request that finds a marker at its key resolves its own variant
+//! next.
+//!
+//! Content encoding is corral's own on cacheable fetches: the upstream is asked for the route's
+//! codings, an identity answer worth it is compressed once when stored, and each client gets a
+//! stored representation it accepts, or one decoded as it streams (`encoding`).
 //! Purge indexes name the request key (the variant marker's): purging it orphans its variants,
 //! since every variant key holds the marker's id.
 
 mod access;
 mod authority;
 mod direct;
+mod encoding;
 mod fetch;
 mod handler;
 mod ids;

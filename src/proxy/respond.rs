@@ -113,6 +113,7 @@ pub(super) fn answer(answer: Answer, method: &Method, request: &HeaderMap) -> An
                 Source::StaleOnError => Some("stale-if-error"),
                 _ => None,
             };
+            let entry = super::encoding::represent(entry, request);
             let answered = from_entry(&entry, outcome, stored, detail, age, head);
             let answered = preconditioned(answered, method, request);
             ranged(answered, &entry, method, request, true)
@@ -179,6 +180,7 @@ pub(super) fn failure(
         ),
         EngineError::TooManyFollowers { stale } => match stale {
             Some(entry) => {
+                let entry = super::encoding::represent(entry, request);
                 let answered = from_entry(
                     &entry,
                     Outcome::Stale,

@@ -14,11 +14,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 
 use super::fetch::{Fetch, Forward, Stage, entry};
+use crate::engine::Private;
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
 use crate::envelope::{Entry, Form};
 use crate::http::hop_by_hop::{connection_named, is_hop_by_hop};
 use crate::http::key::variant_key;
 use crate::key::KeyHash;
+use crate::store::{IndexEntry, Selector};
 
 /// What a vary marker says. Stored as a [`Form::Marker`] entry at the primary key, its body the
 /// id, a newline, and the names, comma-separated.
@@ -69,6 +71,26 @@ fn variant_source(marker: Source, variant: AnswerSource) -> AnswerSource {
     }
 }
 
+/// How long a fetch waits for the store to count a marker's variants, or to record one, before
+/// it goes on without (a store that hangs must not hold every new variant).
+const COUNT_BUDGET: Duration = Duration::from_millis(250);
+
+/// Which variant a fetch fills: what its marker says, and the variant's own key.
+#[derive(Clone, Debug)]
+pub(super) struct VariantOf {
+    /// The request headers the marker's answers vary on.
+    pub names: Vec<HeaderName>,
+    /// The marker's id, which names the set of its variants in the store's tag index.
+    marker: String,
+    key: KeyHash,
+}
+
+/// The tag under which a marker's variants are indexed, so that any replica can count them:
+/// indexed only by corral, and purged with them.
+fn variants_tag(marker: &str) -> String {
+    format!("corral-variants-{marker}")
+}
+
 /// A request's variant of a marker: the fetch that fills it, its key, and how the marker came.
 pub(super) struct VariantFetch {
     pub fetch: Fetch,
@@ -85,8 +107,13 @@ impl Fetch {
         };
         let marker = VaryMarker::of(&primary.entry)?;
         let key = variant_key(&self.key, &marker.id, &marker.names, client).hash;
+        let of = VariantOf {
+            names: marker.names,
+            marker: marker.id,
+            key,
+        };
         Some(VariantFetch {
-            fetch: self.variant(marker.names, client),
+            fetch: self.variant(of, client),
             key,
             through,
         })
@@ -114,11 +141,11 @@ impl Fetch {
     /// The fetch of this request's variant of a marker naming `names`: the same request, with
     /// the client's values of those headers forwarded whatever the route's forwarding rules, since
     /// the variant key holds them.
-    fn variant(&self, names: Vec<HeaderName>, client: &HeaderMap) -> Fetch {
+    fn variant(&self, of: VariantOf, client: &HeaderMap) -> Fetch {
         let hop_by_hop = connection_named(client);
         let forward = self.forward().map(|forward| {
             let mut headers = forward.headers.clone();
-            for name in &names {
+            for name in &of.names {
                 headers.remove(name);
                 if !is_hop_by_hop(name, &hop_by_hop) {
                     for value in client.get_all(name) {
@@ -141,7 +168,7 @@ impl Fetch {
             forward: OnceLock::from(forward),
             body: self.body.clone(),
             key: self.key,
-            stage: Stage::Variant(names),
+            stage: Stage::Variant(of),
             asked: self.asked,
             upstream: OnceLock::new(),
         }
@@ -157,6 +184,7 @@ impl Fetch {
         let unsent = HeaderMap::new();
         let sent = self.forward().map_or(&unsent, |forward| &forward.headers);
         let variant = variant_key(&self.key, &id, &names, sent);
+        self.count_variant(variant.hash, &id, &entry).await;
         let ttl = entry.ttl;
         let stored: Builder = Arc::new(move |_role| {
             let entry = entry.clone();
@@ -171,5 +199,58 @@ impl Fetch {
             tracing::debug!(%error, route = %route.name, "a variant could not be stored");
         }
         Built::Shared(VaryMarker { id, names }.entry(ttl))
+    }
+
+    /// Whether this variant's answer is stored: only when it varies on nothing but the marker's
+    /// headers, and when the marker has fewer than `max_variants` variants, counted cluster-wide
+    /// in the store's tag index (this one included if already counted). Fetches of new variants
+    /// that run at once may each pass the count, so a marker holds at most `max_variants` plus
+    /// the variants being fetched at that moment. A store that does not answer the count in time
+    /// does not stop the variant. Only a fetch that `stores` its answer counts it.
+    pub(super) async fn admit_variant(
+        &self,
+        entry: Entry,
+        outside: &[HeaderName],
+        of: &VariantOf,
+        stores: bool,
+    ) -> Built {
+        if !outside.iter().all(|name| of.names.contains(name)) {
+            return Built::Private(Private::new(entry, "vary"));
+        }
+        let most = self.snapshot.config.routes[self.route].policy.max_variants;
+        let tag = Selector::Tag(variants_tag(&of.marker));
+        let store = self.proxy.engine.store();
+        let counted = tokio::time::timeout(COUNT_BUDGET, store.indexed(&tag, most + 1)).await;
+        if let Ok(Ok(known)) = counted
+            && known.len() >= most
+            && !known.contains(&of.key)
+        {
+            return Built::Private(Private::new(entry, "max-variants"));
+        }
+        if stores {
+            self.count_variant(of.key, &of.marker, &entry).await;
+        }
+        Built::Shared(entry)
+    }
+
+    /// Records the variant `key` of `marker` in the store's tag index, for as long as `entry` may
+    /// be served; a failure only makes the count low, so it is logged, not fatal.
+    async fn count_variant(&self, key: KeyHash, marker: &str, entry: &Entry) {
+        let route = &self.snapshot.config.routes[self.route];
+        let indexed = IndexEntry {
+            route: route.name.clone(),
+            path: self.request.uri.path().to_owned(),
+            key,
+            tags: vec![variants_tag(marker)],
+            ttl: entry.ttl + entry.stale.max(entry.stale_if_error),
+        };
+        let engine = &self.proxy.engine;
+        match tokio::time::timeout(COUNT_BUDGET, engine.index(&indexed)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, route = %route.name, "a variant could not be counted");
+            }
+            Err(_) => tracing::debug!(route = %route.name, "a variant was not counted in time"),
+        }
     }
 }

@@ -10,17 +10,19 @@ use marked_yaml::Spanned;
 use regex::Regex;
 
 use super::super::schema::{
-    CookiesFile, File, KeyFile, MatchFile, PolicyFile, QueryFile, RouteFile, Text,
+    CompressFile, CookiesFile, EncodingFile, File, KeyFile, MatchFile, PolicyFile, QueryFile,
+    RouteFile, Text,
 };
 use super::super::settings::caching_settings;
 use super::super::units::format_duration;
 use super::super::{
-    Beta, CookieMode, KeyRules, OnWaitTimeout, PathMatch, Place, QueryRule, Route, RouteMatch,
-    RoutePolicy, Semantics, VaryMode,
+    Beta, Compress, CookieMode, Encoding, KeyRules, OnWaitTimeout, PathMatch, Place, QueryRule,
+    Route, RouteMatch, RoutePolicy, Semantics, VaryMode,
 };
 use super::values::*;
 use super::{Checker, Invalid, Set};
 use crate::engine::{ExpiryMode, OnStoreError};
+use crate::http::encoding::Coding;
 
 /// Validation's side of the caching settings ([`super::settings`]): a [`Layer`] of the values
 /// one part of the file sets, a layer over another, and a layer's text checked.
@@ -388,6 +390,71 @@ impl Checker<'_> {
             }
         }
         ok.then_some(checked)
+    }
+
+    /// `encoding: {accept: [...], compress: {types: [...], min_size: 1KiB, with: [...]}}`: what
+    /// the file leaves out of it takes the built-in default (a route's `encoding` replaces the
+    /// one in `defaults` whole).
+    fn encoding(
+        &mut self,
+        file: &Option<Spanned<EncodingFile>>,
+        path: String,
+    ) -> Option<Set<Encoding>> {
+        let file = file.as_ref()?;
+        let default = Encoding::default();
+        let accept = match &file.accept {
+            None => Some(default.accept),
+            Some(list) => self.codings(list, &format!("{path}.accept")),
+        };
+        let compress = match file.compress.as_deref() {
+            None => Some(default.compress),
+            Some(compress) => self.compress(compress, &format!("{path}.compress")),
+        };
+        Some(Set {
+            value: Encoding {
+                accept: accept?,
+                compress: compress?,
+            },
+            place: Place::of(file),
+            path,
+        })
+    }
+
+    fn compress(&mut self, file: &CompressFile, path: &str) -> Option<Compress> {
+        let default = Compress::default();
+        let types = match &file.types {
+            None => Some(default.types),
+            Some(list) => self.list(list, &format!("{path}.types"), media_range),
+        };
+        let min_size = self.or_default(
+            &file.min_size,
+            &format!("{path}.min_size"),
+            default.min_size,
+            size,
+        );
+        let with = match &file.with {
+            None => Some(default.with),
+            Some(list) => self.codings(list, &format!("{path}.with")),
+        };
+        Some(Compress {
+            types: types?,
+            min_size: min_size?,
+            with: with?,
+        })
+    }
+
+    /// A list of content codings, each named once.
+    fn codings(&mut self, list: &Spanned<Vec<Text>>, path: &str) -> Option<Vec<Coding>> {
+        let codings = self.list(list, path, coding)?;
+        let mut ok = true;
+        for (i, coding) in codings.iter().enumerate() {
+            if codings[..i].contains(coding) {
+                let invalid = Invalid::Repeated(coding.as_str().to_owned());
+                self.report(Place::of(&list[i]), &format!("{path}[{i}]"), invalid);
+                ok = false;
+            }
+        }
+        ok.then_some(codings)
     }
 
     /// A route's effective policy, refusing values that contradict each other or the store.

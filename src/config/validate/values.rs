@@ -10,6 +10,7 @@ use super::super::units::{self, format_duration};
 use super::super::{Beta, OnWaitTimeout, Semantics, VaryMode};
 use super::{Invalid, Kind};
 use crate::engine::{ExpiryMode, OnStoreError};
+use crate::http::encoding::Coding;
 
 /// A whole number above zero.
 pub(super) fn count(text: &str) -> Result<usize, Invalid> {
@@ -338,5 +339,32 @@ pub(super) fn any_status(text: &str) -> Result<u16, Invalid> {
         Ok(code)
     } else {
         Err(Invalid::StatusRange(code))
+    }
+}
+
+/// A content coding corral can decode and make.
+pub(super) fn coding(text: &str) -> Result<Coding, Invalid> {
+    match Coding::parse(text) {
+        Some(coding) if !text.eq_ignore_ascii_case("x-gzip") => Ok(coding),
+        _ => Err(word(text, "gzip, br, zstd or deflate")),
+    }
+}
+
+/// A media type to compress: `type/subtype`, lowercase, with at most one `*` (`text/*`,
+/// `application/*+json`).
+pub(super) fn media_range(text: &str) -> Result<String, Invalid> {
+    let token = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$&-^_.+*".contains(&b))
+    };
+    match text.split_once('/') {
+        Some((kind, subtype))
+            if token(kind) && token(subtype) && text.matches('*').count() <= 1 =>
+        {
+            Ok(text.to_owned())
+        }
+        _ => Err(Invalid::MediaRange(text.to_owned())),
     }
 }

@@ -46,7 +46,27 @@ fn variant_keys_normalise_only_what_cannot_change_the_meaning() {
         of(&[("accept-language", "en"), ("accept-language", "fr")])
     );
     assert_ne!(en, of(&[("accept-language", "fr, en")]), "order is meaning");
-    assert_ne!(en, of(&[("accept-language", "EN, fr")]), "so is case");
+    assert_eq!(en, of(&[("accept-language", "EN, Fr")]), "case is not");
+    let accept = [header::ACCEPT];
+    let of_accept =
+        |lines: &[(&str, &str)]| variant_key(&primary, "m1", &accept, &headers(lines)).hash;
+    let json = of_accept(&[("accept", "application/json;q=0.9, text/html")]);
+    assert_eq!(
+        json,
+        of_accept(&[("accept", "Text/HTML,application/json ; q = 0.9")])
+    );
+    assert_eq!(
+        json,
+        of_accept(&[
+            ("accept", "text/html"),
+            ("accept", "application/json;q=0.9")
+        ]),
+        "an Accept's order means nothing"
+    );
+    assert_ne!(
+        json,
+        of_accept(&[("accept", "application/json;q=0.8, text/html")])
+    );
     assert_ne!(
         of(&[]),
         of(&[("accept-language", "")]),

@@ -284,16 +284,45 @@ fn vary_star_is_never_shared() {
 #[test]
 fn vary_outside_the_key_is_never_shared() {
     assert_eq!(ok(&[("vary", "Accept")]), Pass("vary"));
-    assert_eq!(ok(&[("vary", "accept-encoding")]), Pass("vary"));
     let r = route_with(|r| r.key.headers = vec![ACCEPT]);
     assert_eq!(response(&r, 200, &[("vary", "Accept")]), stored(60));
     assert_eq!(response(&r, 200, &[("vary", "accept, ,")]), stored(60));
     assert_eq!(
-        response(&r, 200, &[("vary", "accept, accept-encoding")]),
+        response(&r, 200, &[("vary", "accept"), ("vary", "user-agent")]),
         Pass("vary")
     );
+}
+
+#[test]
+fn vary_accept_encoding_never_passes_nor_makes_variants() {
+    assert_eq!(ok(&[("vary", "accept-encoding")]), stored(60));
+    assert_eq!(ok(&[("vary", "Accept-Encoding"), ("vary", "")]), stored(60));
+    let honor = route_with(|r| r.policy.vary = VaryMode::Honor);
+    let lines = [("vary", "accept-encoding, x-a")];
     assert_eq!(
-        response(&r, 200, &[("vary", "accept"), ("vary", "user-agent")]),
+        vary_outside_key(&honor, &headers(&lines)),
+        Some(vec![HeaderName::from_static("x-a")])
+    );
+    let r = route_with(|r| r.key.headers = vec![ACCEPT]);
+    assert_eq!(
+        response(&r, 200, &[("vary", "accept, accept-encoding")]),
+        stored(60)
+    );
+    assert_eq!(ok(&[("vary", "accept-encoding, *")]), Pass("vary-star"));
+}
+
+#[test]
+fn vary_on_a_header_the_route_forwards_makes_variants() {
+    let r = route_with(|r| r.forward_unkeyed = vec![HeaderName::from_static("x-tenant")]);
+    let lines = [("vary", "X-Tenant, accept-encoding")];
+    assert_eq!(response(&r, 200, &lines), stored(60));
+    assert_eq!(
+        vary_outside_key(&r, &headers(&lines)),
+        Some(vec![HeaderName::from_static("x-tenant")])
+    );
+    // One name it does not forward is enough to pass: the upstream was never sent it.
+    assert_eq!(
+        response(&r, 200, &[("vary", "x-tenant, user-agent")]),
         Pass("vary")
     );
 }

@@ -76,7 +76,13 @@ const UNKEYED: &[(&str, &str)] = &[
 ];
 
 /// Headers corral itself sets on a shared fetch, the same for every client but the fetch id.
-const GENERATED: &[&str] = &["host", "via", "x-forwarded-proto", "x-request-id"];
+const GENERATED: &[&str] = &[
+    "accept-encoding",
+    "host",
+    "via",
+    "x-forwarded-proto",
+    "x-request-id",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_header_a_shared_fetch_sends_is_keyed_or_corrals_own() {
@@ -92,6 +98,11 @@ async fn every_header_a_shared_fetch_sends_is_keyed_or_corrals_own() {
     assert_eq!(reply.header("x-request-id"), Some("attacker-chosen-id"));
 
     let sent = &upstream.requests_for("/page?q=1")[0];
+    // corral's codings, not the client's.
+    assert_eq!(
+        sent.header("accept-encoding"),
+        Some("gzip, br;q=0.9, zstd;q=0.8")
+    );
     let keyed: HashSet<&str> = ["accept-language"].into();
     for name in sent.headers.keys() {
         assert!(

@@ -1,10 +1,12 @@
-//! The proxy end to end: routing and sharing, variants, freshness, conditional and range requests,
+//! The proxy end to end: routing and sharing, content encoding, variants and `Vary`, freshness,
+//! conditional and range requests, cookies,
 //! invalidation, limits;
 //! upstreams over TLS, their timeouts and the headers sent to them.
 
 mod age;
 mod conditional;
 mod cookies;
+mod encoding;
 mod end_to_end;
 mod freshness;
 mod head;
@@ -18,3 +20,4 @@ mod timeouts;
 mod tls;
 mod upstream_headers;
 mod variants;
+mod vary;

@@ -191,10 +191,11 @@ async fn vary_on_a_keyed_header_is_stored_and_on_an_unkeyed_one_is_not() {
     assert_eq!((gzip.x_cache(), seq_of(&gzip)), ("HIT", 1));
 
     // Not in the key and no `vary: honor`: never stored (PASS), every request fetches.
+    let upstream = upstream.header("/plain", "vary", "Accept-Language");
     for i in 0..3 {
         let reply = proxy
             .get(i, "/plain/x")
-            .header("accept-encoding", "gzip")
+            .header("accept-language", "en")
             .send()
             .await;
         assert_eq!(
