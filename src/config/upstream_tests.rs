@@ -351,7 +351,10 @@ fn a_bare_url_is_a_pool_of_one_that_never_retries() {
 
 #[test]
 fn a_pool_takes_its_defaults_and_its_first_server_is_the_routes_url() {
-    let config = parse_ok(&pool(&["https://a.example:8443/v1", "https://b.example/v1"], ""));
+    let config = parse_ok(&pool(
+        &["https://a.example:8443/v1", "https://b.example/v1"],
+        "",
+    ));
     let route = &config.routes[0];
     assert_eq!(route.upstream, "https://a.example:8443/v1");
     let pool = &route.upstream_settings.pool;

@@ -11,8 +11,8 @@ use marked_yaml::Spanned;
 
 use super::super::Place;
 use super::super::schema::{
-    ForwardFile, HealthFile, OutlierFile, PoolFile, RetriesFile, RouteFile, Text,
-    UpstreamFile, UpstreamHeadersFile, UpstreamTlsFile,
+    ForwardFile, HealthFile, OutlierFile, PoolFile, RetriesFile, RouteFile, Text, UpstreamFile,
+    UpstreamHeadersFile, UpstreamTlsFile,
 };
 use super::super::upstream::{KeySource, TlsSources, read_certificates};
 use super::super::{
@@ -217,7 +217,8 @@ impl Checker<'_> {
     ) -> Option<(Uri, PoolSettings)> {
         const EXPECTED: &str = "an absolute http or https url";
         let Some(file) = file else {
-            self.problems.add(missing_at, path, Invalid::Missing(EXPECTED));
+            self.problems
+                .add(missing_at, path, Invalid::Missing(EXPECTED));
             return None;
         };
         match &**file {
@@ -377,9 +378,12 @@ impl Checker<'_> {
 
     fn outlier(&mut self, file: &Spanned<OutlierFile>, path: &str) -> Option<OutlierSettings> {
         let d = OutlierSettings::default();
-        let failures = self.or_default(&file.failures, &format!("{path}.failures"), d.failures, |t| {
-            bounded(t, MAX_FAILURES)
-        });
+        let failures = self.or_default(
+            &file.failures,
+            &format!("{path}.failures"),
+            d.failures,
+            |t| bounded(t, MAX_FAILURES),
+        );
         let ejection = self.or_default(
             &file.ejection,
             &format!("{path}.ejection"),
@@ -419,9 +423,12 @@ impl Checker<'_> {
 
     fn retries(&mut self, file: &Spanned<RetriesFile>, path: &str) -> Option<RetrySettings> {
         let d = RetrySettings::pool();
-        let attempts = self.or_default(&file.attempts, &format!("{path}.attempts"), d.attempts, |t| {
-            bounded(t, MAX_ATTEMPTS)
-        });
+        let attempts = self.or_default(
+            &file.attempts,
+            &format!("{path}.attempts"),
+            d.attempts,
+            |t| bounded(t, MAX_ATTEMPTS),
+        );
         let statuses = match &file.on {
             None => Some(d.statuses.clone()),
             Some(list) => {

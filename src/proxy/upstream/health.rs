@@ -60,7 +60,9 @@ async fn check_all(pool: &Pool, health: &HealthSettings) {
     let verdicts = futures::future::join_all(checks).await;
     let now = Instant::now();
     for (server, verdict) in servers.iter().zip(verdicts) {
-        let passed = verdict.as_ref().is_ok_and(|status| health.passes(status.as_u16()));
+        let passed = verdict
+            .as_ref()
+            .is_ok_and(|status| health.passes(status.as_u16()));
         let change = server.standing().checked(passed, now, health);
         let why = match &verdict {
             Ok(status) => status.to_string(),
@@ -78,17 +80,29 @@ async fn check_all(pool: &Pool, health: &HealthSettings) {
 }
 
 /// One check: the status, or why there was none within the timeout.
-async fn check(pool: &Pool, server: &Arc<Server>, health: &HealthSettings) -> Result<StatusCode, String> {
+async fn check(
+    pool: &Pool,
+    server: &Arc<Server>,
+    health: &HealthSettings,
+) -> Result<StatusCode, String> {
     let uri = check_uri(&server.url, &health.path).map_err(|e| e.to_string())?;
     let mut request = Request::get(uri.clone())
         .body(Body::empty())
         .map_err(|e| e.to_string())?;
     super::apply_headers(&pool.settings, &uri, request.headers_mut());
     let checking = async {
-        let response = server.client.request(request).await.map_err(|e| crate::errors::chain(&e))?;
+        let response = server
+            .client
+            .request(request)
+            .await
+            .map_err(|e| crate::errors::chain(&e))?;
         let status = response.status();
         // Read to the end, so the connection goes back to the pool.
-        response.into_body().collect().await.map_err(|e| e.to_string())?;
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(status)
     };
     match tokio::time::timeout(health.timeout, checking).await {

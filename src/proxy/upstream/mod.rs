@@ -238,7 +238,9 @@ impl Upstream {
             .collect();
         let labels = |pools: &HashMap<String, Arc<Pool>>| -> HashSet<(String, String)> {
             let each = pools.iter().flat_map(|(route, pool)| {
-                pool.labels().into_iter().map(|label| (route.clone(), label))
+                pool.labels()
+                    .into_iter()
+                    .map(|label| (route.clone(), label))
             });
             each.collect()
         };
@@ -286,7 +288,9 @@ impl Upstream {
         };
         let affinity = match key {
             Some(key) => key.as_bytes().as_slice(),
-            None => uri.path_and_query().map_or(b"/".as_slice(), |pq| pq.as_str().as_bytes()),
+            None => uri
+                .path_and_query()
+                .map_or(b"/".as_slice(), |pq| pq.as_str().as_bytes()),
         };
         pool.budget.deposit();
         let mut tried: Vec<Arc<Server>> = Vec::new();
@@ -346,7 +350,14 @@ impl Upstream {
         let target = server.target(uri);
         let asked = Instant::now();
         let result = self
-            .request(server, &pool.settings, method.clone(), target.clone(), headers, body)
+            .request(
+                server,
+                &pool.settings,
+                method.clone(),
+                target.clone(),
+                headers,
+                body,
+            )
             .await;
         match &result {
             // The client's fault, not the upstream's: answered 4xx, not counted here.

@@ -190,7 +190,10 @@ mod tests {
             let length = fail_until_ejected(&mut standing, Instant::now());
             assert!(!standing.available(Instant::now()));
             tokio::time::advance(length).await;
-            assert!(standing.available(Instant::now()), "still out after {length:?}");
+            assert!(
+                standing.available(Instant::now()),
+                "still out after {length:?}"
+            );
             lengths.push(length.as_secs());
         }
         assert_eq!(lengths, [10, 20, 40, 60, 60]);

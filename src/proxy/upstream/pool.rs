@@ -113,7 +113,10 @@ impl Pool {
             .collect();
         *pool.servers.write().unwrap_or_else(PoisonError::into_inner) = Arc::from(servers);
         let wanted = pool.settings.pool.health.is_some() || pool.has_names();
-        if background && wanted && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if background
+            && wanted
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             let task = runtime.spawn(super::health::watch(Arc::downgrade(&pool)));
             *pool.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
         }
@@ -127,9 +130,8 @@ impl Pool {
         };
         let (metrics, labels) = (&self.metrics, [self.route.as_str(), label.as_str()]);
         let handles = Handles {
-            classes: STATUS_CLASSES.map(|class| {
-                (metrics.requests).with_label_values(&[labels[0], labels[1], class])
-            }),
+            classes: STATUS_CLASSES
+                .map(|class| (metrics.requests).with_label_values(&[labels[0], labels[1], class])),
             duration: metrics.duration.with_label_values(&labels),
             healthy: metrics.healthy.with_label_values(&labels),
             ejections: metrics.ejections.with_label_values(&labels),
@@ -268,7 +270,12 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(task) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             task.abort();
         }
     }
@@ -308,9 +315,7 @@ impl Server {
             _ => 5,
         };
         self.handles.classes[class].inc();
-        self.handles
-            .duration
-            .observe(asked.elapsed().as_secs_f64());
+        self.handles.duration.observe(asked.elapsed().as_secs_f64());
     }
 
     /// The URI of `uri` (built on the route's first server) on this server.

@@ -69,7 +69,11 @@ pub(super) fn host_name(url: &Uri) -> Option<&str> {
 /// The port a URL connects to.
 pub(super) fn port(url: &Uri) -> u16 {
     url.port_u16()
-        .unwrap_or(if url.scheme_str() == Some("https") { 443 } else { 80 })
+        .unwrap_or(if url.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        })
 }
 
 /// Every address of `host` (at most [`MAX_ADDRESSES`]), sorted, with `port`.
@@ -105,9 +109,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_stands_for_its_addresses_in_order() {
-        let found = resolve("localhost", 8080).await.expect("localhost resolves");
+        let found = resolve("localhost", 8080)
+            .await
+            .expect("localhost resolves");
         assert!(!found.is_empty() && found.len() <= MAX_ADDRESSES);
-        assert!(found.iter().all(|a| a.port() == 8080 && a.ip().is_loopback()));
+        assert!(
+            found
+                .iter()
+                .all(|a| a.port() == 8080 && a.ip().is_loopback())
+        );
         assert!(found.windows(2).all(|w| w[0] < w[1]), "{found:?}");
     }
 }

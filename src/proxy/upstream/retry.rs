@@ -112,10 +112,7 @@ impl Budget {
         let second = self.start.elapsed().as_secs();
         let window = self.window_seconds();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        while buckets
-            .front()
-            .is_some_and(|b| b.second + window <= second)
-        {
+        while buckets.front().is_some_and(|b| b.second + window <= second) {
             buckets.pop_front();
         }
         if buckets.back().is_none_or(|b| b.second != second) {
