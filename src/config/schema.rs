@@ -294,7 +294,7 @@ impl<'de> Deserialize<'de> for QueryFile {
 pub enum UpstreamFile {
     /// The URL's text; its place is the enclosing `Spanned`'s.
     Url(String),
-    Pool(PoolFile),
+    Pool(Box<PoolFile>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -356,7 +356,7 @@ impl<'de> Deserialize<'de> for UpstreamFile {
 
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<UpstreamFile, M::Error> {
                 PoolFile::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(UpstreamFile::Pool)
+                    .map(|pool| UpstreamFile::Pool(Box::new(pool)))
             }
         }
 

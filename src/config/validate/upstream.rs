@@ -287,7 +287,7 @@ impl Checker<'_> {
     fn servers(&mut self, file: &PoolFile, at: Place, path: &str) -> Option<Vec<Uri>> {
         let path = format!("{path}.servers");
         let Some(list) = file.servers.as_ref().filter(|l| !l.is_empty()) else {
-            let place = file.servers.as_ref().map_or(at, |l| Place::of(l));
+            let place = file.servers.as_ref().map_or(at, Place::of);
             self.refuse_upstream(place, &path, Refused::NoServers);
             return None;
         };

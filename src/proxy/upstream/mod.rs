@@ -361,7 +361,7 @@ impl Upstream {
             .await;
         match &result {
             // The client's fault, not the upstream's: answered 4xx, not counted here.
-            Err(error) if error.is_client_fault() => return Err(result.err().expect("an error")),
+            Err(error) if error.is_client_fault() => {}
             Ok(response) => {
                 server.observe(Some(response.status()), asked);
                 pool.outcome(server, response.status().is_server_error());
