@@ -8,6 +8,7 @@ mod end_to_end;
 mod freshness;
 mod head;
 mod limits;
+mod pool_dashboard;
 mod pool_faults;
 mod pools;
 mod purge;
