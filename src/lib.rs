@@ -47,7 +47,8 @@
 //!   send timeout and rate, the per-client cap).
 //! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, the
 //!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`) and the access line; the
-//!   upstream client, one per route (TLS, timeouts, upstream headers).
+//!   upstream client, a pool per route (servers, balance, health checks, outlier ejection,
+//!   retries; TLS, timeouts, upstream headers).
 //! - [`purge`]: the forms of a purge, and the client `corral purge` sends them with.
 //! - [`admin`]: health, readiness, metrics, purge and status, each call audited; the health
 //!   check client.

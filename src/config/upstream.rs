@@ -99,6 +99,62 @@ impl Default for PoolSettings {
     }
 }
 
+impl PoolSettings {
+    /// What `corral check` shows of a pool beyond the route's URL, as (name, value) lines; none
+    /// for a bare URL.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        if self.servers.len() <= 1 && self.retries.attempts <= 1 && self.health.is_none() {
+            return Vec::new();
+        }
+        let servers: Vec<String> = self.servers.iter().map(Uri::to_string).collect();
+        let mut lines = vec![
+            ("upstream.servers", format!("[{}]", servers.join(", "))),
+            ("upstream.balance", self.balance.name().to_string()),
+        ];
+        let time = |d: Duration| humantime::format_duration(d).to_string();
+        if let Some(h) = &self.health {
+            let statuses: Vec<String> = (h.statuses.iter())
+                .map(|(low, high)| match low == high {
+                    true => low.to_string(),
+                    false => format!("{low}-{high}"),
+                })
+                .collect();
+            let health = format!(
+                "GET {} every {}, timeout {}, healthy {}, unhealthy {}, statuses [{}]",
+                h.path,
+                time(h.interval),
+                time(h.timeout),
+                h.healthy,
+                h.unhealthy,
+                statuses.join(", ")
+            );
+            lines.push(("upstream.health", health));
+        }
+        let o = &self.outlier;
+        let outlier = format!(
+            "{} failures in a row eject for {} (doubling, at most {}), at most {}% at once",
+            o.failures,
+            time(o.ejection),
+            time(o.max_ejection),
+            o.max_ejected
+        );
+        lines.push(("upstream.outlier", outlier));
+        let r = &self.retries;
+        let on: Vec<String> = r.statuses.iter().map(u16::to_string).collect();
+        let retries = format!(
+            "{} attempts on connect, reset, response_header_timeout, [{}]; budget {}% over {} plus {}/s",
+            r.attempts,
+            on.join(", "),
+            r.budget,
+            time(r.budget_window),
+            r.min_per_second
+        );
+        lines.push(("upstream.retries", retries));
+        lines.push(("upstream.resolve_every", time(self.resolve_every)));
+        lines
+    }
+}
+
 /// How a request's server is chosen among those in rotation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Balance {
