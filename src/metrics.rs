@@ -896,6 +896,12 @@ impl UpstreamServerMetrics {
         }
     }
 
+    /// Series that no registry exports: for a pool made for a request still under a replaced
+    /// config, whose servers must not show (nor reset) the live pool's.
+    pub fn detached() -> Self {
+        Self::register(&Registry::new())
+    }
+
     /// A route's retry series at zero.
     fn add_route(&self, route: &str) {
         for reason in RETRY_REASONS {

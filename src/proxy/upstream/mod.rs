@@ -262,7 +262,7 @@ impl Upstream {
             {
                 known.clone()
             }
-            _ => Pool::new(route, &self.servers, false),
+            _ => Pool::new(route, &UpstreamServerMetrics::detached(), false),
         }
     }
 

@@ -265,3 +265,45 @@ async fn a_post_is_never_retried_and_a_get_is_retried_on_another_server() {
     );
     assert_eq!(retried, 4.0, "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_stands_for_its_addresses_and_host_keeps_the_name() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let origin = Upstream::start().await;
+    let port = origin.addr().port();
+    let named = format!("http://localhost:{port}");
+    let route = format!(
+        "  - name: pool\n    match: {{ path_prefix: / }}\n    cache: false\n    upstream:\n      servers: [{named}]\n      resolve_every: 1s\n"
+    );
+    let proxy = serve_routes(dir.path(), &route, &[]).await;
+    // Once resolved, the name's IPv4 address is a server of its own (an IPv6 one, where
+    // localhost has it, is another, refused by this origin and retried).
+    let address = format!("server=\"127.0.0.1:{port}\"");
+    let http = Http::new();
+    let mut i = 0;
+    eventually("the name resolved to its address", || {
+        i += 1;
+        let call = http.get(format!("{}/named/{i}", proxy.url()));
+        let proxy = &proxy;
+        let address = address.clone();
+        async move {
+            assert_eq!(call.send().await.status, 200);
+            let metrics = proxy.metrics().await;
+            metric_sum(
+                &metrics,
+                "corral_upstream_server_requests_total",
+                &[address.as_str(), "status_class=\"2xx\""],
+            ) >= 1.0
+        }
+    })
+    .await;
+    let metrics = proxy.metrics().await;
+    let unresolved = format!("server=\"localhost:{port}\"");
+    assert!(!metrics.contains(&unresolved), "{metrics}");
+    // Host (and SNI, on https) keep the name the file wrote.
+    let last = origin.requests().pop().expect("a request");
+    assert_eq!(
+        last.header("host"),
+        Some(format!("localhost:{port}").as_str())
+    );
+}
