@@ -292,7 +292,10 @@ impl Upstream {
                 .path_and_query()
                 .map_or(b"/".as_slice(), |pq| pq.as_str().as_bytes()),
         };
-        pool.budget.deposit();
+        // Only a request that may be retried earns the budget retries.
+        if attempts > 1 {
+            pool.budget.deposit();
+        }
         let mut tried: Vec<Arc<Server>> = Vec::new();
         let mut headers = Some(headers);
         for attempt in 1..=attempts {

@@ -211,6 +211,10 @@ impl Pool {
     /// `tried` the servers this request already went to.
     pub fn pick(&self, affinity: &[u8], tried: &[Arc<Server>]) -> Arc<Server> {
         let servers = self.servers();
+        // A bare URL's one server: nothing to choose.
+        if let [only] = &*servers {
+            return only.clone();
+        }
         let now = Instant::now();
         let fresh = |s: &&Arc<Server>| !tried.iter().any(|t| Arc::ptr_eq(t, s));
         let available: Vec<&Arc<Server>> = servers.iter().filter(|s| s.available(now)).collect();
@@ -250,9 +254,10 @@ impl Pool {
         let outlier = &self.settings.pool.outlier;
         let change = if failed {
             // Counted before taking this server's lock: one lock at a time.
+            // A lone server is never ejected: there is nowhere else to send its requests.
             let servers = self.servers();
             let ejected = servers.iter().filter(|s| s.standing().ejected(now)).count();
-            let room = ejected < max_ejected(outlier, servers.len());
+            let room = servers.len() > 1 && ejected < max_ejected(outlier, servers.len());
             server.standing().failed(now, outlier, room)
         } else {
             server.standing().succeeded(now, outlier);
