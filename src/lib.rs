@@ -47,8 +47,9 @@
 //! - `connections`: each listener's accept loop and the limits of one client connection (its
 //!   send timeout and rate, the per-client cap).
 //! - [`proxy`]: one phase a file: route, handler, fetch, variant, direct pass-through, the
-//!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`, `206`/`416`) and the access
-//!   line; the upstream client, one per route (TLS, timeouts, upstream headers).
+//!   response builder (`X-Cache`, `Cache-Status`, `304`/`412`, `206`/`416`) and the access line;
+//!   the upstream client, a pool per route (servers, balance, health checks, outlier ejection,
+//!   retries; TLS, timeouts, upstream headers).
 //! - [`purge`]: the forms of a purge, and the client `corral purge` sends them with.
 //! - [`admin`]: health, readiness, metrics, purge and status, each call audited; the health
 //!   check client.

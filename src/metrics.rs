@@ -240,6 +240,8 @@ pub struct Metrics {
     /// Answers decoded while sent to a client that does not accept their stored coding, by route
     /// and coding.
     pub decompressions: IntCounterVec,
+    /// Each upstream server's requests, latency, health and ejections, and each route's retries.
+    pub upstream_servers: UpstreamServerMetrics,
 }
 
 /// The `encoding` label of `corral_compressions_total` and `corral_decompressions_total`.
@@ -537,6 +539,7 @@ impl Metrics {
                 "Requests the client broke (request_body: a body that broke off or had bad chunked framing), answered 400, not counted against the upstream.",
                 &["reason"],
             ),
+            upstream_servers: UpstreamServerMetrics::register(&registry),
             registry,
         };
         for reason in CLIENT_ERRORS {
@@ -637,6 +640,7 @@ impl Metrics {
             self.compressions.with_label_values(&[route, coding]);
             self.decompressions.with_label_values(&[route, coding]);
         }
+        self.upstream_servers.add_route(route);
     }
 
     /// Counts one store call.
@@ -844,5 +848,113 @@ mod counted {
                 .collect();
             assert_eq!(states, [0, 0, 1]);
         }
+    }
+}
+
+// ----- upstream servers
+
+/// The `reason` label of `corral_upstream_retries_total`: what failed in the try that was sent
+/// again.
+pub const RETRY_REASONS: [&str; 4] = ["connect", "reset", "response_header_timeout", "status"];
+
+/// Per upstream server (`server`: the URL's authority, or the address a name resolved to; at
+/// most 64 servers a route, 16 addresses a name) and per route for retries. A server's series
+/// are removed when a reload or a new resolution drops it.
+#[derive(Clone)]
+pub struct UpstreamServerMetrics {
+    /// Requests by route, server and status class ([`STATUS_CLASSES`]; `error`: no answer).
+    pub requests: IntCounterVec,
+    /// Time to the response head, by route and server, in seconds.
+    pub duration: HistogramVec,
+    /// 1 while the server is in rotation, 0 while its health checks fail or it is ejected.
+    pub healthy: IntGaugeVec,
+    /// Times the server was ejected for failing requests in a row.
+    pub ejections: IntCounterVec,
+    /// Tries sent again, by route and reason ([`RETRY_REASONS`]).
+    pub retries: IntCounterVec,
+    /// Retries not sent because the route's retry budget was spent, by route.
+    pub retry_budget_exhausted: IntCounterVec,
+}
+
+impl UpstreamServerMetrics {
+    fn register(registry: &Registry) -> Self {
+        fn registered<M: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: M,
+        ) -> M {
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registered(registry, metric)
+        };
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "corral_upstream_server_duration_seconds",
+                "How long each upstream server took to send its response head, by route and server.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "server"],
+        )
+        .expect("valid metric");
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "corral_upstream_server_healthy",
+                "Whether each upstream server is in rotation (1) or out, failing its health checks or ejected (0).",
+            ),
+            &["route", "server"],
+        )
+        .expect("valid metric");
+        UpstreamServerMetrics {
+            requests: counter(
+                "corral_upstream_server_requests_total",
+                "Requests sent to each upstream server, by route, server and status class of the answer.",
+                &["route", "server", "status_class"],
+            ),
+            duration: registered(registry, duration),
+            healthy: registered(registry, healthy),
+            ejections: counter(
+                "corral_upstream_ejections_total",
+                "Times an upstream server was ejected for failing requests in a row, by route and server.",
+                &["route", "server"],
+            ),
+            retries: counter(
+                "corral_upstream_retries_total",
+                "Upstream tries sent again, by route and reason (connect, reset, response_header_timeout, status).",
+                &["route", "reason"],
+            ),
+            retry_budget_exhausted: counter(
+                "corral_upstream_retry_budget_exhausted_total",
+                "Retries not sent because the route's retry budget was spent, by route.",
+                &["route"],
+            ),
+        }
+    }
+
+    /// Series that no registry exports: for a pool made for a request still under a replaced
+    /// config, whose servers must not show (nor reset) the live pool's.
+    pub fn detached() -> Self {
+        Self::register(&Registry::new())
+    }
+
+    /// A route's retry series at zero.
+    fn add_route(&self, route: &str) {
+        for reason in RETRY_REASONS {
+            self.retries.with_label_values(&[route, reason]);
+        }
+        self.retry_budget_exhausted.with_label_values(&[route]);
+    }
+
+    /// Removes the series of a server that is gone.
+    pub fn forget(&self, route: &str, server: &str) {
+        for class in STATUS_CLASSES {
+            let _ = self.requests.remove_label_values(&[route, server, class]);
+        }
+        let _ = self.duration.remove_label_values(&[route, server]);
+        let _ = self.healthy.remove_label_values(&[route, server]);
+        let _ = self.ejections.remove_label_values(&[route, server]);
     }
 }

@@ -199,6 +199,9 @@ fn describe_route(out: &mut String, route: &Route) {
     line(out, "methods", &methods);
     line(out, "host", &route.matcher.host.as_deref().unwrap_or("any"));
     line(out, "upstream", &route.upstream);
+    for (name, value) in route.upstream_settings.pool.describe() {
+        line(out, name, &value);
+    }
     if route.upstream_http2 {
         line(out, "upstream_http2", &true);
     }

@@ -48,7 +48,10 @@ mod validate;
 
 pub use describe::{describe, digest};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
-pub use upstream::{KeySource, Protocol, UpstreamHeaders, UpstreamSettings, UpstreamTls};
+pub use upstream::{
+    Balance, HealthSettings, KeySource, OutlierSettings, PoolSettings, Protocol, RetrySettings,
+    UpstreamHeaders, UpstreamSettings, UpstreamTls,
+};
 
 /// `admin.listen` when the file leaves it out: loopback only, on the port the shipped configs,
 /// the image and the `corral healthcheck` and `corral purge` clients all use.

@@ -209,7 +209,8 @@ macro_rules! policy_file {
             pub name: Option<Text>,
             #[serde(rename = "match")]
             pub matcher: Option<Spanned<MatchFile>>,
-            pub upstream: Option<Text>,
+            /// A URL, or a pool (`{servers: [...], ...}`).
+            pub upstream: Option<Spanned<UpstreamFile>>,
             /// HTTP/2 with prior knowledge (h2c) to this upstream.
             pub upstream_http2: Option<Text>,
             pub cache: Option<Text>,
@@ -345,5 +346,80 @@ impl<'de> Deserialize<'de> for CookiesFile {
         }
 
         deserializer.deserialize_any(CookiesVisitor)
+    }
+}
+
+/// A route's `upstream:`: a URL, or `{servers: [...], balance, health, outlier, retries}`.
+#[derive(Debug)]
+pub enum UpstreamFile {
+    /// The URL's text; its place is the enclosing `Spanned`'s.
+    Url(String),
+    Pool(Box<PoolFile>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub servers: Option<Spanned<Vec<Text>>>,
+    pub balance: Option<Text>,
+    pub health: Option<Spanned<HealthFile>>,
+    pub outlier: Option<Spanned<OutlierFile>>,
+    pub retries: Option<Spanned<RetriesFile>>,
+    pub resolve_every: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    pub path: Option<Text>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub healthy: Option<Text>,
+    pub unhealthy: Option<Text>,
+    pub statuses: Option<Vec<Text>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    pub failures: Option<Text>,
+    pub ejection: Option<Text>,
+    pub max_ejection: Option<Text>,
+    pub max_ejected: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesFile {
+    pub attempts: Option<Text>,
+    pub on: Option<Vec<Text>>,
+    pub budget: Option<Text>,
+    pub budget_window: Option<Text>,
+    pub min_per_second: Option<Text>,
+}
+
+// Written by hand for the same reason as `QueryFile`'s.
+impl<'de> Deserialize<'de> for UpstreamFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct UpstreamVisitor;
+
+        impl<'de> Visitor<'de> for UpstreamVisitor {
+            type Value = UpstreamFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a url or {servers: [...]}")
+            }
+
+            fn visit_str<E: de::Error>(self, url: &str) -> Result<UpstreamFile, E> {
+                Ok(UpstreamFile::Url(url.to_string()))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<UpstreamFile, M::Error> {
+                PoolFile::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|pool| UpstreamFile::Pool(Box::new(pool)))
+            }
+        }
+
+        deserializer.deserialize_any(UpstreamVisitor)
     }
 }

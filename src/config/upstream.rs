@@ -1,7 +1,8 @@
 //! How corral reaches a route's upstream: [`UpstreamSettings`], one value per route (TLS,
-//! timeouts, the headers it adds, the `Host` it sends), built and checked at load so that the
-//! proxy's client is made from it without anything left to fail. Every server a route sends to
-//! shares it.
+//! timeouts, the headers it adds, the `Host` it sends, and its [`PoolSettings`]: the servers, how
+//! one is chosen, health checks, outlier ejection and retries), built and checked at load so that
+//! the proxy's client is made from it without anything left to fail. Every server a route sends
+//! to shares it.
 //!
 //! TLS is rustls on ring (the crypto the store and bus clients already build). A route trusts the
 //! bundled web roots, the system's store, and its own `tls.ca_file`; it may show a client
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, Uri};
 use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -38,6 +39,8 @@ pub struct UpstreamSettings {
     pub headers: UpstreamHeaders,
     /// `Host` sent instead of the upstream URL's authority (`host:`).
     pub host: Option<HeaderValue>,
+    /// The servers and how requests are spread over them and retried.
+    pub pool: PoolSettings,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,6 +63,200 @@ impl Default for UpstreamSettings {
             tls: UpstreamTls::default(),
             headers: UpstreamHeaders::default(),
             host: None,
+            pool: PoolSettings::default(),
+        }
+    }
+}
+
+// ----- pools
+
+/// `upstream: {servers: [...], balance, health, outlier, retries}`; a bare URL is a pool of one
+/// server that never retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Every server's URL: one scheme and one path for all. A host name stands for each of its
+    /// addresses. Empty only in a default value (the route's `upstream` is then the one server).
+    pub servers: Vec<Uri>,
+    pub balance: Balance,
+    /// Active health checks; `None`: servers are judged by their answers alone.
+    pub health: Option<HealthSettings>,
+    pub outlier: OutlierSettings,
+    pub retries: RetrySettings,
+    /// How long the addresses of a host name are used before it is resolved again.
+    pub resolve_every: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            servers: Vec::new(),
+            balance: Balance::RoundRobin,
+            health: None,
+            outlier: OutlierSettings::default(),
+            retries: RetrySettings::single(),
+            resolve_every: Duration::from_secs(30),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// What `corral check` shows of a pool beyond the route's URL, as (name, value) lines; none
+    /// for a bare URL.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        if self.servers.len() <= 1 && self.retries.attempts <= 1 && self.health.is_none() {
+            return Vec::new();
+        }
+        let servers: Vec<String> = self.servers.iter().map(Uri::to_string).collect();
+        let mut lines = vec![
+            ("upstream.servers", format!("[{}]", servers.join(", "))),
+            ("upstream.balance", self.balance.name().to_string()),
+        ];
+        let time = |d: Duration| humantime::format_duration(d).to_string();
+        if let Some(h) = &self.health {
+            let statuses: Vec<String> = (h.statuses.iter())
+                .map(|(low, high)| match low == high {
+                    true => low.to_string(),
+                    false => format!("{low}-{high}"),
+                })
+                .collect();
+            let health = format!(
+                "GET {} every {}, timeout {}, healthy {}, unhealthy {}, statuses [{}]",
+                h.path,
+                time(h.interval),
+                time(h.timeout),
+                h.healthy,
+                h.unhealthy,
+                statuses.join(", ")
+            );
+            lines.push(("upstream.health", health));
+        }
+        let o = &self.outlier;
+        let outlier = format!(
+            "{} failures in a row eject for {} (doubling, at most {}), at most {}% at once",
+            o.failures,
+            time(o.ejection),
+            time(o.max_ejection),
+            o.max_ejected
+        );
+        lines.push(("upstream.outlier", outlier));
+        let r = &self.retries;
+        let on: Vec<String> = r.statuses.iter().map(u16::to_string).collect();
+        let retries = format!(
+            "{} attempts on connect, reset, response_header_timeout, [{}]; budget {}% over {} plus {}/s",
+            r.attempts,
+            on.join(", "),
+            r.budget,
+            time(r.budget_window),
+            r.min_per_second
+        );
+        lines.push(("upstream.retries", retries));
+        lines.push(("upstream.resolve_every", time(self.resolve_every)));
+        lines
+    }
+}
+
+/// How a request's server is chosen among those in rotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Balance {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest requests under way (ties in turn).
+    LeastRequests,
+    /// By rendezvous hashing of the cache key (the URL for a pass-through): one key, one server,
+    /// and a server leaving moves only its own keys.
+    KeyHash,
+}
+
+impl Balance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastRequests => "least_requests",
+            Balance::KeyHash => "key_hash",
+        }
+    }
+}
+
+/// `health:`: a background `GET path` to every server each `interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Path (and query) of the check, appended to the server's own path.
+    pub path: String,
+    pub interval: Duration,
+    /// Longest wait for a check's response head.
+    pub timeout: Duration,
+    /// Passed checks in a row that bring a down server back.
+    pub healthy: u32,
+    /// Failed checks in a row that take a server out of rotation.
+    pub unhealthy: u32,
+    /// Statuses that pass, as inclusive ranges (default 200–399).
+    pub statuses: Vec<(u16, u16)>,
+}
+
+impl HealthSettings {
+    pub fn passes(&self, status: u16) -> bool {
+        self.statuses
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&status))
+    }
+}
+
+/// `outlier:`: passive ejection of a server that keeps failing real requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierSettings {
+    /// Connect errors, timeouts or 5xx answers in a row that eject a server.
+    pub failures: u32,
+    /// The first ejection's length; each further one doubles it, up to `max_ejection`.
+    pub ejection: Duration,
+    pub max_ejection: Duration,
+    /// The largest share of the pool ejected at once, in percent (at least one server may be).
+    pub max_ejected: u8,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            failures: 5,
+            ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected: 50,
+        }
+    }
+}
+
+/// `retries:`: which failures of an idempotent request are tried again, on another server, and
+/// how many retries the route may send at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// The most tries of one request, the first included (1: never retried).
+    pub attempts: u32,
+    /// Answers that are retried (besides connect errors, resets and `response_header_timeout`).
+    pub statuses: Vec<u16>,
+    /// Retries allowed, in percent of the requests in the window.
+    pub budget: u8,
+    pub budget_window: Duration,
+    /// Retries allowed per second of the window whatever the traffic, so a quiet route can retry.
+    pub min_per_second: u32,
+}
+
+impl RetrySettings {
+    /// A pool's defaults.
+    pub fn pool() -> Self {
+        RetrySettings {
+            attempts: 2,
+            statuses: vec![502, 503, 504],
+            budget: 20,
+            budget_window: Duration::from_secs(10),
+            min_per_second: 3,
+        }
+    }
+
+    /// A bare URL's: never retried.
+    pub fn single() -> Self {
+        RetrySettings {
+            attempts: 1,
+            ..Self::pool()
         }
     }
 }

@@ -328,3 +328,146 @@ fn every_other_upstream_mistake_is_placed() {
         assert!(found.starts_with(wanted), "{found}\nwanted: {wanted}");
     }
 }
+
+// ----- pools
+
+/// A route `a` whose upstream is a pool: `servers` (one a line, from line 6 on) then `lines`
+/// inside `upstream:`.
+fn pool(servers: &[&str], lines: &str) -> String {
+    let listed: String = servers.iter().map(|s| format!("        - {s}\n")).collect();
+    format!(
+        "routes:\n  - name: a\n    match: {{path_prefix: /}}\n    upstream:\n      servers:\n{listed}{lines}"
+    )
+}
+
+#[test]
+fn a_bare_url_is_a_pool_of_one_that_never_retries() {
+    let config = parse_ok(&route("http://127.0.0.1:1/base", ""));
+    let pool = &config.routes[0].upstream_settings.pool;
+    assert_eq!(pool.servers, ["http://127.0.0.1:1/base"]);
+    assert_eq!(pool.retries.attempts, 1);
+    assert_eq!(pool.health, None);
+}
+
+#[test]
+fn a_pool_takes_its_defaults_and_its_first_server_is_the_routes_url() {
+    let config = parse_ok(&pool(
+        &["https://a.example:8443/v1", "https://b.example/v1"],
+        "",
+    ));
+    let route = &config.routes[0];
+    assert_eq!(route.upstream, "https://a.example:8443/v1");
+    let pool = &route.upstream_settings.pool;
+    assert_eq!(pool.servers.len(), 2);
+    assert_eq!(pool.balance, Balance::RoundRobin);
+    assert_eq!(pool.health, None);
+    assert_eq!(pool.outlier, OutlierSettings::default());
+    assert_eq!(pool.retries, RetrySettings::pool());
+    assert_eq!(pool.retries.attempts, 2);
+    assert_eq!(pool.retries.statuses, [502, 503, 504]);
+    assert_eq!(pool.resolve_every, Duration::from_secs(30));
+}
+
+#[test]
+fn a_pool_says_how_it_balances_checks_ejects_and_retries() {
+    let lines = "      balance: key_hash
+      health: {path: /healthz, interval: 2s, timeout: 500ms, healthy: 1, unhealthy: 2, statuses: [200, 3xx, 418-420]}
+      outlier: {failures: 3, ejection: 5s, max_ejection: 1m, max_ejected: 34%}
+      retries: {attempts: 3, on: [503, 429], budget: 10%, budget_window: 30s, min_per_second: 0}
+      resolve_every: 5s
+";
+    let config = parse_ok(&pool(&["http://10.0.0.1:80", "http://10.0.0.2:80"], lines));
+    let pool = &config.routes[0].upstream_settings.pool;
+    assert_eq!(pool.balance, Balance::KeyHash);
+    let health = pool.health.as_ref().expect("health checks");
+    assert_eq!(health.path, "/healthz");
+    assert_eq!(health.interval, Duration::from_secs(2));
+    assert_eq!(health.timeout, Duration::from_millis(500));
+    assert_eq!((health.healthy, health.unhealthy), (1, 2));
+    assert_eq!(health.statuses, [(200, 200), (300, 399), (418, 420)]);
+    assert!(health.passes(302) && health.passes(419) && !health.passes(204));
+    assert_eq!(
+        pool.outlier,
+        OutlierSettings {
+            failures: 3,
+            ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(60),
+            max_ejected: 34,
+        }
+    );
+    assert_eq!(
+        pool.retries,
+        RetrySettings {
+            attempts: 3,
+            statuses: vec![503, 429],
+            budget: 10,
+            budget_window: Duration::from_secs(30),
+            min_per_second: 0,
+        }
+    );
+    assert_eq!(pool.resolve_every, Duration::from_secs(5));
+}
+
+#[test]
+fn every_pool_mistake_is_placed() {
+    let two = ["http://10.0.0.1:80", "http://10.0.0.2:80"];
+    let cases: [(String, &str); 12] = [
+        (
+            "routes:\n  - name: a\n    match: {path_prefix: /}\n    upstream: {servers: []}\n"
+                .into(),
+            "corral.yaml:4:25: routes[0].upstream.servers: needs at least one server",
+        ),
+        (
+            "routes:\n  - name: a\n    match: {path_prefix: /}\n    upstream: {balance: key_hash}\n"
+                .into(),
+            "corral.yaml:4:16: routes[0].upstream.servers: needs at least one server",
+        ),
+        (
+            pool(&["http://10.0.0.1:80", "https://10.0.0.2:443"], ""),
+            "corral.yaml:7:11: routes[0].upstream.servers[1]: its scheme differs from the first server's http (every server of a pool shares one)",
+        ),
+        (
+            pool(&["http://10.0.0.1:80/a", "http://10.0.0.2:80/b"], ""),
+            "corral.yaml:7:11: routes[0].upstream.servers[1]: its path differs from the first server's /a (every server of a pool shares one)",
+        ),
+        (
+            pool(&["http://10.0.0.1:80", "http://10.0.0.1:80"], ""),
+            "corral.yaml:7:11: routes[0].upstream.servers[1]: http://10.0.0.1:80/ is listed twice",
+        ),
+        (
+            pool(&["ftp://10.0.0.1"], ""),
+            "corral.yaml:6:11: routes[0].upstream.servers[0]: invalid upstream \"ftp://10.0.0.1\": must be an absolute http or https url",
+        ),
+        (
+            pool(&two, "      balance: random\n"),
+            "corral.yaml:8:16: routes[0].upstream.balance: unknown value \"random\" (expected round_robin, least_requests or key_hash)",
+        ),
+        (
+            pool(&two, "      health: {healthy: 0}\n"),
+            "corral.yaml:8:25: routes[0].upstream.health.healthy: invalid count \"0\" (expected a whole number from 1 to 100)",
+        ),
+        (
+            pool(&two, "      health: {interval: 1s, timeout: 2s}\n"),
+            "corral.yaml:8:39: routes[0].upstream.health.timeout: 2s is longer than health.interval",
+        ),
+        (
+            pool(&two, "      retries: {attempts: 6}\n"),
+            "corral.yaml:8:27: routes[0].upstream.retries.attempts: invalid count \"6\" (expected a whole number from 1 to 5)",
+        ),
+        (
+            pool(&two, "      retries: {on: [200]}\n"),
+            "corral.yaml:8:22: routes[0].upstream.retries.on[0]: invalid status \"200\" (a 4xx or 5xx code)",
+        ),
+        (
+            pool(&two, "      outlier: {ejection: 1m, max_ejection: 10s}\n"),
+            "corral.yaml:8:45: routes[0].upstream.outlier.max_ejection: 10s is below outlier.ejection, 1m",
+        ),
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .map(|(text, expected)| (problem(text), expected))
+        .filter(|(found, expected)| found != *expected)
+        .map(|(found, expected)| format!("found:    {found}\nexpected: {expected}"))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

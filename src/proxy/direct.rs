@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::Proxy;
 use super::respond::{self, Answered, Outcome, body_too_large, broken_body, busy, plain};
 use super::slots::Budget;
-use super::upstream::{self, UpstreamError, target};
+use super::upstream::{self, RequestBody, UpstreamError, target};
 use crate::config::Route;
 use crate::http::forward::forward_headers;
 
@@ -46,7 +46,8 @@ impl Direct<'_> {
             );
         };
         let mut headers = forward_headers(self.route, self.headers, false, self.client, "http");
-        let body = forwarded_body(self.method, &mut headers, body);
+        // A streamed body is sent once; none (a GET's) may be sent again.
+        let body = RequestBody::from_body(forwarded_body(self.method, &mut headers, body));
         let policy = &self.route.policy;
         let metrics = self.proxy.engine.metrics();
         let until = tokio::time::Instant::now() + policy.wait_timeout;
@@ -72,7 +73,7 @@ impl Direct<'_> {
             policy.max_fetch,
             self.proxy
                 .upstream
-                .send(self.route, self.method.clone(), uri, headers, body),
+                .send(self.route, self.method.clone(), uri, headers, body, None),
         )
         .await;
         // A request the client broke never reached the upstream as a whole: not the upstream's

@@ -6,13 +6,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
 use super::ids::{FETCH_ID, REQUEST_ID, random_id};
 use super::slots::Budget;
-use super::upstream::{self, Buffered, Overflow, UpstreamError, target};
+use super::upstream::{self, Buffered, Overflow, RequestBody, UpstreamError, target};
 use super::variant::VariantOf;
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
@@ -205,11 +204,8 @@ impl Fetch {
         let Some(forward) = self.forward() else {
             return Err(BuildError::new("the request URI cannot be forwarded"));
         };
-        let body = if self.body.is_empty() {
-            Body::empty()
-        } else {
-            Body::from(self.body.clone())
-        };
+        // Held whole, so a retry can send it again.
+        let body = RequestBody::Buffered(self.body.clone());
         let metrics = self.proxy.engine.metrics();
         // Within the wait timeout of the request that started the fetch, leaving it time to be
         // answered 503 rather than reach its own deadline.
@@ -255,6 +251,7 @@ impl Fetch {
                 forward.uri.clone(),
                 headers,
                 body,
+                Some(&self.key),
             )
             .await;
         let delay = asked.elapsed();

@@ -17,26 +17,32 @@ use std::task::{Context, Poll};
 use futures::task::AtomicWaker;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::dns::GaiResolver;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-/// An [`HttpConnector`] whose connections can be retired.
+/// An [`HttpConnector`] whose connections can be retired; `R` resolves the names it connects to.
 #[derive(Clone)]
-pub struct RetiringConnector {
-    inner: HttpConnector,
+pub struct RetiringConnector<R = GaiResolver> {
+    inner: HttpConnector<R>,
 }
 
-impl RetiringConnector {
-    pub fn new(inner: HttpConnector) -> Self {
+impl<R> RetiringConnector<R> {
+    pub fn new(inner: HttpConnector<R>) -> Self {
         Self { inner }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl Service<Uri> for RetiringConnector {
+impl<R> Service<Uri> for RetiringConnector<R>
+where
+    HttpConnector<R>: Service<Uri, Response = TokioIo<TcpStream>>,
+    <HttpConnector<R> as Service<Uri>>::Error: Into<BoxError>,
+    <HttpConnector<R> as Service<Uri>>::Future: Send + 'static,
+{
     type Response = Retirable;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Retirable, BoxError>> + Send>>;
@@ -49,7 +55,7 @@ impl Service<Uri> for RetiringConnector {
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             Ok(Retirable {
-                io: connecting.await?,
+                io: connecting.await.map_err(Into::into)?,
                 state: Arc::default(),
             })
         })

@@ -114,13 +114,8 @@ impl Checker<'_> {
         let prefix = format!("routes[{i}]");
         let name = self.route_name(route, &prefix, names);
         let matcher = self.matcher(route.matcher.as_ref(), at, &prefix);
-        let upstream = self.required(
-            &route.upstream,
-            &format!("{prefix}.upstream"),
-            at,
-            "an absolute http or https url",
-            upstream,
-        );
+        let pool = self.upstream_pool(route.upstream.as_ref(), &format!("{prefix}.upstream"), at);
+        let upstream = pool.as_ref().map(|(first, _)| first.clone());
         let cache = self.or_default(&route.cache, &format!("{prefix}.cache"), true, boolean);
         let upstream_http2 = self.or_default(
             &route.upstream_http2,
@@ -150,6 +145,7 @@ impl Checker<'_> {
             upstream.as_ref(),
             upstream_http2,
             policy.as_ref(),
+            pool.map(|(_, pool)| pool),
         );
         Some(Route {
             name: name?,

@@ -1,5 +1,5 @@
-//! A route's upstream settings: `tls:`, `upstream_headers:`, `host:` and `forward_headers:`,
-//! checked into one [`UpstreamSettings`]. The TLS files are read and parsed here, and a client
+//! A route's upstream settings: its `upstream:` (a URL or a pool), `tls:`, `upstream_headers:`,
+//! `host:` and `forward_headers:`, checked into one [`UpstreamSettings`]. The TLS files are read and parsed here, and a client
 //! key is matched against its certificate, so `corral check` finds what a connection would
 //! trip on. No message quotes a header value or a key: either may be a secret.
 
@@ -10,10 +10,19 @@ use http::{HeaderName, HeaderValue, Uri};
 use marked_yaml::Spanned;
 
 use super::super::Place;
-use super::super::schema::{ForwardFile, RouteFile, Text, UpstreamHeadersFile, UpstreamTlsFile};
+use super::super::schema::{
+    ForwardFile, HealthFile, OutlierFile, PoolFile, RetriesFile, RouteFile, Text, UpstreamFile,
+    UpstreamHeadersFile, UpstreamTlsFile,
+};
 use super::super::upstream::{KeySource, TlsSources, read_certificates};
-use super::super::{Protocol, RoutePolicy, UpstreamHeaders, UpstreamSettings, UpstreamTls};
-use super::{Checker, boolean, header_name};
+use super::super::{
+    Balance, HealthSettings, OutlierSettings, PoolSettings, Protocol, RetrySettings, RoutePolicy,
+    UpstreamHeaders, UpstreamSettings, UpstreamTls,
+};
+use super::{
+    Checker, Invalid, absolute_path, boolean, header_name, percent, positive_duration, upstream,
+    word,
+};
 use crate::credentials::read_secret_file;
 
 /// Every way an upstream setting can be wrong; each reads after the field's path.
@@ -39,6 +48,74 @@ enum Refused {
     Private(String),
     #[error("{0} is listed twice")]
     Duplicate(String),
+    #[error("needs at least one server")]
+    NoServers,
+    #[error("at most {MAX_SERVERS} servers")]
+    TooManyServers,
+    #[error("{0} differs from the first server's {1} (every server of a pool shares one)")]
+    Mixed(&'static str, String),
+    #[error("{0} is longer than {1}")]
+    Longer(String, &'static str),
+    #[error("{value} is below {other}, {other_value}")]
+    Below {
+        value: String,
+        other: &'static str,
+        other_value: String,
+    },
+    #[error("invalid status {0:?} (a 4xx or 5xx code)")]
+    RetryStatus(String),
+    #[error("invalid statuses {0:?} (a code like 200, a class like 2xx, or a range like 200-299)")]
+    HealthStatus(String),
+}
+
+/// The most servers one pool may list (each has its own metrics).
+const MAX_SERVERS: usize = 64;
+/// The most tries of one request.
+const MAX_ATTEMPTS: u32 = 5;
+/// The most checks in a row a health threshold may ask for.
+const MAX_THRESHOLD: u32 = 100;
+/// The most consecutive failures outlier ejection may wait for.
+const MAX_FAILURES: u32 = 1000;
+/// The shortest re-resolution interval of a host name.
+const MIN_RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A whole number from 1 to `most`.
+fn bounded(text: &str, most: u32) -> Result<u32, Invalid> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(Invalid::CountUpTo(text.to_string(), most)),
+    }
+}
+
+fn retry_status(text: &str) -> Result<u16, Refused> {
+    match text.trim().parse::<u16>() {
+        Ok(code) if (400..=599).contains(&code) => Ok(code),
+        _ => Err(Refused::RetryStatus(text.to_string())),
+    }
+}
+
+/// `200`, `2xx` or `200-299`: an inclusive range of statuses.
+fn status_range(text: &str) -> Result<(u16, u16), Refused> {
+    let bad = || Refused::HealthStatus(text.to_string());
+    let code = |t: &str| {
+        t.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+    };
+    let t = text.trim();
+    let range = if let Some(class) = t.strip_suffix("xx") {
+        code(&format!("{class}00")).map(|low| (low, low + 99))
+    } else if let Some((low, high)) = t.split_once('-') {
+        code(low).zip(code(high)).filter(|(l, h)| l <= h)
+    } else {
+        code(t).map(|c| (c, c))
+    };
+    range.ok_or_else(bad)
+}
+
+fn format_duration(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// Headers `upstream_headers` and `forward_headers` may not name: hop-by-hop and framing headers
@@ -59,6 +136,18 @@ impl Checker<'_> {
         self.problems.add(place, path, refused);
     }
 
+    /// Like `check`, for a value this file refuses in its own words.
+    fn refusable<T>(
+        &mut self,
+        text: &Text,
+        path: &str,
+        parse: impl FnOnce(&str) -> Result<T, Refused>,
+    ) -> Option<T> {
+        parse(text)
+            .map_err(|refused| self.refuse_upstream(Place::of(text), path, refused))
+            .ok()
+    }
+
     /// The route's upstream settings; `uri` and `http2` as checked (`None` when wrong, and the
     /// settings that depend on them are then not checked further).
     pub(super) fn upstream_settings(
@@ -68,6 +157,7 @@ impl Checker<'_> {
         uri: Option<&Uri>,
         http2: Option<bool>,
         policy: Option<&RoutePolicy>,
+        pool: Option<PoolSettings>,
     ) -> Option<UpstreamSettings> {
         let host = match route.host.as_ref().filter(|t| !t.is_empty()) {
             None => Some(None),
@@ -111,6 +201,269 @@ impl Checker<'_> {
             tls: tls?,
             headers: headers?,
             host: host?,
+            pool: pool?,
+        })
+    }
+
+    // ----- the pool
+
+    /// `upstream:`: a URL (a pool of one that never retries) or a pool; the first server's URL
+    /// and the pool, or `None` when wrong (reported).
+    pub(super) fn upstream_pool(
+        &mut self,
+        file: Option<&Spanned<UpstreamFile>>,
+        path: &str,
+        missing_at: Place,
+    ) -> Option<(Uri, PoolSettings)> {
+        const EXPECTED: &str = "an absolute http or https url";
+        let Some(file) = file else {
+            self.problems
+                .add(missing_at, path, Invalid::Missing(EXPECTED));
+            return None;
+        };
+        match &**file {
+            UpstreamFile::Url(text) => {
+                let text = Text::new(*file.span(), text.clone());
+                let uri = self.required(&Some(text), path, missing_at, EXPECTED, upstream)?;
+                let pool = PoolSettings {
+                    servers: vec![uri.clone()],
+                    ..PoolSettings::default()
+                };
+                Some((uri, pool))
+            }
+            UpstreamFile::Pool(pool) => self.pool(pool, Place::of(file), path),
+        }
+    }
+
+    fn pool(&mut self, file: &PoolFile, at: Place, path: &str) -> Option<(Uri, PoolSettings)> {
+        let servers = self.servers(file, at, path);
+        let balance = self.or_default(
+            &file.balance,
+            &format!("{path}.balance"),
+            Balance::RoundRobin,
+            |t| match t.trim() {
+                "round_robin" => Ok(Balance::RoundRobin),
+                "least_requests" => Ok(Balance::LeastRequests),
+                "key_hash" => Ok(Balance::KeyHash),
+                _ => Err(word(t, "round_robin, least_requests or key_hash")),
+            },
+        );
+        let health = match &file.health {
+            None => Some(None),
+            Some(health) => self.health(health, &format!("{path}.health")).map(Some),
+        };
+        let outlier = match &file.outlier {
+            None => Some(OutlierSettings::default()),
+            Some(outlier) => self.outlier(outlier, &format!("{path}.outlier")),
+        };
+        let retries = match &file.retries {
+            None => Some(RetrySettings::pool()),
+            Some(retries) => self.retries(retries, &format!("{path}.retries")),
+        };
+        let resolve_every = self.or_default(
+            &file.resolve_every,
+            &format!("{path}.resolve_every"),
+            PoolSettings::default().resolve_every,
+            |t| match positive_duration(t)? {
+                d if d < MIN_RESOLVE_EVERY => Err(Invalid::Zero),
+                d => Ok(d),
+            },
+        );
+        let servers = servers?;
+        Some((
+            servers[0].clone(),
+            PoolSettings {
+                servers,
+                balance: balance?,
+                health: health?,
+                outlier: outlier?,
+                retries: retries?,
+                resolve_every: resolve_every?,
+            },
+        ))
+    }
+
+    /// `servers:`: at least one URL, at most [`MAX_SERVERS`], one scheme and one path for all.
+    fn servers(&mut self, file: &PoolFile, at: Place, path: &str) -> Option<Vec<Uri>> {
+        let path = format!("{path}.servers");
+        let Some(list) = file.servers.as_ref().filter(|l| !l.is_empty()) else {
+            let place = file.servers.as_ref().map_or(at, Place::of);
+            self.refuse_upstream(place, &path, Refused::NoServers);
+            return None;
+        };
+        if list.len() > MAX_SERVERS {
+            self.refuse_upstream(Place::of(list), &path, Refused::TooManyServers);
+            return None;
+        }
+        let mut servers: Vec<Uri> = Vec::new();
+        let mut ok = true;
+        for (i, text) in list.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            let Some(uri) = self.check(text, &at, upstream) else {
+                ok = false;
+                continue;
+            };
+            let refused = match servers.first() {
+                _ if servers.contains(&uri) => Some(Refused::Duplicate(uri.to_string())),
+                Some(first) if first.scheme_str() != uri.scheme_str() => Some(Refused::Mixed(
+                    "its scheme",
+                    first.scheme_str().unwrap_or_default().to_string(),
+                )),
+                Some(first) if first.path() != uri.path() => {
+                    Some(Refused::Mixed("its path", first.path().to_string()))
+                }
+                _ => None,
+            };
+            match refused {
+                Some(refused) => {
+                    self.refuse_upstream(Place::of(text), &at, refused);
+                    ok = false;
+                }
+                None => servers.push(uri),
+            }
+        }
+        ok.then_some(servers)
+    }
+
+    fn health(&mut self, file: &Spanned<HealthFile>, path: &str) -> Option<HealthSettings> {
+        let pass = self.or_default(&file.path, &format!("{path}.path"), "/".into(), |t| {
+            absolute_path(t.trim())
+        });
+        let second = std::time::Duration::from_secs(1);
+        let interval = self.or_default(
+            &file.interval,
+            &format!("{path}.interval"),
+            5 * second,
+            positive_duration,
+        );
+        let timeout = self.or_default(
+            &file.timeout,
+            &format!("{path}.timeout"),
+            second,
+            positive_duration,
+        );
+        let healthy = self.threshold(&file.healthy, &format!("{path}.healthy"), 2);
+        let unhealthy = self.threshold(&file.unhealthy, &format!("{path}.unhealthy"), 3);
+        let statuses = match &file.statuses {
+            None => Some(vec![(200, 399)]),
+            Some(list) => {
+                let at = format!("{path}.statuses");
+                let checked: Vec<_> = (list.iter().enumerate())
+                    .map(|(i, t)| self.refusable(t, &format!("{at}[{i}]"), status_range))
+                    .collect();
+                checked.into_iter().collect()
+            }
+        };
+        let (interval, timeout) = (interval?, timeout?);
+        if timeout > interval {
+            let text = file.timeout.as_ref()?;
+            let refused = Refused::Longer(format_duration(timeout), "health.interval");
+            self.refuse_upstream(Place::of(text), &format!("{path}.timeout"), refused);
+            return None;
+        }
+        Some(HealthSettings {
+            path: pass?,
+            interval,
+            timeout,
+            healthy: healthy?,
+            unhealthy: unhealthy?,
+            statuses: statuses?,
+        })
+    }
+
+    /// A count of checks or failures in a row, from 1 to [`MAX_THRESHOLD`].
+    fn threshold(&mut self, text: &Option<Text>, path: &str, default: u32) -> Option<u32> {
+        self.or_default(text, path, default, |t| bounded(t, MAX_THRESHOLD))
+    }
+
+    fn outlier(&mut self, file: &Spanned<OutlierFile>, path: &str) -> Option<OutlierSettings> {
+        let d = OutlierSettings::default();
+        let failures = self.or_default(
+            &file.failures,
+            &format!("{path}.failures"),
+            d.failures,
+            |t| bounded(t, MAX_FAILURES),
+        );
+        let ejection = self.or_default(
+            &file.ejection,
+            &format!("{path}.ejection"),
+            d.ejection,
+            positive_duration,
+        );
+        let max_ejection = self.or_default(
+            &file.max_ejection,
+            &format!("{path}.max_ejection"),
+            d.max_ejection,
+            positive_duration,
+        );
+        let max_ejected = self.or_default(
+            &file.max_ejected,
+            &format!("{path}.max_ejected"),
+            d.max_ejected,
+            percent,
+        );
+        let (ejection, max_ejection) = (ejection?, max_ejection?);
+        if max_ejection < ejection {
+            let place = file.max_ejection.as_ref().or(file.ejection.as_ref())?;
+            let refused = Refused::Below {
+                value: format_duration(max_ejection),
+                other: "outlier.ejection",
+                other_value: format_duration(ejection),
+            };
+            self.refuse_upstream(Place::of(place), &format!("{path}.max_ejection"), refused);
+            return None;
+        }
+        Some(OutlierSettings {
+            failures: failures?,
+            ejection,
+            max_ejection,
+            max_ejected: max_ejected?,
+        })
+    }
+
+    fn retries(&mut self, file: &Spanned<RetriesFile>, path: &str) -> Option<RetrySettings> {
+        let d = RetrySettings::pool();
+        let attempts = self.or_default(
+            &file.attempts,
+            &format!("{path}.attempts"),
+            d.attempts,
+            |t| bounded(t, MAX_ATTEMPTS),
+        );
+        let statuses = match &file.on {
+            None => Some(d.statuses.clone()),
+            Some(list) => {
+                let at = format!("{path}.on");
+                let checked: Vec<_> = (list.iter().enumerate())
+                    .map(|(i, t)| self.refusable(t, &format!("{at}[{i}]"), retry_status))
+                    .collect();
+                checked.into_iter().collect::<Option<Vec<u16>>>()
+            }
+        };
+        let budget = self.or_default(&file.budget, &format!("{path}.budget"), d.budget, percent);
+        let budget_window = self.or_default(
+            &file.budget_window,
+            &format!("{path}.budget_window"),
+            d.budget_window,
+            |t| match positive_duration(t)? {
+                w if w < std::time::Duration::from_secs(1) => Err(Invalid::Zero),
+                w => Ok(w),
+            },
+        );
+        let min_per_second = self.or_default(
+            &file.min_per_second,
+            &format!("{path}.min_per_second"),
+            d.min_per_second,
+            |t| match t.trim().parse::<u32>() {
+                Ok(n) if n <= 1000 => Ok(n),
+                _ => Err(Invalid::CountUpTo(t.to_string(), 1000)),
+            },
+        );
+        Some(RetrySettings {
+            attempts: attempts?,
+            statuses: statuses?,
+            budget: budget?,
+            budget_window: budget_window?,
+            min_per_second: min_per_second?,
         })
     }
 
@@ -352,7 +705,7 @@ impl Checker<'_> {
                 }
             };
             let Ok(header) = header_name(&name) else {
-                let refused = super::Invalid::Header(name);
+                let refused = Invalid::Header(name);
                 self.problems.add(place, &at, refused);
                 ok = false;
                 continue;

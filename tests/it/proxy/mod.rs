@@ -1,7 +1,7 @@
 //! The proxy end to end: routing and sharing, content encoding, variants and `Vary`, freshness,
 //! conditional and range requests, cookies,
 //! invalidation, limits;
-//! upstreams over TLS, their timeouts and the headers sent to them.
+//! upstreams over TLS, their timeouts and the headers sent to them; pools of upstream servers.
 
 mod age;
 mod conditional;
@@ -11,6 +11,9 @@ mod end_to_end;
 mod freshness;
 mod head;
 mod limits;
+mod pool_dashboard;
+mod pool_faults;
+mod pools;
 mod purge;
 mod range;
 mod rfc9111;

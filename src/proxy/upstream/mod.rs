@@ -1,62 +1,93 @@
-//! The upstream client: one hyper-util pooled client per route, made from the route's
-//! [`UpstreamSettings`] (TLS, timeouts, headers), which forwards exactly what it is given plus
-//! the route's own headers (no redirects followed, no decompression).
+//! The upstream client: a pool per route, made from the route's [`UpstreamSettings`] (TLS,
+//! timeouts, headers, servers, balance, health checks, outlier ejection, retries), which forwards
+//! exactly what it is given plus the route's own headers (no redirects followed, no
+//! decompression).
+//!
+//! - `pool`: the servers of a route and which one a request goes to;
+//! - `outlier`: where one server stands (health, ejection);
+//! - `health`: the pool's background task (health checks, names resolved again);
+//! - `resolve`: a name stands for each of its addresses;
+//! - `retry`: which failures are sent again, and the retry budget;
+//! - `client`: one server's hyper client (TLS, connect timeout);
+//! - `body`: the response body under `read_timeout`, buffered for a fetch.
 //!
 //! An `https` upstream is reached with rustls (see `config::upstream`): ALPN offers `h2` and
 //! `http/1.1`, and the client speaks whichever the server picks. Every failure is classified
 //! ([`UpstreamError::reason`]), counted in `corral_upstream_errors_total` and logged with its
 //! cause (a TLS failure names what was wrong with the certificate).
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
+mod body;
+mod client;
+mod health;
+mod outlier;
+mod pool;
+mod resolve;
+mod retry;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::body::Incoming;
 use prometheus::IntCounterVec;
-use rustls::pki_types::ServerName;
-use tokio::time::{Instant, Sleep};
-use tower_service::Service;
+use tokio::time::Instant;
 
-use super::retire::{Retire, RetiringConnector};
-use crate::config::{Config, Protocol, Route, UpstreamSettings};
+pub use body::{Buffered, IdleTimed, Overflow, ReadError, UpstreamResponse, buffer};
+pub use retry::idempotent;
+
+use self::body::ReadWatch;
+use self::client::ConnectTimedOut;
+use self::pool::{Pool, Server};
+use self::retry::RetryReason;
+use super::retire::Retire;
+use crate::config::{Config, Route, UpstreamSettings};
 use crate::http::hop_by_hop::strip_hop_by_hop;
-use crate::metrics::Metrics;
+use crate::key::KeyHash;
+use crate::metrics::{Metrics, UpstreamServerMetrics};
 
 /// How deep [`classify`] looks into an error's causes (a chain is a handful long).
 const MAX_CAUSES: usize = 16;
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(60);
-
-/// The most an HTTP/1.1 upstream connection reads ahead of what was taken from it (hyper grows
-/// its buffer up to about 400 KiB by default): a pass-through whose client stopped reading
-/// holds this, so it is kept small. It also bounds an upstream's response head.
-const READ_BUFFER: usize = 64 << 10;
-
-/// Every route's pooled client, made from its upstream settings.
+/// Every route's pool, made from its upstream settings.
 pub struct Upstream {
-    clients: RwLock<HashMap<String, RouteClient>>,
+    pools: RwLock<HashMap<String, Arc<Pool>>>,
     errors: IntCounterVec,
+    servers: UpstreamServerMetrics,
 }
 
-/// One route's client and the settings it was made from.
-#[derive(Clone)]
-struct RouteClient {
-    settings: Arc<UpstreamSettings>,
-    client: Client<Timed, Body>,
-    /// Which client this is (a kept pool keeps its number), for the debug log and tests.
-    id: u64,
+/// A request's body as the upstream client takes it: one that is held whole can be sent again.
+pub enum RequestBody {
+    /// Held whole (a cacheable fetch's, or none): a retry sends it again.
+    Buffered(Bytes),
+    /// Streamed from the client as it comes: sent once, never retried.
+    Streaming(Body),
+}
+
+impl RequestBody {
+    /// `body` as it came: buffered when it is already known to be empty.
+    pub fn from_body(body: Body) -> Self {
+        use hyper::body::Body as _;
+        match body.is_end_stream() {
+            true => RequestBody::Buffered(Bytes::new()),
+            false => RequestBody::Streaming(body),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Buffered(_))
+    }
+
+    /// The body for one try (a buffered body stays for the next).
+    fn take(&mut self) -> Body {
+        match self {
+            RequestBody::Buffered(bytes) if bytes.is_empty() => Body::empty(),
+            RequestBody::Buffered(bytes) => Body::from(bytes.clone()),
+            RequestBody::Streaming(body) => std::mem::replace(body, Body::empty()),
+        }
+    }
 }
 
 /// Which timeout of a route fired.
@@ -84,6 +115,9 @@ impl Timeout {
 pub enum UpstreamError {
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// The connection broke after the request went out, before the response head.
+    #[error("upstream connection reset before the response head: {0}")]
+    Reset(String),
     #[error("upstream tls failed: {0}")]
     Tls(String),
     #[error("upstream {} ({}) elapsed", .0.setting(), humantime::format_duration(*.1))]
@@ -117,6 +151,7 @@ impl UpstreamError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Unreachable(_) => "connect",
+            UpstreamError::Reset(_) => "reset",
             // Never counted (see `Upstream::send`); named for completeness.
             UpstreamError::RequestBodyTooLarge | UpstreamError::RequestBodyBroken => "request_body",
             UpstreamError::Tls(_) => "tls",
@@ -124,6 +159,20 @@ impl UpstreamError {
             UpstreamError::Timeout(which, _) => which.setting(),
             UpstreamError::Body(_) => "body",
             UpstreamError::Framing(_) => "framing",
+        }
+    }
+
+    /// Why a try that failed so may be sent again (see `retry`); `None`: it may not.
+    fn retry_reason(&self) -> Option<RetryReason> {
+        match self {
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Tls(_)
+            | UpstreamError::Timeout(Timeout::Connect, _) => Some(RetryReason::Connect),
+            UpstreamError::Reset(_) => Some(RetryReason::Reset),
+            UpstreamError::Timeout(Timeout::ResponseHeader, _) => {
+                Some(RetryReason::ResponseHeaderTimeout)
+            }
+            _ => None,
         }
     }
 
@@ -155,116 +204,189 @@ pub fn failure_detail(message: &str) -> &'static str {
     "upstream-error"
 }
 
-/// A response whose body is read under the route's `read_timeout`.
-pub type UpstreamResponse = Response<IdleTimed>;
-
-/// A response read up to a limit.
-pub enum Buffered {
-    /// The whole body fitted.
-    Whole {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-    },
-    /// The body is larger than the limit.
-    Overflow(Overflow),
-}
-
-/// A response whose body is larger than the limit: its head, what was read, and the rest still
-/// to stream.
-pub struct Overflow {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub prefix: Bytes,
-    pub rest: IdleTimed,
-}
-
 impl Upstream {
     pub fn new(config: &Config, metrics: &Metrics) -> Self {
         let upstream = Upstream {
-            clients: RwLock::default(),
+            pools: RwLock::default(),
             errors: metrics.upstream_errors.clone(),
+            servers: metrics.upstream_servers.clone(),
         };
         upstream.prepare(config);
         upstream
     }
 
-    /// Makes the clients of `config`'s routes, keeping those whose settings did not change (and
-    /// so their pooled connections).
+    /// Makes the pools of `config`'s routes, keeping those whose settings did not change (and
+    /// so their connections, health, ejections and retry budget); the series of servers no pool
+    /// has any more are removed.
     pub fn prepare(&self, config: &Config) {
-        let mut clients = self.clients.write().unwrap_or_else(PoisonError::into_inner);
-        let fresh = config
+        let mut pools = self.pools.write().unwrap_or_else(PoisonError::into_inner);
+        let fresh: HashMap<String, Arc<Pool>> = config
             .routes
             .iter()
             .map(|route| {
-                let client = match clients.get(&route.name) {
-                    // The new config's own value, so its requests find it by pointer.
-                    Some(known) if known.settings == route.upstream_settings => RouteClient {
-                        settings: route.upstream_settings.clone(),
-                        ..known.clone()
-                    },
+                let pool = match pools.get(&route.name) {
+                    Some(known) if known.settings == route.upstream_settings => known.clone(),
                     _ => {
-                        let made = RouteClient::new(route);
-                        tracing::debug!(route = %route.name, client = made.id,
-                            "a new upstream client and pool for the route");
+                        let made = Pool::new(route, &self.servers, true);
+                        tracing::debug!(route = %route.name, pool = made.id,
+                            "a new upstream pool for the route");
                         made
                     }
                 };
-                (route.name.clone(), client)
+                (route.name.clone(), pool)
             })
             .collect();
-        *clients = fresh;
+        let labels = |pools: &HashMap<String, Arc<Pool>>| -> HashSet<(String, String)> {
+            let each = pools.iter().flat_map(|(route, pool)| {
+                pool.labels()
+                    .into_iter()
+                    .map(|label| (route.clone(), label))
+            });
+            each.collect()
+        };
+        let kept = labels(&fresh);
+        for (route, server) in labels(&pools).difference(&kept) {
+            self.servers.forget(route, server);
+        }
+        *pools = fresh;
     }
 
-    /// The client of `route`: the prepared one, or (for a request still under a config a reload
-    /// replaced with other settings) one made for it.
-    fn client(&self, route: &Route) -> RouteClient {
-        let clients = self.clients.read().unwrap_or_else(PoisonError::into_inner);
-        match clients.get(&route.name) {
+    /// The pool of `route`: the prepared one, or (for a request still under a config a reload
+    /// replaced with other settings) one made for it, without health checks.
+    fn pool(&self, route: &Route) -> Arc<Pool> {
+        let pools = self.pools.read().unwrap_or_else(PoisonError::into_inner);
+        match pools.get(&route.name) {
             Some(known)
                 if Arc::ptr_eq(&known.settings, &route.upstream_settings)
                     || known.settings == route.upstream_settings =>
             {
                 known.clone()
             }
-            _ => RouteClient::new(route),
+            _ => Pool::new(route, &UpstreamServerMetrics::detached(), false),
         }
     }
 
-    /// Sends one request with the route's headers, within its timeouts; the response's
-    /// hop-by-hop headers are removed. A failure is counted and logged here.
+    /// Sends one request with the route's headers, within its timeouts, to a server of its pool;
+    /// the response's hop-by-hop headers are removed. `key` is the cache key, which `key_hash`
+    /// maps to a server (without one, the URL is hashed). An idempotent request with a buffered
+    /// body is retried on another server as the route's `retries` allow (see `retry`). A failure
+    /// is counted and logged here.
     pub async fn send(
         &self,
         route: &Route,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
+        mut body: RequestBody,
+        key: Option<&KeyHash>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let pool = self.pool(route);
+        let retries = &pool.settings.pool.retries;
+        let attempts = match idempotent(&method) && body.replayable() {
+            true => retries.attempts.max(1),
+            false => 1,
+        };
+        let affinity = match key {
+            Some(key) => key.as_bytes().as_slice(),
+            None => uri
+                .path_and_query()
+                .map_or(b"/".as_slice(), |pq| pq.as_str().as_bytes()),
+        };
+        // Only a request that may be retried earns the budget retries.
+        if attempts > 1 {
+            pool.budget.deposit();
+        }
+        let mut tried: Vec<Arc<Server>> = Vec::new();
+        let mut headers = Some(headers);
+        for attempt in 1..=attempts {
+            let server = pool.pick(affinity, &tried);
+            let last = attempt == attempts;
+            // The last try takes the headers; the others send copies.
+            let headers = match last {
+                true => headers.take(),
+                false => headers.clone(),
+            };
+            let headers = headers.unwrap_or_default();
+            let sent = self.try_once(route, &pool, &server, &method, &uri, headers, body.take());
+            let result = sent.await;
+            let reason = match &result {
+                Ok(response) if retries.statuses.contains(&response.status().as_u16()) => {
+                    Some(RetryReason::Status)
+                }
+                Ok(_) => None,
+                Err(error) => error.retry_reason(),
+            };
+            let Some(reason) = reason.filter(|_| !last) else {
+                return result;
+            };
+            if !pool.budget.withdraw() {
+                (self.servers.retry_budget_exhausted)
+                    .with_label_values(&[&route.name])
+                    .inc();
+                tracing::debug!(route = %route.name, server = %server.label,
+                    "the retry budget is spent: the try's outcome is the answer");
+                return result;
+            }
+            (self.servers.retries)
+                .with_label_values(&[&route.name, reason.label()])
+                .inc();
+            tracing::debug!(route = %route.name, server = %server.label,
+                reason = reason.label(), attempt, "retrying on another server");
+            tried.push(server);
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// One try on `server`: counted, and its outcome recorded for outlier ejection.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_once(
+        &self,
+        route: &Route,
+        pool: &Pool,
+        server: &Arc<Server>,
+        method: &Method,
+        uri: &Uri,
+        headers: HeaderMap,
         body: Body,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let client = self.client(route);
-        let settings = &*client.settings;
+        let in_flight = server.begin();
+        let target = server.target(uri);
+        let asked = Instant::now();
         let result = self
-            .request(&client, method, uri.clone(), headers, body)
+            .request(
+                server,
+                &pool.settings,
+                method.clone(),
+                target.clone(),
+                headers,
+                body,
+            )
             .await;
-        let result = result.map(|response| {
+        match &result {
+            // The client's fault, not the upstream's: answered 4xx, not counted here.
+            Err(error) if error.is_client_fault() => {}
+            Ok(response) => {
+                server.observe(Some(response.status()), asked);
+                pool.outcome(server, response.status().is_server_error());
+            }
+            Err(error) => {
+                server.observe(None, asked);
+                pool.outcome(server, true);
+                self.failed(route, &target, error);
+            }
+        }
+        result.map(|response| {
             let timeouts = self
                 .errors
                 .with_label_values(&[&route.name, "read_timeout"]);
             let read = ReadWatch {
-                timeout: settings.read_timeout,
+                timeout: pool.settings.read_timeout,
                 timeouts,
                 route: route.name.clone(),
-                upstream: uri.clone(),
+                upstream: target,
             };
-            response.map(|body| IdleTimed::new(body, read))
-        });
-        match &result {
-            // The client's fault, not the upstream's: answered 4xx, not counted here.
-            Err(error) if error.is_client_fault() => {}
-            Ok(_) => {}
-            Err(error) => self.failed(route, &uri, error),
-        }
-        result
+            response.map(|body| IdleTimed::new(body, read, in_flight))
+        })
     }
 
     /// Counts and logs one failure (a read timeout is counted and logged by the body).
@@ -279,13 +401,13 @@ impl Upstream {
 
     async fn request(
         &self,
-        client: &RouteClient,
+        server: &Server,
+        settings: &UpstreamSettings,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
         body: Body,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let settings = &*client.settings;
         let mut request = Request::builder()
             .method(method)
             .uri(uri.clone())
@@ -293,7 +415,7 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         *request.headers_mut() = headers;
         apply_headers(settings, &uri, request.headers_mut());
-        let sending = client.client.request(request);
+        let sending = server.client.request(request);
         let sent = match settings.response_header_timeout {
             Some(timeout) => match tokio::time::timeout(timeout, sending).await {
                 Ok(sent) => sent,
@@ -381,196 +503,10 @@ fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
         };
         depth += 1;
     }
-    UpstreamError::Unreachable(crate::errors::chain(&error))
-}
-
-impl RouteClient {
-    fn new(route: &Route) -> Self {
-        let settings = route.upstream_settings.clone();
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let tls = HttpsConnectorBuilder::new()
-            .with_tls_config((*settings.tls.config).clone())
-            .https_or_http();
-        // SNI and verification take the route's name for the server, when it gives one.
-        let server_name = settings.tls.server_name.clone().or_else(|| {
-            let host = settings.host.as_ref()?.to_str().ok()?;
-            let authority: http::uri::Authority = host.parse().ok()?;
-            Some(authority.host().trim_matches(['[', ']']).to_string())
-        });
-        let name = server_name.and_then(|name| ServerName::try_from(name).ok());
-        let tls = match name {
-            Some(name) => tls.with_server_name_resolver(FixedServerNameResolver::new(name)),
-            None => tls,
-        };
-        // ALPN: h2 then http/1.1, or h2 alone for a route that speaks nothing else.
-        let tls = match settings.protocol {
-            Protocol::Negotiated => tls.enable_all_versions(),
-            Protocol::Http2 => tls.enable_http2(),
-        };
-        let connector = Timed {
-            inner: tls.wrap_connector(RetiringConnector::new(http)),
-            timeout: settings.connect_timeout,
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(POOL_IDLE);
-        builder.http1_max_buf_size(READ_BUFFER);
-        if settings.protocol == Protocol::Http2 {
-            builder.http2_only(true);
-        }
-        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        RouteClient {
-            client: builder.build(connector),
-            settings,
-            id: MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        }
+    match error.is_connect() {
+        true => UpstreamError::Unreachable(crate::errors::chain(&error)),
+        false => UpstreamError::Reset(crate::errors::chain(&error)),
     }
-}
-
-// ----- the connect timeout
-
-/// A connect (TCP and TLS handshake) that took longer than the route's `connect_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("connect_timeout ({}) elapsed", humantime::format_duration(*.0))]
-struct ConnectTimedOut(Duration);
-
-/// The route's connector, bounded by its `connect_timeout` when it has one of its own.
-#[derive(Clone)]
-struct Timed {
-    inner: HttpsConnector<RetiringConnector>,
-    timeout: Option<Duration>,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Connecting = <HttpsConnector<RetiringConnector> as Service<Uri>>::Response;
-
-impl Service<Uri> for Timed {
-    type Response = Connecting;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Connecting, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let Some(timeout) = timeout else {
-                return connecting.await;
-            };
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(connected) => connected,
-                Err(_elapsed) => Err(Box::new(ConnectTimedOut(timeout)) as BoxError),
-            }
-        })
-    }
-}
-
-// ----- the read timeout
-
-/// Why an upstream body stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Body(#[from] hyper::Error),
-    #[error("upstream read_timeout ({}) elapsed", humantime::format_duration(*.0))]
-    Idle(Duration),
-}
-
-/// An upstream body that fails when no chunk comes for the route's `read_timeout`.
-pub struct IdleTimed {
-    inner: Incoming,
-    sleep: Pin<Box<Sleep>>,
-    read: ReadWatch,
-}
-
-/// What a body's read timeout needs: its length, and what to count and log when it fires.
-struct ReadWatch {
-    timeout: Duration,
-    /// `corral_upstream_errors_total{reason="read_timeout"}` of the route.
-    timeouts: prometheus::IntCounter,
-    route: String,
-    upstream: Uri,
-}
-
-impl IdleTimed {
-    fn new(inner: Incoming, read: ReadWatch) -> Self {
-        IdleTimed {
-            inner,
-            sleep: Box::pin(tokio::time::sleep(read.timeout)),
-            read,
-        }
-    }
-}
-
-impl hyper::body::Body for IdleTimed {
-    type Data = Bytes;
-    type Error = ReadError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.read.timeout;
-                this.sleep.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(ReadError::Body)))
-            }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let read = &this.read;
-                    read.timeouts.inc();
-                    let error = ReadError::Idle(read.timeout);
-                    let upstream = read.upstream.authority().map_or("", |a| a.as_str());
-                    tracing::warn!(route = %read.route, upstream, reason = "read_timeout",
-                        %error, "upstream request failed");
-                    Poll::Ready(Some(Err(error)))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Reads a response body up to `limit` bytes.
-pub async fn buffer(response: UpstreamResponse, limit: u64) -> Result<Buffered, UpstreamError> {
-    let (parts, mut body) = response.into_parts();
-    let mut read = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| match e {
-            ReadError::Idle(after) => UpstreamError::Timeout(Timeout::Read, after),
-            ReadError::Body(e) => UpstreamError::Body(crate::errors::chain(&e)),
-        })?;
-        if let Ok(data) = frame.into_data() {
-            read.extend_from_slice(&data);
-            if read.len() as u64 > limit {
-                return Ok(Buffered::Overflow(Overflow {
-                    status: parts.status,
-                    headers: parts.headers,
-                    prefix: read.freeze(),
-                    rest: body,
-                }));
-            }
-        }
-    }
-    Ok(Buffered::Whole {
-        status: parts.status,
-        headers: parts.headers,
-        body: read.freeze(),
-    })
 }
 
 /// Counts one upstream request by route and status class (`error` when nothing came back).
@@ -620,17 +556,17 @@ mod tests {
     fn a_reload_keeps_the_pool_of_a_route_whose_upstream_settings_did_not_change() {
         let first = config("    connect_timeout: 2s\n");
         let upstream = Upstream::new(&first, &Metrics::new());
-        let before = upstream.client(&first.routes[0]).id;
+        let before = upstream.pool(&first.routes[0]).id;
         // Equal settings, another value: the pool is kept, and found by the new config.
         let same = config("    connect_timeout: 2s\n    ttl: 5m\n");
         upstream.prepare(&same);
-        assert_eq!(upstream.client(&same.routes[0]).id, before);
-        assert_eq!(upstream.client(&first.routes[0]).id, before);
+        assert_eq!(upstream.pool(&same.routes[0]).id, before);
+        assert_eq!(upstream.pool(&first.routes[0]).id, before);
         let other = config("    connect_timeout: 3s\n");
         upstream.prepare(&other);
-        let after = upstream.client(&other.routes[0]).id;
+        let after = upstream.pool(&other.routes[0]).id;
         assert_ne!(after, before);
-        assert_eq!(upstream.client(&other.routes[0]).id, after);
+        assert_eq!(upstream.pool(&other.routes[0]).id, after);
     }
 
     #[test]
