@@ -23,6 +23,7 @@ use crate::http::verdict::{
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
+use crate::telemetry::{FETCH_TRACE, FetchSpan, TRACEPARENT};
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).
@@ -142,7 +143,19 @@ impl Fetch {
             BuildRole::Own => Budget::Pass,
             BuildRole::Leader | BuildRole::Degraded => Budget::Fill,
         };
-        match self.send(budget, random_id()).await? {
+        let span = FetchSpan::start(
+            &self.request.extensions,
+            &route.name,
+            &self.key,
+            role_name(role),
+        );
+        let sent = self.send(budget, random_id(), span.traceparent()).await;
+        span.end(match &sent {
+            Ok(Buffered::Whole { status, .. }) => Ok(status.as_u16()),
+            Ok(Buffered::Overflow(overflow)) => Ok(overflow.status.as_u16()),
+            Err(error) => Err(&error.message),
+        });
+        match sent? {
             Buffered::Whole {
                 status,
                 headers,
@@ -169,8 +182,14 @@ impl Fetch {
     }
 
     /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
-    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]).
-    async fn send(&self, budget: Budget, id: HeaderValue) -> Result<Buffered, BuildError> {
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]), and the
+    /// fetch span's `traceparent` when traces are on (sent upstream too; [`FETCH_TRACE`]).
+    async fn send(
+        &self,
+        budget: Budget,
+        id: HeaderValue,
+        trace: Option<HeaderValue>,
+    ) -> Result<Buffered, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let Some(forward) = self.forward() else {
             return Err(BuildError::new("the request URI cannot be forwarded"));
@@ -202,6 +221,9 @@ impl Fetch {
         };
         let mut headers = forward.headers.clone();
         headers.insert(REQUEST_ID, id.clone());
+        if let Some(trace) = &trace {
+            headers.insert(TRACEPARENT, trace.clone());
+        }
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -218,7 +240,7 @@ impl Fetch {
         let _ = self.upstream.set(delay);
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
-        let unreachable = |error: UpstreamError| unreachable_error(&error, &id);
+        let unreachable = |error: UpstreamError| unreachable_error(&error, &id, trace.as_ref());
         let mut buffered = upstream::buffer(sent.map_err(unreachable)?, route.policy.max_body)
             .await
             .map_err(unreachable)?;
@@ -227,6 +249,9 @@ impl Fetch {
             Buffered::Overflow(overflow) => &mut overflow.headers,
         };
         headers.insert(FETCH_ID, id);
+        if let Some(trace) = trace {
+            headers.insert(FETCH_TRACE, trace);
+        }
         correct_age(headers, delay);
         Ok(buffered)
     }
@@ -288,6 +313,15 @@ impl Fetch {
     }
 }
 
+/// Why a fetch runs, as its span says.
+fn role_name(role: BuildRole) -> &'static str {
+    match role {
+        BuildRole::Leader => "leader",
+        BuildRole::Own => "own",
+        BuildRole::Degraded => "degraded",
+    }
+}
+
 /// `uri` with its query replaced.
 fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
     // Most requests keep their query as it came (or have none): nothing to rebuild.
@@ -324,12 +358,20 @@ fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The failure every waiter gets when the upstream cannot be reached by fetch `id` (504 when it
-/// timed out).
-fn unreachable_error(error: &UpstreamError, id: &HeaderValue) -> BuildError {
+/// timed out), naming the fetch's span when it has one.
+fn unreachable_error(
+    error: &UpstreamError,
+    id: &HeaderValue,
+    trace: Option<&HeaderValue>,
+) -> BuildError {
     let message = error.to_string();
+    let mut names = HeaderMap::from_iter([(FETCH_ID, id.clone())]);
+    if let Some(trace) = trace {
+        names.insert(FETCH_TRACE, trace.clone());
+    }
     let mut response = entry(
         error.status(),
-        &HeaderMap::from_iter([(FETCH_ID, id.clone())]),
+        &names,
         Bytes::from(format!("corral: {message}\n")),
         Duration::ZERO,
     );
