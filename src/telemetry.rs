@@ -217,7 +217,11 @@ impl RequestSpan {
         if let Some(key) = answer.key {
             span.set_attribute(KeyValue::new("corral.key", key_prefix(key)));
         }
-        if let Some(fetch) = answer.fetch.and_then(parse_traceparent) {
+        if let Some(fetch) = answer
+            .fetch
+            .and_then(parse_traceparent)
+            .filter(SpanContext::is_sampled)
+        {
             span.add_link(
                 fetch,
                 vec![KeyValue::new("corral.link", "answered-by-fetch")],
@@ -276,9 +280,17 @@ impl FetchSpan {
         FetchSpan(Some(span))
     }
 
-    /// This fetch's `traceparent`: sent upstream, and kept with its answer ([`FETCH_TRACE`]).
+    /// This fetch's `traceparent`, sent upstream (sampled or not, so the upstream follows the
+    /// decision).
     pub fn traceparent(&self) -> Option<HeaderValue> {
         traceparent(self.0.as_ref()?.span_context())
+    }
+
+    /// What its answer keeps for the requests it reaches to link to ([`FETCH_TRACE`]): its
+    /// `traceparent` when it is sampled; a span that is not exported is nothing to link to.
+    pub fn kept(&self) -> Option<HeaderValue> {
+        let context = self.0.as_ref()?.span_context();
+        context.is_sampled().then(|| traceparent(context))?
     }
 
     /// Ends the span with the upstream's status, or the error that kept it from answering.
@@ -456,6 +468,6 @@ mod tests {
             &crate::key::KeyBuilder::new().part("k").finish().hash,
             "leader",
         );
-        assert!(fetch.traceparent().is_none());
+        assert!(fetch.traceparent().is_none() && fetch.kept().is_none());
     }
 }

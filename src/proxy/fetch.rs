@@ -149,7 +149,7 @@ impl Fetch {
             &self.key,
             role_name(role),
         );
-        let sent = self.send(budget, random_id(), span.traceparent()).await;
+        let sent = self.send(budget, random_id(), &span).await;
         span.end(match &sent {
             Ok(Buffered::Whole { status, .. }) => Ok(status.as_u16()),
             Ok(Buffered::Overflow(overflow)) => Ok(overflow.status.as_u16()),
@@ -182,13 +182,13 @@ impl Fetch {
     }
 
     /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
-    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]), and the
-    /// fetch span's `traceparent` when traces are on (sent upstream too; [`FETCH_TRACE`]).
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]) and, when
+    /// `span` is sampled, its `traceparent` ([`FETCH_TRACE`]), which goes upstream either way.
     async fn send(
         &self,
         budget: Budget,
         id: HeaderValue,
-        trace: Option<HeaderValue>,
+        span: &FetchSpan,
     ) -> Result<Buffered, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let Some(forward) = self.forward() else {
@@ -221,8 +221,8 @@ impl Fetch {
         };
         let mut headers = forward.headers.clone();
         headers.insert(REQUEST_ID, id.clone());
-        if let Some(trace) = &trace {
-            headers.insert(TRACEPARENT, trace.clone());
+        if let Some(traceparent) = span.traceparent() {
+            headers.insert(TRACEPARENT, traceparent);
         }
         let asked = tokio::time::Instant::now();
         let sent = self
@@ -240,6 +240,7 @@ impl Fetch {
         let _ = self.upstream.set(delay);
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
+        let trace = span.kept();
         let unreachable = |error: UpstreamError| unreachable_error(&error, &id, trace.as_ref());
         let mut buffered = upstream::buffer(sent.map_err(unreachable)?, route.policy.max_body)
             .await

@@ -190,8 +190,13 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 
 /// `tracing:` sending every trace to `collector`, exporting within `timeout`.
 fn tracing_to(url: &str, timeout: &str) -> String {
+    sampled(url, timeout, "1.0")
+}
+
+/// `tracing:` keeping `ratio` of the traces that start at corral.
+fn sampled(url: &str, timeout: &str, ratio: &str) -> String {
     format!(
-        "tracing: {{ otlp_endpoint: \"{url}\", sampling_ratio: 1.0, service_name: corral-test, \
+        "tracing: {{ otlp_endpoint: \"{url}\", sampling_ratio: {ratio}, service_name: corral-test, \
          export_timeout: {timeout}, resource_attributes: {{ deployment.environment: test }} }}"
     )
 }
@@ -396,6 +401,62 @@ async fn a_client_traceparent_is_continued_and_propagated() {
         Some(format!("00-{CLIENT_TRACE}-{}-01", hex(&direct.span.span_id)).as_str()),
         "a pass-through sends its request span's traceparent"
     );
+}
+
+/// With `sampling_ratio: 0`, traces that start at corral are not kept, but a client that asks for
+/// its trace to be sampled gets it (parent-based sampling). Unsampled, the upstream still gets a
+/// `traceparent` (flags 00), and the answer links to no span that was never exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_ratio_keeps_only_the_traces_a_client_samples() {
+    let collector = Collector::start().await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let yaml = config(
+        "store: { kind: memory }",
+        &sampled(&collector.url(), "5s", "0"),
+        &upstream,
+    );
+    let mut replica = serve_one(dir.path(), &yaml, &[]).await;
+    let http = Http::new();
+    let unsampled = http
+        .get(format!("{}/reports/unsampled", replica.url()))
+        .send()
+        .await;
+    assert_eq!(unsampled.status, 200, "{}", unsampled.text());
+    // A hit on the unsampled fetch's answer, from a sampled client: it links to nothing.
+    let client = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    for path in ["/reports/unsampled", "/reports/sampled"] {
+        let reply = http
+            .get(format!("{}{path}", replica.url()))
+            .header("traceparent", &client)
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    stop(&mut replica).await;
+
+    let sent = upstream.requests_for("/reports/unsampled");
+    let traceparent = sent[0]
+        .header("traceparent")
+        .expect("a traceparent upstream");
+    assert!(traceparent.ends_with("-00"), "not sampled: {traceparent}");
+    let requests = collector.take(SERVER);
+    assert_eq!(requests.len(), 2, "only the client's sampled requests");
+    for request in &requests {
+        assert_eq!(hex(&request.span.trace_id), CLIENT_TRACE);
+    }
+    let hit = requests
+        .iter()
+        .find(|r| attribute(&r.span, "url.path").as_deref() == Some("/reports/unsampled"))
+        .expect("the hit's span");
+    assert_eq!(
+        attribute(&hit.span, "corral.outcome").as_deref(),
+        Some("hit")
+    );
+    assert!(hit.span.links.is_empty(), "no link to an unsampled fetch");
+    let fetches = collector.take(CLIENT);
+    assert_eq!(fetches.len(), 1, "only the sampled request's fetch");
+    assert_eq!(hex(&fetches[0].span.trace_id), CLIENT_TRACE);
 }
 
 /// With no `tracing:` section, nothing is exported, even with the standard OTLP environment
