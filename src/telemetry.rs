@@ -3,14 +3,14 @@
 //! Off unless the config has a `tracing:` section; then each request is a span (its route,
 //! outcome, status and key prefix as attributes), continuing the client's W3C `traceparent`, and
 //! each upstream fetch is a span of its own, a child of the request that started it. The fetch's
-//! span context travels with its answer: fetch → entry (the [`FETCH_TRACE`] header, beside the
-//! fetch id) → the store, the READY event's inline value, the FAILED event's error response, and
-//! every replica's L1. So every request that answer reaches, on any replica, links to the one
-//! fetch that made it, and one trace view shows a burst of requests on many replicas answered by
-//! a single fetch.
+//! span context travels with its answer: fetch → entry (after the fetch id, in the header that
+//! already carries it to the access log) → the store, the READY event's inline value, the FAILED
+//! event's error response, and every replica's L1. So every request that answer reaches, on any
+//! replica, links to the one fetch that made it, and one trace view shows a burst of requests on
+//! many replicas answered by a single fetch.
 //!
 //! Off, the cost on the hot path is one load of [`TRACER`] per request and per fetch: no span, no
-//! header parsed or added, no allocation.
+//! header parsed, added or looked up, no allocation.
 //!
 //! Spans are batched on the SDK's own thread and posted through a hyper client on the server's
 //! runtime (no gRPC stack, no second HTTP client). The queue is bounded (`tracing.max_queue`);
@@ -48,12 +48,6 @@ static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// The W3C trace context header (<https://www.w3.org/TR/trace-context/>).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-
-/// Where an answer keeps the span context of the fetch that produced it, as a `traceparent`
-/// value, so that every request it answers links to that fetch. Like the fetch id, it is kept in
-/// the stored entry and removed from every response before it is sent and from every upstream
-/// answer as it arrives.
-pub const FETCH_TRACE: HeaderName = HeaderName::from_static("corral-fetch-trace");
 
 /// The most bytes of a collector's answer read (it is only looked at for errors).
 const ANSWER_MAX: usize = 64 * 1024;
@@ -203,7 +197,7 @@ impl RequestSpan {
 
     /// Ends the span with how the request was answered: its route (also the span's name), the
     /// outcome, the status, the first bytes of its key, and a link to the fetch whose answer it
-    /// got (`fetch`, that fetch's `traceparent`), on whichever replica that fetch ran.
+    /// got (`fetch`, its fetch id header: the id, then the span), on whichever replica it ran.
     pub fn end(self, answer: Ended<'_>) {
         let Some(mut span) = self.0 else { return };
         span.update_name(format!("{} {}", answer.method, answer.route));
@@ -217,11 +211,7 @@ impl RequestSpan {
         if let Some(key) = answer.key {
             span.set_attribute(KeyValue::new("corral.key", key_prefix(key)));
         }
-        if let Some(fetch) = answer
-            .fetch
-            .and_then(parse_traceparent)
-            .filter(SpanContext::is_sampled)
-        {
+        if let Some(fetch) = answer.fetch.and_then(fetch_span) {
             span.add_link(
                 fetch,
                 vec![KeyValue::new("corral.link", "answered-by-fetch")],
@@ -244,7 +234,8 @@ pub struct Ended<'a> {
     /// The key it was answered under, when it was keyed (its first 8 bytes in hex, as the access
     /// log shows it).
     pub key: Option<&'a crate::key::KeyHash>,
-    /// The `traceparent` of the fetch whose answer this is ([`FETCH_TRACE`]).
+    /// The fetch id of the answer (the id, and the fetch's `traceparent` after a space when it
+    /// was traced).
     pub fetch: Option<&'a HeaderValue>,
 }
 
@@ -286,11 +277,22 @@ impl FetchSpan {
         traceparent(self.0.as_ref()?.span_context())
     }
 
-    /// What its answer keeps for the requests it reaches to link to ([`FETCH_TRACE`]): its
-    /// `traceparent` when it is sampled; a span that is not exported is nothing to link to.
-    pub fn kept(&self) -> Option<HeaderValue> {
-        let context = self.0.as_ref()?.span_context();
-        context.is_sampled().then(|| traceparent(context))?
+    /// The fetch id its answer keeps, for the requests it reaches to link to this span: `id`,
+    /// then this span's `traceparent` after a space when it is sampled (a span that is not
+    /// exported is nothing to link to).
+    pub fn name_fetch(&self, id: &HeaderValue) -> HeaderValue {
+        let Some(span) = &self.0 else {
+            return id.clone();
+        };
+        let context = span.span_context();
+        let Some(traceparent) = context.is_sampled().then(|| traceparent(context)).flatten() else {
+            return id.clone();
+        };
+        let mut name = Vec::with_capacity(id.len() + 1 + traceparent.len());
+        name.extend_from_slice(id.as_bytes());
+        name.push(b' ');
+        name.extend_from_slice(traceparent.as_bytes());
+        HeaderValue::from_bytes(&name).unwrap_or_else(|_| id.clone())
     }
 
     /// Ends the span with the upstream's status, or the error that kept it from answering.
@@ -330,10 +332,15 @@ fn traceparent(context: &SpanContext) -> Option<HeaderValue> {
     HeaderValue::from_str(&text).ok()
 }
 
-/// A `traceparent` value as a span context; `None` for anything else (a stored entry's bytes are
-/// never trusted to be well formed).
-fn parse_traceparent(value: &HeaderValue) -> Option<SpanContext> {
-    let text = value.to_str().ok()?;
+/// The sampled span a fetch id names after its id; `None` for an untraced fetch's id, or
+/// anything else (a stored entry's bytes are never trusted to be well formed).
+fn fetch_span(fetch_id: &HeaderValue) -> Option<SpanContext> {
+    let (_, traceparent) = fetch_id.to_str().ok()?.split_once(' ')?;
+    parse_traceparent(traceparent).filter(SpanContext::is_sampled)
+}
+
+/// A `traceparent` value as a span context.
+fn parse_traceparent(text: &str) -> Option<SpanContext> {
     let mut parts = text.split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -427,13 +434,13 @@ impl HttpClient for ExportClient {
 mod tests {
     use super::*;
 
+    const VALUE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
     #[test]
     fn a_traceparent_round_trips_and_junk_is_none() {
-        let value =
-            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        let context = parse_traceparent(&value).expect("valid");
+        let context = parse_traceparent(VALUE).expect("valid");
         assert!(context.is_sampled());
-        assert_eq!(traceparent(&context), Some(value));
+        assert_eq!(traceparent(&context), Some(HeaderValue::from_static(VALUE)));
         for junk in [
             "",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
@@ -443,20 +450,31 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
             "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
-            assert!(
-                parse_traceparent(&HeaderValue::from_static(junk)).is_none(),
-                "{junk}"
-            );
+            assert!(parse_traceparent(junk).is_none(), "{junk}");
         }
+    }
+
+    #[test]
+    fn a_fetch_id_names_its_span_only_when_sampled() {
+        let context = parse_traceparent(VALUE).expect("valid");
+        let named = HeaderValue::from_str(&format!("0123abcd {VALUE}")).unwrap();
+        assert_eq!(fetch_span(&named), Some(context));
+        assert_eq!(fetch_span(&HeaderValue::from_static("0123abcd")), None);
+        let unsampled = format!("0123abcd {}", VALUE.replace("-01", "-00"));
+        assert_eq!(
+            fetch_span(&HeaderValue::from_str(&unsampled).unwrap()),
+            None
+        );
+        let junk = HeaderValue::from_static("0123abcd 00-junk");
+        assert_eq!(fetch_span(&junk), None);
     }
 
     #[test]
     fn off_makes_no_span_and_touches_no_header() {
         let mut request = http::Request::new(());
-        request.headers_mut().insert(
-            TRACEPARENT,
-            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-        );
+        request
+            .headers_mut()
+            .insert(TRACEPARENT, HeaderValue::from_static(VALUE));
         let before = request.headers().clone();
         let span = RequestSpan::start(&mut request);
         assert!(span.0.is_none());
@@ -468,6 +486,8 @@ mod tests {
             &crate::key::KeyBuilder::new().part("k").finish().hash,
             "leader",
         );
-        assert!(fetch.traceparent().is_none() && fetch.kept().is_none());
+        assert!(fetch.traceparent().is_none());
+        let id = HeaderValue::from_static("0123abcd");
+        assert_eq!(fetch.name_fetch(&id), id);
     }
 }

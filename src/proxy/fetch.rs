@@ -23,7 +23,7 @@ use crate::http::verdict::{
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
-use crate::telemetry::{FETCH_TRACE, FetchSpan, TRACEPARENT};
+use crate::telemetry::{FetchSpan, TRACEPARENT};
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).
@@ -182,8 +182,8 @@ impl Fetch {
     }
 
     /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
-    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]) and, when
-    /// `span` is sampled, its `traceparent` ([`FETCH_TRACE`]), which goes upstream either way.
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]), followed
+    /// by `span`'s `traceparent` when it is sampled (which goes upstream either way).
     async fn send(
         &self,
         budget: Budget,
@@ -240,8 +240,8 @@ impl Fetch {
         let _ = self.upstream.set(delay);
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
-        let trace = span.kept();
-        let unreachable = |error: UpstreamError| unreachable_error(&error, &id, trace.as_ref());
+        let name = span.name_fetch(&id);
+        let unreachable = |error: UpstreamError| unreachable_error(&error, &name);
         let mut buffered = upstream::buffer(sent.map_err(unreachable)?, route.policy.max_body)
             .await
             .map_err(unreachable)?;
@@ -249,10 +249,7 @@ impl Fetch {
             Buffered::Whole { headers, .. } => headers,
             Buffered::Overflow(overflow) => &mut overflow.headers,
         };
-        headers.insert(FETCH_ID, id);
-        if let Some(trace) = trace {
-            headers.insert(FETCH_TRACE, trace);
-        }
+        headers.insert(FETCH_ID, name);
         correct_age(headers, delay);
         Ok(buffered)
     }
@@ -359,20 +356,12 @@ fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The failure every waiter gets when the upstream cannot be reached by fetch `id` (504 when it
-/// timed out), naming the fetch's span when it has one.
-fn unreachable_error(
-    error: &UpstreamError,
-    id: &HeaderValue,
-    trace: Option<&HeaderValue>,
-) -> BuildError {
+/// timed out); `name` is its [`FETCH_ID`] value.
+fn unreachable_error(error: &UpstreamError, name: &HeaderValue) -> BuildError {
     let message = error.to_string();
-    let mut names = HeaderMap::from_iter([(FETCH_ID, id.clone())]);
-    if let Some(trace) = trace {
-        names.insert(FETCH_TRACE, trace.clone());
-    }
     let mut response = entry(
         error.status(),
-        &names,
+        &HeaderMap::from_iter([(FETCH_ID, name.clone())]),
         Bytes::from(format!("corral: {message}\n")),
         Duration::ZERO,
     );

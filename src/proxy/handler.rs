@@ -81,7 +81,7 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
         outcome,
         status: answered.response.status().as_u16(),
         key: answered.key.as_ref(),
-        fetch: answered.fetch_trace.as_ref(),
+        fetch: answered.fetch_id.as_ref(),
     });
     let elapsed = started.elapsed();
     let metrics = proxy.engine.metrics();

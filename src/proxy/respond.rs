@@ -67,9 +67,6 @@ pub(super) struct Answered {
     /// The id of the upstream fetch whose answer this is, when it came from one (for the access
     /// log; see [`FETCH_ID`]).
     pub fetch_id: Option<HeaderValue>,
-    /// The span of that fetch, when traces were on where it ran (for this request's span to link
-    /// to; see [`crate::telemetry::FETCH_TRACE`]).
-    pub fetch_trace: Option<HeaderValue>,
     /// How long this request's own upstream request took to its response head (for the access
     /// log).
     pub upstream: Option<Duration>,
@@ -388,7 +385,6 @@ pub(super) fn finish(
 ) -> Answered {
     // Kept with the answer for the log, never sent: every response leaves through here.
     let fetch_id = headers.remove(FETCH_ID);
-    let fetch_trace = headers.remove(crate::telemetry::FETCH_TRACE);
     headers.insert("x-cache", HeaderValue::from_static(outcome.word()));
     let cache_status_value = match (outcome, stored, detail) {
         // The answers nearly every request gets, without building a string each time.
@@ -410,7 +406,6 @@ pub(super) fn finish(
         outcome,
         key: None,
         fetch_id,
-        fetch_trace,
         upstream: None,
     }
 }

@@ -325,7 +325,6 @@ impl Upstream {
         strip_hop_by_hop(response.headers_mut());
         // Only corral names a fetch: an upstream's header of that name would be logged as one.
         response.headers_mut().remove(super::ids::FETCH_ID);
-        response.headers_mut().remove(crate::telemetry::FETCH_TRACE);
         Ok(response)
     }
 }

@@ -354,7 +354,7 @@ async fn a_client_traceparent_is_continued_and_propagated() {
         &tracing_to(&collector.url(), "5s"),
         &upstream,
     );
-    let mut replica = serve_one(dir.path(), &yaml, &[]).await;
+    let mut replica = serve_one(dir.path(), &yaml, &[("CORRAL_LOG_FORMAT", "json")]).await;
     let http = Http::new();
     let client = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
 
@@ -365,7 +365,7 @@ async fn a_client_traceparent_is_continued_and_propagated() {
             .send()
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
-        assert!(reply.header("corral-fetch-trace").is_none(), "never sent");
+        assert!(reply.header("corral-fetch-id").is_none(), "never sent");
     }
     stop(&mut replica).await;
 
@@ -391,6 +391,20 @@ async fn a_client_traceparent_is_continued_and_propagated() {
     assert_eq!(fetches.len(), 1);
     assert_eq!(fetches[0].span.parent_span_id, cached.span.span_id);
     assert_eq!(hex(&fetches[0].span.trace_id), CLIENT_TRACE);
+
+    // The access log names the fetch by its id alone, as the upstream got it.
+    let fetch_id = upstream.requests_for("/reports/traced")[0]
+        .header("x-request-id")
+        .expect("the fetch's id")
+        .to_owned();
+    let logged: Vec<String> = replica
+        .output()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "corral::access" && line["route"] == "reports")
+        .map(|line| line["fetch_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(logged, [fetch_id]);
 
     let direct = requests
         .iter()
