@@ -163,8 +163,9 @@ impl Exporting {
 
 // ---------------------------------------------------------------------- spans ----
 
-/// A request's span, when traces are on (else nothing at all).
-pub struct RequestSpan(Option<Span>);
+/// A request's span, when traces are on (else nothing at all). Boxed: a span is a few hundred
+/// bytes, which every request's future would otherwise carry and move, traced or not.
+pub struct RequestSpan(Option<Box<Span>>);
 
 /// The span context of the request a fetch runs for, kept in the request's extensions so the
 /// fetch (in the flight's own task) is its child.
@@ -176,10 +177,15 @@ impl RequestSpan {
     /// they are valid; then puts this span's own `traceparent` in `headers` (what a pass-through
     /// forwards) and its context in `extensions` (what a fetch is the child of). Does nothing
     /// when traces are off.
+    #[inline]
     pub fn start<B>(request: &mut http::Request<B>) -> RequestSpan {
-        let Some(tracer) = TRACER.get() else {
-            return RequestSpan(None);
-        };
+        match TRACER.get() {
+            None => RequestSpan(None),
+            Some(tracer) => RequestSpan(Some(Box::new(Self::started(tracer, request)))),
+        }
+    }
+
+    fn started<B>(tracer: &SdkTracer, request: &mut http::Request<B>) -> Span {
         let method = request.method();
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
         let span = tracer
@@ -192,14 +198,20 @@ impl RequestSpan {
             request.headers_mut().insert(TRACEPARENT, value);
         }
         request.extensions_mut().insert(RequestTrace(context));
-        RequestSpan(Some(span))
+        span
     }
 
     /// Ends the span with how the request was answered: its route (also the span's name), the
     /// outcome, the status, the first bytes of its key, and a link to the fetch whose answer it
     /// got (`fetch`, its fetch id header: the id, then the span), on whichever replica it ran.
+    #[inline]
     pub fn end(self, answer: Ended<'_>) {
-        let Some(mut span) = self.0 else { return };
+        if let Some(span) = self.0 {
+            Self::ended(*span, answer);
+        }
+    }
+
+    fn ended(mut span: Span, answer: Ended<'_>) {
         span.update_name(format!("{} {}", answer.method, answer.route));
         span.set_attribute(KeyValue::new("http.route", answer.route.to_owned()));
         span.set_attribute(KeyValue::new("url.path", answer.path.to_owned()));
@@ -240,7 +252,7 @@ pub struct Ended<'a> {
 }
 
 /// An upstream fetch's span (nothing when traces are off or the request is not traced).
-pub struct FetchSpan(Option<Span>);
+pub struct FetchSpan(Option<Box<Span>>);
 
 impl FetchSpan {
     /// Starts the span of a fetch for `route` and `key`, a child of the request in whose
@@ -268,7 +280,7 @@ impl FetchSpan {
                 KeyValue::new("corral.fetch.role", role),
             ])
             .start_with_context(tracer, &parent);
-        FetchSpan(Some(span))
+        FetchSpan(Some(Box::new(span)))
     }
 
     /// This fetch's `traceparent`, sent upstream (sampled or not, so the upstream follows the
