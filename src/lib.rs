@@ -39,6 +39,8 @@
 //!
 //! - [`config`]: the YAML file, checked into a typed [`config::Config`] (errors name
 //!   file:line:column); every caching setting defined once.
+//! - [`telemetry`]: OpenTelemetry traces over OTLP/HTTP, off unless configured: a span per
+//!   request and per upstream fetch, each request linked to the fetch whose answer it got.
 //! - [`http`]: what a request and a response mean to a shared cache, with no I/O: a request's
 //!   key, the request and response verdicts, `Cache-Control`, preconditions (`If-None-Match` and
 //!   the other conditional headers), byte ranges cut from a stored answer, hop-by-hop and
@@ -114,6 +116,8 @@ pub mod purge;
 pub mod reload;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod telemetry;
 
 // The library's API at the root: what a user of the dictionary or the engine names.
 pub use engine::{

@@ -175,7 +175,9 @@ fn init_logs(format: LogFormat, command: &Command) {
     let filter = match EnvFilter::try_from_default_env() {
         Ok(filter) if !quiet_demo => filter,
         _ if quiet_demo => EnvFilter::new("corral=warn"),
-        _ => EnvFilter::new("corral=info"),
+        // The trace exporter's own warnings (a span queue that overflowed, a collector that
+        // refused a batch) are corral's to report too.
+        _ => EnvFilter::new("corral=info,opentelemetry_sdk=warn,opentelemetry_otlp=warn"),
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -463,6 +465,15 @@ async fn serve(config: Config, watch: bool, backends: Backends, report: Report) 
             return ExitCode::FAILURE;
         }
     };
+    // Before the server starts, so its first request is traced; flushed once it has stopped.
+    let exporting = match config.tracing.as_ref().map(corral::telemetry::start) {
+        None => None,
+        Some(Ok(exporting)) => Some(exporting),
+        Some(Err(error)) => {
+            report.fatal(format_args!("corral: cannot turn traces on: {error}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let backend = corral::server::backend_for(&config);
     let server = match backends {
         Backends::Required => corral::server::Server::connect(config, &backend).await,
@@ -484,7 +495,11 @@ async fn serve(config: Config, watch: bool, backends: Backends, report: Report) 
             corral::reload::watch(reloader, corral::reload::WATCH_INTERVAL);
         }
     }
-    match server.serve(public, admin, shutdown_signal()).await {
+    let served = server.serve(public, admin, shutdown_signal()).await;
+    if let Some(exporting) = exporting {
+        exporting.shutdown().await;
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             report.fatal(format_args!("corral: {error}"));

@@ -96,6 +96,29 @@ pub struct Config {
     /// What the file allows but should think twice about, each at its place: `corral check`
     /// prints them and the server logs them at start.
     pub warnings: Vec<Problem>,
+    /// Where spans go (`tracing:`); `None`: no spans are made at all. Read at start only.
+    pub tracing: Option<TracingSettings>,
+}
+
+/// `tracing:`: OpenTelemetry spans exported over OTLP/HTTP (protobuf).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracingSettings {
+    /// The collector's traces URL: `otlp_endpoint` with `/v1/traces` appended unless it already
+    /// ends so.
+    pub endpoint: String,
+    /// The share of traces started here that are kept, 0.0 to 1.0; a client's `traceparent`
+    /// decides for the traces it continues.
+    pub sampling_ratio: f64,
+    /// `service.name` of every span.
+    pub service_name: String,
+    /// More resource attributes, in name order (`service.instance.id` among them overrides the
+    /// host and process id corral names itself by).
+    pub resource_attributes: Vec<(String, String)>,
+    /// The longest one export may take (its retries included), and the longest shutdown waits
+    /// for the last spans to leave.
+    pub export_timeout: Duration,
+    /// Finished spans waiting for export; past it, new spans are dropped (and logged).
+    pub max_queue: usize,
 }
 
 /// The listeners' limits (`limits:`): every connection and request head is bounded, so a slow or
@@ -363,6 +386,8 @@ pub enum CookieMode {
     /// Cookies whose names match one of these patterns (`*` for any run of characters) are left
     /// out; any other unkeyed cookie still bypasses.
     StripNamed(Vec<String>),
+}
+
 /// A route's content encoding (`encoding:`): what a cacheable fetch asks of the upstream, and
 /// which identity answers are compressed once when stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

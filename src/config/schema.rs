@@ -32,6 +32,20 @@ pub struct File {
     pub limits: Option<Spanned<LimitsFile>>,
     /// Refuse a store or bus that proves no identity (see `validate/credentials.rs`).
     pub require_auth: Option<Text>,
+    /// OpenTelemetry traces; off when absent.
+    pub tracing: Option<Spanned<TracingFile>>,
+}
+
+/// `tracing:`: where spans are exported (OTLP over HTTP) and how many.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    pub otlp_endpoint: Option<Text>,
+    pub sampling_ratio: Option<Text>,
+    pub service_name: Option<Text>,
+    pub resource_attributes: Option<Spanned<HashMap<Text, Text>>>,
+    pub export_timeout: Option<Text>,
+    pub max_queue: Option<Text>,
 }
 
 /// `limits:`: what one client connection may ask of the listener, and how shutdown drains.

@@ -416,7 +416,7 @@ fn unknown_fields_are_all_reported_at_their_keys() {
     assert_eq!(
         problems(text),
         [
-            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits, require_auth)",
+            "corral.yaml:1:1: lisen: unknown field (expected one of: listen, admin, namespace, store, bus, l1, defaults, routes, limits, require_auth, tracing)",
             "corral.yaml:2:9: store.knd: unknown field (expected one of: kind, url, timeout, connect_timeout, breaker, username, password, password_file, token, token_file, nkey_seed, nkey_seed_file, creds_file, sentinel_username, sentinel_password, sentinel_password_file, tls, require_auth)",
             "corral.yaml:6:5: routes[0].ttll: unknown field (expected one of: name, match, upstream, upstream_http2, cache, key, tls, upstream_headers, host, forward_headers, ttl, expiry, honor_cache_control, min_ttl, max_ttl, lease_ttl, max_fetch, wait_timeout, on_wait_timeout, poll_interval, max_body, pass_ttl, cache_statuses, honor_client_no_store, ttl_jitter, error_ttl, vary, stale_while_revalidate, stale_if_error, early_refresh, max_followers, max_upstream_fetches, connect_timeout, response_header_timeout, read_timeout, on_store_error, semantics, heuristic, heuristic_max, cookies)",
             "corral.yaml:7:13: routes[0].match.path_prefx: unknown field (expected one of: path, path_prefix, path_regex, methods, host)",
@@ -1712,5 +1712,55 @@ fn bad_encoding_settings_are_reported_at_their_place() {
             "    encoding: {accept: [gzip, br, gzip]}\n"
         )),
         "corral.yaml:5:35: routes[0].encoding.accept[2]: gzip is named twice"
+    );
+}
+
+// ----- tracing
+
+#[test]
+fn tracing_is_off_unless_configured_and_read_with_its_defaults() {
+    assert_eq!(parse_ok(MINIMAL).tracing, None);
+    let text = with_route(
+        "tracing:\n  otlp_endpoint: http://collector:4318\n  sampling_ratio: 0.1\n  \
+         resource_attributes: {deployment.environment: prod, team: edge}\n",
+        "",
+    );
+    let tracing = parse_ok(&text).tracing.expect("tracing is on");
+    assert_eq!(
+        tracing,
+        TracingSettings {
+            endpoint: "http://collector:4318/v1/traces".into(),
+            sampling_ratio: 0.1,
+            service_name: "corral".into(),
+            resource_attributes: vec![
+                ("deployment.environment".into(), "prod".into()),
+                ("team".into(), "edge".into()),
+            ],
+            export_timeout: secs(5),
+            max_queue: 2048,
+        }
+    );
+}
+
+#[test]
+fn bad_tracing_settings_are_reported_at_their_values() {
+    let text = with_route(
+        "tracing:\n  otlp_endpoint: grpc://collector:4317\n  sampling_ratio: 10%\n  \
+         export_timeout: 5m\n  max_queue: 0\n  resource_attributes: {team: \"\\u0007\"}\n",
+        "",
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            "corral.yaml:2:18: tracing.otlp_endpoint: invalid otlp endpoint \"grpc://collector:4317\": expected http:// or https://",
+            "corral.yaml:3:19: tracing.sampling_ratio: invalid ratio \"10%\" (expected a number from 0.0 to 1.0, e.g. 0.1)",
+            "corral.yaml:4:19: tracing.export_timeout: 5m is above 30s, the most it may be",
+            "corral.yaml:5:14: tracing.max_queue: must be above zero",
+            "corral.yaml:6:31: tracing.resource_attributes.team: invalid resource attribute \"\\u{7}\" (1 to 255 bytes of printable ASCII)",
+        ]
+    );
+    assert_eq!(
+        problem(&with_route("tracing:\n  sampling_ratio: 0.5\n", "")),
+        "corral.yaml:2:3: tracing.otlp_endpoint: missing (the collector's OTLP/HTTP url, e.g. http://otel-collector:4318)"
     );
 }

@@ -14,6 +14,7 @@ use crate::store::breaker::BreakerSettings;
 
 mod credentials;
 mod routes;
+mod tracing;
 mod upstream;
 mod values;
 
@@ -134,6 +135,12 @@ enum Invalid {
     Count(String),
     #[error("{value} is above the most this limit may be, {most}")]
     AboveMost { value: String, most: String },
+    #[error("invalid ratio {0:?} (expected a number from 0.0 to 1.0, e.g. 0.1)")]
+    Ratio(String),
+    #[error("invalid otlp endpoint {text:?}: {reason}")]
+    OtlpEndpoint { text: String, reason: &'static str },
+    #[error("invalid resource attribute {0:?} (1 to 255 bytes of printable ASCII)")]
+    ResourceAttribute(String),
 }
 
 /// The most header fields `limits.max_header_count` may allow (each is parsed into a slot
@@ -310,6 +317,10 @@ impl Checker<'_> {
             None => Some(Limits::default()),
             Some(limits) => self.limits(limits),
         };
+        let tracing = match file.tracing.as_ref() {
+            None => Some(None),
+            Some(tracing) => self.tracing(tracing).map(Some),
+        };
         let (store_credentials, bus_credentials, require_auth) = match (&store, &bus) {
             (Some(store), Some(bus)) => {
                 let store_credentials = self.store_credentials(file.store.as_ref(), store);
@@ -336,6 +347,7 @@ impl Checker<'_> {
             bus_credentials,
             require_auth,
             warnings: Vec::new(),
+            tracing: tracing?,
         })
     }
 

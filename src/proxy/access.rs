@@ -52,7 +52,13 @@ impl AccessLine {
             status = self.status,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             key = self.key,
-            fetch_id = self.fetch_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("-"),
+            // The id alone: a traced fetch's span follows it (see `ids::FETCH_ID`).
+            fetch_id = self
+                .fetch_id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .and_then(|id| id.split(' ').next())
+                .unwrap_or("-"),
             client = self.client.map(tracing::field::display),
             upstream_ms = self.upstream.map(|took| took.as_secs_f64() * 1000.0),
             bytes_sent,

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
 use super::ids::{FETCH_ID, REQUEST_ID, random_id};
 use super::slots::Budget;
@@ -25,6 +25,7 @@ use crate::http::verdict::{
 };
 use crate::key::KeyHash;
 use crate::store::{IndexEntry, MAX_TAGS, valid_tag};
+use crate::telemetry::{FetchSpan, TRACEPARENT};
 
 /// Longest wait for the purge indexes before a fetch goes on without them (a store that hangs
 /// must not hold every miss for its whole call deadline).
@@ -148,7 +149,21 @@ impl Fetch {
         let stored = role
             .revalidating()
             .filter(|stored| validators(stored).is_some());
-        match self.send(budget, random_id(), stored.map(|e| &**e)).await? {
+        let span = FetchSpan::start(
+            &self.request.extensions,
+            &route.name,
+            &self.key,
+            role_name(&role),
+        );
+        let sent = self
+            .send(budget, random_id(), stored.map(|e| &**e), &span)
+            .await;
+        span.end(match &sent {
+            Ok(Buffered::Whole { status, .. }) => Ok(status.as_u16()),
+            Ok(Buffered::Overflow(overflow)) => Ok(overflow.status.as_u16()),
+            Err(error) => Err(&error.message),
+        });
+        match sent? {
             Buffered::Whole {
                 status,
                 headers,
@@ -165,7 +180,7 @@ impl Fetch {
             // Too large to buffer: only this fetch's own client gets it, as it streams; a range
             // request asks the upstream for its ranges rather than stream it all.
             Buffered::Overflow(overflow) => {
-                let overflow = match self.ranges_instead(role, overflow).await? {
+                let overflow = match self.ranges_instead(&role, overflow).await? {
                     Buffered::Overflow(overflow) => overflow,
                     Buffered::Whole {
                         status,
@@ -192,13 +207,15 @@ impl Fetch {
     }
 
     /// Sends the request upstream within an upstream slot of its route, as fetch `id`, and reads
-    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]). With
+    /// the answer up to the route's `max_body`; the answer keeps the id ([`FETCH_ID`]), followed
+    /// by `span`'s `traceparent` when it is sampled (which goes upstream either way). With
     /// `validating`, the request is made conditional on that stored entry's validators.
     async fn send(
         &self,
         budget: Budget,
         id: HeaderValue,
         validating: Option<&Entry>,
+        span: &FetchSpan,
     ) -> Result<Buffered, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
         let Some(forward) = self.forward() else {
@@ -241,6 +258,9 @@ impl Fetch {
         if let Some((etag, last_modified)) = validating.and_then(validators) {
             conditional(&mut headers, etag, last_modified);
         }
+        if let Some(traceparent) = span.traceparent() {
+            headers.insert(TRACEPARENT, traceparent);
+        }
         let asked = tokio::time::Instant::now();
         let sent = self
             .proxy
@@ -258,7 +278,8 @@ impl Fetch {
         let _ = self.upstream.set(delay);
         let status = sent.as_ref().ok().map(|response| response.status());
         upstream::observe(metrics, &route.name, status, asked);
-        let unreachable = |error: UpstreamError| unreachable_error(&error, &id);
+        let name = span.name_fetch(&id);
+        let unreachable = |error: UpstreamError| unreachable_error(&error, &name);
         let mut buffered = upstream::buffer(sent.map_err(unreachable)?, route.policy.max_body)
             .await
             .map_err(unreachable)?;
@@ -266,7 +287,7 @@ impl Fetch {
             Buffered::Whole { headers, .. } => headers,
             Buffered::Overflow(overflow) => &mut overflow.headers,
         };
-        headers.insert(FETCH_ID, id);
+        headers.insert(FETCH_ID, name);
         correct_age(headers, delay);
         Ok(buffered)
     }
@@ -277,15 +298,23 @@ impl Fetch {
     /// stream all of it. Either is private to this fetch's client.
     async fn ranges_instead(
         &self,
-        role: BuildRole,
+        role: &BuildRole,
         overflow: Overflow,
     ) -> Result<Buffered, BuildError> {
         let request = &*self.request;
-        if role == BuildRole::Own || !range::wanted(&request.method, &request.headers) {
+        if *role == BuildRole::Own || !range::wanted(&request.method, &request.headers) {
             return Ok(Buffered::Overflow(overflow));
         }
         drop(overflow);
-        self.send(Budget::Pass, random_id()).await
+        let route = &self.snapshot.config.routes[self.route];
+        let span = FetchSpan::start(&request.extensions, &route.name, &self.key, "range");
+        let sent = self.send(Budget::Pass, random_id(), None, &span).await;
+        span.end(match &sent {
+            Ok(Buffered::Whole { status, .. }) => Ok(status.as_u16()),
+            Ok(Buffered::Overflow(overflow)) => Ok(overflow.status.as_u16()),
+            Err(error) => Err(&error.message),
+        });
+        sent
     }
 
     /// What a whole answer is: a failure for everyone, shared (and stored), or private to the
@@ -438,6 +467,16 @@ fn updated_headers(stored: &[(String, Bytes)], update: &HeaderMap) -> HeaderMap 
     headers
 }
 
+/// Why a fetch runs, as its span says.
+fn role_name(role: &BuildRole) -> &'static str {
+    match role {
+        BuildRole::Leader => "leader",
+        BuildRole::Own => "own",
+        BuildRole::Degraded => "degraded",
+        BuildRole::Revalidate(_) => "revalidate",
+    }
+}
+
 /// `uri` with its query replaced.
 fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
     // Most requests keep their query as it came (or have none): nothing to rebuild.
@@ -474,12 +513,12 @@ fn surrogate_tags(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The failure every waiter gets when the upstream cannot be reached by fetch `id` (504 when it
-/// timed out).
-fn unreachable_error(error: &UpstreamError, id: &HeaderValue) -> BuildError {
+/// timed out); `name` is its [`FETCH_ID`] value.
+fn unreachable_error(error: &UpstreamError, name: &HeaderValue) -> BuildError {
     let message = error.to_string();
     let mut response = entry(
         error.status(),
-        &HeaderMap::from_iter([(FETCH_ID, id.clone())]),
+        &HeaderMap::from_iter([(FETCH_ID, name.clone())]),
         Bytes::from(format!("corral: {message}\n")),
         Duration::ZERO,
     );

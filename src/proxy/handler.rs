@@ -25,12 +25,16 @@ use crate::engine::EngineError;
 use crate::http::cache_control::CORRAL_CACHE_CONTROL;
 use crate::http::verdict::{RequestVerdict, request_verdict};
 use crate::metrics::OnSent;
+use crate::telemetry::{Ended, RequestSpan};
 
 /// One request through the proxy.
 pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Response<Body> {
     let started = Instant::now();
     let id = request_id(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // Nothing at all when traces are off; else the client's trace continues here, and what this
+    // request sends upstream names its span.
+    let span = RequestSpan::start(&mut request);
     // Taken before the request moves on, only when an access line will be written.
     let logged = AccessLine::enabled().then(|| {
         let client = request
@@ -71,6 +75,15 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Re
     headers.remove(CORRAL_CACHE_CONTROL);
     let label = route.map_or("none", |i| snapshot.config.routes[i].name.as_str());
     let outcome = answered.label();
+    span.end(Ended {
+        method: &method,
+        route: label,
+        path: &path,
+        outcome,
+        status: answered.response.status().as_u16(),
+        key: answered.key.as_ref(),
+        fetch: answered.fetch_id.as_ref(),
+    });
     let elapsed = started.elapsed();
     let metrics = proxy.engine.metrics();
     metrics.requests.with_label_values(&[label, outcome]).inc();

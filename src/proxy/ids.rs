@@ -14,6 +14,11 @@ pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// upstream that echoes it into a shared body (an error page) would show it to everyone.
 /// Removed from every response before it is sent ([`super::respond::finish`]), and from every
 /// upstream answer as it arrives, so that only corral sets it.
+///
+/// When traces are on and the fetch's span is sampled, its `traceparent` follows the id after a
+/// space (`<id> 00-<trace>-<span>-01`), so every request the answer reaches links to that span:
+/// riding in the header that is already kept, read and removed, it costs nothing when traces
+/// are off (see [`crate::telemetry`]).
 pub(super) const FETCH_ID: HeaderName = HeaderName::from_static("corral-fetch-id");
 
 /// The client's request id if it is short visible ASCII, else a fresh random one.

@@ -12,3 +12,4 @@ mod metrics;
 mod operations;
 mod reload;
 mod shutdown;
+mod traces;
