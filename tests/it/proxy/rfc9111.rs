@@ -52,6 +52,19 @@ async fn assert_stored(proxy: &ProxyCluster, upstream: &Upstream, path: &str) ->
     second
 }
 
+/// `path` was stored with no freshness: the first fetch stored it, and the second request went to
+/// the upstream again rather than be a `HIT`.
+async fn assert_stored_stale(proxy: &ProxyCluster, upstream: &Upstream, path: &str) {
+    let (first, second) = twice(proxy, path).await;
+    assert!(
+        first.cache_status().contains("stored"),
+        "{path}: {}",
+        first.cache_status()
+    );
+    assert_ne!(second.x_cache(), "HIT", "{path}: {}", second.cache_status());
+    assert_eq!(upstream.hits(path), 2, "{path}");
+}
+
 /// `path` was not stored: both requests reached the upstream, the first with `detail`.
 async fn assert_not_stored(proxy: &ProxyCluster, upstream: &Upstream, path: &str, detail: &str) {
     let (first, second) = twice(proxy, path).await;
@@ -80,8 +93,9 @@ async fn rfc9111_5_3_invalid_expires_is_stale() {
         .header("/zero", "expires", "0")
         .header("/junk", "expires", "next tuesday");
     let proxy = start(&upstream).await;
-    assert_not_stored(&proxy, &upstream, "/zero", "zero-ttl").await;
-    assert_not_stored(&proxy, &upstream, "/junk", "zero-ttl").await;
+    // Stored already stale: never a HIT, every use goes to the upstream (under the lease).
+    assert_stored_stale(&proxy, &upstream, "/zero").await;
+    assert_stored_stale(&proxy, &upstream, "/junk").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +105,16 @@ async fn rfc9111_4_2_no_freshness_means_no_default_ttl() {
     assert_not_stored(&proxy, &upstream, "/bare", "no-freshness").await;
     // The default semantics keeps the route's ttl for the same answer.
     assert_stored(&proxy, &upstream, "/coalescing/bare").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9111_4_3_1_an_answer_without_freshness_but_with_a_validator_is_stored_and_revalidated() {
+    let upstream = Upstream::start().await.header("/tagged", "etag", "\"v1\"");
+    let proxy = start(&upstream).await;
+    assert_stored_stale(&proxy, &upstream, "/tagged").await;
+    let asked = upstream.requests_for("/tagged");
+    assert_eq!(asked[0].header("if-none-match"), None);
+    assert_eq!(asked[1].header("if-none-match"), Some("\"v1\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
