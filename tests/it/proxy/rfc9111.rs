@@ -108,7 +108,8 @@ async fn rfc9111_4_2_no_freshness_means_no_default_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rfc9111_4_3_1_an_answer_without_freshness_but_with_a_validator_is_stored_and_revalidated() {
+async fn rfc9111_4_3_1_an_answer_without_freshness_but_with_a_validator_is_stored_and_revalidated()
+{
     let upstream = Upstream::start().await.header("/tagged", "etag", "\"v1\"");
     let proxy = start(&upstream).await;
     assert_stored_stale(&proxy, &upstream, "/tagged").await;
