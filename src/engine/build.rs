@@ -344,7 +344,8 @@ pub(crate) fn kept_stale(entry: &Entry, policy: &Policy) -> Duration {
 
 /// Whether a refresh of `entry` may ask its source whether it changed rather than build anew.
 pub(crate) fn revalidatable(entry: &Entry) -> bool {
-    entry.form == Form::Answer
+    // An answer, whether stored as one body or as several representations of it.
+    entry.form != Form::Marker
         && (entry.ttl.is_zero()
             || entry
                 .headers

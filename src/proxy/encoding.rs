@@ -103,6 +103,26 @@ fn compress_one(coding: Coding, body: &[u8]) -> Option<Vec<u8>> {
 /// Whether the route compresses `entry` when storing it: an identity answer with a body of at
 /// least `min_size`, of a listed media type, that does not forbid transformation
 /// (`Cache-Control: no-transform`, RFC 9111 section 5.2.2.6) and is not a partial answer.
+/// `entry` with the body the upstream sent, for a client that gets it as it came (an answer
+/// private to it): the identity representation of a [`Form::Represented`] entry. An entry whose
+/// representations do not unpack stays as it is (its identity cannot be recovered).
+pub(super) fn as_sent(entry: Entry) -> Entry {
+    if entry.form != Form::Represented {
+        return entry;
+    }
+    let identity = envelope::unpack(&entry.body)
+        .ok()
+        .and_then(|all| all.into_iter().find(|r| r.coding == IDENTITY));
+    match identity {
+        Some(identity) => Entry {
+            form: Form::Answer,
+            body: identity.body,
+            ..entry
+        },
+        None => entry,
+    }
+}
+
 fn worth_compressing(route: &Route, entry: &Entry) -> bool {
     let compress = &route.policy.encoding.compress;
     let header = |name: &'static str| values(entry, name);

@@ -174,7 +174,10 @@ impl Fetch {
                     Some(stored) if status == StatusCode::NOT_MODIFIED => {
                         self.not_modified(stored, &headers, indexed).await
                     }
-                    _ => self.judge(status, headers, body, indexed).await,
+                    _ => {
+                        self.judge(status, headers, body, Form::Answer, indexed)
+                            .await
+                    }
                 }
             }
             // Too large to buffer: only this fetch's own client gets it, as it streams; a range
@@ -319,16 +322,21 @@ impl Fetch {
 
     /// What a whole answer is: a failure for everyone, shared (and stored), or private to the
     /// client that asked. `indexed` is how long the key was indexed for before the fetch, when
-    /// it was (the fetch may store).
+    /// it was (the fetch may store). `form` is the body's: an upstream's answer is one, a
+    /// revalidated entry's body may hold the representations made when it was first stored.
     async fn judge(
         &self,
         status: StatusCode,
         headers: HeaderMap,
         body: Bytes,
+        form: Form,
         indexed: Option<Duration>,
     ) -> Result<Built, BuildError> {
         let route = &self.snapshot.config.routes[self.route];
-        let mut entry = entry(status, &headers, body, route.policy.ttl);
+        let mut entry = Entry {
+            form,
+            ..entry(status, &headers, body, route.policy.ttl)
+        };
         // A 5xx is a failure for everyone who joined, unless the route stores it.
         if shared_failure(route, status, &headers) {
             return Err(BuildError::with_response(
@@ -386,13 +394,18 @@ impl Fetch {
     ) -> Result<Built, BuildError> {
         let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
         let headers = updated_headers(&stored.headers, update);
-        match self
-            .judge(status, headers, stored.body.clone(), indexed)
-            .await?
-        {
-            Built::Shared(entry) => Ok(Built::Revalidated(entry)),
-            other => Ok(other),
-        }
+        let judged = self
+            .judge(status, headers, stored.body.clone(), stored.form, indexed)
+            .await?;
+        Ok(match judged {
+            Built::Shared(entry) => Built::Revalidated(entry),
+            // Only the client whose fetch this is gets it, as the upstream sent it.
+            Built::Private(mut private) if private.entry.form == Form::Represented => {
+                private.entry = super::encoding::as_sent(private.entry);
+                Built::Private(private)
+            }
+            other => other,
+        })
     }
 }
 

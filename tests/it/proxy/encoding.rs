@@ -379,3 +379,53 @@ async fn a_decompression_bomb_is_cut_off_at_max_body() {
     assert_eq!(again.x_cache(), "HIT");
     proxy.stop().await;
 }
+
+/// A `no-cache` answer compressed when stored is revalidated on every use; a `304` keeps its
+/// stored representations: identity and gzip clients still get the document, decoded alike.
+async fn a_compressed_entry_keeps_its_representations_through_a_304(store: &str) {
+    let document = json(20 << 10);
+    let upstream = Upstream::start()
+        .await
+        .body("/api/checked", document.clone())
+        .header("/api/checked", "content-type", "application/json")
+        .header("/api/checked", "etag", "\"c1\"")
+        .header("/api/checked", "cache-control", "no-cache");
+    let proxy = three_replicas(&upstream, store).await;
+    let first = proxy.get(0, "/api/checked").send().await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    assert_eq!(first.body, document.as_bytes());
+
+    upstream.set_status("/api/checked", 304);
+    for (i, accept) in [None, Some("gzip"), Some("br"), None]
+        .into_iter()
+        .enumerate()
+    {
+        let call = proxy.get(i % 3, "/api/checked");
+        let call = match accept {
+            Some(accept) => call.header("accept-encoding", accept),
+            None => call,
+        };
+        let reply = call.send().await;
+        assert_eq!(reply.status, 200, "{accept:?} {}", reply.cache_status());
+        assert_eq!(reply.header("content-encoding"), accept, "{accept:?}");
+        assert_eq!(decoded(&reply), document.as_bytes(), "{accept:?}");
+    }
+    let asked = upstream.requests_for("/api/checked");
+    assert_eq!(asked.len(), 5, "one fill, then one revalidation per use");
+    assert!(
+        asked[1..]
+            .iter()
+            .all(|r| r.header("if-none-match") == Some("\"c1\""))
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_entry_keeps_its_representations_through_a_304_on_redis() {
+    a_compressed_entry_keeps_its_representations_through_a_304(REDIS_NATS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_entry_keeps_its_representations_through_a_304_on_the_nats_kv_store() {
+    a_compressed_entry_keeps_its_representations_through_a_304(NATS_KV).await;
+}
