@@ -9,7 +9,7 @@
 //! replica, links to the one fetch that made it, and one trace view shows a burst of requests on
 //! many replicas answered by a single fetch.
 //!
-//! Off, the cost on the hot path is one load of [`TRACER`] per request and per fetch: no span, no
+//! Off, the cost on the hot path is one load of `TRACER` per request and per fetch: no span, no
 //! header parsed, added or looked up, no allocation.
 //!
 //! Spans are batched on the SDK's own thread and posted through a hyper client on the server's

@@ -117,20 +117,20 @@ fn carries_body(headers: &HeaderMap) -> bool {
 /// whole answer is revalidated) is stored with no freshness, and so is one whose lifetime is zero
 /// (`max-age=0`): each use revalidates it with the upstream, once for the whole deployment.
 ///
-/// Where the directives come from: see [`directives`]. `private` and `no-store` are obeyed in
+/// Where the directives come from: see `directives`. `private` and `no-store` are obeyed in
 /// `Cache-Control` even when a targeted field gives the freshness.
 ///
 /// `Accept-Encoding` in `Vary` never counts: corral owns content encoding on cacheable fetches
 /// ([`super::encoding`]). Other names outside the key make variants when the route forwards them
 /// (`forward_headers` marked `unkeyed`), or any readable name with `vary: honor` or `semantics:
-/// rfc9111` ([`stores_variants`]): the caller must then store the response as a variant of
+/// rfc9111` (`stores_variants`): the caller must then store the response as a variant of
 /// [`vary_outside_key`]'s names.
 ///
 /// A status listed in the route's `error_ttl` is stored for exactly that long once the privacy
 /// and `Vary` checks pass, whatever `cache_statuses` and the upstream's freshness say.
 ///
 /// Freshness when the route honours `Cache-Control`: `s-maxage`, else `max-age`, else `Expires`
-/// minus `Date`, else the route's heuristic ([`heuristic_freshness`]); less the upstream's `Age`;
+/// minus `Date`, else the route's heuristic (`heuristic_freshness`); less the upstream's `Age`;
 /// clamped to `[min_ttl, max_ttl]` (`max_ttl` wins should they cross; a `semantics: rfc9111`
 /// route has no `min_ttl` floor). Without any of those, or when the route does not honour them,
 /// the route's `ttl` (a `semantics: rfc9111` route stores nothing without freshness).
@@ -277,7 +277,7 @@ pub struct StaleWindows {
 /// `stale-while-revalidate` directive sent beside `s-maxage` is the upstream's explicit leave to
 /// serve stale while refreshing, so that one is kept.
 ///
-/// The directives are read where [`directives`] says.
+/// The directives are read where `directives` says.
 ///
 /// A route with sliding expiry has no stale windows: its entries never go stale.
 pub fn stale_windows(route: &Route, headers: &HeaderMap) -> StaleWindows {
