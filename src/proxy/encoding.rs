@@ -22,12 +22,11 @@ use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder,
 use axum::body::Body;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::respond::Answered;
 use crate::config::Route;
 use crate::envelope::{self, Entry, Form, Representation};
 use crate::http::cache_control::CacheControl;
@@ -278,28 +277,28 @@ fn vary_on_encoding(entry: &mut Entry) {
 // ---------------------------------------------------------------------------------------------
 // Decoding for clients that do not accept the coding
 
-/// `answered`, decoded as it streams when it is in a coding the client does not accept and
+/// `response`, decoded as it streams when it is in a coding the client does not accept and
 /// corral can decode: without `Content-Encoding` and `Content-Length` (the decoded length is not
 /// known before the end), with a weak `ETag`. A whole answer's decoded body is cut off past the
 /// route's `max_body`, which ends the response in error rather than send a decompression bomb's
 /// output; a pass-through streaming an answer too large to buffer is decoded without a cap (its
 /// memory is bounded all the same). A partial answer (206) is left as it is.
 pub(super) fn deliver(
-    mut answered: Answered,
+    mut response: Response<Body>,
     request: &HeaderMap,
     route: &Route,
     metrics: &Metrics,
-) -> Answered {
-    let headers = answered.response.headers();
+) -> Response<Body> {
+    let headers = response.headers();
     let Encoded::With(coding) = Encoded::of(headers) else {
-        return answered;
+        return response;
     };
-    if answered.response.status() == StatusCode::PARTIAL_CONTENT
+    if response.status() == StatusCode::PARTIAL_CONTENT
         || AcceptEncoding::of(request).takes(Encoded::With(coding))
     {
-        return answered;
+        return response;
     }
-    let headers = answered.response.headers_mut();
+    let headers = response.headers_mut();
     headers.remove(header::CONTENT_ENCODING);
     headers.remove(header::CONTENT_LENGTH);
     if let Some(etag) = headers.get(header::ETAG) {
@@ -315,17 +314,17 @@ pub(super) fn deliver(
     if !names_encoding {
         headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
-    let body = std::mem::take(answered.response.body_mut());
+    let body = std::mem::take(response.body_mut());
     if body.is_end_stream() {
-        return answered;
+        return response;
     }
     metrics
         .decompressions
         .with_label_values(&[&route.name, coding.as_str()])
         .inc();
     let cap = body.size_hint().exact().map(|_| route.policy.max_body);
-    *answered.response.body_mut() = decoded(body, coding, cap, route.name.clone());
-    answered
+    *response.body_mut() = decoded(body, coding, cap, route.name.clone());
+    response
 }
 
 /// `body` decoded from `coding` as it streams, in reads of at most [`DECODE_CHUNK`], failing

@@ -12,7 +12,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use super::ids::{FETCH_ID, REQUEST_ID, random_id};
 use super::slots::Budget;
 use super::upstream::{self, Buffered, Overflow, RequestBody, UpstreamError, target};
-use super::variant::VariantOf;
 use super::{Proxy, Snapshot};
 use crate::engine::{Attachment, BuildError, BuildRole, Builder, Built, Private};
 use crate::envelope::{Entry, Form};
@@ -34,6 +33,16 @@ const INDEX_BUDGET: Duration = Duration::from_millis(250);
 /// The part of a request's wait timeout left for answering it once a fetch found no upstream
 /// slot: a fifth of it, at most this long.
 const SLOT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Which variant a fetch fills: what its marker says, and the variant's own key.
+#[derive(Clone, Debug)]
+pub(super) struct VariantOf {
+    /// The request headers the marker's answers vary on.
+    pub names: Vec<HeaderName>,
+    /// The marker's id, which names the set of its variants in the store's tag index.
+    pub marker: String,
+    pub key: KeyHash,
+}
 
 /// The upstream fetch of one request's key.
 pub(super) struct Fetch {

@@ -315,7 +315,7 @@ async fn cached(
     };
     // A coding the client does not take (an answer the upstream encoded) is decoded as it goes.
     let metrics = proxy.engine.metrics();
-    answered = super::encoding::deliver(answered, &parts.headers, route, metrics);
+    answered.response = super::encoding::deliver(answered.response, &parts.headers, route, metrics);
     answered.key = Some(key.hash);
     // This request's own fetch ran (it led, or fetched past a pass marker): its upstream time.
     answered.upstream = answered.upstream.or_else(|| fetch.upstream.get().copied());

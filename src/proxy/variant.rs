@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 
-use super::fetch::{Fetch, Forward, Stage, entry};
+use super::fetch::{Fetch, Forward, Stage, VariantOf, entry};
 use crate::engine::Private;
 use crate::engine::{Answer, AnswerSource, Builder, Built, EngineError, Policy, Source};
 use crate::envelope::{Entry, Form};
@@ -74,16 +74,6 @@ fn variant_source(marker: Source, variant: AnswerSource) -> AnswerSource {
 /// How long a fetch waits for the store to count a marker's variants, or to record one, before
 /// it goes on without (a store that hangs must not hold every new variant).
 const COUNT_BUDGET: Duration = Duration::from_millis(250);
-
-/// Which variant a fetch fills: what its marker says, and the variant's own key.
-#[derive(Clone, Debug)]
-pub(super) struct VariantOf {
-    /// The request headers the marker's answers vary on.
-    pub names: Vec<HeaderName>,
-    /// The marker's id, which names the set of its variants in the store's tag index.
-    marker: String,
-    key: KeyHash,
-}
 
 /// The tag under which a marker's variants are indexed, so that any replica can count them:
 /// indexed only by corral, and purged with them.

@@ -227,7 +227,13 @@ impl Upstream {
                 let pool = match pools.get(&route.name) {
                     Some(known) if known.settings == route.upstream_settings => known.clone(),
                     _ => {
-                        let made = Pool::new(route, &self.servers, true);
+                        let made = Pool::new(route, &self.servers);
+                        if made.wants_watching()
+                            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+                        {
+                            let task = runtime.spawn(health::watch(Arc::downgrade(&made)));
+                            made.watched_by(task.abort_handle());
+                        }
                         tracing::debug!(route = %route.name, pool = made.id,
                             "a new upstream pool for the route");
                         made
@@ -262,7 +268,7 @@ impl Upstream {
             {
                 known.clone()
             }
-            _ => Pool::new(route, &UpstreamServerMetrics::detached(), false),
+            _ => Pool::new(route, &UpstreamServerMetrics::detached()),
         }
     }
 

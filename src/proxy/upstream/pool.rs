@@ -80,9 +80,9 @@ struct Handles {
 }
 
 impl Pool {
-    /// The pool of `route`; with `background`, its health checks and re-resolution start (when
-    /// it has any, and inside a runtime).
-    pub fn new(route: &Route, metrics: &UpstreamServerMetrics, background: bool) -> Arc<Pool> {
+    /// The pool of `route`. Its health checks and re-resolution are started by its owner
+    /// ([`Pool::watched_by`]) when it [`Pool::wants_watching`].
+    pub fn new(route: &Route, metrics: &UpstreamServerMetrics) -> Arc<Pool> {
         static MADE: AtomicU64 = AtomicU64::new(0);
         let settings = route.upstream_settings.clone();
         let written = match settings.pool.servers.is_empty() {
@@ -112,15 +112,17 @@ impl Pool {
             .map(|(i, member)| pool.server(i, None, &member.url))
             .collect();
         *pool.servers.write().unwrap_or_else(PoisonError::into_inner) = Arc::from(servers);
-        let wanted = pool.settings.pool.health.is_some() || pool.has_names();
-        if background
-            && wanted
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let task = runtime.spawn(super::health::watch(Arc::downgrade(&pool)));
-            *pool.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
-        }
         pool
+    }
+
+    /// Whether the pool has work in the background: health checks, or names to resolve.
+    pub fn wants_watching(&self) -> bool {
+        self.settings.pool.health.is_some() || self.has_names()
+    }
+
+    /// Keeps the task that watches this pool, stopped when the pool is dropped.
+    pub fn watched_by(&self, task: AbortHandle) {
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
     }
 
     fn server(&self, member: usize, addr: Option<SocketAddr>, url: &Uri) -> Arc<Server> {
